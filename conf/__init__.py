@@ -1,0 +1,1 @@
+"""The Hydra config tree, shipped inside the installed package as ``dptrain.conf``."""

@@ -1,0 +1,112 @@
+"""The ``dptrain`` command: subcommand dispatch and the Hydra entry points (no training logic here)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dptrain import __version__
+from dptrain.config import Config, register_configs
+from dptrain.errors import UserError
+
+log = logging.getLogger("dptrain")
+
+USAGE = f"""usage: dptrain [COMMAND] [HYDRA ARGS...]
+
+dptrain {__version__}: privacy-preserving training for PyTorch.
+
+commands:
+  train    train with DP-SGD from the Hydra config (the default command)
+           e.g. dptrain train dataset=digits model=cnn privacy.target_epsilon=3
+                dptrain train -m privacy.target_epsilon=1,3,inf
+                dptrain train --cfg job        (print the composed config)
+                dptrain train --help           (config groups and Hydra options)
+                dptrain train train.resume=outputs/<date>/<time>
+
+`dptrain` with no arguments runs the default job (digits, DP-SGD at epsilon 3).
+"""
+
+COMMANDS = ("train",)
+RESUME = "train.resume="
+
+register_configs()
+
+
+def _fail(message: str, status: int = 2) -> None:
+    print(f"dptrain: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _resumed_config(cfg: DictConfig, resume_dir: Path) -> DictConfig:
+    """The config ``resume_dir`` was started with; a resumed run takes no other overrides."""
+    extra = [o for o in HydraConfig.get().overrides.task if not o.startswith(RESUME)]
+    if extra:
+        raise UserError(
+            f"train.resume continues {resume_dir} with the config it was started with: drop {' '.join(extra)}"
+        )
+    saved = resume_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"train.resume={resume_dir} has no .hydra/config.yaml: give the directory of a dptrain run")
+    resumed = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+    resumed.train.resume = str(resume_dir)
+    return resumed
+
+
+@hydra.main(version_base="1.3", config_path="pkg://dptrain.conf", config_name="config")
+def train_app(cfg: DictConfig) -> float:
+    """Hydra task for ``dptrain train``; returns test accuracy so Hydra sweepers can optimise it."""
+    from dptrain.tracking.summary import format_summary
+    from dptrain.training import centralized
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        if cfg.train.resume is not None:
+            run_dir = Path(cfg.train.resume)
+            cfg = _resumed_config(cfg, run_dir)
+        metrics = centralized.run(cfg, run_dir)
+    except UserError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; continue from the last checkpoint with: dptrain train {RESUME}{run_dir}", 130)
+    print(format_summary(metrics, run_dir))
+    return metrics["test_accuracy"]
+
+
+def _train_argv(args: list[str]) -> list[str]:
+    """Hydra's argv for ``dptrain train ARGS``: a resumed run writes into its own directory."""
+    resume = [a[len(RESUME) :] for a in args if a.startswith(RESUME)]
+    if resume and not any(a.startswith("hydra.run.dir=") for a in args):
+        if "-m" in args or "--multirun" in args:
+            _fail("train.resume continues one run: drop -m/--multirun")
+        # Keep the run's own .hydra/ record; Hydra's log appends to its train.log.
+        args = [*args, f"hydra.run.dir={resume[0]}", "hydra.output_subdir=null"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``dptrain`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    if args and args[0] == "--version":
+        print(__version__)
+        return
+    if args and args[0] in COMMANDS:
+        command, args = args[0], args[1:]
+    elif not args or "=" in args[0] or args[0][0] in "-~+":
+        command = "train"
+    else:
+        _fail(f"unknown command '{args[0]}': choose one of {', '.join(COMMANDS)} (dptrain --help)")
+    if command == "train":
+        sys.argv = [f"dptrain {command}", *_train_argv(args)]
+        train_app()
+
+
+if __name__ == "__main__":
+    main()

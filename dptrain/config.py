@@ -1,0 +1,345 @@
+"""The config schema (dataclasses in Hydra's ConfigStore), one dataclass per config group.
+
+Each group of ``conf/`` merges into the matching typed node below, so a typo in
+an override key or a value of the wrong type fails in Hydra before anything
+runs. ``validate`` adds the cross-field checks (sizes, budgets, combinations).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from dptrain.errors import UserError
+
+if TYPE_CHECKING:
+    from dptrain.data import DatasetInfo, SplitSizes
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    # torchvision datasets: where the files are, and whether to fetch them.
+    root: str = "data"
+    download: bool = False
+    # csv: file, label column, optional sensitive (categorical) column, and
+    # columns to one-hot encode besides the non-numeric ones found automatically.
+    path: Optional[str] = None
+    target: Optional[str] = None
+    sensitive: Optional[str] = None
+    categorical: List[str] = field(default_factory=list)
+    # synthetic: size and shape of the generated table.
+    n_samples: int = 4000
+    n_features: int = 10
+    n_classes: int = 2
+    sensitive_correlation: float = 0.8
+    # split: seeded, disjoint members / non-members (same size) / population / test.
+    seed: int = 0
+    test_fraction: float = 0.2
+    population_fraction: float = 0.2
+    max_members: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: List[int] = field(default_factory=lambda: [64])
+    channels: List[int] = field(default_factory=lambda: [16, 32])
+    width: int = 16
+    blocks: List[int] = field(default_factory=lambda: [1, 1, 1])
+    groups: int = 4
+    activation: str = "relu"
+
+
+@dataclass
+class PrivacyConfig:
+    name: str = "dpsgd"
+    # inf is the non-private baseline (no clipping, no noise); null with an
+    # explicit noise_multiplier trains with that noise and reports what it spent.
+    target_epsilon: Optional[float] = 3.0
+    delta: float = 1e-5
+    noise_multiplier: Optional[float] = None
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    clipping: str = "flat"
+    grad_sample_mode: str = "ghost"
+    poisson_sampling: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 256
+    max_physical_batch_size: Optional[int] = None
+    optimizer: str = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    seed: int = 0
+    device: str = "auto"
+    resume: Optional[str] = None
+    checkpoint: bool = True
+    progress: bool = True
+
+
+@dataclass
+class FederationConfig:
+    name: str = "none"
+    clients: int = 10
+    rounds: int = 20
+    clients_per_round: Optional[int] = None
+    local_epochs: int = 1
+    partition: str = "iid"
+    alpha: float = 0.5
+    dp_level: str = "sample"
+    server_lr: float = 1.0
+
+
+@dataclass
+class AggregatorConfig:
+    name: str = "mean"
+    # Number of Byzantine updates the rule tolerates; null means attack.byzantine.
+    f: Optional[int] = None
+    # Pre-aggregators applied in order before the rule: nnm, bucketing, clipping.
+    pre: List[str] = field(default_factory=list)
+    # multi_krum: how many best-scored updates to average; null means n - f.
+    m: Optional[int] = None
+    # geometric_median: Weiszfeld smoothing, relative tolerance on the objective, iteration cap.
+    nu: float = 1e-6
+    tol: float = 1e-6
+    max_iter: int = 100
+    # centered_clipping: clipping radius around the previous aggregate, clipping iterations per round.
+    tau: float = 10.0
+    iterations: int = 1
+    # pre-aggregators: updates per bucket (bucketing), norm bound (clipping).
+    bucket_size: int = 2
+    clip_threshold: float = 1.0
+
+
+@dataclass
+class AttackConfig:
+    name: str = "none"
+    byzantine: int = 0
+    # gaussian: mean and standard deviation of the noise sent instead of an update.
+    noise_mean: float = 0.0
+    noise_std: float = 1.0
+    # alie: deviation in standard deviations; null derives it from n and f (Baruch et al.).
+    z: Optional[float] = None
+    # ipm: the Byzantine update is -ipm_epsilon times the honest mean.
+    ipm_epsilon: float = 0.1
+    # mimic: index of the honest client to copy; null picks the most extreme one this round.
+    mimic_target: Optional[int] = None
+    # min_max, min_sum: perturbation direction, one of unit_vec, sign, std.
+    perturbation: str = "unit_vec"
+    # backdoor: label the triggered inputs get, share of the attacker's inputs triggered,
+    # trigger side (pixels) or width (features), trigger value, and whether the update is
+    # scaled by n / server_lr to replace the global model (Bagdasaryan et al.).
+    target_label: int = 0
+    poison_fraction: float = 0.5
+    trigger_size: int = 3
+    trigger_value: float = 1.0
+    model_replacement: bool = False
+
+
+@dataclass
+class MembershipAuditConfig:
+    attacks: List[str] = field(default_factory=lambda: ["loss", "rmia"])
+    reference_models: int = 2
+
+
+@dataclass
+class AttributeAuditConfig:
+    enabled: bool = True
+
+
+@dataclass
+class CanaryAuditConfig:
+    count: int = 0
+
+
+@dataclass
+class AuditConfig:
+    name: str = "standard"
+    mia: MembershipAuditConfig = field(default_factory=MembershipAuditConfig)
+    aia: AttributeAuditConfig = field(default_factory=AttributeAuditConfig)
+    canaries: CanaryAuditConfig = field(default_factory=CanaryAuditConfig)
+
+
+@dataclass
+class LauncherConfig:
+    nproc_per_node: int = 1
+    backend: str = "auto"
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+# Keys that change where or how visibly a run executes, not what it computes.
+_NOT_IN_RECIPE = ("train.resume", "train.progress", "train.device", "train.checkpoint")
+
+
+def recipe_hash(cfg) -> str:
+    """SHA-256 of the resolved config minus ``_NOT_IN_RECIPE``: equal hashes mean the same training recipe."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    for key in _NOT_IN_RECIPE:
+        OmegaConf.update(plain, key, None)
+    return hashlib.sha256(OmegaConf.to_yaml(plain, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def register_configs() -> None:
+    """Store the root schema under the name ``conf/config.yaml`` lists first in its defaults."""
+    ConfigStore.instance().store(name="dptrain_schema", node=Config)
+
+
+PRIVACY_NAMES = ("dpsgd", "none")
+CLIPPING_MODES = ("flat", "per_layer")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine", "step")
+FEDERATIONS = ("none",)
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value} is unknown: choose one of {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value, fix: str = "") -> None:
+    if value is None or not value > 0:
+        raise UserError(f"{key}={value} must be positive{': ' + fix if fix else ''}")
+
+
+def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
+    """Check ``cfg`` before any data is loaded or model built; return the dataset's description and split sizes.
+
+    Every failure is one ``UserError`` line naming the key, the bad value and
+    the fix. Registries are imported here, not at module import, so reading the
+    schema stays cheap.
+    """
+    from dptrain.data import describe, split_sizes
+    from dptrain.models import ACTIVATIONS, IMAGE_ONLY, MODELS
+    from dptrain.privacy import ACCOUNTANTS
+
+    info = describe(cfg.dataset)
+    sizes = split_sizes(info, cfg.dataset)
+    members = sizes.members
+
+    model = cfg.model
+    _choice("model", model.name, tuple(MODELS))
+    _choice("model.activation", model.activation, tuple(ACTIVATIONS))
+    if model.name in IMAGE_ONLY and info.modality != "image":
+        raise UserError(
+            f"model={model.name} needs image input but dataset={info.name} is tabular: use model=mlp or model=logreg"
+        )
+    for key in ("hidden", "channels", "blocks"):
+        if any(width < 1 for width in getattr(model, key)):
+            raise UserError(f"model.{key}={list(getattr(model, key))} must hold positive integers")
+
+    privacy = cfg.privacy
+    _choice("privacy", privacy.name, PRIVACY_NAMES)
+    _choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
+    _choice("privacy.clipping", privacy.clipping, CLIPPING_MODES)
+    _choice("privacy.grad_sample_mode", privacy.grad_sample_mode, GRAD_SAMPLE_MODES)
+    target = privacy.target_epsilon
+    baseline = privacy.name == "none" or (target is not None and math.isinf(target))
+    if target is not None and not target > 0:
+        raise UserError(
+            f"privacy.target_epsilon={target} must be positive: use a value like 1 or 8, or inf for the non-private baseline"
+        )
+    if privacy.name == "none" and target is not None and math.isfinite(target):
+        raise UserError(
+            f"privacy=none trains without privacy but privacy.target_epsilon={target}: use privacy=dpsgd for a budget"
+        )
+    if privacy.noise_multiplier is not None:
+        _positive("privacy.noise_multiplier", privacy.noise_multiplier, "use privacy.target_epsilon=inf for no noise")
+        if baseline:
+            raise UserError(
+                f"privacy.noise_multiplier={privacy.noise_multiplier} conflicts with the non-private baseline "
+                f"(privacy.target_epsilon=inf or privacy=none): drop the noise multiplier or set a finite target_epsilon"
+            )
+    elif target is None:
+        raise UserError("privacy.target_epsilon=null needs privacy.noise_multiplier: set one of the two")
+    if not baseline:
+        if not 0 < privacy.delta < 1.0 / members:
+            raise UserError(
+                f"privacy.delta={privacy.delta} must be in (0, 1/n) = (0, {1.0 / members:.3g}) for n={members} "
+                f"training records: use e.g. privacy.delta={_suggest_delta(members)}"
+            )
+        _positive("privacy.max_grad_norm", privacy.max_grad_norm, "it is the per-example clipping norm C, e.g. 1.0")
+        if privacy.grad_sample_mode == "ghost" and privacy.clipping != "flat":
+            raise UserError(
+                f"privacy.grad_sample_mode=ghost supports flat clipping only, not privacy.clipping={privacy.clipping}: "
+                "use privacy.clipping=flat or privacy.grad_sample_mode=hooks"
+            )
+
+    train = cfg.train
+    _positive("train.epochs", train.epochs)
+    _positive("train.lr", train.lr)
+    _choice("train.optimizer", train.optimizer, OPTIMIZERS)
+    _choice("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+    if not 1 <= train.batch_size <= members:
+        raise UserError(
+            f"train.batch_size={train.batch_size} must be between 1 and the {members} training records of "
+            f"dataset={info.name}: lower it"
+        )
+    if train.max_physical_batch_size is not None:
+        _positive("train.max_physical_batch_size", train.max_physical_batch_size, "or null to use the whole batch")
+    if not 0 <= train.momentum < 1:
+        raise UserError(f"train.momentum={train.momentum} must be in [0, 1)")
+    if train.weight_decay < 0:
+        raise UserError(f"train.weight_decay={train.weight_decay} must be >= 0")
+    _validate_device(train.device)
+    if train.resume is not None and not (Path(train.resume) / "checkpoint.pt").is_file():
+        raise UserError(
+            f"train.resume={train.resume} holds no checkpoint.pt: give the directory of the run to continue"
+        )
+
+    _choice("federation", cfg.federation.name, FEDERATIONS)
+    _positive("launcher.nproc_per_node", cfg.launcher.nproc_per_node)
+    if cfg.launcher.nproc_per_node > 1:
+        raise UserError(
+            f"launcher.nproc_per_node={cfg.launcher.nproc_per_node}: multi-process training is not available "
+            "in this version yet: use launcher.nproc_per_node=1"
+        )
+    if cfg.aggregator.name != "mean" or cfg.attack.name != "none":
+        raise UserError(
+            f"aggregator={cfg.aggregator.name} attack={cfg.attack.name} need several clients or workers: "
+            "centralized training has one update per step, use aggregator=mean attack=none"
+        )
+    return info, sizes
+
+
+def _suggest_delta(members: int) -> str:
+    exponent = math.ceil(math.log10(members)) + 1
+    return f"1e-{exponent}"
+
+
+def _validate_device(device: str) -> None:
+    if device in ("auto", "cpu"):
+        return
+    if device == "cuda" or device.startswith("cuda:"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device={device} but CUDA is not available here: use train.device=cpu or auto")
+        return
+    raise UserError(f"train.device={device} is unknown: use auto, cpu, cuda or cuda:<index>")

@@ -1,0 +1,29 @@
+"""Datasets, their seeded member / non-member / population / test splits, and federated client partitions.
+
+A run calls ``describe`` while validating its config, then ``load``,
+``make_split`` (or ``Split.load`` to reuse a run's split) and ``prepare``.
+"""
+
+from dptrain.data.dataset import DatasetInfo, DatasetSource, LabeledData, SensitiveAttribute
+from dptrain.data.partition import dirichlet_partition, iid_partition
+from dptrain.data.prepare import SplitData, prepare
+from dptrain.data.registry import DATASETS, describe, load
+from dptrain.data.splits import Split, SplitSizes, make_split, split_sizes
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "DatasetSource",
+    "LabeledData",
+    "SensitiveAttribute",
+    "Split",
+    "SplitData",
+    "SplitSizes",
+    "describe",
+    "dirichlet_partition",
+    "iid_partition",
+    "load",
+    "make_split",
+    "prepare",
+    "split_sizes",
+]

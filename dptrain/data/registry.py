@@ -1,0 +1,37 @@
+"""Dataset sources by the name ``dataset.name`` selects, and the two calls every stage uses on them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dptrain.data.csv_table import CsvDataset
+from dptrain.data.dataset import DatasetInfo, DatasetSource, LabeledData
+from dptrain.data.synthetic import SYNTHETIC
+from dptrain.data.tabular import BREAST_CANCER, DIGITS
+from dptrain.data.vision import CIFAR10, FASHION_MNIST, MNIST
+from dptrain.errors import UserError
+
+if TYPE_CHECKING:
+    from dptrain.config import DatasetConfig
+
+DATASETS: dict[str, DatasetSource] = {
+    source.name: source
+    for source in (DIGITS, BREAST_CANCER, SYNTHETIC, CsvDataset(), MNIST, FASHION_MNIST, CIFAR10)
+}
+
+
+def get_source(name: str) -> DatasetSource:
+    """Return the source registered as ``name``, or raise a UserError listing the choices."""
+    if name not in DATASETS:
+        raise UserError(f"dataset={name} is not a dataset; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def describe(cfg: DatasetConfig) -> DatasetInfo:
+    """Return the dataset's description; cheap (no big arrays, no download), so config validation can call it."""
+    return get_source(cfg.name).describe(cfg)
+
+
+def load(cfg: DatasetConfig) -> LabeledData:
+    """Return the whole dataset in its canonical order (downloading only when ``dataset.download`` is true)."""
+    return get_source(cfg.name).load(cfg)

@@ -1,0 +1,131 @@
+"""Build a model by name: logistic regression, MLP, CNN and a small GroupNorm ResNet."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+from torch import nn
+
+from dptrain.config import ModelConfig
+from dptrain.errors import UserError
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
+
+# Models that need (C, H, W) input; the others flatten whatever they get.
+IMAGE_ONLY = ("cnn", "resnet")
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise UserError(f"model.activation={name} is unknown: choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
+    # GroupNorm needs groups | channels; fall back to the largest divisor not above `groups`.
+    g = max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
+    return nn.GroupNorm(g, channels)
+
+
+def logreg(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression: one linear layer on the flattened input."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+def mlp(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Fully connected network with hidden widths ``cfg.hidden``."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for hidden in cfg.hidden:
+        layers += [nn.Linear(width, hidden), _activation(cfg.activation)]
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Conv(3x3) -> GroupNorm -> activation -> 2x2 max-pool per entry of ``cfg.channels``, then a linear head.
+
+    GroupNorm instead of BatchNorm because BatchNorm mixes examples of a batch,
+    which breaks per-example gradients (Opacus rejects it).
+    """
+    in_channels, height, width = input_shape
+    layers: list[nn.Module] = []
+    for channels in cfg.channels:
+        layers += [
+            nn.Conv2d(in_channels, channels, kernel_size=3, padding=1),
+            _group_norm(cfg.groups, channels),
+            _activation(cfg.activation),
+        ]
+        if min(height, width) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
+        in_channels = channels
+    layers += [nn.Flatten(), nn.Linear(in_channels * height * width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class _PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016) with GroupNorm."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, groups: int, activation: str):
+        super().__init__()
+        self.norm1 = _group_norm(groups, in_channels)
+        self.act1 = _activation(activation)
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.norm2 = _group_norm(groups, channels)
+        self.act2 = _activation(activation)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.projection = (
+            nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False)
+            if stride != 1 or in_channels != channels
+            else None
+        )
+
+    def forward(self, x):
+        out = self.act1(self.norm1(x))
+        shortcut = x if self.projection is None else self.projection(out)
+        out = self.conv1(out)
+        out = self.conv2(self.act2(self.norm2(out)))
+        return out + shortcut
+
+
+def resnet(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """A small pre-activation ResNet: stage i has ``cfg.blocks[i]`` blocks of width ``cfg.width * 2**i``."""
+    in_channels = input_shape[0]
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, cfg.width, 3, padding=1, bias=False)]
+    channels = cfg.width
+    for stage, count in enumerate(cfg.blocks):
+        stage_channels = cfg.width * 2**stage
+        for block in range(count):
+            stride = 2 if stage > 0 and block == 0 else 1
+            layers.append(_PreActBlock(channels, stage_channels, stride, cfg.groups, cfg.activation))
+            channels = stage_channels
+    layers += [
+        _group_norm(cfg.groups, channels),
+        _activation(cfg.activation),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+MODELS: dict[str, Callable[[ModelConfig, Sequence[int], int], nn.Module]] = {
+    "logreg": logreg,
+    "mlp": mlp,
+    "cnn": cnn,
+    "resnet": resnet,
+}
+
+
+def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Return a freshly initialised ``cfg.name`` model for inputs of ``input_shape``.
+
+    Precondition: image models (``IMAGE_ONLY``) get (C, H, W) inputs; config
+    validation checks this before any data is loaded.
+    """
+    if cfg.name not in MODELS:
+        raise UserError(f"model={cfg.name} is unknown: choose one of {', '.join(MODELS)}")
+    return MODELS[cfg.name](cfg, tuple(input_shape), num_classes)

@@ -1,0 +1,99 @@
+"""The privacy plan of a run: noise, sample rate and steps fixed before any data is loaded."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from dptrain.config import PrivacyConfig
+from dptrain.errors import UserError
+from dptrain.privacy.accounting import calibrate_noise, epsilon_spent
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What the run will spend: ``steps`` steps at ``noise_multiplier`` and ``sample_rate``.
+
+    ``private`` is False for the non-private baseline (no clipping, no noise,
+    ``epsilon`` is None). For a private run ``planned_epsilon`` is the
+    accountant's epsilon after all ``steps``; it never exceeds
+    ``target_epsilon`` when a target is set, and the training loop never takes
+    more than ``steps`` steps, so the run cannot spend beyond its target.
+    """
+
+    private: bool
+    accountant: str
+    delta: float
+    target_epsilon: float | None
+    noise_multiplier: float
+    max_grad_norm: float | None
+    sample_rate: float
+    steps_per_epoch: int
+    steps: int
+    planned_epsilon: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_private(cfg: PrivacyConfig) -> bool:
+    """False for the non-private baseline: ``privacy=none`` or ``privacy.target_epsilon=inf``."""
+    return cfg.name != "none" and not (cfg.target_epsilon is not None and math.isinf(cfg.target_epsilon))
+
+
+def plan_privacy(cfg: PrivacyConfig, *, members: int, batch_size: int, epochs: int) -> PrivacyPlan:
+    """Fix noise, sample rate and step count for training on ``members`` records.
+
+    The sample rate follows Opacus' Poisson loader: q = 1 / ceil(members /
+    batch_size), with ceil(members / batch_size) steps per epoch, so the
+    accountant during training sees exactly the (q, steps) planned here. With a
+    target epsilon the noise is calibrated to spend it in the planned steps; an
+    explicit ``noise_multiplier`` is used as given and must stay within a
+    target set beside it.
+    """
+    steps_per_epoch = math.ceil(members / batch_size)
+    sample_rate = 1.0 / steps_per_epoch
+    steps = epochs * steps_per_epoch
+    common = dict(
+        accountant=cfg.accountant,
+        delta=cfg.delta,
+        sample_rate=sample_rate,
+        steps_per_epoch=steps_per_epoch,
+        steps=steps,
+    )
+    if not is_private(cfg):
+        return PrivacyPlan(
+            private=False,
+            target_epsilon=None,
+            noise_multiplier=0.0,
+            max_grad_norm=None,
+            planned_epsilon=None,
+            **common,
+        )
+    account = dict(accountant=cfg.accountant, sample_rate=sample_rate, steps=steps, delta=cfg.delta)
+    if cfg.noise_multiplier is None:
+        try:
+            noise = calibrate_noise(target_epsilon=cfg.target_epsilon, **account)
+        except ValueError:
+            raise UserError(
+                f"privacy.target_epsilon={cfg.target_epsilon} cannot be met in {steps} steps at sample rate "
+                f"{sample_rate:.4g} even with noise multiplier 1e6: raise target_epsilon or lower train.epochs"
+            ) from None
+    else:
+        noise = cfg.noise_multiplier
+    epsilon = epsilon_spent(noise_multiplier=noise, **account)
+    if cfg.target_epsilon is not None and epsilon > cfg.target_epsilon:
+        needed = calibrate_noise(target_epsilon=cfg.target_epsilon, **account)
+        raise UserError(
+            f"privacy.noise_multiplier={noise} spends epsilon {epsilon:.3g} in {steps} steps, above "
+            f"privacy.target_epsilon={cfg.target_epsilon}: set noise_multiplier >= {needed:.4g}, or "
+            f"privacy.noise_multiplier=null to calibrate it, or privacy.target_epsilon=null to spend what it spends"
+        )
+    return PrivacyPlan(
+        private=True,
+        target_epsilon=cfg.target_epsilon,
+        noise_multiplier=noise,
+        max_grad_norm=cfg.max_grad_norm,
+        planned_epsilon=epsilon,
+        **common,
+    )

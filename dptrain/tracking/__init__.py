@@ -1,0 +1,1 @@
+"""Run artifacts and TensorBoard: where measurements are written, never what is measured."""

@@ -1,0 +1,51 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never a truncated one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, IO
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    The rename is atomic on POSIX and Windows (``os.replace``), so an interrupted
+    run leaves either no file or a complete one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as strict JSON (no NaN or Infinity: use ``None``) atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def save_torch_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` ``obj`` atomically."""
+    import torch
+
+    return write_atomic(path, lambda handle: torch.save(obj, handle))

@@ -1,0 +1,1 @@
+"""Training recipes (centralized; federated and distributed later) and the step loop they share."""

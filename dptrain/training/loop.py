@@ -1,0 +1,77 @@
+"""The step loop every recipe shares: one epoch of (private) training, and evaluation."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dptrain.privacy import PrivateTraining
+
+EVAL_BATCH_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Mean training loss and accuracy over the examples the epoch's batches held."""
+
+    loss: float
+    accuracy: float
+    examples: int
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside Opacus' GradSampleModule wrapper (or the module itself)."""
+    return getattr(model, "_module", model)
+
+
+def train_epoch(training: PrivateTraining, device: torch.device) -> EpochStats:
+    """Run one epoch of ``training``'s loader; the optimizer clips and noises when the plan is private.
+
+    Poisson sampling can draw an empty batch; it still goes through the
+    optimizer, because skipping it would make whether an update happened
+    depend on the data (Opacus adds noise to a zero gradient then).
+    """
+    model, optimizer = training.model, training.optimizer
+    model.train()
+    loss_sum, correct, examples = 0.0, 0, 0
+    with warnings.catch_warnings(), training.batches() as batches:
+        # Opacus' backward hooks on the input layer fire although inputs need no gradient; harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for inputs, labels in batches:
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(inputs)
+            loss = training.loss_fn(logits, labels)
+            loss.backward()
+            optimizer.step()
+            if len(labels):
+                loss_sum += loss.item() * len(labels)
+                correct += (logits.argmax(dim=1) == labels).sum().item()
+                examples += len(labels)
+    return EpochStats(loss_sum / max(examples, 1), correct / max(examples, 1), examples)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of ``model`` on every example of ``dataset``, in order, on the CPU."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for inputs, targets in DataLoader(dataset, batch_size=EVAL_BATCH_SIZE):
+        logits.append(model(inputs.to(device)).cpu())
+        labels.append(targets)
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, dataset: Dataset, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` on ``dataset``."""
+    logits, labels = predict(model, dataset, device)
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
+    return loss, accuracy

@@ -1,0 +1,194 @@
+"""Train one model on one dataset under the run's privacy settings: the unit every recipe and audit reuses.
+
+Reference models for audits are trained by calling ``train_model`` with their
+own data, never by a second copy of this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from dptrain.config import Config, TrainConfig, recipe_hash
+from dptrain.models import build_model, ensure_dp_compatible
+from dptrain.privacy import PrivacyPlan, make_private, plan_privacy
+from dptrain.tracking.tensorboard import TensorBoardLog
+from dptrain.training.checkpoint import Checkpoint
+from dptrain.training.loop import EpochStats, evaluate, train_epoch, unwrap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedModel:
+    """A trained model (plain ``nn.Module``, Opacus wrappers removed) and what its training spent."""
+
+    model: nn.Module
+    plan: PrivacyPlan
+    epsilon: float | None
+    steps: int
+    train_seconds: float
+    last_epoch: EpochStats | None
+    replaced_modules: list[str]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    """Per-epoch learning-rate schedule: constant, cosine to zero, or x0.1 at 1/2 and 3/4 of training."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.lr_schedule == "step":
+        milestones = sorted({max(1, cfg.epochs // 2), max(1, 3 * cfg.epochs // 4)})
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return None
+
+
+def _rng_state(sampling: torch.Generator, noise: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "sampling": sampling.get_state(), "noise": noise.get_state()}
+
+
+def _restore_rng(state: dict, sampling: torch.Generator, noise: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    sampling.set_state(state["sampling"])
+    noise.set_state(state["noise"])
+
+
+def train_model(
+    cfg: Config,
+    train_set: TensorDataset,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    plan: PrivacyPlan | None = None,
+    eval_set: TensorDataset | None = None,
+    tb: TensorBoardLog | None = None,
+    run_dir: str | Path | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> TrainedModel:
+    """Train ``cfg.model`` on ``train_set`` with ``cfg.train`` and ``cfg.privacy``; return the model and its spend.
+
+    With ``run_dir`` a checkpoint is written after every epoch (if
+    ``cfg.train.checkpoint``); given a ``checkpoint``, training continues from
+    it with the accountant and RNG state restored. The loop runs exactly ``plan.steps`` steps,
+    whose epsilon the plan checked against the target before training, so the
+    budget is never exceeded; the final epsilon is checked again as a guard.
+    """
+    train = cfg.train
+    device = resolve_device(train.device)
+    plan = plan or plan_privacy(cfg.privacy, members=len(train_set), batch_size=train.batch_size, epochs=train.epochs)
+    torch.manual_seed(train.seed)
+    model = build_model(cfg.model, input_shape, num_classes)
+    replaced: list[str] = []
+    if plan.private:
+        model, replaced = ensure_dp_compatible(model)
+    model.to(device)
+    sampling = torch.Generator().manual_seed(train.seed + 1)
+    noise = torch.Generator(device=device).manual_seed(train.seed + 2)
+    training = make_private(
+        model=model,
+        optimizer=make_optimizer(train, model.parameters()),
+        dataset=train_set,
+        plan=plan,
+        cfg=cfg.privacy,
+        batch_size=train.batch_size,
+        max_physical_batch_size=train.max_physical_batch_size,
+        sampling_generator=sampling,
+        noise_generator=noise,
+    )
+    scheduler = make_scheduler(train, training.optimizer)
+    config_hash = recipe_hash(cfg)
+    start_epoch, train_seconds = 0, 0.0
+    if checkpoint is not None:
+        unwrap(training.model).load_state_dict(checkpoint.model)
+        training.optimizer.load_state_dict(checkpoint.optimizer)
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint.scheduler)
+        training.load_accountant_state(checkpoint.accountant)
+        _restore_rng(checkpoint.rng, sampling, noise)
+        start_epoch, train_seconds = checkpoint.epochs_done, checkpoint.train_seconds
+        log.info("resuming after epoch %d of %d", start_epoch, train.epochs)
+
+    stats = None
+    bar = tqdm(
+        range(start_epoch, train.epochs),
+        desc="train",
+        unit="epoch",
+        initial=start_epoch,
+        total=train.epochs,
+        disable=not (train.progress and tb is not None),
+    )
+    for epoch in bar:
+        started = time.perf_counter()
+        lr = training.optimizer.param_groups[0]["lr"]
+        stats = train_epoch(training, device)
+        if scheduler is not None:
+            scheduler.step()
+        train_seconds += time.perf_counter() - started
+        step = (epoch + 1) * plan.steps_per_epoch
+        epsilon = training.epsilon() if tb is not None else None
+        if tb is not None:
+            test_accuracy = evaluate(training.model, eval_set, device)[1] if eval_set is not None else None
+            tb.scalars(
+                step,
+                {
+                    "train/loss": stats.loss,
+                    "train/accuracy": stats.accuracy,
+                    "test/accuracy": test_accuracy,
+                    "privacy/epsilon": epsilon,
+                    "privacy/noise_multiplier": plan.noise_multiplier,
+                    "train/lr": lr,
+                },
+            )
+            bar.set_postfix(
+                loss=f"{stats.loss:.3f}",
+                acc=f"{stats.accuracy:.3f}",
+                eps="inf" if epsilon is None else f"{epsilon:.2f}",
+            )
+        if run_dir is not None and train.checkpoint:
+            Checkpoint(
+                epochs_done=epoch + 1,
+                config_hash=config_hash,
+                model=unwrap(training.model).state_dict(),
+                optimizer=training.optimizer.state_dict(),
+                scheduler=None if scheduler is None else scheduler.state_dict(),
+                accountant=training.accountant_state(),
+                rng=_rng_state(sampling, noise),
+                train_seconds=train_seconds,
+            ).save(run_dir)
+    bar.close()
+
+    epsilon = training.epsilon()
+    if plan.private and (training.accounted_steps() != plan.steps or epsilon > (plan.target_epsilon or math.inf)):
+        raise RuntimeError(
+            f"the accountant saw {training.accounted_steps()} steps spending epsilon {epsilon}; "
+            f"the plan was {plan.steps} steps within {plan.target_epsilon}"
+        )
+    return TrainedModel(
+        model=training.standard_model(),
+        plan=plan,
+        epsilon=epsilon,
+        steps=train.epochs * plan.steps_per_epoch,
+        train_seconds=train_seconds,
+        last_epoch=stats,
+        replaced_modules=replaced,
+    )

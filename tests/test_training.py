@@ -1,0 +1,168 @@
+"""The centralized recipe end to end: results schema, budget, baseline, resume, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dptrain.data import Split
+from dptrain.errors import UserError
+from dptrain.models import build_model
+from dptrain.privacy import epsilon_spent, make_private, plan_privacy
+from dptrain.tracking.artifacts import METRICS_KEYS
+from dptrain.training import centralized, loop
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """One tiny private run shared by the schema tests (epsilon 3, the default accountant)."""
+    from conftest import make_config, TINY
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = make_config(*TINY)
+    return cfg, run_dir, centralized.run(cfg, run_dir)
+
+
+def test_metrics_json_has_the_results_schema(default_run):
+    _, run_dir, metrics = default_run
+    on_disk = _metrics(run_dir)
+    assert on_disk == metrics
+    assert set(METRICS_KEYS) <= set(on_disk)
+    assert on_disk["accountant"] == "prv" and on_disk["delta"] == 1e-5 and on_disk["target_epsilon"] == 3.0
+
+
+def test_epsilon_is_within_ninety_to_hundred_percent_of_the_target(default_run):
+    metrics = _metrics(default_run[1])
+    assert 0.9 * metrics["target_epsilon"] <= metrics["epsilon"] <= metrics["target_epsilon"]
+
+
+def test_epsilon_recomputes_from_its_own_metrics(default_run):
+    metrics = _metrics(default_run[1])
+    recomputed = epsilon_spent(
+        accountant=metrics["accountant"],
+        noise_multiplier=metrics["noise_multiplier"],
+        sample_rate=metrics["sample_rate"],
+        steps=metrics["steps"],
+        delta=metrics["delta"],
+    )
+    assert recomputed == pytest.approx(metrics["epsilon"], rel=0.01)
+
+
+def test_model_pt_loads_weights_only_into_a_fresh_model(default_run):
+    cfg, run_dir, metrics = default_run
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    model = build_model(cfg.model, (1, 8, 8), 10)
+    model.load_state_dict(state)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_manifest_records_versions_hashes_seeds_and_times(default_run):
+    manifest = json.loads((default_run[1] / "manifest.json").read_text())
+    for key in ("versions", "git_commit", "config_hash", "data_fingerprint", "seeds", "started_at", "finished_at"):
+        assert key in manifest
+    assert manifest["versions"]["opacus"].startswith("1.6") and manifest["world_size"] == 1
+    assert manifest["started_at"] < manifest["finished_at"]
+
+
+def test_split_is_recorded_disjoint_and_matches_the_member_count(default_run):
+    _, run_dir, metrics = default_run
+    split = Split.load(run_dir / "split.json")
+    parts = [split.members, split.non_members, split.population, split.test]
+    assert sum(len(p) for p in parts) == len(np.unique(np.concatenate(parts)))
+    assert len(split.members) == len(split.non_members) == metrics["members"]
+
+
+def test_tensorboard_has_the_training_tags_and_an_hparams_record(default_run):
+    events = EventAccumulator(str(default_run[1] / "tb"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/accuracy", "test/accuracy", "privacy/epsilon", "privacy/noise_multiplier", "train/lr"}
+    assert expected <= scalars
+    assert "hparams/test_accuracy" in scalars
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    epsilons = [e.value for e in events.Scalars("privacy/epsilon")]
+    assert epsilons == sorted(epsilons) and epsilons[-1] <= 3.0
+
+
+def test_non_private_baseline_uses_no_noise_and_no_clipping(tiny_config, tmp_path):
+    metrics = centralized.run(tiny_config("privacy.target_epsilon=inf"), tmp_path)
+    assert metrics["private"] is False and metrics["epsilon"] is None
+    assert metrics["noise_multiplier"] == 0.0 and metrics["max_grad_norm"] is None
+
+
+def test_baseline_training_objects_are_plain_torch(tiny_config):
+    cfg = tiny_config("privacy=none")
+    plan = plan_privacy(cfg.privacy, members=100, batch_size=10, epochs=1)
+    model = build_model(cfg.model, (4,), 2)
+    data = torch.utils.data.TensorDataset(torch.randn(100, 4), torch.randint(0, 2, (100,)))
+    training = make_private(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        dataset=data,
+        plan=plan,
+        cfg=cfg.privacy,
+        batch_size=10,
+        max_physical_batch_size=None,
+        sampling_generator=torch.Generator(),
+        noise_generator=torch.Generator(),
+    )
+    assert training.engine is None and type(training.optimizer) is torch.optim.SGD and training.model is model
+
+
+def test_epsilon_never_exceeds_the_target_for_each_accountant(tiny_config, tmp_path):
+    for accountant in ("prv", "rdp", "gdp"):
+        metrics = centralized.run(tiny_config(f"privacy.accountant={accountant}", "privacy.target_epsilon=1"), tmp_path / accountant)
+        assert 0.9 <= metrics["epsilon"] <= 1.0, accountant
+
+
+def test_physical_batches_charge_the_same_steps_and_epsilon(tiny_config, tmp_path):
+    whole = centralized.run(tiny_config(), tmp_path / "whole")
+    split = centralized.run(tiny_config("train.max_physical_batch_size=32"), tmp_path / "split")
+    assert split["steps"] == whole["steps"] and split["epsilon"] == pytest.approx(whole["epsilon"])
+    assert split["test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_each_grad_sample_mode_trains_the_cnn(tiny_config, tmp_path, mode):
+    metrics = centralized.run(tiny_config("model=cnn", f"privacy.grad_sample_mode={mode}", "train.lr=0.5"), tmp_path)
+    assert metrics["epsilon"] <= 3.0 and metrics["test_accuracy"] > 0.3
+
+
+def test_resume_after_an_interruption_matches_the_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+    overrides = ("train.epochs=4",)
+    uninterrupted = centralized.run(tiny_config(*overrides), tmp_path / "a")
+
+    real_epoch, calls = loop.train_epoch, []
+
+    def interrupted_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        centralized.run(tiny_config(*overrides), tmp_path / "b")
+    assert not (tmp_path / "b" / "metrics.json").exists()
+    monkeypatch.setattr("dptrain.training.recipe.train_epoch", real_epoch)
+
+    resumed = centralized.run(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
+    assert resumed["steps"] == uninterrupted["steps"]
+    assert resumed["epsilon"] == pytest.approx(uninterrupted["epsilon"], rel=1e-9)
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_resume_with_a_different_recipe_is_refused(tiny_config, tmp_path):
+    centralized.run(tiny_config(), tmp_path)
+    with pytest.raises(UserError, match="different config"):
+        centralized.run(tiny_config("train.lr=0.1", f"train.resume={tmp_path}"), tmp_path)

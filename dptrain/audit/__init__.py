@@ -1,0 +1,7 @@
+"""Privacy audits of a trained model, as pure computations on arrays.
+
+``metrics`` turns attack scores into ROC, AUC, TPR at low FPR, advantage and
+empirical epsilon lower bounds; ``membership`` scores records with LOSS, LiRA
+and RMIA; ``attribute`` runs attribute inference against an imputation
+baseline; ``canary`` computes the one-run (canary) epsilon lower bound.
+"""

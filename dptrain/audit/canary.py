@@ -1,0 +1,191 @@
+"""One-run canary audit (Steinke, Nasr & Jagielski 2023): membership guesses on canaries and the
+epsilon lower bound implied by the number of correct guesses.
+
+The canaries themselves (which records, their random inclusion bits) belong to
+``dptrain.data``; this module sees only their scores and inclusion bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import special, stats
+
+
+@dataclass(frozen=True)
+class OneRunAudit:
+    """The one-run epsilon lower bound and the guesses it was computed from.
+
+    ``n_guesses`` = k_plus + k_minus guesses were made among ``n_canaries`` canaries
+    (``n_included`` trained on, ``n_excluded`` not), ``n_correct`` of them right.
+    ``n_candidates`` (k_plus, k_minus) pairs were tried; the bound of each was taken
+    at confidence 1 - (1 - confidence) / n_candidates, so the reported maximum
+    holds at ``confidence`` overall.
+    """
+
+    epsilon_lower_bound: float
+    confidence: float
+    delta: float
+    n_canaries: int
+    n_included: int
+    n_excluded: int
+    n_guesses: int
+    n_correct: int
+    k_plus: int
+    k_minus: int
+    n_candidates: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_counts(m: int, r: int, v: int) -> None:
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 <= correct ({v}) <= guesses ({r}) <= canaries ({m})")
+
+
+def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float = 0.0) -> float:
+    """p-value of v correct guesses out of r: an upper bound on P[W >= v] under (epsilon, delta)-DP.
+
+    Steinke, Nasr & Jagielski (2023), main result in its pure- and approximate-DP
+    forms: with m canaries each
+    included independently with probability 1/2, and guesses that depend only on
+    the trained model, the number W of correct guesses satisfies
+
+        P[W >= v] <= P[Bin(r, q) >= v] + 2 m delta * max_{1<=i<=v} P[v - i <= Bin(r, q) < v] / i,
+
+    q = e^eps / (1 + e^eps). For delta = 0 it is the binomial tail alone.
+    Returned value is capped at 1.
+    """
+    _check_counts(m, r, v)
+    if epsilon < 0 or not 0.0 <= delta <= 1.0:
+        raise ValueError(f"need epsilon >= 0 and 0 <= delta <= 1, got {epsilon}, {delta}")
+    if v == 0:
+        return 1.0
+    q = float(special.expit(epsilon))
+    tail = float(stats.binom.sf(v - 1, r, q))
+    if delta == 0.0:
+        return min(tail, 1.0)
+    # P[v - i <= Bin < v] for i = 1..v, accumulated from pmf terms rather than as a
+    # difference of tails, which cancels catastrophically when the tail is near 1.
+    below = np.cumsum(stats.binom.pmf(np.arange(v - 1, -1, -1), r, q))
+    worst = float(np.max(below / np.arange(1, v + 1)))
+    return min(tail + 2.0 * m * delta * worst, 1.0)
+
+
+def one_run_epsilon(m: int, r: int, v: int, *, delta: float = 0.0, confidence: float = 0.95) -> float:
+    """Largest epsilon that v correct guesses out of r rule out at ``confidence``.
+
+    Returns eps_lb with ``one_run_p_value(m, r, v, eps_lb, delta) <= 1 - confidence``
+    (to bisection tolerance 1e-9 from below, never above), or 0 when even epsilon = 0
+    is not rejected. Guarantee (Steinke et al. 2023): if training is
+    (eps, delta)-DP with eps >= eps_lb > 0, this outcome has probability at most
+    1 - confidence; since (eps', delta)-DP implies (eps, delta)-DP for eps' < eps,
+    every smaller epsilon is ruled out too.
+    """
+    _check_counts(m, r, v)
+    alpha = 1.0 - confidence
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if one_run_p_value(m, r, v, 0.0, delta) > alpha:
+        return 0.0
+    low, high = 0.0, 1.0
+    while one_run_p_value(m, r, v, high, delta) <= alpha:
+        low, high = high, 2.0 * high
+    while high - low > 1e-9:
+        middle = (low + high) / 2
+        if one_run_p_value(m, r, v, middle, delta) <= alpha:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def one_run_guesses(scores: Sequence[float] | np.ndarray, k_plus: int, k_minus: int, *, seed: int = 0) -> np.ndarray:
+    """Guesses of Algorithm 1 (Steinke et al. 2023): +1 (IN) for the k_plus highest scores,
+    -1 (OUT) for the k_minus lowest, 0 (abstain) for the rest.
+
+    Ties are broken by a seeded random order, never by position, so an ordering of
+    the canaries cannot leak into the guesses. Precondition: k_plus + k_minus <= m.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim != 1 or np.any(np.isnan(values)):
+        raise ValueError("scores must be a 1-D array without NaN")
+    if k_plus < 0 or k_minus < 0 or k_plus + k_minus > values.size:
+        raise ValueError(f"need k_plus, k_minus >= 0 and k_plus + k_minus <= {values.size}, got {k_plus}, {k_minus}")
+    tie_break = np.random.default_rng(seed).permutation(values.size)
+    ascending = np.lexsort((tie_break, values))
+    guesses = np.zeros(values.size, dtype=np.int8)
+    guesses[ascending[: k_minus]] = -1
+    guesses[ascending[values.size - k_plus :]] = 1
+    return guesses
+
+
+def guess_count_candidates(m: int) -> list[tuple[int, int]]:
+    """Default (k_plus, k_minus) sweep: k in {1, 2, 5} x 10^j with 2k <= m, both symmetric (k, k) and IN-only (k, 0).
+
+    Steinke et al. (2023) guess on the most confident canaries and abstain on the
+    rest, sweeping the number of guesses; a log-spaced grid keeps the Bonferroni
+    cost of the sweep to a factor of about 6 per decade of m.
+    """
+    counts = [c * 10**j for j in range(int(math.log10(max(m, 1))) + 1) for c in (1, 2, 5) if 2 * c * 10**j <= m]
+    return [(k, k) for k in counts] + [(k, 0) for k in counts]
+
+
+def one_run_audit(
+    scores: Sequence[float] | np.ndarray,
+    included: Sequence[bool] | np.ndarray,
+    *,
+    delta: float = 0.0,
+    confidence: float = 0.95,
+    k_plus: int | None = None,
+    k_minus: int | None = None,
+    seed: int = 0,
+) -> OneRunAudit:
+    """One-run epsilon lower bound from canary scores (higher = "trained on") and inclusion bits.
+
+    With ``k_plus`` and ``k_minus`` given, one guess rule is evaluated at
+    ``confidence``. Otherwise every pair of ``guess_count_candidates(m)`` is tried
+    and the largest bound is reported, each computed at confidence
+    1 - (1 - confidence) / n_candidates (Bonferroni), so picking the best pair
+    after seeing the inclusion bits keeps the overall level.
+    Precondition: each canary was included independently with probability 1/2,
+    and the scores depend only on the trained model.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    bits = np.asarray(included, dtype=bool)
+    if bits.shape != values.shape or values.ndim != 1 or values.size == 0:
+        raise ValueError(f"scores and included must be equal-length 1-D arrays, got {values.shape} and {bits.shape}")
+    if (k_plus is None) != (k_minus is None):
+        raise ValueError("give both k_plus and k_minus, or neither to sweep guess_count_candidates")
+    m = values.size
+    candidates = [(k_plus, k_minus)] if k_plus is not None else guess_count_candidates(m)
+    if not candidates:
+        raise ValueError(f"{m} canaries are too few for a one-run audit (need at least 2)")
+    per_candidate_confidence = 1.0 - (1.0 - confidence) / len(candidates)
+
+    best: tuple[float, int, int, int, int] | None = None
+    for plus, minus in candidates:
+        guesses = one_run_guesses(values, plus, minus, seed=seed)
+        n_correct = int(np.count_nonzero((guesses == 1) & bits) + np.count_nonzero((guesses == -1) & ~bits))
+        n_guesses = plus + minus
+        bound = one_run_epsilon(m, n_guesses, n_correct, delta=delta, confidence=per_candidate_confidence)
+        if best is None or bound > best[0]:
+            best = (bound, n_guesses, n_correct, plus, minus)
+    bound, n_guesses, n_correct, plus, minus = best
+    return OneRunAudit(
+        epsilon_lower_bound=bound,
+        confidence=confidence,
+        delta=delta,
+        n_canaries=m,
+        n_included=int(bits.sum()),
+        n_excluded=int(m - bits.sum()),
+        n_guesses=n_guesses,
+        n_correct=n_correct,
+        k_plus=plus,
+        k_minus=minus,
+        n_candidates=len(candidates),
+    )

@@ -1,0 +1,404 @@
+"""Membership-inference metrics from attack scores: ROC, AUC, TPR at low FPR, advantage,
+bootstrap confidence intervals, Clopper-Pearson bounds and the empirical epsilon lower bound.
+
+Every function takes the scores of members and of non-members separately; a higher
+score means "more likely a member". Results are plain dataclasses whose ``to_dict``
+is strict JSON (no NaN or Infinity; an undefined value is ``None``) and every result
+carries the member / non-member counts it was measured on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+FPR_TARGETS: tuple[float, ...] = (0.001, 0.01, 0.1)
+
+
+def fpr_key(target: float) -> str:
+    """The JSON key of a TPR-at-FPR target: ``0.001 -> "0.001"``, ``0.1 -> "0.1"``."""
+    return f"{target:g}"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A confidence interval ``[low, high]`` at level ``confidence``."""
+
+    low: float
+    high: float
+    confidence: float
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """ROC of the rule "member iff score >= threshold", one point per distinct score.
+
+    Point 0 has ``threshold = +inf`` (no record called a member, TPR = FPR = 0); the
+    last point has the smallest score as threshold (every record called a member).
+    FPR and TPR are non-decreasing along the arrays.
+    """
+
+    thresholds: np.ndarray
+    true_positives: np.ndarray
+    false_positives: np.ndarray
+    n_members: int
+    n_nonmembers: int
+
+    @property
+    def tpr(self) -> np.ndarray:
+        return self.true_positives / self.n_members
+
+    @property
+    def fpr(self) -> np.ndarray:
+        return self.false_positives / self.n_nonmembers
+
+
+@dataclass(frozen=True)
+class EpsilonLowerBound:
+    """An empirical epsilon lower bound with everything needed to check it.
+
+    ``value`` holds with probability at least ``confidence`` over the records, given
+    the threshold chosen on the calibration half (see ``epsilon_lower_bound``).
+    ``true_positives`` / ``false_positives`` are counted on the evaluation half, of
+    ``n_members`` members and ``n_nonmembers`` non-members; ``threshold`` is ``None``
+    when the chosen rule calls no record a member.
+    """
+
+    value: float
+    confidence: float
+    delta: float
+    threshold: float | None
+    true_positives: int
+    false_positives: int
+    n_members: int
+    n_nonmembers: int
+    tpr_lower: float
+    fpr_upper: float
+    n_calibration_members: int
+    n_calibration_nonmembers: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MembershipMetrics:
+    """The audit numbers of one membership-inference attack.
+
+    ``tpr_at_fpr`` and ``tpr_at_fpr_ci`` are keyed ``"0.001"``, ``"0.01"``, ``"0.1"``;
+    a value is ``None`` where there are fewer than ``1 / target`` non-members (the
+    only FPR at or below the target is then 0, so the number would not measure what
+    its name says).
+    """
+
+    auc: float
+    auc_ci: Interval
+    tpr_at_fpr: dict[str, float | None]
+    tpr_at_fpr_ci: dict[str, Interval | None]
+    advantage: float
+    epsilon_lower_bound: EpsilonLowerBound
+    n_members: int
+    n_nonmembers: int
+    n_bootstrap: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _scores(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
+    scores = np.asarray(values, dtype=np.float64)
+    if scores.ndim != 1 or scores.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{name} contains NaN or infinite scores")
+    return scores
+
+
+def _count_at_least(sorted_scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    return sorted_scores.size - np.searchsorted(sorted_scores, thresholds, side="left")
+
+
+def _roc(members: np.ndarray, nonmembers: np.ndarray) -> RocCurve:
+    distinct = np.unique(np.concatenate((members, nonmembers)))[::-1]
+    thresholds = np.concatenate(([np.inf], distinct))
+    return RocCurve(
+        thresholds=thresholds,
+        true_positives=_count_at_least(np.sort(members), thresholds),
+        false_positives=_count_at_least(np.sort(nonmembers), thresholds),
+        n_members=members.size,
+        n_nonmembers=nonmembers.size,
+    )
+
+
+def roc_curve(member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray) -> RocCurve:
+    """The empirical ROC of the threshold rule "member iff score >= t" over every distinct score.
+
+    Ties between a member and a non-member move both counts at the same threshold,
+    so the curve has a diagonal segment there (no arbitrary tie order).
+    Precondition: both arrays non-empty, finite.
+    """
+    return _roc(_scores(member_scores, "member_scores"), _scores(nonmember_scores, "nonmember_scores"))
+
+
+def auc(roc: RocCurve) -> float:
+    """Area under the ROC by the trapezoid rule.
+
+    Equals the Mann-Whitney probability P[s_member > s_nonmember] + P[tie] / 2.
+    """
+    fpr, tpr = roc.fpr, roc.tpr
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
+
+
+def tpr_at_fpr(roc: RocCurve, target: float) -> float | None:
+    """TPR at a target FPR: the highest TPR among thresholds whose FPR <= target.
+
+    No interpolation between ROC points (interpolating would report a randomised
+    rule that no threshold realises). Returns ``None`` when fewer than
+    ``1 / target`` non-members were scored: then no threshold may make even one
+    false positive, and the number would silently be TPR at FPR = 0.
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target FPR must lie in (0, 1), got {target}")
+    # The small tolerance keeps 0.001 * 1000 (and the like) at exactly one allowed
+    # false positive despite binary floating point.
+    allowed_false_positives = math.floor(target * roc.n_nonmembers + 1e-9)
+    if allowed_false_positives < 1:
+        return None
+    return float(roc.tpr[roc.false_positives <= allowed_false_positives].max())
+
+
+def membership_advantage(roc: RocCurve) -> float:
+    """Membership advantage (Yeom et al. 2018): max over thresholds of TPR - FPR, in [0, 1]."""
+    return float(np.max(roc.tpr - roc.fpr))
+
+
+def _unbox(values: np.ndarray) -> float | np.ndarray:
+    return float(values) if np.ndim(values) == 0 else values
+
+
+def _check_binomial(successes: Any, trials: Any, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    if np.any(n < 1) or np.any(k < 0) or np.any(k > n) or np.any(k != np.round(k)):
+        raise ValueError("need integer counts with 0 <= successes <= trials and trials >= 1")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    return k, n
+
+
+def clopper_pearson_lower(successes: Any, trials: Any, alpha: float) -> float | np.ndarray:
+    """One-sided Clopper-Pearson lower bound on a binomial proportion (Clopper & Pearson 1934).
+
+    p_lo = Beta quantile(alpha; k, n - k + 1), and 0 when k = 0. Guarantee:
+    P[p_lo <= p] >= 1 - alpha for every true p. Vectorised over the counts.
+    """
+    k, n = _check_binomial(successes, trials, alpha)
+    with np.errstate(invalid="ignore"):
+        bound = stats.beta.ppf(alpha, k, n - k + 1)
+    return _unbox(np.where(k > 0, bound, 0.0))
+
+
+def clopper_pearson_upper(successes: Any, trials: Any, alpha: float) -> float | np.ndarray:
+    """One-sided Clopper-Pearson upper bound: Beta quantile(1 - alpha; k + 1, n - k), and 1 when k = n.
+
+    Guarantee: P[p_hi >= p] >= 1 - alpha for every true p. Vectorised over the counts.
+    """
+    k, n = _check_binomial(successes, trials, alpha)
+    with np.errstate(invalid="ignore"):
+        bound = stats.beta.ppf(1.0 - alpha, k + 1, n - k)
+    return _unbox(np.where(k < n, bound, 1.0))
+
+
+def clopper_pearson_interval(successes: int, trials: int, confidence: float = 0.95) -> Interval:
+    """Two-sided equal-tailed Clopper-Pearson interval: each side at miscoverage (1 - confidence) / 2."""
+    alpha = 1.0 - confidence
+    return Interval(
+        low=float(clopper_pearson_lower(successes, trials, alpha / 2)),
+        high=float(clopper_pearson_upper(successes, trials, alpha / 2)),
+        confidence=confidence,
+    )
+
+
+def _epsilon_bounds(
+    true_positives: Any, n_members: int, false_positives: Any, n_nonmembers: int, delta: float, confidence: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not 0.0 <= delta < 1.0:
+        raise ValueError(f"delta must lie in [0, 1), got {delta}")
+    # Both expressions below hold on the same event {TPR >= tpr_lo and FPR <= fpr_hi},
+    # so Bonferroni over these two one-sided intervals covers the max of both.
+    alpha = (1.0 - confidence) / 2.0
+    tpr_lo = np.asarray(clopper_pearson_lower(true_positives, n_members, alpha))
+    fpr_hi = np.asarray(clopper_pearson_upper(false_positives, n_nonmembers, alpha))
+    tnr_lo, fnr_hi = 1.0 - fpr_hi, 1.0 - tpr_lo
+    with np.errstate(divide="ignore", invalid="ignore"):
+        forward = np.where(tpr_lo > delta, np.log((tpr_lo - delta) / fpr_hi), 0.0)
+        backward = np.where(tnr_lo > delta, np.log((tnr_lo - delta) / fnr_hi), 0.0)
+    return np.maximum(np.maximum(forward, backward), 0.0), tpr_lo, fpr_hi
+
+
+def epsilon_from_counts(
+    true_positives: int,
+    n_members: int,
+    false_positives: int,
+    n_nonmembers: int,
+    *,
+    delta: float = 0.0,
+    confidence: float = 0.95,
+) -> float:
+    """Epsilon lower bound from the counts of one fixed threshold rule.
+
+    (eps, delta)-DP implies TPR <= e^eps FPR + delta and TNR <= e^eps FNR + delta
+    (Kairouz et al. 2015; Jagielski et al. 2020), hence
+
+        eps >= max(ln((TPR_lo - delta) / FPR_hi), ln((TNR_lo - delta) / FNR_hi), 0)
+
+    with TPR_lo, FPR_hi one-sided Clopper-Pearson bounds at miscoverage
+    (1 - confidence) / 2 each (Bonferroni), TNR_lo = 1 - FPR_hi and FNR_hi = 1 - TPR_lo.
+    Precondition: the rule was fixed before these records were seen. Guarantee: the
+    bound exceeds the true epsilon of the per-record distinguishing game with
+    probability at most 1 - confidence.
+    """
+    value, _, _ = _epsilon_bounds(true_positives, n_members, false_positives, n_nonmembers, delta, confidence)
+    return float(value)
+
+
+def _split(scores: np.ndarray, fraction: float, rng: np.random.Generator, name: str) -> tuple[np.ndarray, np.ndarray]:
+    n_calibration = int(round(fraction * scores.size))
+    if not 1 <= n_calibration < scores.size:
+        raise ValueError(f"{name}: {scores.size} scores cannot be split into non-empty calibration and evaluation halves")
+    permuted = scores[rng.permutation(scores.size)]
+    return permuted[:n_calibration], permuted[n_calibration:]
+
+
+def epsilon_lower_bound(
+    member_scores: Sequence[float] | np.ndarray,
+    nonmember_scores: Sequence[float] | np.ndarray,
+    *,
+    delta: float = 0.0,
+    confidence: float = 0.95,
+    calibration_fraction: float = 0.5,
+    seed: int = 0,
+) -> EpsilonLowerBound:
+    """Empirical epsilon lower bound of a membership attack, threshold never tuned on its evaluation records.
+
+    Members and non-members are each split at random (seeded) into a calibration part
+    (``calibration_fraction``) and an evaluation part. On the calibration part, the
+    rule maximising ``epsilon_from_counts`` (ties: the larger TPR - FPR) is chosen,
+    its threshold placed midway between that calibration score and the next lower
+    one; on the evaluation part, the counts of that single rule give the bound of
+    ``epsilon_from_counts`` (Clopper-Pearson, Bonferroni over the two one-sided
+    intervals, overall level ``confidence``).
+
+    Guarantee: since the rule is independent of the evaluation records, the bound
+    exceeds the true epsilon with probability at most 1 - confidence, under the usual
+    MIA-audit assumption that each record's membership is an independent trial; with
+    one trained model this is a heuristic audit, the one-run bound of
+    ``dptrain.audit.canary`` is the rigorous one.
+    """
+    members = _scores(member_scores, "member_scores")
+    nonmembers = _scores(nonmember_scores, "nonmember_scores")
+    rng = np.random.default_rng(seed)
+    members_cal, members_eval = _split(members, calibration_fraction, rng, "member_scores")
+    nonmembers_cal, nonmembers_eval = _split(nonmembers, calibration_fraction, rng, "nonmember_scores")
+
+    calibration = _roc(members_cal, nonmembers_cal)
+    calibration_eps, _, _ = _epsilon_bounds(
+        calibration.true_positives, members_cal.size, calibration.false_positives, nonmembers_cal.size, delta, confidence
+    )
+    best = np.lexsort((calibration.tpr - calibration.fpr, calibration_eps))[-1]
+    upper = float(calibration.thresholds[best])
+    lower = float(calibration.thresholds[best + 1]) if best + 1 < calibration.thresholds.size else upper
+    # Every threshold in (lower, upper] makes the same calibration decisions; the
+    # midpoint, unlike a calibration record's own score, does not sit at the edge
+    # of the gap where it would drop evaluation records scored just below it.
+    threshold = (upper + lower) / 2 if math.isfinite(upper) else upper
+
+    true_positives = int(np.count_nonzero(members_eval >= threshold))
+    false_positives = int(np.count_nonzero(nonmembers_eval >= threshold))
+    value, tpr_lo, fpr_hi = _epsilon_bounds(
+        true_positives, members_eval.size, false_positives, nonmembers_eval.size, delta, confidence
+    )
+    return EpsilonLowerBound(
+        value=float(value),
+        confidence=confidence,
+        delta=delta,
+        threshold=threshold if math.isfinite(threshold) else None,
+        true_positives=true_positives,
+        false_positives=false_positives,
+        n_members=int(members_eval.size),
+        n_nonmembers=int(nonmembers_eval.size),
+        tpr_lower=float(tpr_lo),
+        fpr_upper=float(fpr_hi),
+        n_calibration_members=int(members_cal.size),
+        n_calibration_nonmembers=int(nonmembers_cal.size),
+    )
+
+
+def _percentile_interval(samples: np.ndarray, confidence: float) -> Interval:
+    alpha = 1.0 - confidence
+    low, high = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
+    return Interval(low=float(low), high=float(high), confidence=confidence)
+
+
+def membership_metrics(
+    member_scores: Sequence[float] | np.ndarray,
+    nonmember_scores: Sequence[float] | np.ndarray,
+    *,
+    delta: float = 0.0,
+    confidence: float = 0.95,
+    n_bootstrap: int = 1000,
+    fpr_targets: Sequence[float] = FPR_TARGETS,
+    seed: int = 0,
+) -> MembershipMetrics:
+    """AUC, TPR at each target FPR, advantage, their bootstrap intervals and the epsilon lower bound.
+
+    Intervals are percentile bootstrap intervals (Efron & Tibshirani 1993) at level
+    ``confidence``: members and non-members are resampled with replacement
+    separately, so every replicate keeps the observed counts; ``n_bootstrap``
+    replicates, seeded by ``seed``. The epsilon bound is ``epsilon_lower_bound`` at
+    ``delta`` and ``confidence``. TPR at FPR follows ``tpr_at_fpr`` (``None`` where
+    fewer than 1 / target non-members were scored).
+    """
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    members = _scores(member_scores, "member_scores")
+    nonmembers = _scores(nonmember_scores, "nonmember_scores")
+    bootstrap_seed, split_seed = np.random.SeedSequence(seed).spawn(2)
+    rng = np.random.default_rng(bootstrap_seed)
+
+    roc = _roc(members, nonmembers)
+    keys = [fpr_key(t) for t in fpr_targets]
+    tprs = {key: tpr_at_fpr(roc, t) for key, t in zip(keys, fpr_targets)}
+
+    auc_samples = np.empty(n_bootstrap)
+    tpr_samples = np.full((n_bootstrap, len(keys)), np.nan)
+    for b in range(n_bootstrap):
+        resampled = _roc(
+            members[rng.integers(0, members.size, members.size)],
+            nonmembers[rng.integers(0, nonmembers.size, nonmembers.size)],
+        )
+        auc_samples[b] = auc(resampled)
+        for j, (key, target) in enumerate(zip(keys, fpr_targets)):
+            if tprs[key] is not None:
+                tpr_samples[b, j] = tpr_at_fpr(resampled, target)
+
+    return MembershipMetrics(
+        auc=auc(roc),
+        auc_ci=_percentile_interval(auc_samples, confidence),
+        tpr_at_fpr=tprs,
+        tpr_at_fpr_ci={
+            key: None if tprs[key] is None else _percentile_interval(tpr_samples[:, j], confidence)
+            for j, key in enumerate(keys)
+        },
+        advantage=membership_advantage(roc),
+        epsilon_lower_bound=epsilon_lower_bound(
+            members, nonmembers, delta=delta, confidence=confidence, seed=int(split_seed.generate_state(1)[0])
+        ),
+        n_members=int(members.size),
+        n_nonmembers=int(nonmembers.size),
+        n_bootstrap=n_bootstrap,
+    )

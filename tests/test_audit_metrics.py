@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from dptrain.audit.metrics import (
+    auc,
+    clopper_pearson_interval,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    epsilon_from_counts,
+    epsilon_lower_bound,
+    membership_advantage,
+    membership_metrics,
+    roc_curve,
+    tpr_at_fpr,
+)
+
+MEMBERS = [0.9, 0.8, 0.7, 0.3]
+NONMEMBERS = [0.85, 0.6, 0.5, 0.45, 0.4, 0.35, 0.2, 0.15, 0.1, 0.05]
+
+
+def test_roc_starts_at_origin_ends_at_one_and_counts_ties_together():
+    roc = roc_curve([1.0, 0.5, 0.5], [0.5, 0.0])
+    assert roc.thresholds[0] == np.inf
+    assert (roc.tpr[0], roc.fpr[0]) == (0.0, 0.0)
+    assert (roc.tpr[-1], roc.fpr[-1]) == (1.0, 1.0)
+    # threshold 0.5 admits both tied members and the tied non-member at once
+    assert list(zip(roc.true_positives, roc.false_positives)) == [(0, 0), (1, 0), (3, 1), (3, 2)]
+
+
+def test_auc_equals_mann_whitney_with_ties_as_sklearn():
+    rng = np.random.default_rng(0)
+    members = rng.integers(0, 20, 300).astype(float)
+    nonmembers = rng.integers(0, 18, 250).astype(float)
+    labels = np.r_[np.ones(300), np.zeros(250)]
+    expected = roc_auc_score(labels, np.r_[members, nonmembers])
+    assert auc(roc_curve(members, nonmembers)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_tpr_at_fpr_is_highest_tpr_with_fpr_at_most_target_without_interpolation():
+    roc = roc_curve(MEMBERS, NONMEMBERS)
+    # 10 non-members: FPR 0.1 allows one false positive (0.85), reached at threshold 0.7 -> 3 of 4 members
+    assert tpr_at_fpr(roc, 0.1) == 0.75
+    # FPR 0.15 still allows only one false positive: no interpolation towards the next point
+    assert tpr_at_fpr(roc, 0.15) == 0.75
+    assert tpr_at_fpr(roc, 0.3) == 0.75
+    assert tpr_at_fpr(roc, 0.9) == 1.0
+
+
+def test_tpr_at_fpr_is_none_with_fewer_than_one_over_target_nonmembers():
+    roc = roc_curve(MEMBERS, NONMEMBERS)
+    assert tpr_at_fpr(roc, 0.01) is None
+    assert tpr_at_fpr(roc_curve(np.arange(5.0), np.arange(1000.0)), 0.001) is not None
+
+
+def test_advantage_is_max_tpr_minus_fpr():
+    # threshold 0.7: TPR 0.75, FPR 0.1
+    assert membership_advantage(roc_curve(MEMBERS, NONMEMBERS)) == pytest.approx(0.65)
+
+
+def test_clopper_pearson_matches_beta_quantiles():
+    assert clopper_pearson_lower(7, 20, 0.025) == pytest.approx(stats.beta.ppf(0.025, 7, 14), rel=1e-12)
+    assert clopper_pearson_upper(7, 20, 0.025) == pytest.approx(stats.beta.ppf(0.975, 8, 13), rel=1e-12)
+    interval = clopper_pearson_interval(7, 20, 0.95)
+    assert (interval.low, interval.high) == pytest.approx((0.1539092, 0.5921885), abs=1e-6)
+
+
+def test_clopper_pearson_edges_have_closed_forms():
+    n, alpha = 40, 0.05
+    assert clopper_pearson_lower(0, n, alpha) == 0.0
+    assert clopper_pearson_upper(0, n, alpha) == pytest.approx(1 - alpha ** (1 / n), rel=1e-10)
+    assert clopper_pearson_lower(n, n, alpha) == pytest.approx(alpha ** (1 / n), rel=1e-10)
+    assert clopper_pearson_upper(n, n, alpha) == 1.0
+
+
+def test_epsilon_from_counts_uses_bonferroni_split_clopper_pearson():
+    n, alpha = 500, 0.05 / 2
+    tpr_lo = alpha ** (1 / n)
+    fpr_hi = 1 - alpha ** (1 / n)
+    expected = math.log(tpr_lo / fpr_hi)
+    assert epsilon_from_counts(n, n, 0, n, confidence=0.95) == pytest.approx(expected, rel=1e-9)
+    with_delta = math.log((tpr_lo - 1e-3) / fpr_hi)
+    assert epsilon_from_counts(n, n, 0, n, delta=1e-3) == pytest.approx(with_delta, rel=1e-9)
+
+
+def test_epsilon_from_counts_uses_the_symmetric_bound_when_it_is_larger():
+    # A rule that rarely fires but is never wrong about non-members when it stays silent:
+    # FNR small, TNR large -> ln(TNR_lo / FNR_hi) carries the bound.
+    n, alpha = 400, 0.025
+    tp, fp = 400, 300
+    fnr_hi = 1 - clopper_pearson_lower(tp, n, alpha)
+    tnr_lo = 1 - clopper_pearson_upper(fp, n, alpha)
+    assert epsilon_from_counts(tp, n, fp, n) == pytest.approx(math.log(tnr_lo / fnr_hi), rel=1e-9)
+
+
+def test_epsilon_from_counts_is_zero_without_signal():
+    assert epsilon_from_counts(50, 100, 50, 100) == 0.0
+
+
+def test_perfectly_separated_scores_give_auc_one_and_positive_epsilon():
+    members, nonmembers = np.arange(1000.0) + 1000.0, np.arange(1000.0)
+    result = membership_metrics(members, nonmembers, n_bootstrap=50)
+    assert result.auc == 1.0
+    assert result.tpr_at_fpr == {"0.001": 1.0, "0.01": 1.0, "0.1": 1.0}
+    bound = result.epsilon_lower_bound
+    assert bound.value > 4.0
+    assert bound.n_members + bound.n_calibration_members == 1000
+    assert bound.true_positives == bound.n_members and bound.false_positives == 0
+
+
+def test_identical_distributions_give_auc_near_half_with_ci_covering_half():
+    rng = np.random.default_rng(1)
+    result = membership_metrics(rng.normal(size=1000), rng.normal(size=1000), n_bootstrap=300, seed=1)
+    assert abs(result.auc - 0.5) < 0.05
+    assert result.auc_ci.low <= 0.5 <= result.auc_ci.high
+    assert result.epsilon_lower_bound.value == 0.0
+
+
+def test_epsilon_lower_bound_on_null_scores_is_zero_in_at_least_90_percent_of_seeds():
+    zeros = 0
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        bound = epsilon_lower_bound(rng.normal(size=400), rng.normal(size=400), seed=seed)
+        zeros += bound.value == 0.0
+    assert zeros >= 54
+
+
+def test_epsilon_lower_bound_threshold_comes_from_calibration_half_only():
+    # Evaluation counts are recomputed from the reported threshold: nothing else was tuned.
+    rng = np.random.default_rng(2)
+    members, nonmembers = rng.normal(1.0, 1.0, 300), rng.normal(0.0, 1.0, 300)
+    bound = epsilon_lower_bound(members, nonmembers, seed=5)
+    split = np.random.default_rng(5)
+    eval_members = members[split.permutation(300)][150:]
+    eval_nonmembers = nonmembers[split.permutation(300)][150:]
+    assert bound.true_positives == np.count_nonzero(eval_members >= bound.threshold)
+    assert bound.false_positives == np.count_nonzero(eval_nonmembers >= bound.threshold)
+    assert bound.value == epsilon_from_counts(bound.true_positives, 150, bound.false_positives, 150)
+
+
+def test_membership_metrics_is_strict_json_with_counts_and_none_for_unmeasurable_tpr():
+    rng = np.random.default_rng(3)
+    result = membership_metrics(rng.normal(0.5, 1, 500), rng.normal(size=500), n_bootstrap=20)
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert set(data["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
+    assert data["tpr_at_fpr"]["0.001"] is None and data["tpr_at_fpr_ci"]["0.001"] is None
+    assert data["tpr_at_fpr"]["0.1"] is not None
+    assert (data["n_members"], data["n_nonmembers"]) == (500, 500)
+    assert data["epsilon_lower_bound"]["confidence"] == 0.95
+
+
+def test_bootstrap_is_reproducible_under_a_seed():
+    rng = np.random.default_rng(4)
+    members, nonmembers = rng.normal(0.3, 1, 200), rng.normal(size=200)
+    first = membership_metrics(members, nonmembers, n_bootstrap=100, seed=7)
+    assert first == membership_metrics(members, nonmembers, n_bootstrap=100, seed=7)
+    assert first.auc_ci != membership_metrics(members, nonmembers, n_bootstrap=100, seed=8).auc_ci
+
+
+def test_scores_with_nan_are_rejected():
+    with pytest.raises(ValueError, match="NaN"):
+        roc_curve([0.1, np.nan], [0.2])
+
+
+def test_epsilon_lower_bound_stays_below_a_known_epsilon_and_is_not_vacuous():
+    # Randomized response is exactly (1, 0)-DP: a member scores 1 w.p. e/(1+e), a non-member w.p. 1/(1+e).
+    epsilon, q = 1.0, math.e / (1 + math.e)
+    bounds = []
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        members = (rng.random(2000) < q).astype(float)
+        nonmembers = (rng.random(2000) < 1 - q).astype(float)
+        bounds.append(epsilon_lower_bound(members, nonmembers, seed=seed).value)
+    assert np.mean(np.array(bounds) > epsilon) <= 0.05
+    assert np.mean(bounds) > 0.7

@@ -21,17 +21,19 @@ USAGE = f"""usage: dptrain [COMMAND] [HYDRA ARGS...]
 dptrain {__version__}: privacy-preserving training for PyTorch.
 
 commands:
-  train    train with DP-SGD from the Hydra config (the default command)
+  train    train with DP-SGD from the Hydra config, then audit the model (the default command)
            e.g. dptrain train dataset=digits model=cnn privacy.target_epsilon=3
                 dptrain train -m privacy.target_epsilon=1,3,inf
                 dptrain train --cfg job        (print the composed config)
                 dptrain train --help           (config groups and Hydra options)
                 dptrain train train.resume=outputs/<date>/<time>
+  audit    audit a finished run again from its saved model and split
+           e.g. dptrain audit run_dir=outputs/<date>/<time> audit=thorough
 
 `dptrain` with no arguments runs the default job (digits, DP-SGD at epsilon 3).
 """
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "audit")
 RESUME = "train.resume="
 
 register_configs()
@@ -49,10 +51,7 @@ def _resumed_config(cfg: DictConfig, resume_dir: Path) -> DictConfig:
         raise UserError(
             f"train.resume continues {resume_dir} with the config it was started with: drop {' '.join(extra)}"
         )
-    saved = resume_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"train.resume={resume_dir} has no .hydra/config.yaml: give the directory of a dptrain run")
-    resumed = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+    resumed = _saved_config(resume_dir, "train.resume")
     resumed.train.resume = str(resume_dir)
     return resumed
 
@@ -60,21 +59,69 @@ def _resumed_config(cfg: DictConfig, resume_dir: Path) -> DictConfig:
 @hydra.main(version_base="1.3", config_path="pkg://dptrain.conf", config_name="config")
 def train_app(cfg: DictConfig) -> float:
     """Hydra task for ``dptrain train``; returns test accuracy so Hydra sweepers can optimise it."""
+    from dptrain import pipeline
     from dptrain.tracking.summary import format_summary
-    from dptrain.training import centralized
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.train.resume is not None:
             run_dir = Path(cfg.train.resume)
             cfg = _resumed_config(cfg, run_dir)
-        metrics = centralized.run(cfg, run_dir)
+        metrics, report = pipeline.train(cfg, run_dir)
     except UserError as error:
         _fail(str(error))
     except KeyboardInterrupt:
         _fail(f"interrupted; continue from the last checkpoint with: dptrain train {RESUME}{run_dir}", 130)
-    print(format_summary(metrics, run_dir))
+    print(format_summary(metrics, report, run_dir))
     return metrics["test_accuracy"]
+
+
+def _saved_config(run_dir: Path, key: str) -> DictConfig:
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{key}={run_dir} has no .hydra/config.yaml: give the directory of a dptrain run")
+    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+
+
+def audit_command(args: list[str]) -> None:
+    """``dptrain audit run_dir=<dir> [audit=<level>] [audit.<key>=<value> ...]``."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dptrain import pipeline
+    from dptrain.tracking.summary import format_audit
+
+    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    overrides = [a for a in args if not a.startswith("run_dir=")]
+    try:
+        if len(run_dirs) != 1:
+            raise UserError("dptrain audit needs run_dir=<directory of a finished run>")
+        wrong = [o for o in overrides if not (o.startswith("audit=") or o.startswith("audit."))]
+        if wrong:
+            raise UserError(f"dptrain audit takes only audit=... and audit.<key>=... overrides, not {' '.join(wrong)}")
+        run_dir = Path(run_dirs[0])
+        cfg = _saved_config(run_dir, "run_dir")
+        try:
+            with initialize_config_module(config_module="dptrain.conf", version_base="1.3"):
+                requested = compose(config_name="config", overrides=overrides).audit
+        except (HydraException, OmegaConfBaseException) as error:
+            raise UserError(str(error).splitlines()[0]) from None
+        # Canaries (and the seed that drew them) belong to training: they had to be inserted before it.
+        trained, seed = cfg.audit.canaries, cfg.audit.seed
+        if requested.canaries.count != trained.count:
+            log.warning(
+                "canaries are inserted at training time: this run was trained with %d, the audit uses those",
+                trained.count,
+            )
+        cfg.audit = requested
+        cfg.audit.canaries = trained
+        cfg.audit.seed = seed
+        report = pipeline.audit(cfg, run_dir)
+    except UserError as error:
+        _fail(str(error))
+    print(format_audit(report))
+    print(f"{'artifacts':<15}{run_dir / pipeline.AUDIT}, {run_dir / 'tb'}")
 
 
 def _train_argv(args: list[str]) -> list[str]:
@@ -106,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     if command == "train":
         sys.argv = [f"dptrain {command}", *_train_argv(args)]
         train_app()
+    else:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        audit_command(args)
 
 
 if __name__ == "__main__":

@@ -150,11 +150,19 @@ class AttackConfig:
 class MembershipAuditConfig:
     attacks: List[str] = field(default_factory=lambda: ["loss", "rmia"])
     reference_models: int = 2
+    # RMIA (Zarifzadeh et al. 2024): pairwise threshold and offline correction.
+    rmia_gamma: float = 2.0
+    rmia_offline_a: float = 0.3
+    # LiRA (Carlini et al. 2022): one variance shared by all examples, better with few models.
+    lira_fixed_variance: bool = True
+    bootstrap: int = 1000
 
 
 @dataclass
 class AttributeAuditConfig:
     enabled: bool = True
+    # "loss": the candidate value the model fits best; "confidence_prior": weighted by the value's prior.
+    rule: str = "loss"
 
 
 @dataclass
@@ -168,6 +176,10 @@ class AuditConfig:
     mia: MembershipAuditConfig = field(default_factory=MembershipAuditConfig)
     aia: AttributeAuditConfig = field(default_factory=AttributeAuditConfig)
     canaries: CanaryAuditConfig = field(default_factory=CanaryAuditConfig)
+    confidence: float = 0.95
+    seed: int = 0
+    # Processes that train reference models; null: one per two cores, at most one per model.
+    workers: Optional[int] = None
 
 
 @dataclass
@@ -216,6 +228,9 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "step")
 FEDERATIONS = ("none",)
+AUDIT_LEVELS = ("standard", "fast", "thorough", "none")
+MIA_ATTACKS = ("loss", "rmia", "lira")
+AIA_RULES = ("loss", "confidence_prior")
 
 
 def _choice(key: str, value, choices) -> None:
@@ -325,7 +340,33 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
             f"aggregator={cfg.aggregator.name} attack={cfg.attack.name} need several clients or workers: "
             "centralized training has one update per step, use aggregator=mean attack=none"
         )
+    _validate_audit(cfg.audit, sizes.population)
     return info, sizes
+
+
+def _validate_audit(audit: AuditConfig, population: int) -> None:
+    _choice("audit", audit.name, AUDIT_LEVELS)
+    for attack in audit.mia.attacks:
+        _choice("audit.mia.attacks", attack, MIA_ATTACKS)
+    references = audit.mia.reference_models
+    if "lira" in audit.mia.attacks and (references < 4 or references % 2):
+        raise UserError(
+            f"audit.mia.reference_models={references}: LiRA needs an even number of at least 4 reference models "
+            "(each record is IN for half of them): set audit.mia.reference_models=4 or more"
+        )
+    if "rmia" in audit.mia.attacks and references < 1:
+        raise UserError(f"audit.mia.reference_models={references}: RMIA needs at least 1 reference model")
+    _choice("audit.aia.rule", audit.aia.rule, AIA_RULES)
+    if not 0 < audit.confidence < 1:
+        raise UserError(f"audit.confidence={audit.confidence} must be in (0, 1), e.g. 0.95")
+    _positive("audit.mia.bootstrap", audit.mia.bootstrap)
+    if audit.workers is not None:
+        _positive("audit.workers", audit.workers, "or null for one per two cores")
+    if not 0 <= audit.canaries.count <= population // 2:
+        raise UserError(
+            f"audit.canaries.count={audit.canaries.count} must be between 0 and half the {population} population "
+            "records (canaries are drawn from the population): lower it or raise dataset.population_fraction"
+        )
 
 
 def _suggest_delta(members: int) -> str:

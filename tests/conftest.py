@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_module
 
 from dptrain.config import register_configs
 
-# A run small enough for a unit test: digits, logistic regression, two epochs.
-TINY = ("train.epochs=2", "train.progress=false")
+# A run small enough for a unit test: digits, logistic regression, two epochs, no audit.
+TINY = ("train.epochs=2", "train.progress=false", "audit=none")
 
 
 def make_config(*overrides: str):

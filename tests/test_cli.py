@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-TINY = ["train.epochs=2", "train.progress=false"]
+TINY = ["train.epochs=2", "train.progress=false", "audit=none"]
 
 
 def dptrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -36,13 +36,19 @@ def test_cfg_job_prints_the_composed_config_without_training(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-def test_train_writes_artifacts_into_hydra_run_dir_and_prints_a_summary(tmp_path):
+def test_train_writes_artifacts_into_hydra_run_dir_and_prints_a_summary_with_the_audit(tmp_path):
     run_dir = tmp_path / "my-run"
-    result = dptrain("train", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = dptrain("train", "train.epochs=2", "train.progress=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and "epsilon" in result.stdout and str(run_dir) in result.stdout
-    for name in ("metrics.json", "model.pt", "manifest.json", "split.json", ".hydra/config.yaml"):
+    assert "rmia" in result.stdout and "eps lower bound" in result.stdout
+    for name in ("metrics.json", "audit.json", "model.pt", "manifest.json", "split.json", ".hydra/config.yaml"):
         assert (run_dir / name).exists(), name
+    again = dptrain("audit", f"run_dir={run_dir}", "audit=fast", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "loss" in again.stdout and json.loads((run_dir / "audit.json").read_text())["level"] == "fast"
+    refused = dptrain("audit", f"run_dir={run_dir}", "train.lr=0.1", cwd=tmp_path)
+    assert refused.returncode == 2 and "only audit=" in refused.stderr
 
 
 def test_multirun_sweep_gives_one_run_per_epsilon_within_budget(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from dptrain.config import validate
 from dptrain.errors import UserError
 from dptrain.privacy import plan_privacy
+from dptrain import pipeline
 from dptrain.training import centralized
 
 
@@ -98,9 +99,9 @@ def test_validation_fails_before_any_data_is_loaded(tiny_config, tmp_path, monke
 
     monkeypatch.setattr(centralized, "load", no_loading)
     with pytest.raises(UserError, match="privacy.max_grad_norm"):
-        centralized.run(tiny_config("privacy.max_grad_norm=0"), tmp_path)
+        pipeline.train(tiny_config("privacy.max_grad_norm=0"), tmp_path)
     with pytest.raises(UserError, match="privacy.noise_multiplier"):
-        centralized.run(tiny_config("privacy.noise_multiplier=0.2", "privacy.target_epsilon=0.5"), tmp_path)
+        pipeline.train(tiny_config("privacy.noise_multiplier=0.2", "privacy.target_epsilon=0.5"), tmp_path)
 
 
 def test_the_default_config_is_valid(tiny_config):

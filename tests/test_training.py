@@ -14,7 +14,8 @@ from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import epsilon_spent, make_private, plan_privacy
 from dptrain.tracking.artifacts import METRICS_KEYS
-from dptrain.training import centralized, loop
+from dptrain import pipeline
+from dptrain.training import loop
 
 
 def _metrics(run_dir):
@@ -28,7 +29,7 @@ def default_run(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = make_config(*TINY)
-    return cfg, run_dir, centralized.run(cfg, run_dir)
+    return cfg, run_dir, pipeline.train(cfg, run_dir)[0]
 
 
 def test_metrics_json_has_the_results_schema(default_run):
@@ -93,7 +94,7 @@ def test_tensorboard_has_the_training_tags_and_an_hparams_record(default_run):
 
 
 def test_non_private_baseline_uses_no_noise_and_no_clipping(tiny_config, tmp_path):
-    metrics = centralized.run(tiny_config("privacy.target_epsilon=inf"), tmp_path)
+    metrics = pipeline.train(tiny_config("privacy.target_epsilon=inf"), tmp_path)[0]
     assert metrics["private"] is False and metrics["epsilon"] is None
     assert metrics["noise_multiplier"] == 0.0 and metrics["max_grad_norm"] is None
 
@@ -119,26 +120,26 @@ def test_baseline_training_objects_are_plain_torch(tiny_config):
 
 def test_epsilon_never_exceeds_the_target_for_each_accountant(tiny_config, tmp_path):
     for accountant in ("prv", "rdp", "gdp"):
-        metrics = centralized.run(tiny_config(f"privacy.accountant={accountant}", "privacy.target_epsilon=1"), tmp_path / accountant)
+        metrics = pipeline.train(tiny_config(f"privacy.accountant={accountant}", "privacy.target_epsilon=1"), tmp_path / accountant)[0]
         assert 0.9 <= metrics["epsilon"] <= 1.0, accountant
 
 
 def test_physical_batches_charge_the_same_steps_and_epsilon(tiny_config, tmp_path):
-    whole = centralized.run(tiny_config(), tmp_path / "whole")
-    split = centralized.run(tiny_config("train.max_physical_batch_size=32"), tmp_path / "split")
+    whole = pipeline.train(tiny_config(), tmp_path / "whole")[0]
+    split = pipeline.train(tiny_config("train.max_physical_batch_size=32"), tmp_path / "split")[0]
     assert split["steps"] == whole["steps"] and split["epsilon"] == pytest.approx(whole["epsilon"])
     assert split["test_accuracy"] > 0.5
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
 def test_each_grad_sample_mode_trains_the_cnn(tiny_config, tmp_path, mode):
-    metrics = centralized.run(tiny_config("model=cnn", f"privacy.grad_sample_mode={mode}", "train.lr=0.5"), tmp_path)
+    metrics = pipeline.train(tiny_config("model=cnn", f"privacy.grad_sample_mode={mode}", "train.lr=0.5"), tmp_path)[0]
     assert metrics["epsilon"] <= 3.0 and metrics["test_accuracy"] > 0.3
 
 
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
     overrides = ("train.epochs=4",)
-    uninterrupted = centralized.run(tiny_config(*overrides), tmp_path / "a")
+    uninterrupted = pipeline.train(tiny_config(*overrides), tmp_path / "a")[0]
 
     real_epoch, calls = loop.train_epoch, []
 
@@ -150,11 +151,11 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tiny_config,
 
     monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted_epoch)
     with pytest.raises(KeyboardInterrupt):
-        centralized.run(tiny_config(*overrides), tmp_path / "b")
+        pipeline.train(tiny_config(*overrides), tmp_path / "b")
     assert not (tmp_path / "b" / "metrics.json").exists()
     monkeypatch.setattr("dptrain.training.recipe.train_epoch", real_epoch)
 
-    resumed = centralized.run(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
+    resumed = pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")[0]
     assert resumed["steps"] == uninterrupted["steps"]
     assert resumed["epsilon"] == pytest.approx(uninterrupted["epsilon"], rel=1e-9)
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
@@ -163,6 +164,6 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tiny_config,
 
 
 def test_resume_with_a_different_recipe_is_refused(tiny_config, tmp_path):
-    centralized.run(tiny_config(), tmp_path)
+    pipeline.train(tiny_config(), tmp_path)
     with pytest.raises(UserError, match="different config"):
-        centralized.run(tiny_config("train.lr=0.1", f"train.resume={tmp_path}"), tmp_path)
+        pipeline.train(tiny_config("train.lr=0.1", f"train.resume={tmp_path}"), tmp_path)

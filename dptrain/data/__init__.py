@@ -4,6 +4,7 @@ A run calls ``describe`` while validating its config, then ``load``,
 ``make_split`` (or ``Split.load`` to reuse a run's split) and ``prepare``.
 """
 
+from dptrain.data.canaries import Canaries, canary_inclusion, draw_canaries, population_without
 from dptrain.data.dataset import DatasetInfo, DatasetSource, LabeledData, SensitiveAttribute
 from dptrain.data.partition import dirichlet_partition, iid_partition
 from dptrain.data.prepare import SplitData, prepare
@@ -11,6 +12,7 @@ from dptrain.data.registry import DATASETS, describe, load
 from dptrain.data.splits import Split, SplitSizes, make_split, split_sizes
 
 __all__ = [
+    "Canaries",
     "DATASETS",
     "DatasetInfo",
     "DatasetSource",
@@ -19,11 +21,14 @@ __all__ = [
     "Split",
     "SplitData",
     "SplitSizes",
+    "canary_inclusion",
     "describe",
     "dirichlet_partition",
+    "draw_canaries",
     "iid_partition",
     "load",
     "make_split",
+    "population_without",
     "prepare",
     "split_sizes",
 ]

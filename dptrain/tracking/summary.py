@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Mapping
 
 
-def format_summary(metrics: Mapping, run_dir: str | Path) -> str:
-    """A few aligned lines a person reads at the end of ``dptrain train``."""
+def format_summary(metrics: Mapping, report: Mapping | None, run_dir: str | Path) -> str:
+    """A few aligned lines a person reads at the end of ``dptrain train``: utility, privacy, audit, artifacts."""
     if metrics["private"]:
         target = metrics["target_epsilon"]
         privacy = (
@@ -22,7 +22,43 @@ def format_summary(metrics: Mapping, run_dir: str | Path) -> str:
         f"test accuracy  {metrics['test_accuracy']:.4f}   (train {metrics['train_accuracy']:.4f},"
         f" {metrics['members']} training records, {metrics['train_seconds']:.1f} s)",
         f"privacy        {privacy}",
-        f"artifacts      {run_dir}  (metrics.json, model.pt, manifest.json, split.json, tb/)",
+    ]
+    if report is not None:
+        lines.append(format_audit(report))
+    files = "metrics.json, audit.json" if report is not None else "metrics.json"
+    lines += [
+        f"artifacts      {run_dir}  ({files}, model.pt, manifest.json, split.json, tb/)",
         f"tensorboard    tensorboard --logdir {Path(run_dir) / 'tb'}",
     ]
     return "\n".join(lines)
+
+
+def format_audit(report: Mapping) -> str:
+    """The audit's lines of the summary: each attack's AUC with its interval, TPR at 1% FPR and epsilon lower bound."""
+    lines = []
+    for name, m in report["mia"].items():
+        tpr = m["tpr_at_fpr"]["0.01"]
+        lines.append(
+            f"{name:<13}AUC {m['auc']:.3f} [{m['auc_ci']['low']:.3f}, {m['auc_ci']['high']:.3f}]"
+            f"  TPR@1%FPR {'n/a' if tpr is None else f'{tpr:.3f}'}"
+            f"  eps lower bound {m['epsilon_lower_bound']['value']:.3f}"
+            f"  ({m['n_members']} members / {m['n_nonmembers']} non-members)"
+        )
+    aia = report["aia"]
+    if "skipped" in aia:
+        lines.append(f"{'attribute':<13}skipped: {aia['skipped']}")
+    else:
+        lines.append(
+            f"{'attribute':<13}attack accuracy {aia['members']['attack']['accuracy']:.3f} on members,"
+            f" {aia['nonmembers']['attack']['accuracy']:.3f} on non-members; imputation"
+            f" {aia['members']['imputation']['accuracy']:.3f} / {aia['nonmembers']['imputation']['accuracy']:.3f};"
+            f" leakage {aia['leakage']['accuracy']:+.3f}"
+        )
+    if report["canary"] is not None:
+        c = report["canary"]
+        lines.append(
+            f"{'canaries':<13}one-run eps lower bound {c['epsilon_lower_bound']:.3f}"
+            f" ({c['n_correct']} of {c['n_guesses']} guesses right, {c['n_canaries']} canaries)"
+        )
+    lines += [f"WARNING      {warning}" for warning in report["warnings"]]
+    return "\n".join(f"{'audit' if i == 0 else '':<15}{line}" for i, line in enumerate(lines))

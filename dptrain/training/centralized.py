@@ -1,17 +1,22 @@
-"""The centralized recipe, top to bottom: config -> data -> model -> privacy -> train -> evaluate -> artifacts."""
+"""The centralized recipe: one data holder trains the target model on its members (plus included canaries)."""
 
 from __future__ import annotations
 
+import json
 import logging
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import TensorDataset
 
-from dptrain.config import Config, recipe_hash, validate
-from dptrain.data import Split, load, make_split, prepare
-from dptrain.privacy import plan_privacy
-from dptrain.tracking.artifacts import save_model, write_manifest, write_metrics
+from dptrain.config import Config
+from dptrain.data import Canaries, SplitData, Split, canary_inclusion, draw_canaries, load, make_split, prepare
+from dptrain.models import build_model
+from dptrain.privacy import PrivacyPlan
+from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.loop import evaluate
@@ -20,6 +25,20 @@ from dptrain.training.recipe import resolve_device, train_model
 log = logging.getLogger(__name__)
 
 SPLIT = "split.json"
+
+
+@dataclass
+class TargetRun:
+    """The trained target model with the data and privacy plan it was trained under."""
+
+    model: nn.Module
+    data: SplitData
+    plan: PrivacyPlan
+    epsilon: float | None
+    canaries: Canaries | None
+    metrics: dict
+    device: torch.device
+    fingerprint: str
 
 
 def flat_config(cfg: Config) -> dict:
@@ -38,46 +57,56 @@ def flat_config(cfg: Config) -> dict:
     return flat
 
 
-def run(cfg: Config, run_dir: str | Path) -> dict:
-    """Train the target model of ``cfg`` and write the run's artifacts into ``run_dir``; return ``metrics.json``'s content.
+def training_size(cfg: Config, members: int) -> int:
+    """Records the target trains on: the members plus the canaries whose coin said "in"."""
+    return members + int(canary_inclusion(cfg.audit.canaries.count, cfg.audit.seed).sum())
 
-    With ``cfg.train.resume`` the run continues from ``run_dir``'s checkpoint
-    on the split recorded there, with its accountant restored.
-    """
-    started = datetime.now(timezone.utc)
-    run_dir = Path(run_dir)
-    info, sizes = validate(cfg)
-    plan = plan_privacy(cfg.privacy, members=sizes.members, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs)
-    log.info("%s: %s", info.name, sizes)
-    log.info("privacy plan: %s", plan)
 
+def _load_data(cfg: Config, run_dir: Path, reuse_split: bool) -> tuple[SplitData, Canaries | None, str]:
     data = load(cfg.dataset)
-    resume = cfg.train.resume is not None
-    if resume:
+    if reuse_split:
         split = Split.load(run_dir / SPLIT, expected_fingerprint=data.fingerprint)
     else:
         split = make_split(data, cfg.dataset)
         split.save(run_dir / SPLIT)
-    prepared = prepare(data, split)
+    count = cfg.audit.canaries.count
+    canaries = draw_canaries(split, data.labels, data.num_classes, count, cfg.audit.seed) if count else None
+    return prepare(data, split), canaries, data.fingerprint
 
-    checkpoint = Checkpoint.load(run_dir, recipe_hash(cfg)) if resume else None
-    # Events a crashed run logged after its last checkpoint are dropped on resume.
-    purge_step = checkpoint.epochs_done * plan.steps_per_epoch + 1 if checkpoint else None
-    tb = TensorBoardLog(run_dir, purge_step=purge_step)
+
+def _training_set(data: SplitData, canaries: Canaries | None) -> TensorDataset:
+    if canaries is None or not canaries.included.any():
+        return data.members
+    inserted = canaries.dataset(data.population.tensors[0], data.split.population)
+    keep = torch.from_numpy(canaries.included)
+    return TensorDataset(*(torch.cat([a, b[keep]]) for a, b in zip(data.members.tensors, inserted.tensors)))
+
+
+def train_target(
+    cfg: Config, run_dir: Path, plan: PrivacyPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
+) -> TargetRun:
+    """Load the data, train the target model under ``plan`` and write ``split.json``, ``model.pt`` and ``metrics.json``.
+
+    With a ``checkpoint`` the run continues on the split recorded in
+    ``run_dir``. Reported accuracies are on members and test records only:
+    canaries are mislabelled on purpose and would distort them.
+    """
+    data, canaries, fingerprint = _load_data(cfg, run_dir, reuse_split=checkpoint is not None)
     trained = train_model(
         cfg,
-        prepared.members,
-        input_shape=prepared.input_shape,
-        num_classes=prepared.num_classes,
+        _training_set(data, canaries),
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
         plan=plan,
-        eval_set=prepared.test,
+        eval_set=data.test,
         tb=tb,
         run_dir=run_dir,
         checkpoint=checkpoint,
     )
     device = resolve_device(cfg.train.device)
-    train_loss, train_accuracy = evaluate(trained.model, prepared.members, device)
-    test_loss, test_accuracy = evaluate(trained.model, prepared.test, device)
+    train_loss, train_accuracy = evaluate(trained.model, data.members, device)
+    test_loss, test_accuracy = evaluate(trained.model, data.test, device)
+    sizes = data.split.sizes
     metrics = {
         "test_accuracy": test_accuracy,
         "train_accuracy": train_accuracy,
@@ -97,28 +126,32 @@ def run(cfg: Config, run_dir: str | Path) -> dict:
         "non_members": sizes.non_members,
         "population": sizes.population,
         "test_size": sizes.test,
+        "canaries_included": 0 if canaries is None else int(canaries.included.sum()),
         "train_seconds": trained.train_seconds,
         "replaced_modules": trained.replaced_modules,
     }
     save_model(run_dir, trained.model.state_dict())
     write_metrics(run_dir, metrics)
-    write_manifest(
-        run_dir,
-        config_hash=recipe_hash(cfg),
-        data_fingerprint=data.fingerprint,
-        seeds={"train": cfg.train.seed, "dataset": cfg.dataset.seed},
-        started_at=started.isoformat(),
-        finished_at=datetime.now(timezone.utc).isoformat(),
-        resumed=resume,
-        world_size=1,
+    return TargetRun(trained.model, data, plan, trained.epsilon, canaries, metrics, device, fingerprint)
+
+
+def load_target(cfg: Config, run_dir: Path) -> TargetRun:
+    """A finished run's target model, data (its recorded split) and plan, read back from its artifacts."""
+    metrics = json.loads((run_dir / METRICS).read_text())
+    data, canaries, fingerprint = _load_data(cfg, run_dir, reuse_split=True)
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu", weights_only=True))
+    plan = PrivacyPlan(
+        private=metrics["private"],
+        accountant=cfg.privacy.accountant,
+        delta=cfg.privacy.delta,
+        target_epsilon=metrics["target_epsilon"],
+        noise_multiplier=metrics["noise_multiplier"],
+        max_grad_norm=metrics["max_grad_norm"],
+        sample_rate=metrics["sample_rate"],
+        steps_per_epoch=metrics["steps"] // metrics["epochs"],
+        steps=metrics["steps"],
+        planned_epsilon=metrics["epsilon"],
     )
-    tb.hparams(
-        flat_config(cfg),
-        {
-            "hparams/test_accuracy": test_accuracy,
-            "hparams/train_accuracy": train_accuracy,
-            "hparams/epsilon": trained.epsilon,
-        },
-    )
-    tb.close()
-    return metrics
+    return TargetRun(model.to(device), data, plan, metrics["epsilon"], canaries, metrics, device, fingerprint)

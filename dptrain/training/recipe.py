@@ -145,8 +145,8 @@ def train_model(
             scheduler.step()
         train_seconds += time.perf_counter() - started
         step = (epoch + 1) * plan.steps_per_epoch
-        epsilon = training.epsilon() if tb is not None else None
         if tb is not None:
+            epsilon = training.epsilon()
             test_accuracy = evaluate(training.model, eval_set, device)[1] if eval_set is not None else None
             tb.scalars(
                 step,

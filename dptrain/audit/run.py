@@ -1,0 +1,275 @@
+"""The post-training audit of a run: membership inference (LOSS, RMIA, LiRA), attribute inference
+against imputation, the one-run canary bound, sanity guards, and their TensorBoard panels."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from dptrain.audit.attribute import attribute_inference_audit
+from dptrain.audit.canary import one_run_audit
+from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
+from dptrain.audit.metrics import FPR_TARGETS, fpr_key, membership_metrics, roc_curve
+from dptrain.audit.reference import default_workers, train_references
+from dptrain.data import Canaries, SplitData, population_without
+from dptrain.privacy import PrivacyPlan
+from dptrain.tracking.figures import roc_figure, score_histogram
+from dptrain.tracking.tensorboard import TensorBoardLog
+from dptrain.training.loop import predict
+
+log = logging.getLogger(__name__)
+
+# An AUC this far below chance means the attack's scores are inverted: a bug, not privacy.
+AUC_FLOOR = 0.4
+
+
+@dataclass
+class AuditTarget:
+    """What the audit reads from a trained run; it never trains the target itself."""
+
+    cfg: object
+    model: nn.Module
+    data: SplitData
+    plan: PrivacyPlan
+    epsilon: float | None
+    canaries: Canaries | None
+    device: torch.device
+
+
+def _concat(*parts: TensorDataset) -> TensorDataset:
+    return TensorDataset(*(torch.cat(tensors) for tensors in zip(*(part.tensors for part in parts))))
+
+
+def _signals(model: nn.Module, dataset: TensorDataset, device: torch.device):
+    logits, labels = predict(model, dataset, device)
+    return compute_signals(logits, labels)
+
+
+def _mia(target: AuditTarget, run_dir, warnings: list[str]) -> tuple[dict, dict, dict]:
+    """Scores and metrics of every requested membership attack on the balanced members / non-members."""
+    cfg = target.cfg.audit
+    audited = _concat(target.data.members, target.data.non_members)
+    members = len(target.data.members)
+    signals = _signals(target.model, audited, target.device)
+    scores: dict[str, np.ndarray] = {}
+    if "loss" in cfg.mia.attacks:
+        scores["loss"] = loss_scores(signals.loss)
+    references = None
+    if {"rmia", "lira"} & set(cfg.mia.attacks):
+        population = target.data.population
+        keep = torch.from_numpy(population_without(target.data.split, target.canaries))
+        references = train_references(
+            target.cfg,
+            target.plan,
+            audited=audited,
+            population=TensorDataset(*(t[keep] for t in population.tensors)),
+            input_shape=target.data.input_shape,
+            num_classes=target.data.num_classes,
+            scheme="halves" if "lira" in cfg.mia.attacks else "population",
+            count=cfg.mia.reference_models,
+            seed=cfg.seed,
+            workers=cfg.workers or default_workers(cfg.mia.reference_models),
+            cache_dir=run_dir,
+        )
+        reference_signals = [_signals(model, audited, target.device) for model in references.models]
+        if "rmia" in cfg.mia.attacks:
+            # RMIA's population samples z come from the test split: no model (target or
+            # reference) trained on them, which the pairwise ratio assumes.
+            z_target = _signals(target.model, target.data.test, target.device)
+            z_references = [_signals(model, target.data.test, target.device) for model in references.models]
+            scores["rmia"] = rmia_scores(
+                signals.true_class_prob,
+                np.stack([s.true_class_prob for s in reference_signals]),
+                z_target.true_class_prob,
+                np.stack([s.true_class_prob for s in z_references]),
+                reference_in=references.audited_in,
+                gamma=cfg.mia.rmia_gamma,
+                offline_a=cfg.mia.rmia_offline_a,
+            )
+        if "lira" in cfg.mia.attacks:
+            phi = np.stack([s.logit_confidence for s in reference_signals])
+            for online in (True, False):
+                scores["lira_online" if online else "lira_offline"] = lira_scores(
+                    signals.logit_confidence,
+                    phi,
+                    references.audited_in,
+                    online=online,
+                    fixed_variance=cfg.mia.lira_fixed_variance,
+                )
+    delta = target.plan.delta if target.plan.private else 0.0
+    results = {}
+    for name, score in scores.items():
+        metrics = membership_metrics(
+            score[:members],
+            score[members:],
+            delta=delta,
+            confidence=cfg.confidence,
+            n_bootstrap=cfg.mia.bootstrap,
+            seed=cfg.seed,
+        )
+        results[name] = metrics.to_dict()
+        _guard(name, metrics.auc, metrics.epsilon_lower_bound.value, target.epsilon, warnings)
+    reference_record = (
+        None
+        if references is None
+        else {
+            "count": len(references.models),
+            "scheme": references.scheme,
+            "train_seconds": references.seconds,
+            "reused_from_cache": references.cached,
+        }
+    )
+    return results, {name: (s[:members], s[members:]) for name, s in scores.items()}, reference_record
+
+
+def _guard(name: str, auc: float, epsilon_lb: float, epsilon: float | None, warnings: list[str]) -> None:
+    if epsilon is not None and epsilon_lb > epsilon:
+        warnings.append(
+            f"{name}: empirical epsilon lower bound {epsilon_lb:.3f} exceeds the accountant's epsilon {epsilon:.3f}; "
+            "this means a bug in training or in the audit"
+        )
+    if auc is not None and auc < AUC_FLOOR:
+        warnings.append(f"{name}: AUC {auc:.3f} is below {AUC_FLOOR}: the attack's scores look inverted (a bug)")
+
+
+def _aia(target: AuditTarget) -> dict:
+    sensitive = target.data.sensitive
+    if sensitive is None:
+        return {"skipped": f"dataset {target.cfg.dataset.name} has no sensitive attribute"}
+    if not target.cfg.audit.aia.enabled:
+        return {"skipped": "audit.aia.enabled=false"}
+    data, split = target.data, target.data.split
+    keep = population_without(split, target.canaries)
+    population = TensorDataset(*(t[torch.from_numpy(keep)] for t in data.population.tensors))
+    records = _concat(data.members, data.non_members, population)
+    x, y = records.tensors
+    codes = torch.cat([sensitive.codes[torch.from_numpy(p)] for p in (split.members, split.non_members, split.population[keep])])
+    attribute = type(sensitive)(sensitive.name, sensitive.columns, sensitive.values, sensitive.value_names, codes)
+    m, n = len(data.members), len(data.members) + len(data.non_members)
+    prior = np.bincount(codes[n:].numpy(), minlength=len(sensitive.value_names)) / (len(records) - n)
+    model = target.model.eval()
+
+    def logits_fn(inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(inputs.to(target.device)).cpu()
+
+    result = attribute_inference_audit(
+        logits_fn,
+        x,
+        y,
+        attribute,
+        members=np.arange(m),
+        nonmembers=np.arange(m, n),
+        population=np.arange(n, len(records)),
+        prior=prior,
+        rule=target.cfg.audit.aia.rule,
+        seed=target.cfg.audit.seed,
+    )
+    return result.to_dict()
+
+
+def _canary(target: AuditTarget, warnings: list[str]) -> dict | None:
+    canaries = target.canaries
+    if canaries is None:
+        return None
+    population = target.data.population.tensors[0]
+    dataset = canaries.dataset(population, target.data.split.population)
+    scores = loss_scores(_signals(target.model, dataset, target.device).loss)
+    result = one_run_audit(
+        scores,
+        canaries.included,
+        delta=target.plan.delta if target.plan.private else 0.0,
+        confidence=target.cfg.audit.confidence,
+        seed=target.cfg.audit.seed,
+    ).to_dict()
+    _guard("canary", None, result["epsilon_lower_bound"], target.epsilon, warnings)
+    return result
+
+
+def run_audit(target: AuditTarget, run_dir, tb: TensorBoardLog | None) -> dict:
+    """Audit ``target`` as ``target.cfg.audit`` says; return ``audit.json``'s content and draw the TensorBoard panels.
+
+    Members and non-members are the run's recorded split (balanced, disjoint,
+    same distribution); every number carries the counts it was measured on.
+    A lower bound above the accountant's epsilon, or an AUC below 0.4, is
+    logged at error level and listed under ``warnings``.
+    """
+    started = time.perf_counter()
+    warnings: list[str] = []
+    mia, scores, references = _mia(target, run_dir, warnings)
+    report = {
+        "level": target.cfg.audit.name,
+        "accountant_epsilon": target.epsilon,
+        "delta": target.plan.delta if target.plan.private else None,
+        "confidence": target.cfg.audit.confidence,
+        "members": len(target.data.members),
+        "non_members": len(target.data.non_members),
+        "mia": mia,
+        "aia": _aia(target),
+        "canary": _canary(target, warnings),
+        "reference_models": references,
+        "warnings": warnings,
+    }
+    report["audit_seconds"] = time.perf_counter() - started
+    for warning in warnings:
+        log.error("audit: %s", warning)
+    if tb is not None:
+        _tensorboard(tb, report, scores)
+    return report
+
+
+def audit_scalars(report: dict) -> dict[str, float | None]:
+    """The audit's headline numbers under their TensorBoard / HParams tags."""
+    values: dict[str, float | None] = {}
+    for name, metrics in report["mia"].items():
+        values[f"audit/mia/{name}/auc"] = metrics["auc"]
+        values[f"audit/mia/{name}/tpr@0.1%"] = metrics["tpr_at_fpr"][fpr_key(0.001)]
+        values[f"audit/mia/{name}/tpr@1%"] = metrics["tpr_at_fpr"][fpr_key(0.01)]
+        values[f"audit/mia/{name}/eps_lb"] = metrics["epsilon_lower_bound"]["value"]
+    aia = report["aia"]
+    if "skipped" not in aia:
+        for group in ("members", "nonmembers"):
+            values[f"audit/aia/{group}/attack_accuracy"] = aia[group]["attack"]["accuracy"]
+            values[f"audit/aia/{group}/imputation_accuracy"] = aia[group]["imputation"]["accuracy"]
+            values[f"audit/aia/{group}/advantage"] = aia[group]["advantage"]["accuracy"]
+        values["audit/aia/leakage"] = aia["leakage"]["accuracy"]
+    if report["canary"] is not None:
+        values["audit/canary/eps_lb"] = report["canary"]["epsilon_lower_bound"]
+    return values
+
+
+def summary_table(report: dict) -> str:
+    """Markdown table of the membership attacks, for TensorBoard's text tab and the console."""
+    rows = ["| attack | AUC [95% CI] | TPR@0.1% | TPR@1% | TPR@10% | eps lower bound | members / non-members |", "|---|---|---|---|---|---|---|"]
+    for name, m in report["mia"].items():
+        tprs = " | ".join("n/a" if m["tpr_at_fpr"][fpr_key(t)] is None else f"{m['tpr_at_fpr'][fpr_key(t)]:.3f}" for t in FPR_TARGETS)
+        rows.append(
+            f"| {name} | {m['auc']:.3f} [{m['auc_ci']['low']:.3f}, {m['auc_ci']['high']:.3f}] | {tprs} | "
+            f"{m['epsilon_lower_bound']['value']:.3f} | {m['n_members']} / {m['n_nonmembers']} |"
+        )
+    return "\n".join(rows)
+
+
+def _tensorboard(tb: TensorBoardLog, report: dict, scores: dict) -> None:
+    tb.scalars(0, audit_scalars(report))
+    if scores:
+        curves = {}
+        for name, (member_scores, nonmember_scores) in scores.items():
+            roc = roc_curve(member_scores, nonmember_scores)
+            curves[name] = (roc.fpr, roc.tpr)
+            tb.figure(f"audit/scores/{name}", score_histogram(name, member_scores, nonmember_scores))
+        floor = 1.0 / max(len(s[1]) for s in scores.values())
+        tb.figure("audit/roc", roc_figure(curves, floor=min(floor, 1e-3)))
+    text = [summary_table(report)] if report["mia"] else []
+    if "skipped" in report["aia"]:
+        text.append(f"Attribute inference skipped: {report['aia']['skipped']}.")
+    if report["warnings"]:
+        text.append("**Warnings**: " + "; ".join(report["warnings"]))
+    tb.text("audit/summary", "\n\n".join(text) or "no attacks were run")

@@ -1,0 +1,110 @@
+"""A run as one straight pipeline: config -> data -> model -> privacy -> train -> evaluate -> audit -> artifacts.
+
+Each stage is a function of the previous stage's output; this module only
+sequences them and writes what spans stages (audit.json, HParams, manifest).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dptrain.config import Config, recipe_hash, validate
+from dptrain.privacy import plan_privacy
+from dptrain.tracking.artifacts import write_manifest
+from dptrain.tracking.atomic import write_json_atomic
+from dptrain.tracking.tensorboard import TensorBoardLog
+from dptrain.training.centralized import TargetRun, flat_config, load_target, train_target, training_size
+from dptrain.training.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+AUDIT = "audit.json"
+
+
+def _audit(cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardLog) -> dict | None:
+    if cfg.audit.name == "none":
+        return None
+    from dptrain.audit.run import AuditTarget, run_audit
+
+    report = run_audit(
+        AuditTarget(cfg, target.model, target.data, target.plan, target.epsilon, target.canaries, target.device),
+        run_dir,
+        tb,
+    )
+    write_json_atomic(run_dir / AUDIT, report)
+    return report
+
+
+def _hparams(cfg: Config, tb: TensorBoardLog, metrics: dict, report: dict | None) -> None:
+    from dptrain.audit.run import audit_scalars
+
+    final = {
+        "hparams/test_accuracy": metrics["test_accuracy"],
+        "hparams/train_accuracy": metrics["train_accuracy"],
+        "hparams/epsilon": metrics["epsilon"],
+    }
+    if report is not None:
+        final.update({f"hparams/{tag}": value for tag, value in audit_scalars(report).items()})
+    tb.hparams(flat_config(cfg), final)
+
+
+def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
+    """Train and audit the run ``cfg`` describes in ``run_dir``; return ``metrics.json`` and ``audit.json``.
+
+    Validation and the privacy plan (noise calibration included) run before
+    any data is loaded. With ``cfg.train.resume`` the run continues from
+    ``run_dir``'s checkpoint with its accountant restored.
+    """
+    started = datetime.now(timezone.utc)
+    run_dir = Path(run_dir)
+    info, sizes = validate(cfg)
+    plan = plan_privacy(
+        cfg.privacy,
+        members=training_size(cfg, sizes.members),
+        batch_size=cfg.train.batch_size,
+        epochs=cfg.train.epochs,
+    )
+    log.info("%s: %s", info.name, sizes)
+    log.info("privacy plan: %s", plan)
+    checkpoint = Checkpoint.load(run_dir, recipe_hash(cfg)) if cfg.train.resume is not None else None
+    # Events a crashed run logged after its last checkpoint are dropped on resume.
+    purge_step = checkpoint.epochs_done * plan.steps_per_epoch + 1 if checkpoint else None
+    tb = TensorBoardLog(run_dir, purge_step=purge_step)
+    try:
+        target = train_target(cfg, run_dir, plan, tb, checkpoint)
+        report = _audit(cfg, target, run_dir, tb)
+        _hparams(cfg, tb, target.metrics, report)
+    finally:
+        tb.close()
+    write_manifest(
+        run_dir,
+        config_hash=recipe_hash(cfg),
+        data_fingerprint=target.fingerprint,
+        seeds={"train": cfg.train.seed, "dataset": cfg.dataset.seed, "audit": cfg.audit.seed},
+        started_at=started.isoformat(),
+        finished_at=datetime.now(timezone.utc).isoformat(),
+        resumed=checkpoint is not None,
+        world_size=1,
+    )
+    return target.metrics, report
+
+
+def audit(cfg: Config, run_dir: str | Path) -> dict:
+    """Audit a finished run again with ``cfg.audit``, from its saved model and recorded split.
+
+    Precondition: ``cfg`` is the run's own config with only ``audit`` changed
+    (canaries come from the training config: they had to be inserted before
+    training). Reference models cached in the run directory are reused.
+    """
+    run_dir = Path(run_dir)
+    validate(cfg)
+    target = load_target(cfg, run_dir)
+    tb = TensorBoardLog(run_dir)
+    try:
+        report = _audit(cfg, target, run_dir, tb)
+        _hparams(cfg, tb, target.metrics, report)
+    finally:
+        tb.close()
+    return report

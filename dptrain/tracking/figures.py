@@ -1,0 +1,39 @@
+"""Audit figures: a log-log ROC of every attack with the chance diagonal, and member / non-member score histograms."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float):
+    """ROC curves ``{attack: (fpr, tpr)}`` on log-log axes down to ``floor`` (Carlini et al. 2022's view of low FPR)."""
+    figure, axis = plt.subplots(figsize=(5, 5))
+    grid = np.logspace(np.log10(floor), 0, 100)
+    axis.plot(grid, grid, color="grey", linestyle="--", linewidth=1, label="chance")
+    for name, (fpr, tpr) in curves.items():
+        # log axes cannot show 0: draw the curve from the floor, where it is flat at its first value.
+        axis.step(np.maximum(fpr, floor), np.maximum(tpr, floor), where="post", label=name)
+    axis.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate", ylabel="true positive rate")
+    axis.set_title("membership inference ROC")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def score_histogram(name: str, member_scores: np.ndarray, nonmember_scores: np.ndarray):
+    """Overlaid histograms of an attack's scores on members and on non-members, on shared bins."""
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    bins = np.histogram_bin_edges(np.concatenate([member_scores, nonmember_scores]), bins=40)
+    axis.hist(nonmember_scores, bins=bins, alpha=0.6, label=f"non-members ({len(nonmember_scores)})")
+    axis.hist(member_scores, bins=bins, alpha=0.6, label=f"members ({len(member_scores)})")
+    axis.set(xlabel=f"{name} score (higher = member)", ylabel="records")
+    axis.set_title(f"{name}: score distributions")
+    axis.legend()
+    figure.tight_layout()
+    return figure

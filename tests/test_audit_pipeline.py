@@ -1,0 +1,120 @@
+"""The audit as a run stage: audit.json's schema, attacks, attribute inference, canaries, TensorBoard, caching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dptrain import pipeline
+from dptrain.audit.run import _guard
+
+# Small enough for a test, big enough for the attacks to have something to measure.
+AUDITED = ("train.epochs=3",)
+
+
+def _report(run_dir):
+    return json.loads((run_dir / "audit.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def standard_run(tmp_path_factory):
+    from conftest import make_config
+
+    run_dir = tmp_path_factory.mktemp("standard")
+    metrics, report = pipeline.train(make_config("train.progress=false", *AUDITED), run_dir)
+    return run_dir, metrics, report
+
+
+def test_audit_json_has_each_attack_with_counts_and_intervals(standard_run):
+    run_dir, metrics, report = standard_run
+    assert _report(run_dir) == report
+    assert set(report["mia"]) == {"loss", "rmia"}
+    for attack in report["mia"].values():
+        assert set(attack["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
+        assert attack["n_members"] == attack["n_nonmembers"] == metrics["members"]
+        assert attack["auc_ci"]["low"] <= attack["auc"] <= attack["auc_ci"]["high"]
+        bound = attack["epsilon_lower_bound"]
+        assert bound["confidence"] == 0.95 and 0 <= bound["value"] <= metrics["epsilon"]
+        assert bound["n_members"] + bound["n_calibration_members"] == metrics["members"]
+    assert report["reference_models"]["count"] == 2 and report["reference_models"]["scheme"] == "population"
+    assert report["aia"] == {"skipped": "dataset digits has no sensitive attribute"}
+    assert report["warnings"] == []
+
+
+def test_audit_lands_in_tensorboard_with_scalars_figures_text_and_hparams(standard_run):
+    events = EventAccumulator(str(standard_run[0] / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    for attack in ("loss", "rmia"):
+        for metric in ("auc", "tpr@1%", "eps_lb"):
+            assert f"audit/mia/{attack}/{metric}" in tags["scalars"]
+        # 575 non-members cannot measure TPR at FPR 0.1%: audit.json says null and no scalar is drawn.
+        assert standard_run[2]["mia"][attack]["tpr_at_fpr"]["0.001"] is None
+        assert f"audit/mia/{attack}/tpr@0.1%" not in tags["scalars"]
+        assert f"hparams/audit/mia/{attack}/auc" in tags["scalars"]
+        assert f"audit/scores/{attack}" in tags["images"]
+    assert "audit/roc" in tags["images"]
+    assert "audit/summary/text_summary" in tags["tensors"]
+
+
+def test_reaudit_reuses_cached_reference_models_and_reproduces_the_numbers(standard_run):
+    from conftest import make_config
+
+    run_dir, _, first = standard_run
+    again = pipeline.audit(make_config("train.progress=false", *AUDITED), run_dir)
+    assert again["reference_models"]["reused_from_cache"] is True
+    assert again["mia"]["rmia"]["auc"] == pytest.approx(first["mia"]["rmia"]["auc"])
+
+
+def test_lira_online_and_offline_with_reference_models_trained_in_two_processes(tiny_config, tmp_path):
+    _, report = pipeline.train(
+        tiny_config("audit=thorough", "audit.mia.reference_models=4", "audit.canaries.count=0", "audit.workers=2"),
+        tmp_path,
+    )
+    assert {"loss", "rmia", "lira_online", "lira_offline"} == set(report["mia"])
+    assert report["reference_models"] == {
+        "count": 4, "scheme": "halves", "train_seconds": report["reference_models"]["train_seconds"], "reused_from_cache": False,
+    }
+    assert all(0.0 <= m["auc"] <= 1.0 for m in report["mia"].values())
+
+
+def test_overfit_non_private_model_leaks_more_than_the_dp_one(tiny_config, tmp_path):
+    overfit = ("model=mlp", "model.hidden=[256]", "train.epochs=30", "train.lr=1.0", "audit=fast", "dataset.max_members=100", "train.batch_size=50")
+    _, leaky = pipeline.train(tiny_config(*overfit, "privacy.target_epsilon=inf"), tmp_path / "baseline")
+    _, private = pipeline.train(tiny_config(*overfit, "privacy.target_epsilon=0.5"), tmp_path / "private")
+    assert leaky["mia"]["loss"]["auc"] > 0.6
+    assert leaky["mia"]["loss"]["auc"] > private["mia"]["loss"]["auc"] + 0.05
+
+
+def test_attribute_inference_runs_against_imputation_on_synthetic_data(tiny_config, tmp_path):
+    _, report = pipeline.train(tiny_config("dataset=synthetic", "dataset.n_samples=1000", "audit=fast"), tmp_path)
+    aia = report["aia"]
+    assert aia["attribute"] == "group"
+    for group in ("members", "nonmembers"):
+        for method in ("attack", "imputation"):
+            assert 0.0 <= aia[group][method]["accuracy"] <= 1.0
+    assert aia["n_members"] == aia["n_nonmembers"] > 0
+    assert aia["leakage"]["accuracy"] == pytest.approx(
+        aia["members"]["advantage"]["accuracy"] - aia["nonmembers"]["advantage"]["accuracy"]
+    )
+
+
+def test_canaries_enter_training_by_coin_flip_and_give_a_one_run_bound(tiny_config, tmp_path):
+    metrics, report = pipeline.train(tiny_config("audit=fast", "audit.canaries.count=40"), tmp_path)
+    canary = report["canary"]
+    assert canary["n_canaries"] == 40 and canary["n_included"] == metrics["canaries_included"]
+    assert 0 < metrics["canaries_included"] < 40
+    assert 0.0 <= canary["epsilon_lower_bound"] <= metrics["epsilon"]
+    # The privacy plan counted the inserted canaries as training records.
+    assert metrics["sample_rate"] == pytest.approx(1 / -(-(metrics["members"] + metrics["canaries_included"]) // 128))
+
+
+def test_a_bound_above_the_accountant_epsilon_or_an_inverted_auc_is_flagged():
+    warnings: list[str] = []
+    _guard("loss", 0.7, 2.5, 1.0, warnings)
+    _guard("rmia", 0.3, 0.0, 1.0, warnings)
+    _guard("lira", 0.6, 0.5, 1.0, warnings)
+    assert len(warnings) == 2
+    assert "exceeds the accountant's epsilon" in warnings[0] and "below 0.4" in warnings[1]

@@ -161,8 +161,9 @@ class MembershipAuditConfig:
 @dataclass
 class AttributeAuditConfig:
     enabled: bool = True
-    # "loss": the candidate value the model fits best; "confidence_prior": weighted by the value's prior.
-    rule: str = "loss"
+    # "imputation_prior": the model's fit weighted by the imputation model's P(value | other features, label);
+    # "loss": the value the model fits best; "confidence_prior": weighted by the value's frequency.
+    rule: str = "imputation_prior"
 
 
 @dataclass
@@ -230,7 +231,7 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 FEDERATIONS = ("none",)
 AUDIT_LEVELS = ("standard", "fast", "thorough", "none")
 MIA_ATTACKS = ("loss", "rmia", "lira")
-AIA_RULES = ("loss", "confidence_prior")
+AIA_RULES = ("imputation_prior", "loss", "confidence_prior")
 
 
 def _choice(key: str, value, choices) -> None:
@@ -328,6 +329,13 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
             f"train.resume={train.resume} holds no checkpoint.pt: give the directory of the run to continue"
         )
 
+    _validate_federation(cfg, sizes)
+    _validate_audit(cfg.audit, sizes.population)
+    return info, sizes
+
+
+def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
+    """Federation, aggregator, attack and launcher: the combinations of clients, rules and attackers."""
     _choice("federation", cfg.federation.name, FEDERATIONS)
     _positive("launcher.nproc_per_node", cfg.launcher.nproc_per_node)
     if cfg.launcher.nproc_per_node > 1:
@@ -340,8 +348,6 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
             f"aggregator={cfg.aggregator.name} attack={cfg.attack.name} need several clients or workers: "
             "centralized training has one update per step, use aggregator=mean attack=none"
         )
-    _validate_audit(cfg.audit, sizes.population)
-    return info, sizes
 
 
 def _validate_audit(audit: AuditConfig, population: int) -> None:

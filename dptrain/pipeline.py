@@ -11,11 +11,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dptrain.config import Config, recipe_hash, validate
-from dptrain.privacy import plan_privacy
 from dptrain.tracking.artifacts import write_manifest
 from dptrain.tracking.atomic import write_json_atomic
 from dptrain.tracking.tensorboard import TensorBoardLog
-from dptrain.training.centralized import TargetRun, flat_config, load_target, train_target, training_size
+from dptrain.training import centralized
+from dptrain.training.centralized import TargetRun, flat_config
 from dptrain.training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,14 @@ log = logging.getLogger(__name__)
 AUDIT = "audit.json"
 
 
-def _audit(cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardLog) -> dict | None:
+def _recipe(cfg: Config):
+    """The training recipe module for ``cfg``: each has ``plan(cfg, sizes)``, ``train_target(...)``
+    and ``load_target(cfg, run_dir)``."""
+    return centralized
+
+
+def audit_target(cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardLog) -> dict | None:
+    """Run the audit stage on a trained target and write ``audit.json`` (None for ``audit=none``)."""
     if cfg.audit.name == "none":
         return None
     from dptrain.audit.run import AuditTarget, run_audit
@@ -60,12 +67,8 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
     started = datetime.now(timezone.utc)
     run_dir = Path(run_dir)
     info, sizes = validate(cfg)
-    plan = plan_privacy(
-        cfg.privacy,
-        members=training_size(cfg, sizes.members),
-        batch_size=cfg.train.batch_size,
-        epochs=cfg.train.epochs,
-    )
+    recipe = _recipe(cfg)
+    plan = recipe.plan(cfg, sizes)
     log.info("%s: %s", info.name, sizes)
     log.info("privacy plan: %s", plan)
     checkpoint = Checkpoint.load(run_dir, recipe_hash(cfg)) if cfg.train.resume is not None else None
@@ -73,8 +76,8 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
     purge_step = checkpoint.epochs_done * plan.steps_per_epoch + 1 if checkpoint else None
     tb = TensorBoardLog(run_dir, purge_step=purge_step)
     try:
-        target = train_target(cfg, run_dir, plan, tb, checkpoint)
-        report = _audit(cfg, target, run_dir, tb)
+        target = recipe.train_target(cfg, run_dir, plan, tb, checkpoint)
+        report = audit_target(cfg, target, run_dir, tb)
         _hparams(cfg, tb, target.metrics, report)
     finally:
         tb.close()
@@ -100,10 +103,10 @@ def audit(cfg: Config, run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     validate(cfg)
-    target = load_target(cfg, run_dir)
+    target = _recipe(cfg).load_target(cfg, run_dir)
     tb = TensorBoardLog(run_dir)
     try:
-        report = _audit(cfg, target, run_dir, tb)
+        report = audit_target(cfg, target, run_dir, tb)
         _hparams(cfg, tb, target.metrics, report)
     finally:
         tb.close()

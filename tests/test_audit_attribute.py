@@ -122,7 +122,15 @@ def test_imputation_predicts_the_only_value_seen_in_the_population():
         codes=torch.zeros(4, dtype=torch.long),
     )
     impute = fit_imputation(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), np.zeros(4), attribute, 2)
-    assert impute(torch.randn(3, 3), torch.zeros(3, dtype=torch.long)).tolist() == [0, 0, 0]
+    assert impute(torch.randn(3, 3), torch.zeros(3, dtype=torch.long)).tolist() == [[1.0, 0.0]] * 3
+
+
+def test_imputation_prior_follows_imputation_where_the_model_is_indifferent_and_the_model_where_it_is_sure():
+    losses = np.array([[0.5, 0.5], [0.01, 9.0]])
+    imputed = np.array([[0.2, 0.8], [0.2, 0.8]])
+    assert infer_attribute(losses, rule="imputation_prior", prior=imputed).tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"prior of shape \(2, 2\)"):
+        infer_attribute(losses, rule="imputation_prior", prior=np.array([0.5, 0.5]))
 
 
 def test_overlapping_record_sets_are_rejected():

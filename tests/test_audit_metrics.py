@@ -179,3 +179,18 @@ def test_epsilon_lower_bound_stays_below_a_known_epsilon_and_is_not_vacuous():
         bounds.append(epsilon_lower_bound(members, nonmembers, seed=seed).value)
     assert np.mean(np.array(bounds) > epsilon) <= 0.05
     assert np.mean(bounds) > 0.7
+
+
+def test_vectorised_bootstrap_matches_recomputing_each_replicate():
+    from dptrain.audit.metrics import _bootstrap_auc, _bootstrap_tpr_at_fpr, _roc
+
+    rng = np.random.default_rng(3)
+    # Rounded scores force ties between and within members and non-members.
+    members, nonmembers = np.round(rng.normal(0.3, 1, 300), 1), np.round(rng.normal(0, 1, 400), 1)
+    u = rng.multinomial(300, np.full(300, 1 / 300), size=40)
+    w = rng.multinomial(400, np.full(400, 1 / 400), size=40)
+    replicates = [_roc(np.repeat(members, u[b]), np.repeat(nonmembers, w[b])) for b in range(40)]
+    assert np.allclose(_bootstrap_auc(members, nonmembers, u, w), [auc(r) for r in replicates])
+    for target in (0.01, 0.1):
+        expected = [tpr_at_fpr(r, target) for r in replicates]
+        assert np.array_equal(_bootstrap_tpr_at_fpr(members, nonmembers, u, w, target), expected)

@@ -80,12 +80,54 @@ def test_lira_online_and_offline_with_reference_models_trained_in_two_processes(
     assert all(0.0 <= m["auc"] <= 1.0 for m in report["mia"].values())
 
 
-def test_overfit_non_private_model_leaks_more_than_the_dp_one(tiny_config, tmp_path):
-    overfit = ("model=mlp", "model.hidden=[256]", "train.epochs=30", "train.lr=1.0", "audit=fast", "dataset.max_members=100", "train.batch_size=50")
-    _, leaky = pipeline.train(tiny_config(*overfit, "privacy.target_epsilon=inf"), tmp_path / "baseline")
-    _, private = pipeline.train(tiny_config(*overfit, "privacy.target_epsilon=0.5"), tmp_path / "private")
-    assert leaky["mia"]["loss"]["auc"] > 0.6
-    assert leaky["mia"]["loss"]["auc"] > private["mia"]["loss"]["auc"] + 0.05
+# Few members, a wide MLP and many epochs: the non-private model memorises its members.
+OVERFIT = (
+    "train.progress=false", "model=mlp", "model.hidden=[256]", "train.lr=0.5", "train.batch_size=32",
+    "train.epochs=60", "dataset.max_members=150", "audit.mia.attacks=[loss,rmia,lira]",
+    "audit.mia.reference_models=4", "audit.canaries.count=0", "audit.workers=1",
+)
+
+
+def test_on_an_overfit_baseline_loss_leaks_and_rmia_and_lira_find_at_least_as_much(tmp_path):
+    from conftest import make_config
+
+    metrics, report = pipeline.train(make_config(*OVERFIT, "privacy.target_epsilon=inf"), tmp_path)
+    assert metrics["train_accuracy"] == 1.0
+    mia = report["mia"]
+    assert mia["loss"]["auc"] >= 0.6
+    for attack in ("rmia", "lira_online", "lira_offline"):
+        assert mia[attack]["tpr_at_fpr"]["0.01"] >= mia["loss"]["tpr_at_fpr"]["0.01"], attack
+
+
+def test_at_epsilon_one_every_attack_is_near_chance_and_every_bound_below_epsilon(tmp_path):
+    from conftest import make_config
+
+    metrics, report = pipeline.train(make_config(*OVERFIT, "privacy.target_epsilon=1"), tmp_path)
+    assert metrics["epsilon"] <= 1.0
+    for attack, result in report["mia"].items():
+        assert 0.4 <= result["auc"] <= 0.6, attack
+        assert result["epsilon_lower_bound"]["value"] <= metrics["epsilon"], attack
+    assert report["warnings"] == []
+
+
+# A table where the group barely shows in the other features (imputation ~0.6): what an
+# overfit model remembers about its members' group is then visible over imputation.
+AIA = (
+    "train.progress=false", "audit=fast", "dataset=synthetic", "dataset.n_samples=1000",
+    "dataset.sensitive_correlation=0.6", "model=mlp", "model.hidden=[256]", "train.batch_size=32",
+    "train.epochs=50", "train.lr=1.0",
+)
+
+
+def test_overfit_model_leaks_the_attribute_of_members_and_dp_shrinks_it(tmp_path):
+    from conftest import make_config
+
+    _, leaky = pipeline.train(make_config(*AIA, "privacy.target_epsilon=inf"), tmp_path / "baseline")
+    _, private = pipeline.train(make_config(*AIA, "privacy.target_epsilon=1"), tmp_path / "dp")
+    advantage = {name: r["aia"]["members"]["advantage"]["accuracy"] for name, r in (("leaky", leaky), ("dp", private))}
+    assert advantage["leaky"] > leaky["aia"]["nonmembers"]["advantage"]["accuracy"]
+    assert leaky["aia"]["leakage"]["accuracy"] > 0.02
+    assert advantage["dp"] < advantage["leaky"] and private["aia"]["leakage"]["accuracy"] < leaky["aia"]["leakage"]["accuracy"]
 
 
 def test_attribute_inference_runs_against_imputation_on_synthetic_data(tiny_config, tmp_path):

@@ -167,3 +167,11 @@ def test_resume_with_a_different_recipe_is_refused(tiny_config, tmp_path):
     pipeline.train(tiny_config(), tmp_path)
     with pytest.raises(UserError, match="different config"):
         pipeline.train(tiny_config("train.lr=0.1", f"train.resume={tmp_path}"), tmp_path)
+
+
+def test_adam_with_a_cosine_schedule_logs_a_decaying_learning_rate(tiny_config, tmp_path):
+    pipeline.train(tiny_config("train.optimizer=adam", "train.lr=0.01", "train.lr_schedule=cosine", "train.epochs=4"), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    rates = [e.value for e in events.Scalars("train/lr")]
+    assert rates[0] == pytest.approx(0.01) and all(a > b for a, b in zip(rates, rates[1:]))

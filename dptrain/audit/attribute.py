@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from dptrain.audit.membership import compute_signals
 
-RULES = ("loss", "confidence_prior")
+RULES = ("loss", "confidence_prior", "imputation_prior")
 
 
 class SensitiveAttributeLike(Protocol):
@@ -121,17 +121,23 @@ def infer_attribute(candidate_loss: np.ndarray, *, rule: str = "loss", prior: np
     ``loss``: argmin_j loss_j, the value under which the model fits the record best
     (Yeom et al. 2018; Jayaraman & Evans 2022). ``confidence_prior``: argmax_j
     p_y(x with value j) * prior_j (Fredrikson et al. 2014), i.e. argmax -loss_j + log prior_j,
-    which falls back on the most common value where the model is indifferent.
+    with ``prior`` the (k,) value frequencies, which falls back on the most common value
+    where the model is indifferent. ``imputation_prior``: the same posterior with a
+    per-record prior (N, k), the imputation model's P(value | other features, label): the
+    attacker combines what the data distribution says with what the model says, so it
+    matches imputation where the model adds nothing and beats it where the model
+    remembers the record.
     """
     losses = np.asarray(candidate_loss, dtype=np.float64)
     if rule == "loss":
         return np.argmin(losses, axis=1)
-    if rule == "confidence_prior":
-        if prior is None or np.shape(prior) != (losses.shape[1],):
-            raise ValueError(f"rule 'confidence_prior' needs a prior of shape ({losses.shape[1]},)")
-        with np.errstate(divide="ignore"):
-            return np.argmax(-losses + np.log(np.asarray(prior, dtype=np.float64)), axis=1)
-    raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
+    expected = (losses.shape[1],) if rule == "confidence_prior" else losses.shape
+    if prior is None or np.shape(prior) != expected:
+        raise ValueError(f"rule {rule!r} needs a prior of shape {expected}")
+    with np.errstate(divide="ignore"):
+        return np.argmax(-losses + np.log(np.asarray(prior, dtype=np.float64)), axis=1)
 
 
 def _imputation_features(x: torch.Tensor, y: torch.Tensor, columns: torch.Tensor, n_classes: int) -> np.ndarray:
@@ -147,17 +153,25 @@ def fit_imputation(
     """Imputation baseline: multinomial logistic regression (standardised inputs) from the
     other features and the one-hot label to the attribute code, fitted on population records.
 
-    Returns ``predict(x, y) -> codes``. With a single attribute value in the
-    population it predicts that value (a classifier cannot be fitted on one class).
+    Returns ``probabilities(x, y) -> (N, k)`` over all k attribute values (a value
+    absent from the population gets 0); the imputed code is the argmax. With a single
+    value in the population it puts all mass on it (no classifier fits one class).
     """
     columns = _columns(attribute)
     codes = np.asarray(codes, dtype=np.int64)
+    n_values = int(torch.as_tensor(attribute.values).shape[0])
     if np.unique(codes).size == 1:
-        constant = int(codes[0])
-        return lambda x_new, y_new: np.full(x_new.shape[0], constant, dtype=np.int64)
+        constant = np.eye(n_values)[int(codes[0])]
+        return lambda x_new, y_new: np.tile(constant, (x_new.shape[0], 1))
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     model.fit(_imputation_features(x, y, columns, n_classes), codes)
-    return lambda x_new, y_new: model.predict(_imputation_features(x_new, y_new, columns, n_classes))
+
+    def probabilities(x_new: torch.Tensor, y_new: torch.Tensor) -> np.ndarray:
+        full = np.zeros((x_new.shape[0], n_values))
+        full[:, model.classes_] = model.predict_proba(_imputation_features(x_new, y_new, columns, n_classes))
+        return full
+
+    return probabilities
 
 
 def _scores(true_codes: np.ndarray, predicted: np.ndarray) -> AttributeScores:
@@ -197,7 +211,8 @@ def attribute_inference_audit(
     them. The attack (``infer_attribute`` with ``rule``) queries ``logits_fn`` with
     each candidate value; the baseline (``fit_imputation``) learns from the
     population only. ``prior`` defaults to the attribute's value frequencies on the
-    population. Guarantee: the baseline never sees members or non-members, so an
+    population (``imputation_prior`` uses the baseline's per-record probabilities
+    instead). Guarantee: the baseline never sees members or non-members, so an
     advantage that is larger on members than on non-members (positive ``leakage``)
     is information the model carries about its training records.
     """
@@ -229,11 +244,14 @@ def attribute_inference_audit(
     for name in ("members", "nonmembers"):
         idx = torch.as_tensor(groups[name])
         true_codes = codes[groups[name]]
+        imputed = impute(x[idx], y[idx])
         guesses = infer_attribute(
-            candidate_losses(logits_fn, x[idx], y[idx], attribute, batch_size=batch_size), rule=rule, prior=prior
+            candidate_losses(logits_fn, x[idx], y[idx], attribute, batch_size=batch_size),
+            rule=rule,
+            prior=imputed if rule == "imputation_prior" else prior,
         )
         attack = _scores(true_codes, guesses)
-        imputation = _scores(true_codes, impute(x[idx], y[idx]))
+        imputation = _scores(true_codes, np.argmax(imputed, axis=1))
         results[name] = AttributeGroup(attack=attack, imputation=imputation, advantage=_advantage(attack, imputation))
 
     return AttributeInferenceResult(

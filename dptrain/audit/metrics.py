@@ -344,6 +344,47 @@ def _percentile_interval(samples: np.ndarray, confidence: float) -> Interval:
     return Interval(low=float(low), high=float(high), confidence=confidence)
 
 
+def _bootstrap_auc(
+    members: np.ndarray, nonmembers: np.ndarray, member_weights: np.ndarray, nonmember_weights: np.ndarray
+) -> np.ndarray:
+    """AUC of every bootstrap replicate, each given as multiplicities of the original records.
+
+    A replicate's Mann-Whitney sum is sum_i u_i (#{N_j < M_i} + #{N_j = M_i} / 2) with
+    u (member) and w (non-member) multiplicities; the counts come from cumulative
+    sums of w in sorted non-member order, so all replicates cost O(B (m + n)).
+    """
+    order = np.argsort(nonmembers, kind="stable")
+    sorted_nonmembers = nonmembers[order]
+    cumulative = np.concatenate(
+        [np.zeros((len(nonmember_weights), 1)), np.cumsum(nonmember_weights[:, order], axis=1)], axis=1
+    )
+    below = cumulative[:, np.searchsorted(sorted_nonmembers, members, side="left")]
+    not_above = cumulative[:, np.searchsorted(sorted_nonmembers, members, side="right")]
+    wins = (below + not_above) / 2.0
+    return np.sum(member_weights * wins, axis=1) / (members.size * nonmembers.size)
+
+
+def _bootstrap_tpr_at_fpr(
+    members: np.ndarray, nonmembers: np.ndarray, member_weights: np.ndarray, nonmember_weights: np.ndarray, target: float
+) -> np.ndarray:
+    """``tpr_at_fpr`` of every bootstrap replicate, vectorised over replicates.
+
+    With k = floor(target * n) false positives allowed, the best rule calls a member
+    every score strictly above s_k, the highest non-member score whose count of
+    non-members at or above it exceeds k; its TPR is the weight of members above s_k.
+    """
+    allowed = math.floor(target * nonmembers.size + 1e-9)
+    descending = np.argsort(-nonmembers, kind="stable")
+    at_or_above = np.cumsum(nonmember_weights[:, descending], axis=1)
+    cutoff = nonmembers[descending][np.argmax(at_or_above > allowed, axis=1)]
+    order = np.argsort(members, kind="stable")
+    sorted_members = members[order]
+    # Weight of members with score <= cutoff, from a prefix sum in sorted member order.
+    prefix = np.concatenate([np.zeros((len(member_weights), 1)), np.cumsum(member_weights[:, order], axis=1)], axis=1)
+    not_above = prefix[np.arange(len(member_weights)), np.searchsorted(sorted_members, cutoff, side="right")]
+    return (members.size - not_above) / members.size
+
+
 def membership_metrics(
     member_scores: Sequence[float] | np.ndarray,
     nonmember_scores: Sequence[float] | np.ndarray,
@@ -374,25 +415,23 @@ def membership_metrics(
     keys = [fpr_key(t) for t in fpr_targets]
     tprs = {key: tpr_at_fpr(roc, t) for key, t in zip(keys, fpr_targets)}
 
-    auc_samples = np.empty(n_bootstrap)
-    tpr_samples = np.full((n_bootstrap, len(keys)), np.nan)
-    for b in range(n_bootstrap):
-        resampled = _roc(
-            members[rng.integers(0, members.size, members.size)],
-            nonmembers[rng.integers(0, nonmembers.size, nonmembers.size)],
-        )
-        auc_samples[b] = auc(resampled)
-        for j, (key, target) in enumerate(zip(keys, fpr_targets)):
-            if tprs[key] is not None:
-                tpr_samples[b, j] = tpr_at_fpr(resampled, target)
+    member_weights = rng.multinomial(members.size, np.full(members.size, 1.0 / members.size), size=n_bootstrap)
+    nonmember_weights = rng.multinomial(
+        nonmembers.size, np.full(nonmembers.size, 1.0 / nonmembers.size), size=n_bootstrap
+    )
+    auc_samples = _bootstrap_auc(members, nonmembers, member_weights, nonmember_weights)
+    tpr_samples = {
+        key: _bootstrap_tpr_at_fpr(members, nonmembers, member_weights, nonmember_weights, target)
+        for key, target in zip(keys, fpr_targets)
+        if tprs[key] is not None
+    }
 
     return MembershipMetrics(
         auc=auc(roc),
         auc_ci=_percentile_interval(auc_samples, confidence),
         tpr_at_fpr=tprs,
         tpr_at_fpr_ci={
-            key: None if tprs[key] is None else _percentile_interval(tpr_samples[:, j], confidence)
-            for j, key in enumerate(keys)
+            key: _percentile_interval(tpr_samples[key], confidence) if key in tpr_samples else None for key in keys
         },
         advantage=membership_advantage(roc),
         epsilon_lower_bound=epsilon_lower_bound(

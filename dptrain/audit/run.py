@@ -3,8 +3,8 @@ against imputation, the one-run canary bound, sanity guards, and their TensorBoa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -151,7 +151,7 @@ def _aia(target: AuditTarget) -> dict:
     records = _concat(data.members, data.non_members, population)
     x, y = records.tensors
     codes = torch.cat([sensitive.codes[torch.from_numpy(p)] for p in (split.members, split.non_members, split.population[keep])])
-    attribute = type(sensitive)(sensitive.name, sensitive.columns, sensitive.values, sensitive.value_names, codes)
+    attribute = dataclasses.replace(sensitive, codes=codes)
     m, n = len(data.members), len(data.members) + len(data.non_members)
     prior = np.bincount(codes[n:].numpy(), minlength=len(sensitive.value_names)) / (len(records) - n)
     model = target.model.eval()

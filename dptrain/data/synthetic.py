@@ -21,7 +21,7 @@ CLASS_SEPARATION = 1.5
 # How far group 1 sits from group 0 along the first half of the features. The
 # shift makes the group a confounder: the best classifier has to read the group
 # column to undo it, so attribute inference has a signal to find.
-GROUP_SHIFT = 1.0
+GROUP_SHIFT = 0.25
 
 
 class SyntheticDataset:

@@ -13,9 +13,19 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from dptrain.config import Config
-from dptrain.data import Canaries, SplitData, Split, canary_inclusion, draw_canaries, load, make_split, prepare
+from dptrain.data import (
+    Canaries,
+    Split,
+    SplitData,
+    SplitSizes,
+    canary_inclusion,
+    draw_canaries,
+    load,
+    make_split,
+    prepare,
+)
 from dptrain.models import build_model
-from dptrain.privacy import PrivacyPlan
+from dptrain.privacy import PrivacyPlan, plan_privacy
 from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.checkpoint import Checkpoint
@@ -60,6 +70,16 @@ def flat_config(cfg: Config) -> dict:
 def training_size(cfg: Config, members: int) -> int:
     """Records the target trains on: the members plus the canaries whose coin said "in"."""
     return members + int(canary_inclusion(cfg.audit.canaries.count, cfg.audit.seed).sum())
+
+
+def plan(cfg: Config, sizes: SplitSizes) -> PrivacyPlan:
+    """The privacy plan of the target's training, fixed before any data is loaded."""
+    return plan_privacy(
+        cfg.privacy,
+        members=training_size(cfg, sizes.members),
+        batch_size=cfg.train.batch_size,
+        epochs=cfg.train.epochs,
+    )
 
 
 def _load_data(cfg: Config, run_dir: Path, reuse_split: bool) -> tuple[SplitData, Canaries | None, str]:

@@ -1,0 +1,59 @@
+"""Time each audit level against the training of its target, side by side in one run.
+
+    python scripts/bench_audit.py [overrides ...]      (default: the default job)
+
+For audit=fast, standard and thorough, trains the default job's target and
+audits it, printing the wall time of each stage and the audit / training ratio.
+Training time is the whole training stage a user waits for (data loading,
+noise calibration, the epochs, per-epoch evaluation and checkpoints).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+
+from dptrain import pipeline
+from dptrain.config import register_configs, validate
+from dptrain.tracking.tensorboard import TensorBoardLog
+from dptrain.training import centralized
+
+LEVELS = ("fast", "standard", "thorough")
+
+
+def _config(level: str, overrides: list[str]):
+    register_configs()
+    with initialize_config_module(config_module="dptrain.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=[f"audit={level}", "train.progress=false", *overrides])
+
+
+def measure(level: str, overrides: list[str]) -> tuple[float, float]:
+    """(training seconds, audit seconds) of one run at ``level``, each stage timed on its own."""
+    cfg = _config(level, overrides)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-audit-{level}-"))
+    started = time.perf_counter()
+    _, sizes = validate(cfg)
+    tb = TensorBoardLog(run_dir)
+    target = centralized.train_target(cfg, run_dir, centralized.plan(cfg, sizes), tb, None)
+    trained = time.perf_counter()
+    pipeline.audit_target(cfg, target, run_dir, tb)
+    audited = time.perf_counter()
+    tb.close()
+    return trained - started, audited - trained
+
+
+def main() -> None:
+    overrides = sys.argv[1:]
+    print(f"overrides: {' '.join(overrides) or '(none: the default job)'}")
+    print(f"{'audit':10} {'train s':>8} {'audit s':>8} {'audit / train':>14}")
+    for level in LEVELS:
+        train_seconds, audit_seconds = measure(level, overrides)
+        print(f"{level:10} {train_seconds:8.2f} {audit_seconds:8.2f} {audit_seconds / train_seconds:14.2f}")
+
+
+if __name__ == "__main__":
+    main()

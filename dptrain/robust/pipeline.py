@@ -1,0 +1,240 @@
+"""The aggregator a config names: rules and pre-aggregators registered by name (what
+``aggregator=...`` and ``aggregator.pre=[...]`` select), composed by ``build_aggregator``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from dptrain.config import AggregatorConfig
+from dptrain.robust.aggregators import (
+    CenteredClipping,
+    bulyan_select,
+    check_bulyan,
+    check_geometric_median,
+    check_krum,
+    check_trimmed_mean,
+    geometric_median,
+    krum_select,
+    mean,
+    mean_around_median,
+    mean_of_selected,
+    median,
+    trimmed_mean,
+)
+from dptrain.robust.preaggregators import (
+    bucketing_matrix,
+    check_bucket_size,
+    check_clip_threshold,
+    check_nnm,
+    nnm,
+    static_clipping,
+)
+from dptrain.robust.primitives import require, require_f
+
+
+class Aggregation(NamedTuple):
+    """One round's result: the aggregate (d,) and, for selecting rules (krum, multi_krum, bulyan),
+    the indices of the clients whose updates were selected (all members of a selected bucket
+    after bucketing), else None."""
+
+    value: Tensor
+    selected: Tensor | None
+
+
+# A rule maps the (n, d) pre-aggregated updates to (aggregate, selected rows or None).
+Rule = Callable[[Tensor], "tuple[Tensor, Tensor | None]"]
+
+
+def _unselective(aggregate: Callable[[Tensor], Tensor]) -> Rule:
+    return lambda updates: (aggregate(updates), None)
+
+
+def _krum_rule(cfg: AggregatorConfig, f: int) -> Rule:
+    def rule(updates: Tensor) -> tuple[Tensor, Tensor]:
+        selected = krum_select(updates, f)
+        return updates[selected[0]].clone(), selected
+
+    return rule
+
+
+def _multi_krum_rule(cfg: AggregatorConfig, f: int) -> Rule:
+    require(cfg.m is None or cfg.m >= 1, f"multi_krum needs m >= 1 or null, got m={cfg.m}")
+
+    def rule(updates: Tensor) -> tuple[Tensor, Tensor]:
+        selected = krum_select(updates, f, updates.shape[0] - f if cfg.m is None else cfg.m)
+        return mean_of_selected(updates, selected), selected
+
+    return rule
+
+
+def _geometric_median_rule(cfg: AggregatorConfig, f: int) -> Rule:
+    check_geometric_median(cfg.nu, cfg.tol, cfg.max_iter)
+    return _unselective(partial(geometric_median, nu=cfg.nu, tol=cfg.tol, max_iter=cfg.max_iter))
+
+
+def _bulyan_rule(cfg: AggregatorConfig, f: int) -> Rule:
+    def rule(updates: Tensor) -> tuple[Tensor, Tensor]:
+        selected = bulyan_select(updates, f)
+        return mean_around_median(updates, selected.numel() - 2 * f, selected), selected
+
+    return rule
+
+
+class _CenteredClippingRule:
+    """Centered clipping as a rule, forwarding its state."""
+
+    def __init__(self, cfg: AggregatorConfig) -> None:
+        self.clipping = CenteredClipping(cfg.tau, cfg.iterations)
+
+    def __call__(self, updates: Tensor) -> tuple[Tensor, None]:
+        return self.clipping(updates), None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.clipping.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clipping.load_state_dict(state)
+
+
+def _any_n(rule: str) -> Callable[[int, int], None]:
+    return lambda n, f: require(n >= 1, f"{rule} needs at least one update, got n={n}")
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    # (cfg, f) -> the rule, raising a one-line UserError on out-of-range parameters.
+    make: Callable[[AggregatorConfig, int], Rule]
+    # (n, f) -> None, raising the rule's one-line UserError.
+    check: Callable[[int, int], None]
+
+
+AGGREGATORS: dict[str, RuleSpec] = {
+    "mean": RuleSpec(lambda cfg, f: _unselective(mean), _any_n("mean")),
+    "median": RuleSpec(lambda cfg, f: _unselective(median), _any_n("median")),
+    "trimmed_mean": RuleSpec(lambda cfg, f: _unselective(partial(trimmed_mean, f=f)), check_trimmed_mean),
+    "krum": RuleSpec(_krum_rule, check_krum),
+    "multi_krum": RuleSpec(_multi_krum_rule, partial(check_krum, rule="multi_krum")),
+    "geometric_median": RuleSpec(_geometric_median_rule, _any_n("geometric_median")),
+    "bulyan": RuleSpec(_bulyan_rule, check_bulyan),
+    "centered_clipping": RuleSpec(lambda cfg, f: _CenteredClippingRule(cfg), _any_n("centered_clipping")),
+}
+
+
+@dataclass(frozen=True)
+class PreSpec:
+    # (updates, cfg, f, generator) -> (mixed updates, (n', n) bool membership of outputs in inputs,
+    # or None where output row i stands for input row i).
+    apply: Callable[[Tensor, AggregatorConfig, int, torch.Generator], "tuple[Tensor, Tensor | None]"]
+    # (n, cfg) -> number of rows out.
+    rows_out: Callable[[int, AggregatorConfig], int]
+    # (n, f) -> None, raising a one-line UserError.
+    check: Callable[[int, int], None]
+    # cfg -> None, raising a one-line UserError on out-of-range parameters.
+    validate: Callable[[AggregatorConfig], None]
+
+
+def _bucketing_step(
+    updates: Tensor, cfg: AggregatorConfig, f: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    mixing = bucketing_matrix(updates.shape[0], cfg.bucket_size, generator, updates.dtype, updates.device)
+    return mixing @ updates, mixing > 0
+
+
+def _no_condition(*args: Any) -> None:
+    return None
+
+
+PRE_AGGREGATORS: dict[str, PreSpec] = {
+    # NNM's row i is client i's update mixed with its neighbours: it stands for client i.
+    "nnm": PreSpec(lambda x, cfg, f, g: (nnm(x, f), None), lambda n, cfg: n, check_nnm, _no_condition),
+    "bucketing": PreSpec(
+        _bucketing_step,
+        lambda n, cfg: math.ceil(n / cfg.bucket_size),
+        _no_condition,
+        lambda cfg: check_bucket_size(cfg.bucket_size),
+    ),
+    "clipping": PreSpec(
+        lambda x, cfg, f, g: (static_clipping(x, cfg.clip_threshold), None),
+        lambda n, cfg: n,
+        _no_condition,
+        lambda cfg: check_clip_threshold(cfg.clip_threshold),
+    ),
+}
+
+
+def _choose(kind: str, name: str, choices: dict[str, Any]) -> None:
+    require(name in choices, f"unknown {kind} {name!r}; choose one of: {', '.join(choices)}")
+
+
+class RobustAggregator:
+    """The pre-aggregators of ``cfg.pre`` in order, then the rule ``cfg.name``: (n, d) -> (d,).
+
+    Holds the state a run must checkpoint: the bucketing generator and centered clipping's centre.
+    """
+
+    def __init__(self, cfg: AggregatorConfig, f: int, seed: int) -> None:
+        self.name = cfg.name
+        self.pre = list(cfg.pre)
+        self.f = f
+        self._cfg = cfg
+        self._spec = AGGREGATORS[cfg.name]
+        self._rule = self._spec.make(cfg, f)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def check(self, n: int) -> None:
+        """Raise the one-line UserError this pipeline would raise on n updates; call it before training.
+
+        Bucketing leaves ceil(n / bucket_size) inputs for what follows, with the same f.
+        """
+        for name in self.pre:
+            PRE_AGGREGATORS[name].check(n, self.f)
+            n = PRE_AGGREGATORS[name].rows_out(n, self._cfg)
+        self._spec.check(n, self.f)
+
+    def aggregate(self, updates: Tensor) -> Aggregation:
+        """The aggregate of the (n, d) updates and, for selecting rules, the selected clients."""
+        membership: Tensor | None = None
+        for name in self.pre:
+            updates, step = PRE_AGGREGATORS[name].apply(updates, self._cfg, self.f, self._generator)
+            if step is not None:
+                membership = step if membership is None else (step.to(torch.float32) @ membership.to(torch.float32)) > 0
+        value, selected = self._rule(updates)
+        if selected is not None and membership is not None:
+            selected = membership[selected].any(dim=0).nonzero().flatten()
+        return Aggregation(value, selected)
+
+    def __call__(self, updates: Tensor) -> Tensor:
+        return self.aggregate(updates).value
+
+    def state_dict(self) -> dict[str, Any]:
+        rule_state = self._rule.state_dict() if isinstance(self._rule, _CenteredClippingRule) else {}
+        return {"name": self.name, "rule": rule_state, "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"name", "rule", "generator"}:
+            raise ValueError(f"aggregator state must have keys generator, name, rule; got {sorted(state)}")
+        if state["name"] != self.name:
+            raise ValueError(f"aggregator state is for {state['name']!r}, this aggregator is {self.name!r}")
+        if isinstance(self._rule, _CenteredClippingRule):
+            self._rule.load_state_dict(state["rule"])
+        self._generator.set_state(state["generator"])
+
+
+def build_aggregator(cfg: AggregatorConfig, f: int, seed: int) -> RobustAggregator:
+    """The aggregator ``cfg`` names, tolerating f Byzantine updates; bucketing draws from ``seed``.
+
+    Unknown names and out-of-range parameters raise a one-line UserError here; conditions on the
+    number of updates are checked by ``RobustAggregator.check(n)`` and on every call.
+    """
+    _choose("aggregator", cfg.name, AGGREGATORS)
+    for name in cfg.pre:
+        _choose("pre-aggregator", name, PRE_AGGREGATORS)
+        PRE_AGGREGATORS[name].validate(cfg)
+    require_f(f, cfg.name)
+    return RobustAggregator(cfg, f, seed)

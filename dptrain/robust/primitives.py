@@ -1,0 +1,94 @@
+"""Tensor primitives the robust rules share: input checks, one-line preconditions,
+pairwise squared distances and a fast sort of each coordinate across updates."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dptrain.errors import UserError
+
+# Relative accuracy the one-pass Gram distances must keep; beyond it we pay for a recentred pass.
+_CANCELLATION_BUDGET = 1e-5
+
+
+def check_updates(updates: Tensor, rule: str) -> int:
+    """Return n for an (n, d) float32/float64 tensor with n >= 1; raise ValueError otherwise.
+
+    A malformed tensor is a bug in the caller, not a configuration a user can fix, hence
+    ValueError rather than UserError.
+    """
+    if updates.ndim != 2 or updates.shape[0] == 0:
+        raise ValueError(f"{rule} takes an (n, d) tensor of updates with n >= 1, got shape {tuple(updates.shape)}")
+    if updates.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{rule} takes float32 or float64 updates, got {updates.dtype}")
+    return updates.shape[0]
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``UserError(message)`` unless ``condition``; messages are one line naming the rule and its condition."""
+    if not condition:
+        raise UserError(message)
+
+
+def require_f(f: int, rule: str) -> None:
+    """The number of Byzantine updates a rule tolerates is a non-negative integer."""
+    require(isinstance(f, int) and f >= 0, f"{rule} needs an integer f >= 0, got f={f!r}")
+
+
+def _gram_sq_distances(updates: Tensor) -> tuple[Tensor, Tensor]:
+    gram = (updates @ updates.T).to(torch.float64)
+    # BLAS need not round g_ij and g_ji alike; a symmetric D keeps Krum's tie-breaking order-free.
+    gram = 0.5 * (gram + gram.T)
+    sq_norms = gram.diagonal()
+    dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram).clamp_min_(0.0)
+    dist.fill_diagonal_(0.0)
+    return dist, sq_norms
+
+
+def pairwise_sq_distances(updates: Tensor) -> Tensor:
+    """Squared Euclidean distances ``D[i, j] = ||x_i - x_j||^2`` as an (n, n) float64 tensor.
+
+    One GEMM on the Gram matrix, ``D = diag(G) 1^T + 1 diag(G)^T - 2 G`` with ``G = X X^T``: no
+    (n, n, d) temporary and no pass per pair. The trap is cancellation: each entry carries an error
+    of about ``eps * (||x_i||^2 + ||x_j||^2)`` (measured: up to 8x that), large when the updates share
+    a big common component. When ``eps * median ||x_i||^2`` exceeds 1e-5 of the median distance, the
+    rows are recentred on their medoid (the row with the smallest sum of distances) and the Gram
+    matrix recomputed once, which keeps distances to about 1e-4 relative accuracy. Entries are
+    clamped at 0 and the diagonal is exactly 0.
+    """
+    dist, sq_norms = _gram_sq_distances(updates)
+    n = updates.shape[0]
+    if n > 1:
+        off_diagonal = dist[~torch.eye(n, dtype=torch.bool, device=dist.device)]
+        eps = torch.finfo(updates.dtype).eps
+        if eps * sq_norms.median() > _CANCELLATION_BUDGET * off_diagonal.median():
+            medoid = dist.sum(dim=1).argmin()
+            dist, _ = _gram_sq_distances(updates - updates[medoid])
+    return dist
+
+
+def sq_distances_to_mixture(dist: Tensor, weights: Tensor) -> Tensor:
+    """``||x_i - sum_j w_j x_j||^2`` for every row i, from the pairwise distances alone.
+
+    For weights summing to one, ``||x_i - v||^2 = sum_j w_j D_ij - 1/2 sum_jk w_j w_k D_jk``, so
+    distances to any convex combination of the rows cost O(n^2) instead of a pass over the (n, d)
+    updates. Computed in the dtype of ``dist`` (float64) and clamped at 0 against cancellation.
+    """
+    to_rows = dist @ weights
+    return (to_rows - 0.5 * (weights @ to_rows)).clamp_min(0.0)
+
+
+def sort_columns(updates: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Each coordinate of ``updates[rows]`` (all rows by default) sorted across those rows (along
+    dim 0), as a new tensor; ``updates`` is left as it is.
+
+    On CPU this is NumPy's SIMD sort, in place on the one copy, measured about 4x faster than
+    ``torch.sort(dim=0)`` on (100, 1e6) float32; on other devices ``torch.sort``.
+    """
+    if updates.device.type == "cpu":
+        values = updates.detach().numpy()
+        ordered = values.copy() if rows is None else values[rows.numpy()]
+        ordered.sort(axis=0)
+        return torch.from_numpy(ordered)
+    return torch.sort(updates if rows is None else updates[rows], dim=0).values

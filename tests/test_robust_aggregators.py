@@ -1,0 +1,380 @@
+"""Robust aggregators and pre-aggregators: known answers, invariances, robustness to outliers,
+preconditions, and the pipeline a config builds."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dptrain.config import AggregatorConfig
+from dptrain.errors import UserError
+from dptrain.robust import (
+    AGGREGATORS,
+    CenteredClipping,
+    bucketing,
+    build_aggregator,
+    bulyan,
+    bulyan_select,
+    centered_clipping,
+    geometric_median,
+    krum,
+    krum_select,
+    mean,
+    median,
+    multi_krum,
+    nnm,
+    pairwise_sq_distances,
+    static_clipping,
+    trimmed_mean,
+)
+from dptrain.robust.preaggregators import bucketing_matrix, nnm_matrix
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def column(*values: float) -> torch.Tensor:
+    """n one-dimensional updates."""
+    return torch.tensor(values, dtype=torch.float64)[:, None]
+
+
+def rules(f: int) -> dict:
+    """Every rule as (n, d) -> (d,), tolerating f; centered clipping around zero with tau = 1."""
+    return {
+        "mean": mean,
+        "median": median,
+        "trimmed_mean": partial(trimmed_mean, f=f),
+        "krum": partial(krum, f=f),
+        "multi_krum": partial(multi_krum, f=f),
+        "geometric_median": partial(geometric_median, tol=1e-12, max_iter=500),
+        "bulyan": partial(bulyan, f=f),
+        "centered_clipping": lambda x: centered_clipping(x, torch.zeros_like(x[0]), tau=1.0, iterations=3),
+    }
+
+
+# Known answers on hand-made inputs.
+
+
+def test_mean_is_the_unweighted_average():
+    assert torch.equal(mean(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]])), torch.tensor([3.0, 5.0]))
+
+
+def test_median_is_coordinate_wise_and_averages_the_middle_pair_for_even_n():
+    assert torch.equal(median(torch.tensor([[1.0, 10.0], [2.0, 30.0], [100.0, 20.0]])), torch.tensor([2.0, 20.0]))
+    assert torch.equal(median(column(1, 2, 3, 10)), torch.tensor([2.5], dtype=torch.float64))
+
+
+def test_trimmed_mean_drops_f_values_per_side_per_coordinate():
+    updates = torch.tensor([[1.0, 40.0], [2.0, 30.0], [3.0, 20.0], [100.0, -50.0]])
+    assert torch.equal(trimmed_mean(updates, f=1), torch.tensor([2.5, 25.0]))
+
+
+def test_krum_scores_over_n_minus_f_minus_2_neighbours():
+    # With n - f - 2 = 2 neighbours the update 1.0 wins; ByzFL's n - f - 1 = 3 would pick 1.1.
+    updates = column(0.0, 1.0, 1.1, 5.0, 5.05)
+    assert torch.equal(krum(updates, f=1), torch.tensor([1.0], dtype=torch.float64))
+
+
+def test_multi_krum_averages_the_m_best_scored_and_reports_them():
+    updates = column(0.0, 0.1, 0.3, 0.35, 5.0, 100.0)
+    assert krum_select(updates, f=1, m=2).tolist() == [1, 2]
+    assert torch.allclose(multi_krum(updates, f=1, m=2), torch.tensor([0.2], dtype=torch.float64))
+
+
+def test_krum_breaks_ties_towards_the_lower_index():
+    assert krum_select(column(0.0, 0.0, 0.0, 0.0, 9.0), f=1).tolist() == [0]
+
+
+def test_geometric_median_of_a_square_is_its_centre():
+    corners = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]], dtype=torch.float64)
+    assert torch.allclose(geometric_median(corners), torch.tensor([1.0, 1.0], dtype=torch.float64))
+
+
+def test_geometric_median_in_one_dimension_is_the_median():
+    assert torch.allclose(geometric_median(column(0, 1, 10), tol=1e-12, max_iter=1000), column(1)[0], atol=1e-4)
+
+
+def test_bulyan_selects_by_repeated_krum_then_averages_around_the_median():
+    updates = column(0, 1, 2, 3, 4, 100, -100)
+    assert bulyan_select(updates, f=1).tolist() == [2, 1, 3, 0, 4]
+    assert torch.equal(bulyan(updates, f=1), torch.tensor([2.0], dtype=torch.float64))
+
+
+def test_bulyan_averages_the_beta_values_closest_to_the_median_not_a_trimmed_mean():
+    # Kept: 0, 0.9, 1, 5, 6 (median 1). The beta = 3 closest to 1 are 0, 0.9, 1; a trimmed mean
+    # of the kept values would average 0.9, 1, 5 instead.
+    updates = column(0, 0.9, 1, 5, 6, 100, -100)
+    assert sorted(bulyan_select(updates, f=1).tolist()) == [0, 1, 2, 3, 4]
+    assert torch.allclose(bulyan(updates, f=1), column(1.9 / 3)[0])
+
+
+def test_centered_clipping_clips_each_difference_to_tau():
+    updates = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert torch.allclose(centered_clipping(updates, torch.zeros(2), tau=1.0), torch.tensor([0.3, 0.4]))
+
+
+def test_centered_clipping_recentres_on_its_previous_aggregate_and_checkpoints_it():
+    first, second = torch.tensor([[3.0, 4.0]]), torch.tensor([[6.0, 8.0]])
+    rule = CenteredClipping(tau=1.0)
+    assert torch.allclose(rule(first), torch.tensor([0.6, 0.8]))
+    resumed = CenteredClipping(tau=1.0)
+    resumed.load_state_dict(rule.state_dict())
+    assert torch.allclose(rule(second), torch.tensor([1.2, 1.6]))
+    assert torch.allclose(resumed(second), torch.tensor([1.2, 1.6]))
+
+
+def test_centered_clipping_state_rejects_what_it_did_not_write():
+    with pytest.raises(ValueError, match="exactly the key 'centre'"):
+        CenteredClipping(tau=1.0).load_state_dict({"momentum": torch.zeros(2)})
+
+
+def test_nnm_mixes_each_update_with_its_n_minus_f_nearest_neighbours():
+    assert torch.equal(nnm(column(0, 1, 10), f=1), column(0.5, 0.5, 5.5))
+
+
+def test_nnm_equals_the_gathering_reference_without_building_it():
+    updates = torch.randn(9, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    neighbours = torch.cdist(updates, updates).topk(9 - 3, dim=1, largest=False).indices
+    reference = updates[neighbours].mean(dim=1)  # the (n, n - f, d) array nnm avoids
+    assert torch.allclose(nnm(updates, f=3), reference)
+    mixing = nnm_matrix(updates, f=3)
+    assert mixing.shape == (9, 9) and (mixing > 0).sum(dim=1).eq(6).all() and mixing.diagonal().gt(0).all()
+
+
+def test_bucketing_averages_seeded_random_buckets_of_s_updates():
+    updates = torch.arange(5.0)[:, None]
+    out = bucketing(updates, bucket_size=2, generator=torch.Generator().manual_seed(3))
+    again = bucketing(updates, bucket_size=2, generator=torch.Generator().manual_seed(3))
+    mixing = bucketing_matrix(5, 2, torch.Generator().manual_seed(3))
+    assert out.shape == (3, 1) and torch.equal(out, again)
+    assert sorted((mixing > 0).sum(dim=1).tolist()) == [1, 2, 2] and (mixing > 0).sum(dim=0).eq(1).all()
+    assert torch.allclose((mixing > 0).sum(dim=1).to(out.dtype) @ out[:, 0], updates.sum())
+
+
+def test_static_clipping_bounds_norms_and_keeps_small_updates():
+    updates = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
+    assert torch.allclose(static_clipping(updates, threshold=1.0), torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]))
+
+
+# Invariances.
+
+
+@pytest.mark.parametrize("name", list(rules(2)))
+def test_rules_are_permutation_invariant(name):
+    updates = torch.randn(11, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    aggregate = rules(2)[name]
+    permuted = updates[torch.randperm(11, generator=torch.Generator().manual_seed(2))]
+    assert torch.allclose(aggregate(permuted), aggregate(updates), atol=1e-9)
+
+
+@pytest.mark.parametrize("name", [n for n in rules(2) if n != "centered_clipping"])
+def test_rules_are_translation_equivariant(name):
+    updates = torch.randn(11, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    shift = torch.linspace(-3.0, 7.0, 6, dtype=torch.float64)
+    aggregate = rules(2)[name]
+    assert torch.allclose(aggregate(updates + shift), aggregate(updates) + shift, atol=1e-7)
+
+
+def test_centered_clipping_is_translation_equivariant_with_its_centre():
+    updates = torch.randn(11, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    centre, shift = torch.randn(6, dtype=torch.float64), torch.full((6,), 5.0, dtype=torch.float64)
+    moved = centered_clipping(updates + shift, centre + shift, tau=0.5, iterations=2)
+    assert torch.allclose(moved, centered_clipping(updates, centre, tau=0.5, iterations=2) + shift)
+
+
+def test_nnm_is_translation_equivariant_row_by_row():
+    updates = torch.randn(9, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.allclose(nnm(updates + 3.0, f=2), nnm(updates, f=2) + 3.0)
+
+
+# Robustness: f < n / 2 updates replaced by huge outliers.
+
+N = 15
+# The most outliers of 15 each rule is tested against. The geometric median's bias grows like
+# h / (h - f): at f = 7 it leaves the per-coordinate box (see the next-but-one test), so 5 here.
+TOLERATED_F = {
+    "median": 7,
+    "trimmed_mean": 7,
+    "geometric_median": 5,
+    "krum": 6,
+    "multi_krum": 6,
+    "bulyan": 3,
+    "centered_clipping": 7,
+}
+
+
+def with_outliers(f: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    honest = torch.randn(N - f, 5, generator=torch.Generator().manual_seed(seed))
+    return honest, torch.cat([honest, torch.full((f, 5), 1e6)])
+
+
+@pytest.mark.parametrize("name", list(TOLERATED_F))
+def test_robust_rules_stay_within_the_honest_range_under_huge_outliers(name):
+    f = TOLERATED_F[name]
+    honest, updates = with_outliers(f)
+    aggregate = rules(f)[name](updates)
+    assert (aggregate >= honest.min(dim=0).values - 1e-4).all() and (aggregate <= honest.max(dim=0).values + 1e-4).all()
+
+
+def test_geometric_median_stays_near_the_honest_updates_with_f_just_below_n_over_2():
+    honest, updates = with_outliers(7)
+    radius = torch.linalg.vector_norm(honest - honest.mean(dim=0), dim=1).max()
+    assert torch.linalg.vector_norm(geometric_median(updates) - honest.mean(dim=0)) < 2 * radius
+
+
+def test_mean_leaves_the_honest_range_under_one_outlier():
+    honest, updates = with_outliers(1)
+    assert (mean(updates) > honest.max(dim=0).values).all()
+
+
+# Numerics, dtypes, devices.
+
+
+def test_pairwise_distances_survive_a_large_common_offset():
+    noise = torch.randn(12, 20_000, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    exact = torch.cdist(noise, noise).square()
+    off = ~torch.eye(12, dtype=torch.bool)
+    approx = pairwise_sq_distances((noise + 1e3).to(torch.float32))
+    assert ((approx - exact).abs()[off] / exact[off]).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(rules(2)))
+def test_rules_keep_the_input_dtype_and_agree_across_precisions(name):
+    updates = torch.randn(11, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    aggregate = rules(2)[name]
+    single = aggregate(updates.to(torch.float32))
+    assert single.dtype == torch.float32 and aggregate(updates).dtype == torch.float64
+    assert torch.allclose(single.double(), aggregate(updates), atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(rules(2)))
+def test_rules_agree_on_cuda(name):
+    updates = torch.randn(11, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    aggregate = rules(2)[name]
+    on_gpu = aggregate(updates.cuda())
+    assert on_gpu.device.type == "cuda" and torch.allclose(on_gpu.cpu(), aggregate(updates), atol=1e-9)
+
+
+def test_malformed_updates_are_a_value_error():
+    with pytest.raises(ValueError, match=r"\(n, d\)"):
+        median(torch.zeros(3))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        median(torch.zeros(3, 2, dtype=torch.int64))
+
+
+# Preconditions: one line naming the rule and the condition.
+
+
+@pytest.mark.parametrize(
+    "call, rule, condition",
+    [
+        (lambda: krum(torch.zeros(4, 2), f=1), "krum", "n > 2f + 2"),
+        (lambda: multi_krum(torch.zeros(4, 2), f=1), "multi_krum", "n > 2f + 2"),
+        (lambda: multi_krum(torch.zeros(6, 2), f=1, m=7), "multi_krum", "1 <= m <= n"),
+        (lambda: bulyan(torch.zeros(6, 2), f=1), "bulyan", "n >= 4f + 3"),
+        (lambda: trimmed_mean(torch.zeros(4, 2), f=2), "trimmed_mean", "n > 2f"),
+        (lambda: trimmed_mean(torch.zeros(4, 2), f=-1), "trimmed_mean", "f >= 0"),
+        (lambda: nnm(torch.zeros(4, 2), f=2), "nnm", "n > 2f"),
+        (lambda: geometric_median(torch.zeros(4, 2), nu=0.0), "geometric_median", "nu > 0"),
+        (lambda: centered_clipping(torch.zeros(4, 2), torch.zeros(2), tau=0.0), "centered_clipping", "tau > 0"),
+        (lambda: bucketing(torch.zeros(4, 2), bucket_size=0), "bucketing", "bucket_size >= 1"),
+        (lambda: static_clipping(torch.zeros(4, 2), threshold=0.0), "clipping", "clip_threshold > 0"),
+    ],
+)
+def test_precondition_failures_are_one_clear_line(call, rule, condition):
+    with pytest.raises(UserError) as failure:
+        call()
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith(rule) and condition in message
+
+
+# The pipeline a config builds.
+
+
+def config(name: str, **fields) -> AggregatorConfig:
+    return OmegaConf.merge(OmegaConf.structured(AggregatorConfig), {"name": name, **fields})
+
+
+def test_registry_holds_the_rules_design_names():
+    assert set(AGGREGATORS) == {
+        "mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "bulyan", "centered_clipping"
+    }
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(UserError, match="unknown aggregator 'krumm'; choose one of: mean, median"):
+        build_aggregator(config("krumm"), f=1, seed=0)
+    with pytest.raises(UserError, match="unknown pre-aggregator 'mix'; choose one of: nnm, bucketing, clipping"):
+        build_aggregator(config("mean", pre=["mix"]), f=1, seed=0)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"name": "centered_clipping", "tau": -1.0}, "centered_clipping needs tau > 0"),
+        ({"name": "geometric_median", "max_iter": 0}, "geometric_median needs max_iter >= 1"),
+        ({"name": "multi_krum", "m": 0}, "multi_krum needs m >= 1 or null"),
+        ({"name": "mean", "pre": ["bucketing"], "bucket_size": 0}, "bucketing needs bucket_size >= 1"),
+        ({"name": "mean", "pre": ["clipping"], "clip_threshold": 0.0}, "clipping needs clip_threshold > 0"),
+    ],
+)
+def test_out_of_range_parameters_fail_at_build(fields, message):
+    with pytest.raises(UserError, match=message):
+        build_aggregator(config(**fields), f=1, seed=0)
+
+
+def test_check_reports_the_rule_precondition_after_bucketing():
+    aggregator = build_aggregator(config("krum", pre=["bucketing"], bucket_size=2), f=2, seed=0)
+    aggregator.check(14)  # 7 buckets > 2f + 2
+    with pytest.raises(UserError, match=r"^krum needs n > 2f \+ 2 \(n=6, f=2\)"):
+        aggregator.check(12)
+
+
+def test_pipeline_applies_pre_aggregators_in_order_then_the_rule():
+    updates = torch.randn(10, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    aggregator = build_aggregator(config("median", pre=["clipping", "nnm"], clip_threshold=0.5), f=2, seed=0)
+    assert torch.allclose(aggregator(updates), median(nnm(static_clipping(updates, 0.5), f=2)))
+
+
+def test_krum_after_nnm_reports_the_selected_client():
+    updates = torch.cat([torch.randn(8, 4, generator=torch.Generator().manual_seed(9)), torch.full((2, 4), 1e6)])
+    result = build_aggregator(config("krum", pre=["nnm"]), f=2, seed=0).aggregate(updates)
+    assert result.selected.numel() == 1 and result.selected.item() < 8
+
+
+def test_multi_krum_after_bucketing_reports_the_members_of_the_selected_buckets():
+    updates = torch.randn(12, 4, generator=torch.Generator().manual_seed(10))
+    result = build_aggregator(config("multi_krum", pre=["bucketing"], m=2), f=1, seed=0).aggregate(updates)
+    assert result.selected.numel() == 4 and result.selected.unique().numel() == 4
+
+
+def test_pipeline_state_resumes_buckets_and_centre():
+    updates = torch.randn(9, 4, generator=torch.Generator().manual_seed(11))
+    cfg = config("centered_clipping", pre=["bucketing"], tau=0.5)
+    original = build_aggregator(cfg, f=1, seed=3)
+    original(updates)
+    resumed = build_aggregator(cfg, f=1, seed=99)
+    resumed.load_state_dict(original.state_dict())
+    assert torch.equal(resumed(updates), original(updates))
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "aggregator").glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_aggregator_config_merges_into_the_schema_and_builds(path):
+    cfg = OmegaConf.merge(OmegaConf.structured(AggregatorConfig), OmegaConf.load(path))
+    assert cfg.name == path.stem
+    aggregator = build_aggregator(cfg, f=1, seed=0)
+    assert aggregator(torch.randn(9, 3)).shape == (3,)
+
+
+def test_every_rule_has_a_config_file():
+    assert {p.stem for p in (CONF / "aggregator").glob("*.yaml")} == set(AGGREGATORS)
+
+
+def test_hydra_composes_the_aggregator_and_attack_groups(tiny_config):
+    cfg = tiny_config("aggregator=bulyan", "aggregator.pre=[nnm]", "attack=min_max", "attack.byzantine=2")
+    assert cfg.aggregator.name == "bulyan" and list(cfg.aggregator.pre) == ["nnm"]
+    assert cfg.attack.name == "min_max" and cfg.attack.perturbation == "unit_vec" and cfg.attack.byzantine == 2

@@ -1,0 +1,77 @@
+"""Overall progress of a Hydra sweep ("job k of n"), as the Hydra callback ``conf/config.yaml`` registers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+log = logging.getLogger("dptrain.sweep")
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def sweep_jobs(config: DictConfig) -> int | None:
+    """The number of jobs Hydra's basic sweeper launches for the multirun ``config``, or None when unknown.
+
+    The basic sweeper takes ``hydra.sweeper.params`` (what ``conf/experiment/`` recipes set) and then
+    the command-line overrides, keeps the last value given for each key, and launches the cartesian
+    product of the discrete sweeps (``BasicSweeper.split_arguments``); this counts that product.
+    Other sweepers (Optuna, Nevergrad) decide their jobs as they go: None.
+    """
+    if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+        return None
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    choices: dict[str, int] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            return None
+        count = len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
+        choices[override.get_key_element()] = count
+    return math.prod(choices.values())
+
+
+class SweepProgress(Callback):
+    """Logs "sweep job k of n" when each job of a multirun starts and ends, and the report command at the end.
+
+    Hydra builds this object once in the launching process; launchers that run jobs elsewhere
+    (joblib's worker processes, submitit's cluster jobs) receive a pickled copy made after
+    ``on_multirun_start``, so every job knows the sweep size. Single runs log nothing.
+    """
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+        self.job_started = 0.0
+
+    def _job(self, config: DictConfig) -> str:
+        return f"sweep job {config.hydra.job.num + 1} of {self.total or '?'}"
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.total = sweep_jobs(config)
+        log.info("sweep of %s jobs into %s", self.total or "an unknown number of", config.hydra.sweep.dir)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        self.job_started = time.perf_counter()
+        log.info("%s: %s", self._job(config), " ".join(config.hydra.overrides.task))
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        seconds = time.perf_counter() - self.job_started
+        if job_return.status == JobStatus.FAILED:
+            log.error("%s failed after %.1f s", self._job(config), seconds)
+        else:
+            log.info("%s finished in %.1f s", self._job(config), seconds)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        log.info("sweep finished; table and figures: dptrain report %s", config.hydra.sweep.dir)

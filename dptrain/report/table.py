@@ -1,0 +1,175 @@
+"""The report's table: one row per run with the overrides that differ between runs and the run's results,
+and its two renderings, ``report.csv`` and a Markdown table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+
+from dptrain.errors import UserError
+from dptrain.report.collect import RunRecord
+
+# Overrides that set the privacy budget: the x axis of the figures rather than a series of its own.
+BUDGET_KEYS = ("privacy", "privacy.target_epsilon", "privacy.noise_multiplier")
+
+LEADING = ("test_accuracy", "epsilon", "delta", "noise_multiplier")
+# Federated runs' robustness numbers (metrics.json), columns only when some run has them.
+FEDERATED = ("backdoor_success_rate", "byzantine_selected_fraction")
+TRAILING = ("canary.eps_lb", "aia.advantage", "aia.leakage", "train_seconds", "audit_seconds")
+ATTACK_COLUMNS = ("auc", "tpr@1%fpr", "eps_lb")
+# audit.json's key of the TPR at 1% FPR (results schema: tpr_at_fpr keyed "0.001", "0.01", "0.1").
+LOW_FPR_KEY = "0.01"
+
+
+@dataclass
+class Table:
+    """Rows keyed by column. Result values are floats (``inf`` is the non-private baseline's epsilon) or
+    None where a run has no such number; ``run``, ``status``, ``missing`` and override values are strings."""
+
+    columns: list[str]
+    rows: list[dict]
+    override_keys: list[str]
+    attacks: list[str]
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key, value
+
+
+def differing_overrides(runs: list[RunRecord]) -> list[str]:
+    """Override keys (in first-seen order) whose value is not the same in every run; a key some runs
+    leave at its default differs too."""
+    given = [dict(map(_split, run.overrides)) for run in runs]
+    keys = dict.fromkeys(key for overrides in given for key in overrides)
+    return [key for key in keys if len({overrides.get(key) for overrides in given}) > 1]
+
+
+def attack_column(attack: str, metric: str) -> str:
+    return f"mia.{attack}.{metric}"
+
+
+def _results(run: RunRecord, attacks: list[str], federated: list[str]) -> dict:
+    metrics, audit = run.metrics or {}, run.audit or {}
+    private = metrics.get("private", metrics.get("epsilon") is not None)
+    columns = [*LEADING, *federated, *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS), *TRAILING]
+    row = dict.fromkeys(columns)
+    row.update({key: metrics.get(key) for key in federated})
+    if metrics:
+        row.update(
+            test_accuracy=metrics["test_accuracy"],
+            epsilon=metrics["epsilon"] if private else math.inf,
+            delta=metrics["delta"] if private else None,
+            noise_multiplier=metrics["noise_multiplier"],
+            train_seconds=metrics["train_seconds"],
+        )
+    for attack, result in audit.get("mia", {}).items():
+        row[attack_column(attack, "auc")] = result["auc"]
+        row[attack_column(attack, "tpr@1%fpr")] = result["tpr_at_fpr"][LOW_FPR_KEY]
+        row[attack_column(attack, "eps_lb")] = result["epsilon_lower_bound"]["value"]
+    if audit.get("canary") is not None:
+        row["canary.eps_lb"] = audit["canary"]["epsilon_lower_bound"]
+    aia = audit.get("aia", {"skipped": "no audit"})
+    if "skipped" not in aia:
+        row["aia.advantage"] = aia["members"]["advantage"]["accuracy"]
+        row["aia.leakage"] = aia["leakage"]["accuracy"]
+    if audit:
+        row["audit_seconds"] = audit["audit_seconds"]
+    return row
+
+
+def build_table(runs: list[RunRecord]) -> Table:
+    """One row per run (complete or not, in the given order): name, status, missing files, the differing
+    overrides, test accuracy, epsilon, delta, noise multiplier, per membership attack AUC / TPR at 1% FPR /
+    empirical epsilon lower bound, the canary bound, attribute-inference advantage and leakage, seconds;
+    federated runs add the backdoor's success rate and the share of Byzantine updates selected."""
+    override_keys = differing_overrides(runs)
+    attacks = list(dict.fromkeys(a for run in runs if run.audit for a in run.audit.get("mia", {})))
+    federated = [key for key in FEDERATED if any(run.metrics and run.metrics.get(key) is not None for run in runs)]
+    rows = []
+    for run in runs:
+        given = dict(map(_split, run.overrides))
+        rows.append(
+            {
+                "run": run.name,
+                "status": "complete" if run.complete else "incomplete",
+                "missing": ", ".join(run.missing),
+                **{key: given.get(key, "") for key in override_keys},
+                **_results(run, attacks, federated),
+            }
+        )
+    columns = list(rows[0]) if rows else []
+    return Table(columns, rows, override_keys, attacks)
+
+
+def metric_columns(table: Table) -> list[str]:
+    """The columns that hold a number per run (what ``--select`` can choose by)."""
+    return [c for c in table.columns if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith("mia.")]
+
+
+def parse_spec(spec: str, table: Table) -> tuple[str, bool]:
+    """``METRIC``, ``METRIC:max`` or ``METRIC:min`` -> (column, maximize); the column must be a metric of the table."""
+    metric, _, direction = spec.partition(":")
+    if direction not in ("", "max", "min"):
+        raise UserError(f"--select {spec}: the direction after ':' must be max or min")
+    if metric not in metric_columns(table):
+        choices = ", ".join(metric_columns(table))
+        raise UserError(f"--select {metric} is not a column of this report: choose one of {choices}")
+    return metric, direction != "min"
+
+
+def run_label(table: Table, row: dict, exclude: tuple[str, ...] = ()) -> str:
+    """The differing overrides of ``row`` as ``key=value`` words (those in ``exclude`` left out)."""
+    return " ".join(f"{key}={row[key]}" for key in table.override_keys if key not in exclude and row[key] != "")
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    return repr(value) if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
+def to_csv(table: Table) -> str:
+    """The table as CSV text: floats at full precision, ``inf`` for the baseline's epsilon, empty for no value."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=table.columns, lineterminator="\n")
+    writer.writeheader()
+    for row in table.rows:
+        writer.writerow({column: _csv_value(row[column]) for column in table.columns})
+    return buffer.getvalue()
+
+
+def _digits(column: str) -> str:
+    if column in ("epsilon", "noise_multiplier") or column.endswith("eps_lb"):
+        return ".2f"
+    if column.endswith("seconds"):
+        return ".1f"
+    if column == "delta":
+        return ".0e"
+    if column.startswith("aia."):
+        return "+.3f"
+    return ".3f"
+
+
+def _markdown_value(column: str, value) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else format(value, _digits(column))
+    return str(value).replace("|", "\\|")
+
+
+def to_markdown(table: Table) -> str:
+    """The table as a Markdown table; incomplete runs keep their row, with ``–`` where they have no number.
+    Result columns no run has a number in (e.g. canaries that were not inserted) are left out."""
+    results = set(metric_columns(table))
+    columns = [
+        c for c in table.columns
+        if c != "missing" and not (c in results and all(row[c] is None for row in table.rows))
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table.rows:
+        lines.append("| " + " | ".join(_markdown_value(c, row[c]) for c in columns) + " |")
+    return "\n".join(lines)

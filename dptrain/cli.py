@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -11,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dptrain import __version__
-from dptrain.config import Config, register_configs
+from dptrain.config import Config, register_configs, validate
 from dptrain.errors import UserError
 
 log = logging.getLogger("dptrain")
@@ -27,13 +30,17 @@ commands:
                 dptrain train --cfg job        (print the composed config)
                 dptrain train --help           (config groups and Hydra options)
                 dptrain train train.resume=outputs/<date>/<time>
+           dptrain train launcher.nproc_per_node=2   (two worker processes, DP data parallelism)
   audit    audit a finished run again from its saved model and split
            e.g. dptrain audit run_dir=outputs/<date>/<time> audit=thorough
+  report   table (CSV, Markdown) and figures of the runs below a directory, e.g. a sweep
+           e.g. dptrain report multirun/<date>/<time>
+                dptrain report multirun/<date>/<time> --select test_accuracy --out reports/eps
 
 `dptrain` with no arguments runs the default job (digits, DP-SGD at epsilon 3).
 """
 
-COMMANDS = ("train", "audit")
+COMMANDS = ("train", "audit", "report")
 RESUME = "train.resume="
 
 register_configs()
@@ -62,14 +69,29 @@ def train_app(cfg: DictConfig) -> float:
     from dptrain import pipeline
     from dptrain.tracking.summary import format_summary
 
+    from dptrain.training import launch, ranks
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.train.resume is not None:
             run_dir = Path(cfg.train.resume)
             cfg = _resumed_config(cfg, run_dir)
-        metrics, report = pipeline.train(cfg, run_dir)
+        if ranks.launched_by_torchrun():
+            with launch.process_group(cfg.launcher.backend):
+                # Every rank shares rank 0's run directory (the others ran Hydra in a scratch one).
+                run_dir = Path(ranks.broadcast_object(str(run_dir)))
+                metrics, report = pipeline.train(cfg, run_dir)
+                if not ranks.is_main():
+                    return metrics["test_accuracy"]
+        elif cfg.launcher.nproc_per_node > 1:
+            validate(cfg)
+            metrics, report = launch.launch(cfg, run_dir)
+        else:
+            metrics, report = pipeline.train(cfg, run_dir)
     except UserError as error:
         _fail(str(error))
+    except launch.WorkerFailed as error:
+        _fail(f"{error}; continue from the last checkpoint with: dptrain train {RESUME}{run_dir}", 1)
     except KeyboardInterrupt:
         _fail(f"interrupted; continue from the last checkpoint with: dptrain train {RESUME}{run_dir}", 130)
     print(format_summary(metrics, report, run_dir))
@@ -124,14 +146,48 @@ def audit_command(args: list[str]) -> None:
     print(f"{'artifacts':<15}{run_dir / pipeline.AUDIT}, {run_dir / 'tb'}")
 
 
+class _ReportArguments(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        _fail(f"{self.prog}: {message}")
+
+
+def report_command(args: list[str]) -> None:
+    """``dptrain report <dir> [--select METRIC[:max|:min]] [--out DIR]``."""
+    from dptrain.report.build import build_report, console_summary
+
+    parser = _ReportArguments(
+        prog="dptrain report",
+        description="Report the runs below a directory (a multirun/<date>/<time> sweep or any directory of runs): "
+        "report.csv, report.md and figures.",
+    )
+    parser.add_argument("dir", type=Path, help="a multirun directory or any directory holding run directories")
+    parser.add_argument(
+        "--select",
+        metavar="METRIC[:max|:min]",
+        help="name the best private run by a report column (e.g. test_accuracy) and the privacy cost of choosing it",
+    )
+    parser.add_argument("--out", type=Path, help="where to write the report (default: DIR)")
+    options = parser.parse_args(args)
+    try:
+        report = build_report(options.dir, options.out, options.select)
+    except UserError as error:
+        _fail(str(error))
+    print(console_summary(report))
+
+
 def _train_argv(args: list[str]) -> list[str]:
-    """Hydra's argv for ``dptrain train ARGS``: a resumed run writes into its own directory."""
+    """Hydra's argv for ``dptrain train ARGS``: a resumed run writes into its own directory, and
+    under an outside torchrun only rank 0 makes a run directory (the others use a scratch one)."""
     resume = [a[len(RESUME) :] for a in args if a.startswith(RESUME)]
     if resume and not any(a.startswith("hydra.run.dir=") for a in args):
         if "-m" in args or "--multirun" in args:
             _fail("train.resume continues one run: drop -m/--multirun")
         # Keep the run's own .hydra/ record; Hydra's log appends to its train.log.
         args = [*args, f"hydra.run.dir={resume[0]}", "hydra.output_subdir=null"]
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        scratch = Path(tempfile.gettempdir()) / f"dptrain-rank{rank}-{os.getpid()}"
+        args = [*args, f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
     return args
 
 
@@ -153,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     if command == "train":
         sys.argv = [f"dptrain {command}", *_train_argv(args)]
         train_app()
+    elif command == "report":
+        report_command(args)
     else:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         audit_command(args)

@@ -8,6 +8,7 @@ runs. ``validate`` adds the cross-field checks (sizes, budgets, combinations).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
@@ -92,10 +93,14 @@ class FederationConfig:
     name: str = "none"
     clients: int = 10
     rounds: int = 20
+    # null: every client takes part in every round. With dp_level=user clients are Poisson-sampled
+    # at rate clients_per_round / clients, so this is the expected count per round.
     clients_per_round: Optional[int] = None
     local_epochs: int = 1
+    # iid, or dirichlet: each class spread over the clients in proportions ~ Dirichlet(alpha).
     partition: str = "iid"
     alpha: float = 0.5
+    # sample: each client runs DP-SGD on its records; user: DP-FedAvg, clipped updates and server noise.
     dp_level: str = "sample"
     server_lr: float = 1.0
 
@@ -109,7 +114,7 @@ class AggregatorConfig:
     pre: List[str] = field(default_factory=list)
     # multi_krum: how many best-scored updates to average; null means n - f.
     m: Optional[int] = None
-    # geometric_median: Weiszfeld smoothing, relative tolerance on the objective, iteration cap.
+    # geometric_median: Weiszfeld smoothing, step tolerance (relative to the median distance), iteration cap.
     nu: float = 1e-6
     tol: float = 1e-6
     max_iter: int = 100
@@ -125,6 +130,8 @@ class AggregatorConfig:
 class AttackConfig:
     name: str = "none"
     byzantine: int = 0
+    # sign_flip: the Byzantine update is -scale times the client's own update.
+    scale: float = 1.0
     # gaussian: mean and standard deviation of the noise sent instead of an update.
     noise_mean: float = 0.0
     noise_std: float = 1.0
@@ -228,7 +235,7 @@ CLIPPING_MODES = ("flat", "per_layer")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "step")
-FEDERATIONS = ("none",)
+FEDERATIONS = ("none", "fedavg")
 AUDIT_LEVELS = ("standard", "fast", "thorough", "none")
 MIA_ATTACKS = ("loss", "rmia", "lira")
 AIA_RULES = ("imputation_prior", "loss", "confidence_prior")
@@ -329,25 +336,125 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
             f"train.resume={train.resume} holds no checkpoint.pt: give the directory of the run to continue"
         )
 
+    _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
     return info, sizes
 
 
+def _world_size(cfg: Config) -> int:
+    """Processes of the run: ``launcher.nproc_per_node``, or WORLD_SIZE under an outside torchrun."""
+    return max(cfg.launcher.nproc_per_node, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _validate_launcher(cfg: Config) -> None:
+    """Several processes: data parallelism (DPDDP) or robust aggregation of the workers' gradients."""
+    launcher, aggregator, attack = cfg.launcher, cfg.aggregator, cfg.attack
+    _positive("launcher.nproc_per_node", launcher.nproc_per_node)
+    _choice("launcher.backend", launcher.backend, ("auto", "gloo", "nccl"))
+    world = _world_size(cfg)
+    if world == 1:
+        return
+    if cfg.federation.name != "none":
+        raise UserError(
+            f"federation={cfg.federation.name} simulates its clients in one process: use launcher.nproc_per_node=1"
+        )
+    if launcher.backend == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("launcher.backend=nccl needs CUDA GPUs: use launcher.backend=gloo (or auto) on CPU")
+    if aggregator.name == "mean" and not aggregator.pre and attack.name == "none":
+        return
+    # Robust data parallelism: each rank sends one update per step, Byzantine ranks included.
+    if cfg.train.batch_size < world:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} is split over {world} workers: use at least {world}"
+        )
+    if not 0 <= attack.byzantine < world:
+        raise UserError(f"attack.byzantine={attack.byzantine} must be in [0, {world}) workers: lower it")
+    if attack.name != "none" and attack.byzantine == 0:
+        raise UserError(f"attack={attack.name} with attack.byzantine=0 attacks nothing: set attack.byzantine=<count>")
+    from dptrain.robust import build_aggregator, build_attack
+
+    f = attack.byzantine if aggregator.f is None else aggregator.f
+    try:
+        build_aggregator(aggregator, f, cfg.train.seed).check(world)
+    except UserError as error:
+        raise UserError(f"aggregator={aggregator.name} over {world} workers with f={f} Byzantine: {error}") from None
+    build_attack(attack, cfg.train.seed)
+
+
 def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
-    """Federation, aggregator, attack and launcher: the combinations of clients, rules and attackers."""
-    _choice("federation", cfg.federation.name, FEDERATIONS)
-    _positive("launcher.nproc_per_node", cfg.launcher.nproc_per_node)
-    if cfg.launcher.nproc_per_node > 1:
+    """Federation, aggregator, attack and launcher: the combinations of clients, rules and attackers.
+
+    The aggregator's precondition is checked for n = clients_per_round and f = aggregator.f (null:
+    attack.byzantine), the most Byzantine updates a round can hold.
+    """
+    federation, attack, aggregator = cfg.federation, cfg.attack, cfg.aggregator
+    _choice("federation", federation.name, FEDERATIONS)
+    if federation.name == "none":
+        if _world_size(cfg) == 1 and (aggregator.name != "mean" or attack.name != "none"):
+            raise UserError(
+                f"aggregator={aggregator.name} attack={attack.name} need several clients or workers: "
+                "one process has one update per step, use federation=fedavg, launcher.nproc_per_node>1, or "
+                "aggregator=mean attack=none"
+            )
+        return
+    from dptrain.robust import alie_z, build_aggregator, build_attack
+
+    if federation.clients < 2:
         raise UserError(
-            f"launcher.nproc_per_node={cfg.launcher.nproc_per_node}: multi-process training is not available "
-            "in this version yet: use launcher.nproc_per_node=1"
+            f"federation.clients={federation.clients} must be at least 2: a federation needs several clients"
         )
-    if cfg.aggregator.name != "mean" or cfg.attack.name != "none":
+    if federation.clients > sizes.members:
         raise UserError(
-            f"aggregator={cfg.aggregator.name} attack={cfg.attack.name} need several clients or workers: "
-            "centralized training has one update per step, use aggregator=mean attack=none"
+            f"federation.clients={federation.clients} exceeds the {sizes.members} member records to partition: "
+            "lower federation.clients"
         )
+    per_round = federation.clients if federation.clients_per_round is None else federation.clients_per_round
+    if not 1 <= per_round <= federation.clients:
+        raise UserError(
+            f"federation.clients_per_round={federation.clients_per_round} must be between 1 and "
+            f"federation.clients={federation.clients}: lower it, or null for every client in every round"
+        )
+    _positive("federation.rounds", federation.rounds)
+    _positive("federation.local_epochs", federation.local_epochs)
+    _positive("federation.server_lr", federation.server_lr, "the server adds server_lr times the aggregate, e.g. 1.0")
+    _choice("federation.partition", federation.partition, ("iid", "dirichlet"))
+    if federation.partition == "dirichlet":
+        _positive("federation.alpha", federation.alpha, "small alpha skews the clients' labels, large approaches IID")
+    _choice("federation.dp_level", federation.dp_level, ("sample", "user"))
+    if federation.dp_level == "user" and (aggregator.name != "mean" or aggregator.pre):
+        pre = f" with aggregator.pre={list(aggregator.pre)}" if aggregator.pre else ""
+        raise UserError(
+            f"federation.dp_level=user (DP-FedAvg) calibrates its noise to the mean of clipped updates, not to "
+            f"aggregator={aggregator.name}{pre}: use aggregator=mean without pre-aggregators, or "
+            "federation.dp_level=sample"
+        )
+    if not 0 <= attack.byzantine < per_round:
+        raise UserError(
+            f"attack.byzantine={attack.byzantine} must be in [0, federation.clients_per_round={per_round}): "
+            "a round needs an honest client, lower attack.byzantine"
+        )
+    if attack.name != "none" and attack.byzantine == 0:
+        raise UserError(f"attack={attack.name} with attack.byzantine=0 attacks nothing: set attack.byzantine=<count>")
+    if cfg.audit.canaries.count:
+        raise UserError(
+            f"audit.canaries.count={cfg.audit.canaries.count}: canaries are inserted into centralized training only, "
+            "set audit.canaries.count=0 with federation=fedavg"
+        )
+    f = attack.byzantine if aggregator.f is None else aggregator.f
+    try:
+        build_aggregator(aggregator, f, cfg.train.seed).check(per_round)
+    except UserError as error:
+        raise UserError(
+            f"aggregator={aggregator.name} with federation.clients_per_round={per_round} updates per round and "
+            f"f={f} Byzantine: {error}"
+        ) from None
+    build_attack(attack, cfg.train.seed, federation.server_lr)
+    if attack.name == "alie" and attack.z is None:
+        alie_z(per_round, attack.byzantine)
 
 
 def _validate_audit(audit: AuditConfig, population: int) -> None:

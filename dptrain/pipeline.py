@@ -14,7 +14,7 @@ from dptrain.config import Config, recipe_hash, validate
 from dptrain.tracking.artifacts import write_manifest
 from dptrain.tracking.atomic import write_json_atomic
 from dptrain.tracking.tensorboard import TensorBoardLog
-from dptrain.training import centralized
+from dptrain.training import centralized, federated, ranks
 from dptrain.training.centralized import TargetRun, flat_config
 from dptrain.training.checkpoint import Checkpoint
 
@@ -24,13 +24,17 @@ AUDIT = "audit.json"
 
 
 def _recipe(cfg: Config):
-    """The training recipe module for ``cfg``: each has ``plan(cfg, sizes)``, ``train_target(...)``
-    and ``load_target(cfg, run_dir)``."""
-    return centralized
+    """The training recipe module for ``cfg``: each has ``plan(cfg, sizes)``, ``train_target(...)``,
+    ``load_target(cfg, run_dir)`` and ``resumed_step(plan, checkpoint)``."""
+    return federated if cfg.federation.name == "fedavg" else centralized
 
 
-def audit_target(cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardLog) -> dict | None:
-    """Run the audit stage on a trained target and write ``audit.json`` (None for ``audit=none``)."""
+def audit_target(cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardLog | None) -> dict | None:
+    """Run the audit stage on a trained target and write ``audit.json``.
+
+    Returns None for ``audit=none`` and on ranks other than 0, which only help
+    train reference models.
+    """
     if cfg.audit.name == "none":
         return None
     from dptrain.audit.run import AuditTarget, run_audit
@@ -40,12 +44,14 @@ def audit_target(cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardL
         run_dir,
         tb,
     )
-    write_json_atomic(run_dir / AUDIT, report)
+    if report is not None:
+        write_json_atomic(run_dir / AUDIT, report)
     return report
 
 
 def _hparams(cfg: Config, tb: TensorBoardLog, metrics: dict, report: dict | None) -> None:
     from dptrain.audit.run import audit_scalars
+    from dptrain.report.collect import recorded_overrides
 
     final = {
         "hparams/test_accuracy": metrics["test_accuracy"],
@@ -54,7 +60,10 @@ def _hparams(cfg: Config, tb: TensorBoardLog, metrics: dict, report: dict | None
     }
     if report is not None:
         final.update({f"hparams/{tag}": value for tag, value in audit_scalars(report).items()})
-    tb.hparams(flat_config(cfg), final)
+    # The overrides Hydra recorded in the run directory (tb/'s parent) label the run's row in the HParams
+    # dashboard as they label it in `dptrain report`; a resumed or re-audited run keeps the ones it started with.
+    overrides = " ".join(recorded_overrides(tb.log_dir.parent))
+    tb.hparams({"overrides": overrides, **flat_config(cfg)}, final)
 
 
 def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
@@ -73,24 +82,29 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
     log.info("privacy plan: %s", plan)
     checkpoint = Checkpoint.load(run_dir, recipe_hash(cfg)) if cfg.train.resume is not None else None
     # Events a crashed run logged after its last checkpoint are dropped on resume.
-    purge_step = checkpoint.epochs_done * plan.steps_per_epoch + 1 if checkpoint else None
-    tb = TensorBoardLog(run_dir, purge_step=purge_step)
+    purge_step = recipe.resumed_step(plan, checkpoint) if checkpoint else None
+    # In a multi-process run every rank trains; only rank 0 writes artifacts and TensorBoard.
+    main = ranks.is_main()
+    tb = TensorBoardLog(run_dir, purge_step=purge_step) if main else None
     try:
         target = recipe.train_target(cfg, run_dir, plan, tb, checkpoint)
         report = audit_target(cfg, target, run_dir, tb)
-        _hparams(cfg, tb, target.metrics, report)
+        if main:
+            _hparams(cfg, tb, target.metrics, report)
     finally:
-        tb.close()
-    write_manifest(
-        run_dir,
-        config_hash=recipe_hash(cfg),
-        data_fingerprint=target.fingerprint,
-        seeds={"train": cfg.train.seed, "dataset": cfg.dataset.seed, "audit": cfg.audit.seed},
-        started_at=started.isoformat(),
-        finished_at=datetime.now(timezone.utc).isoformat(),
-        resumed=checkpoint is not None,
-        world_size=1,
-    )
+        if tb is not None:
+            tb.close()
+    if main:
+        write_manifest(
+            run_dir,
+            config_hash=recipe_hash(cfg),
+            data_fingerprint=target.fingerprint,
+            seeds={"train": cfg.train.seed, "dataset": cfg.dataset.seed, "audit": cfg.audit.seed},
+            started_at=started.isoformat(),
+            finished_at=datetime.now(timezone.utc).isoformat(),
+            resumed=checkpoint is not None,
+            world_size=ranks.world_size(),
+        )
     return target.metrics, report
 
 

@@ -15,7 +15,6 @@ import time
 import warnings
 
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from dptrain.config import ModelConfig, PrivacyConfig

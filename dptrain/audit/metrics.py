@@ -344,6 +344,13 @@ def _percentile_interval(samples: np.ndarray, confidence: float) -> Interval:
     return Interval(low=float(low), high=float(high), confidence=confidence)
 
 
+def _resample_counts(rng: np.random.Generator, size: int, replicates: int) -> np.ndarray:
+    """(replicates, size) multiplicities of ``size`` records drawn with replacement, one row per
+    replicate (a Multinomial(size, uniform) draw, from uniform indices: several times faster)."""
+    drawn = rng.integers(0, size, size=(replicates, size)) + size * np.arange(replicates)[:, None]
+    return np.bincount(drawn.ravel(), minlength=replicates * size).reshape(replicates, size)
+
+
 def _bootstrap_auc(
     members: np.ndarray, nonmembers: np.ndarray, member_weights: np.ndarray, nonmember_weights: np.ndarray
 ) -> np.ndarray:
@@ -415,10 +422,8 @@ def membership_metrics(
     keys = [fpr_key(t) for t in fpr_targets]
     tprs = {key: tpr_at_fpr(roc, t) for key, t in zip(keys, fpr_targets)}
 
-    member_weights = rng.multinomial(members.size, np.full(members.size, 1.0 / members.size), size=n_bootstrap)
-    nonmember_weights = rng.multinomial(
-        nonmembers.size, np.full(nonmembers.size, 1.0 / nonmembers.size), size=n_bootstrap
-    )
+    member_weights = _resample_counts(rng, members.size, n_bootstrap)
+    nonmember_weights = _resample_counts(rng, nonmembers.size, n_bootstrap)
     auc_samples = _bootstrap_auc(members, nonmembers, member_weights, nonmember_weights)
     tpr_samples = {
         key: _bootstrap_tpr_at_fpr(members, nonmembers, member_weights, nonmember_weights, target)

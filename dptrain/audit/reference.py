@@ -22,6 +22,7 @@ from dptrain.config import recipe_hash
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan
 from dptrain.tracking.atomic import save_torch_atomic, write_json_atomic
+from dptrain.training import ranks
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ def train_references(
     """Train (or load from ``cache_dir``) ``count`` reference models under ``scheme``.
 
     Precondition: ``population`` excludes canaries and every record of the
-    target's training set. A cache is reused only when scheme, count, seed and
+    target's training set. In a multi-process run every rank calls this: rank r
+    trains models r, r + world, ... and the state dicts are all-gathered, so the
+    audit's wall time falls with the number of workers. A cache is reused only when scheme, count, seed and
     recipe hash all match, so a later ``dptrain audit`` never mixes models of
     another recipe into its attacks.
     """
@@ -120,22 +123,29 @@ def train_references(
         train_set = population if scheme == "population" else TensorDataset(features[audited_in[j]], labels[audited_in[j]])
         jobs.append((reference_config(cfg, plan, seed * 1000 + j + 1), train_set, tuple(input_shape), num_classes))
     started = time.perf_counter()
-    log.info("training %d %s reference models in %d process(es)", count, scheme, workers)
-    if workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+    rank, world = ranks.rank(), ranks.world_size()
+    # In a multi-process run each rank trains every world-th model and all ranks gather them.
+    mine = list(range(rank, count, world))
+    log.info("rank %d trains %s reference models %s in %d process(es)", rank, scheme, mine, workers)
+    if workers > 1 and len(mine) > 1:
+        threads = max(1, torch.get_num_threads() // workers)
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            states = list(pool.map(_train_one, *zip(*jobs), [threads] * count))
+            trained = list(pool.map(_train_one, *zip(*(jobs[j] for j in mine)), [threads] * len(mine)))
     else:
-        states = [_train_one(*job, threads=torch.get_num_threads()) for job in jobs]
+        trained = [_train_one(*jobs[j], threads=torch.get_num_threads()) for j in mine]
+    states: dict[int, dict] = {}
+    for part in ranks.all_gather_object(dict(zip(mine, trained))):
+        states.update(part)
     seconds = time.perf_counter() - started
 
     models = []
-    for j, state in enumerate(states):
+    writes = directory is not None and ranks.is_main()
+    for j in range(count):
         model = build_model(cfg.model, input_shape, num_classes)
-        model.load_state_dict(state)
+        model.load_state_dict(states[j])
         models.append(model)
-        if directory is not None:
-            save_torch_atomic(directory / f"model_{j}.pt", state)
-    if directory is not None:
+        if writes:
+            save_torch_atomic(directory / f"model_{j}.pt", states[j])
+    if writes:
         write_json_atomic(directory / "index.json", key)
     return ReferenceModels(scheme, models, audited_in, seconds, cached=False)

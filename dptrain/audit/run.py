@@ -17,11 +17,12 @@ from dptrain.audit.attribute import attribute_inference_audit
 from dptrain.audit.canary import one_run_audit
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, membership_metrics, roc_curve
-from dptrain.audit.reference import default_workers, train_references
+from dptrain.audit.reference import ReferenceModels, default_workers, train_references
 from dptrain.data import Canaries, SplitData, population_without
 from dptrain.privacy import PrivacyPlan
 from dptrain.tracking.figures import roc_figure, score_histogram
 from dptrain.tracking.tensorboard import TensorBoardLog
+from dptrain.training import ranks
 from dptrain.training.loop import predict
 
 log = logging.getLogger(__name__)
@@ -52,32 +53,46 @@ def _signals(model: nn.Module, dataset: TensorDataset, device: torch.device):
     return compute_signals(logits, labels)
 
 
+def _audited(target: AuditTarget) -> TensorDataset:
+    return _concat(target.data.members, target.data.non_members)
+
+
+def _needs_references(cfg) -> bool:
+    return bool({"rmia", "lira"} & set(cfg.mia.attacks))
+
+
+def _references(target: AuditTarget, run_dir) -> ReferenceModels:
+    """The reference models the requested attacks need (LiRA: "halves", else "population")."""
+    cfg = target.cfg.audit
+    population = target.data.population
+    keep = torch.from_numpy(population_without(target.data.split, target.canaries))
+    return train_references(
+        target.cfg,
+        target.plan,
+        audited=_audited(target),
+        population=TensorDataset(*(t[keep] for t in population.tensors)),
+        input_shape=target.data.input_shape,
+        num_classes=target.data.num_classes,
+        scheme="halves" if "lira" in cfg.mia.attacks else "population",
+        count=cfg.mia.reference_models,
+        seed=cfg.seed,
+        workers=cfg.workers or default_workers(cfg.mia.reference_models),
+        cache_dir=run_dir,
+    )
+
+
 def _mia(target: AuditTarget, run_dir, warnings: list[str]) -> tuple[dict, dict, dict]:
     """Scores and metrics of every requested membership attack on the balanced members / non-members."""
     cfg = target.cfg.audit
-    audited = _concat(target.data.members, target.data.non_members)
+    audited = _audited(target)
     members = len(target.data.members)
     signals = _signals(target.model, audited, target.device)
     scores: dict[str, np.ndarray] = {}
     if "loss" in cfg.mia.attacks:
         scores["loss"] = loss_scores(signals.loss)
     references = None
-    if {"rmia", "lira"} & set(cfg.mia.attacks):
-        population = target.data.population
-        keep = torch.from_numpy(population_without(target.data.split, target.canaries))
-        references = train_references(
-            target.cfg,
-            target.plan,
-            audited=audited,
-            population=TensorDataset(*(t[keep] for t in population.tensors)),
-            input_shape=target.data.input_shape,
-            num_classes=target.data.num_classes,
-            scheme="halves" if "lira" in cfg.mia.attacks else "population",
-            count=cfg.mia.reference_models,
-            seed=cfg.seed,
-            workers=cfg.workers or default_workers(cfg.mia.reference_models),
-            cache_dir=run_dir,
-        )
+    if _needs_references(cfg):
+        references = _references(target, run_dir)
         reference_signals = [_signals(model, audited, target.device) for model in references.models]
         if "rmia" in cfg.mia.attacks:
             # RMIA's population samples z come from the test split: no model (target or
@@ -193,14 +208,21 @@ def _canary(target: AuditTarget, warnings: list[str]) -> dict | None:
     return result
 
 
-def run_audit(target: AuditTarget, run_dir, tb: TensorBoardLog | None) -> dict:
+def run_audit(target: AuditTarget, run_dir, tb: TensorBoardLog | None) -> dict | None:
     """Audit ``target`` as ``target.cfg.audit`` says; return ``audit.json``'s content and draw the TensorBoard panels.
 
     Members and non-members are the run's recorded split (balanced, disjoint,
     same distribution); every number carries the counts it was measured on.
     A lower bound above the accountant's epsilon, or an AUC below 0.4, is
-    logged at error level and listed under ``warnings``.
+    logged at error level and listed under ``warnings``. In a multi-process
+    run every rank calls this: the reference models are trained across ranks
+    and only rank 0 attacks, writes and returns the report (others get None).
     """
+    if not ranks.is_main():
+        # Other ranks of a multi-process run only share the reference models' training.
+        if _needs_references(target.cfg.audit):
+            _references(target, run_dir)
+        return None
     started = time.perf_counter()
     warnings: list[str] = []
     mia, scores, references = _mia(target, run_dir, warnings)

@@ -10,6 +10,7 @@ from typing import Callable, ContextManager, Iterable
 
 import torch
 from opacus import PrivacyEngine
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -66,8 +67,9 @@ class PrivateTraining:
         return 0 if self.engine is None else sum(steps for _, _, steps in self.engine.accountant.history)
 
     def standard_model(self) -> nn.Module:
-        """The trained ``nn.Module`` with Opacus' hooks and per-example gradient buffers removed."""
-        return self.model.to_standard_module() if self.engine is not None else self.model
+        """The trained ``nn.Module`` with Opacus' hooks, per-example gradient buffers and DPDDP wrapper removed."""
+        model = self.model.to_standard_module() if self.engine is not None else self.model
+        return model.module if isinstance(model, DifferentiallyPrivateDistributedDataParallel) else model
 
     def accountant_state(self) -> dict | None:
         return None if self.engine is None else self.engine.accountant.state_dict()

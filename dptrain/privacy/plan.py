@@ -46,14 +46,31 @@ def plan_privacy(cfg: PrivacyConfig, *, members: int, batch_size: int, epochs: i
 
     The sample rate follows Opacus' Poisson loader: q = 1 / ceil(members /
     batch_size), with ceil(members / batch_size) steps per epoch, so the
-    accountant during training sees exactly the (q, steps) planned here. With a
-    target epsilon the noise is calibrated to spend it in the planned steps; an
-    explicit ``noise_multiplier`` is used as given and must stay within a
-    target set beside it.
+    accountant during training sees exactly the (q, steps) planned here.
     """
     steps_per_epoch = math.ceil(members / batch_size)
     sample_rate = 1.0 / steps_per_epoch
     steps = epochs * steps_per_epoch
+    return plan_mechanism(
+        cfg,
+        sample_rate=sample_rate,
+        steps=steps,
+        steps_per_epoch=steps_per_epoch,
+        schedule=f"{steps} steps at sample rate {sample_rate:.4g}",
+        length_key="train.epochs",
+    )
+
+
+def plan_mechanism(
+    cfg: PrivacyConfig, *, sample_rate: float, steps: int, steps_per_epoch: int, schedule: str, length_key: str
+) -> PrivacyPlan:
+    """The plan of ``steps`` Poisson-subsampled Gaussian steps at ``sample_rate``.
+
+    With a target epsilon the noise is calibrated to spend it in the planned
+    steps; an explicit ``noise_multiplier`` is used as given and must stay
+    within a target set beside it. ``schedule`` describes the steps and
+    ``length_key`` names the setting that shortens them, for the error lines.
+    """
     common = dict(
         accountant=cfg.accountant,
         delta=cfg.delta,
@@ -76,8 +93,8 @@ def plan_privacy(cfg: PrivacyConfig, *, members: int, batch_size: int, epochs: i
             noise = calibrate_noise(target_epsilon=cfg.target_epsilon, **account)
         except ValueError:
             raise UserError(
-                f"privacy.target_epsilon={cfg.target_epsilon} cannot be met in {steps} steps at sample rate "
-                f"{sample_rate:.4g} even with noise multiplier 1e6: raise target_epsilon or lower train.epochs"
+                f"privacy.target_epsilon={cfg.target_epsilon} cannot be met in {schedule} even with noise "
+                f"multiplier 1e6: raise target_epsilon or lower {length_key}"
             ) from None
     else:
         noise = cfg.noise_multiplier
@@ -85,7 +102,7 @@ def plan_privacy(cfg: PrivacyConfig, *, members: int, batch_size: int, epochs: i
     if cfg.target_epsilon is not None and epsilon > cfg.target_epsilon:
         needed = calibrate_noise(target_epsilon=cfg.target_epsilon, **account)
         raise UserError(
-            f"privacy.noise_multiplier={noise} spends epsilon {epsilon:.3g} in {steps} steps, above "
+            f"privacy.noise_multiplier={noise} spends epsilon {epsilon:.3g} in {schedule}, above "
             f"privacy.target_epsilon={cfg.target_epsilon}: set noise_multiplier >= {needed:.4g}, or "
             f"privacy.noise_multiplier=null to calibrate it, or privacy.target_epsilon=null to spend what it spends"
         )

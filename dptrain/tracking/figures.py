@@ -9,6 +9,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
+
+# Fixed margins instead of tight_layout, and decade ticks only on log axes: laying out
+# mathtext minor tick labels took most of a fast audit's time (0.1 s of a 0.13 s budget).
+MARGINS = dict(left=0.15, bottom=0.12, right=0.96, top=0.92)
 
 
 def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float):
@@ -20,9 +25,13 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float
         # log axes cannot show 0: draw the curve from the floor, where it is flat at its first value.
         axis.step(np.maximum(fpr, floor), np.maximum(tpr, floor), where="post", label=name)
     axis.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate", ylabel="true positive rate")
+    for scale in (axis.xaxis, axis.yaxis):
+        scale.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        scale.set_minor_locator(NullLocator())
+    axis.grid(True, which="major", linewidth=0.5, alpha=0.5)
     axis.set_title("membership inference ROC")
     axis.legend(loc="lower right")
-    figure.tight_layout()
+    figure.subplots_adjust(**MARGINS)
     return figure
 
 
@@ -30,10 +39,10 @@ def score_histogram(name: str, member_scores: np.ndarray, nonmember_scores: np.n
     """Overlaid histograms of an attack's scores on members and on non-members, on shared bins."""
     figure, axis = plt.subplots(figsize=(5, 3.5))
     bins = np.histogram_bin_edges(np.concatenate([member_scores, nonmember_scores]), bins=40)
-    axis.hist(nonmember_scores, bins=bins, alpha=0.6, label=f"non-members ({len(nonmember_scores)})")
-    axis.hist(member_scores, bins=bins, alpha=0.6, label=f"members ({len(member_scores)})")
+    axis.hist(nonmember_scores, bins=bins, histtype="stepfilled", alpha=0.6, label=f"non-members ({len(nonmember_scores)})")
+    axis.hist(member_scores, bins=bins, histtype="stepfilled", alpha=0.6, label=f"members ({len(member_scores)})")
     axis.set(xlabel=f"{name} score (higher = member)", ylabel="records")
     axis.set_title(f"{name}: score distributions")
     axis.legend()
-    figure.tight_layout()
+    figure.subplots_adjust(**MARGINS)
     return figure

@@ -23,6 +23,14 @@ def format_summary(metrics: Mapping, report: Mapping | None, run_dir: str | Path
         f" {metrics['members']} training records, {metrics['train_seconds']:.1f} s)",
         f"privacy        {privacy}",
     ]
+    if "rounds" in metrics:
+        lines += format_federation(metrics)
+    if metrics.get("world_size", 1) > 1:
+        how = {
+            "dpddp": "DP data parallelism (DPDDP), one noise draw per step",
+            "robust": "robust aggregation of the workers' gradients, each clipped and noised locally when private",
+        }[metrics["parallel_mode"]]
+        lines.append(f"parallel       {metrics['world_size']} processes: {how}")
     if report is not None:
         lines.append(format_audit(report))
     files = "metrics.json, audit.json" if report is not None else "metrics.json"
@@ -31,6 +39,33 @@ def format_summary(metrics: Mapping, report: Mapping | None, run_dir: str | Path
         f"tensorboard    tensorboard --logdir {Path(run_dir) / 'tb'}",
     ]
     return "\n".join(lines)
+
+
+def format_federation(metrics: Mapping) -> list[str]:
+    """The federated run's lines: clients, rounds, attack and aggregator, whose epsilon the privacy line
+    reports, and the backdoor's success rate next to clean accuracy."""
+    pre = "".join(f"{name} -> " for name in metrics["pre"])
+    lines = [
+        f"federation     {metrics['clients']} clients ({metrics['byzantine']} Byzantine, attack {metrics['attack']}),"
+        f" {metrics['rounds']} rounds of {metrics['clients_per_round']}, aggregator {pre}{metrics['aggregator']},"
+        f" {metrics['partition']} partition, {metrics['honest_members']} honest records"
+    ]
+    if metrics["private"]:
+        whose = (
+            "DP-FedAvg, per client"
+            if metrics["dp_level"] == "user"
+            else f"local DP-SGD, per record; the privacy line is honest client {metrics['reported_client']}, the worst"
+        )
+        lines.append(f"dp level       {metrics['dp_level']}: {whose}")
+    if metrics.get("byzantine_selected_fraction") is not None:
+        share = metrics["byzantine_selected_fraction"]
+        lines.append(f"selection      {share:.3f} of the updates the rule selected were Byzantine")
+    if "backdoor_success_rate" in metrics:
+        lines.append(
+            f"backdoor       attack success rate {metrics['backdoor_success_rate']:.4f} on triggered test inputs"
+            f" (clean test accuracy {metrics['test_accuracy']:.4f})"
+        )
+    return lines
 
 
 def format_audit(report: Mapping) -> str:

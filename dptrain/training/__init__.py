@@ -1,1 +1,1 @@
-"""Training recipes (centralized; federated and distributed later) and the step loop they share."""
+"""Training recipes (centralized, federated) over the step loop they share, and data parallelism across processes."""

@@ -28,7 +28,10 @@ from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, plan_privacy
 from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
+from dptrain.robust import build_attack
+from dptrain.training import ranks
 from dptrain.training.checkpoint import Checkpoint
+from dptrain.training.distributed import byzantine_ranks, local_batch_size, parallel_mode, shard, shard_size
 from dptrain.training.loop import evaluate
 from dptrain.training.recipe import resolve_device, train_model
 
@@ -73,33 +76,53 @@ def training_size(cfg: Config, members: int) -> int:
 
 
 def plan(cfg: Config, sizes: SplitSizes) -> PrivacyPlan:
-    """The privacy plan of the target's training, fixed before any data is loaded."""
-    return plan_privacy(
-        cfg.privacy,
-        members=training_size(cfg, sizes.members),
-        batch_size=cfg.train.batch_size,
-        epochs=cfg.train.epochs,
-    )
+    """The privacy plan of the target's training, fixed before any data is loaded.
+
+    Under robust data parallelism it is each rank's plan: its equal shard of the
+    records at its share of the batch (the same sample rate up to rounding).
+    """
+    records = training_size(cfg, sizes.members)
+    batch_size = cfg.train.batch_size
+    if parallel_mode(cfg) == "robust":
+        records = shard_size(records, ranks.world_size())
+        batch_size = local_batch_size(cfg)
+    return plan_privacy(cfg.privacy, members=records, batch_size=batch_size, epochs=cfg.train.epochs)
 
 
-def _load_data(cfg: Config, run_dir: Path, reuse_split: bool) -> tuple[SplitData, Canaries | None, str]:
+def resumed_step(plan: PrivacyPlan, checkpoint: Checkpoint) -> int:
+    """The first TensorBoard step after ``checkpoint`` (steps count optimizer steps)."""
+    return checkpoint.epochs_done * plan.steps_per_epoch + 1
+
+
+def load_data(cfg: Config, run_dir: Path, reuse_split: bool) -> tuple[SplitData, Canaries | None, str]:
     data = load(cfg.dataset)
     if reuse_split:
         split = Split.load(run_dir / SPLIT, expected_fingerprint=data.fingerprint)
     else:
         split = make_split(data, cfg.dataset)
-        split.save(run_dir / SPLIT)
+        if ranks.is_main():
+            split.save(run_dir / SPLIT)
     count = cfg.audit.canaries.count
     canaries = draw_canaries(split, data.labels, data.num_classes, count, cfg.audit.seed) if count else None
     return prepare(data, split), canaries, data.fingerprint
 
 
-def _training_set(data: SplitData, canaries: Canaries | None) -> TensorDataset:
-    if canaries is None or not canaries.included.any():
-        return data.members
-    inserted = canaries.dataset(data.population.tensors[0], data.split.population)
-    keep = torch.from_numpy(canaries.included)
-    return TensorDataset(*(torch.cat([a, b[keep]]) for a, b in zip(data.members.tensors, inserted.tensors)))
+def _training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> TensorDataset:
+    """The records this process trains on: members and inserted canaries, or its shard of them
+    under robust data parallelism, poisoned when this rank plays a data-poisoning attacker."""
+    records = data.members
+    if canaries is not None and canaries.included.any():
+        inserted = canaries.dataset(data.population.tensors[0], data.split.population)
+        keep = torch.from_numpy(canaries.included)
+        records = TensorDataset(*(torch.cat([a, b[keep]]) for a, b in zip(records.tensors, inserted.tensors)))
+    if parallel_mode(cfg) != "robust":
+        return records
+    rank, world = ranks.rank(), ranks.world_size()
+    records = shard(records, rank, world)
+    attack = build_attack(cfg.attack, cfg.train.seed)
+    if attack.poison is not None and rank in byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed):
+        records = TensorDataset(*attack.poison(*records.tensors, data.num_classes))
+    return records
 
 
 def train_target(
@@ -111,10 +134,10 @@ def train_target(
     ``run_dir``. Reported accuracies are on members and test records only:
     canaries are mislabelled on purpose and would distort them.
     """
-    data, canaries, fingerprint = _load_data(cfg, run_dir, reuse_split=checkpoint is not None)
+    data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=checkpoint is not None)
     trained = train_model(
         cfg,
-        _training_set(data, canaries),
+        _training_set(cfg, data, canaries),
         input_shape=data.input_shape,
         num_classes=data.num_classes,
         plan=plan,
@@ -122,6 +145,7 @@ def train_target(
         tb=tb,
         run_dir=run_dir,
         checkpoint=checkpoint,
+        data_parallel=True,
     )
     device = resolve_device(cfg.train.device)
     train_loss, train_accuracy = evaluate(trained.model, data.members, device)
@@ -149,16 +173,19 @@ def train_target(
         "canaries_included": 0 if canaries is None else int(canaries.included.sum()),
         "train_seconds": trained.train_seconds,
         "replaced_modules": trained.replaced_modules,
+        "world_size": ranks.world_size(),
+        "parallel_mode": parallel_mode(cfg),
     }
-    save_model(run_dir, trained.model.state_dict())
-    write_metrics(run_dir, metrics)
+    if ranks.is_main():
+        save_model(run_dir, trained.model.state_dict())
+        write_metrics(run_dir, metrics)
     return TargetRun(trained.model, data, plan, trained.epsilon, canaries, metrics, device, fingerprint)
 
 
 def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     """A finished run's target model, data (its recorded split) and plan, read back from its artifacts."""
     metrics = json.loads((run_dir / METRICS).read_text())
-    data, canaries, fingerprint = _load_data(cfg, run_dir, reuse_split=True)
+    data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=True)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu", weights_only=True))

@@ -19,8 +19,9 @@ class Checkpoint:
 
     ``accountant`` is Opacus' accountant state (its history of noise, sample
     rate and steps); restoring it is what keeps a resumed run from starting a
-    fresh budget. ``rng`` holds the global torch RNG and the sampling and noise
-    generators, so the resumed epochs draw what the uninterrupted run would.
+    fresh budget. ``rng`` holds the global torch RNG and the sampling and
+    noise generators (centralized: a list with one entry per rank; federated:
+    the server's), so the resumed epochs draw what the uninterrupted run would.
     """
 
     epochs_done: int
@@ -29,7 +30,7 @@ class Checkpoint:
     optimizer: dict
     scheduler: dict | None
     accountant: dict | None
-    rng: dict
+    rng: list | dict
     train_seconds: float
 
     def save(self, run_dir: str | Path) -> Path:

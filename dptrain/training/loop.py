@@ -6,8 +6,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from dptrain.privacy import PrivateTraining
 
@@ -24,8 +25,9 @@ class EpochStats:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside Opacus' GradSampleModule wrapper (or the module itself)."""
-    return getattr(model, "_module", model)
+    """The user's module inside Opacus' GradSampleModule and DPDDP wrappers (or the module itself)."""
+    model = getattr(model, "_module", model)
+    return model.module if isinstance(model, DifferentiallyPrivateDistributedDataParallel) else model
 
 
 def train_epoch(training: PrivateTraining, device: torch.device) -> EpochStats:
@@ -62,9 +64,15 @@ def predict(model: nn.Module, dataset: Dataset, device: torch.device) -> tuple[t
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for inputs, targets in DataLoader(dataset, batch_size=EVAL_BATCH_SIZE):
-        logits.append(model(inputs.to(device)).cpu())
-        labels.append(targets)
+    if isinstance(dataset, TensorDataset):
+        # Slices of the tensors: a DataLoader would index and re-stack every record.
+        batches = zip(*(tensor.split(EVAL_BATCH_SIZE) for tensor in dataset.tensors))
+    else:
+        batches = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE)
+    with torch.no_grad():
+        for inputs, targets in batches:
+            logits.append(model(inputs.to(device)).cpu())
+            labels.append(targets)
     model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
 

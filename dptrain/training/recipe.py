@@ -14,18 +14,25 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from dptrain.config import Config, TrainConfig, recipe_hash
+from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, make_private, plan_privacy
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.checkpoint import Checkpoint
+from dptrain.training import ranks
+from dptrain.training.distributed import gather_updates, local_batch_size, parallel_mode
 from dptrain.training.loop import EpochStats, evaluate, train_epoch, unwrap
 
 log = logging.getLogger(__name__)
+
+# Seed offset between ranks' sampling and noise generators (rank 0 keeps the single-process seeds).
+RANK_SEED_STRIDE = 1000
 
 
 @dataclass
@@ -42,6 +49,8 @@ class TrainedModel:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device``; ``cuda`` is the current CUDA device, which ``launch.process_group`` sets to
+    the rank's own GPU (LOCAL_RANK) under nccl."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -63,11 +72,20 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     return None
 
 
-def _rng_state(sampling: torch.Generator, noise: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "sampling": sampling.get_state(), "noise": noise.get_state()}
+def _rng_states(sampling: torch.Generator, noise: torch.Generator, data_parallel: bool) -> list[dict]:
+    """The RNG state of every rank of a data-parallel run (collective), else of this process alone."""
+    own = {"torch": torch.get_rng_state(), "sampling": sampling.get_state(), "noise": noise.get_state()}
+    return ranks.all_gather_object(own) if data_parallel else [own]
 
 
-def _restore_rng(state: dict, sampling: torch.Generator, noise: torch.Generator) -> None:
+def _restore_rng(states: list[dict], sampling: torch.Generator, noise: torch.Generator, data_parallel: bool) -> None:
+    world = ranks.world_size() if data_parallel else 1
+    if len(states) != world:
+        raise UserError(
+            f"train.resume: the checkpoint was written by {len(states)} process(es), this run has "
+            f"{world}: resume with the launcher.nproc_per_node it was started with"
+        )
+    state = states[ranks.rank() if data_parallel else 0]
     torch.set_rng_state(state["torch"])
     sampling.set_state(state["sampling"])
     noise.set_state(state["noise"])
@@ -84,6 +102,7 @@ def train_model(
     tb: TensorBoardLog | None = None,
     run_dir: str | Path | None = None,
     checkpoint: Checkpoint | None = None,
+    data_parallel: bool = False,
 ) -> TrainedModel:
     """Train ``cfg.model`` on ``train_set`` with ``cfg.train`` and ``cfg.privacy``; return the model and its spend.
 
@@ -92,30 +111,43 @@ def train_model(
     it with the accountant and RNG state restored. The loop runs exactly ``plan.steps`` steps,
     whose epsilon the plan checked against the target before training, so the
     budget is never exceeded; the final epsilon is checked again as a guard.
+
+    With ``data_parallel`` inside a torch.distributed job, every rank calls this
+    together (see ``dptrain.training.distributed``): under ``dpddp`` on the whole
+    ``train_set``, under ``robust`` on its own shard.
     """
     train = cfg.train
+    mode = parallel_mode(cfg) if data_parallel else None
+    rank = ranks.rank() if mode else 0
     device = resolve_device(train.device)
-    plan = plan or plan_privacy(cfg.privacy, members=len(train_set), batch_size=train.batch_size, epochs=train.epochs)
+    batch_size = local_batch_size(cfg) if mode == "robust" else train.batch_size
+    plan = plan or plan_privacy(cfg.privacy, members=len(train_set), batch_size=batch_size, epochs=train.epochs)
     torch.manual_seed(train.seed)
     model = build_model(cfg.model, input_shape, num_classes)
     replaced: list[str] = []
     if plan.private:
         model, replaced = ensure_dp_compatible(model)
     model.to(device)
-    sampling = torch.Generator().manual_seed(train.seed + 1)
-    noise = torch.Generator(device=device).manual_seed(train.seed + 2)
+    if mode == "dpddp":
+        model = DifferentiallyPrivateDistributedDataParallel(model)
+    # Each rank draws its own batches and noise: shared streams would correlate the
+    # inclusion of records on different ranks, which Poisson sampling's analysis forbids.
+    sampling = torch.Generator().manual_seed(train.seed + 1 + RANK_SEED_STRIDE * rank)
+    noise = torch.Generator(device=device).manual_seed(train.seed + 2 + RANK_SEED_STRIDE * rank)
     training = make_private(
         model=model,
         optimizer=make_optimizer(train, model.parameters()),
         dataset=train_set,
         plan=plan,
         cfg=cfg.privacy,
-        batch_size=train.batch_size,
+        batch_size=batch_size,
         max_physical_batch_size=train.max_physical_batch_size,
         sampling_generator=sampling,
         noise_generator=noise,
     )
     scheduler = make_scheduler(train, training.optimizer)
+    if mode == "robust":
+        gather_updates(training, cfg)
     config_hash = recipe_hash(cfg)
     start_epoch, train_seconds = 0, 0.0
     if checkpoint is not None:
@@ -124,7 +156,7 @@ def train_model(
         if scheduler is not None:
             scheduler.load_state_dict(checkpoint.scheduler)
         training.load_accountant_state(checkpoint.accountant)
-        _restore_rng(checkpoint.rng, sampling, noise)
+        _restore_rng(checkpoint.rng, sampling, noise, data_parallel=mode is not None)
         start_epoch, train_seconds = checkpoint.epochs_done, checkpoint.train_seconds
         log.info("resuming after epoch %d of %d", start_epoch, train.epochs)
 
@@ -165,6 +197,9 @@ def train_model(
                 eps="inf" if epsilon is None else f"{epsilon:.2f}",
             )
         if run_dir is not None and train.checkpoint:
+            # Every rank of a data-parallel run gets here together: the RNG gather is collective.
+            rng_states = _rng_states(sampling, noise, data_parallel=mode is not None)
+        if run_dir is not None and train.checkpoint and ranks.is_main():
             Checkpoint(
                 epochs_done=epoch + 1,
                 config_hash=config_hash,
@@ -172,12 +207,15 @@ def train_model(
                 optimizer=training.optimizer.state_dict(),
                 scheduler=None if scheduler is None else scheduler.state_dict(),
                 accountant=training.accountant_state(),
-                rng=_rng_state(sampling, noise),
+                rng=rng_states,
                 train_seconds=train_seconds,
             ).save(run_dir)
     bar.close()
 
     epsilon = training.epsilon()
+    if mode == "robust" and epsilon is not None:
+        # Local noise: each worker's records are protected by that worker's own accountant.
+        epsilon = max(ranks.all_gather_object(epsilon))
     if plan.private and (training.accounted_steps() != plan.steps or epsilon > (plan.target_epsilon or math.inf)):
         raise RuntimeError(
             f"the accountant saw {training.accounted_steps()} steps spending epsilon {epsilon}; "

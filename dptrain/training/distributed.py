@@ -1,0 +1,123 @@
+"""Data parallelism over torch.distributed ranks: Opacus' DPDDP for DP-SGD with a mean, and robust
+aggregation of all-gathered worker gradients when an aggregator or an attack is configured.
+
+Two modes, chosen by ``parallel_mode``:
+
+- ``dpddp``: DP-SGD with one global Poisson sample split over the ranks (Opacus'
+  ``DifferentiallyPrivateDistributedDataParallel`` and distributed sampler); noise is added
+  once, on rank 0, so the run is the single-process mechanism and spends the same epsilon.
+- ``robust``: each rank trains on its own shard and, when private, clips and noises its own
+  batch gradient (local DP: the guarantee holds for each worker's records whatever the others
+  send); the gradients are all-gathered as flat buffers and every rank applies the same
+  deterministic robust aggregator, so the parameters stay identical. Byzantine ranks are
+  simulated by replacing their rows of the gathered stack with the configured attack.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from dptrain.training import ranks
+
+
+def parallel_mode(cfg) -> str | None:
+    """``None`` in one process; ``dpddp`` for private training with the mean; ``robust`` otherwise.
+
+    The non-private baseline also takes the gathered path (its mean is plain
+    data parallelism), so a sweep over epsilon compares like with like.
+    """
+    if ranks.world_size() == 1:
+        return None
+    private = cfg.privacy.name != "none" and cfg.privacy.target_epsilon != float("inf")
+    if private and cfg.aggregator.name == "mean" and not cfg.aggregator.pre and cfg.attack.name == "none":
+        return "dpddp"
+    return "robust"
+
+
+def local_batch_size(cfg) -> int:
+    """A rank's share of the logical batch in ``robust`` mode (validation keeps it >= 1)."""
+    return cfg.train.batch_size // ranks.world_size()
+
+
+def byzantine_ranks(count: int, world: int, seed: int) -> list[int]:
+    """The ``count`` ranks that play Byzantine, drawn by ``seed`` (the same on every rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(world, generator=generator)[:count].tolist())
+
+
+def shard_size(records: int, world: int) -> int:
+    """Records per rank: equal shards, so every rank takes the same number of steps per epoch
+    (each step is a collective); the ``records % world`` left over are not trained on."""
+    return records // world
+
+
+def shard(dataset: TensorDataset, rank: int, world: int) -> TensorDataset:
+    """Rank ``rank``'s ``shard_size`` records: every ``world``-th one, starting at ``rank``."""
+    size = shard_size(len(dataset), world)
+    return TensorDataset(*(tensor[rank::world][:size] for tensor in dataset.tensors))
+
+
+class GatheredAggregation:
+    """Wraps an optimizer: ``step()`` first replaces every rank's gradient by the robust aggregate
+    of all ranks' gradients, then steps the wrapped optimizer.
+
+    Wrapped as Opacus' ``original_optimizer`` the exchange happens after the local clipping and
+    noise; around a plain optimizer it is (robust) data parallelism without privacy. Every
+    rank computes the same aggregate from the same gathered stack, so parameters never drift.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, aggregator, attack, byzantine: list[int]):
+        self.optimizer = optimizer
+        self.aggregator = aggregator
+        self.attack = attack
+        self.byzantine = byzantine
+
+    def __getattr__(self, name: str):
+        return getattr(self.optimizer, name)
+
+    def _gathered(self, flat: Tensor) -> Tensor:
+        world = ranks.world_size()
+        rows = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(rows, flat)
+        stack = torch.stack(rows)
+        if self.byzantine:
+            honest = [r for r in range(world) if r not in self.byzantine]
+            seen = stack[honest] if self.attack.omniscient else stack[self.byzantine]
+            stack[self.byzantine] = self.attack(seen, world).to(stack.dtype)
+        return stack
+
+    def step(self, closure=None):
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        aggregate = self.aggregator(self._gathered(flat))
+        offset = 0
+        for p in params:
+            p.grad = aggregate[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return self.optimizer.step(closure)
+
+
+def gather_updates(training, cfg) -> None:
+    """Make ``training``'s optimizer exchange gradients across ranks and step on their robust aggregate.
+
+    Private: the exchange wraps Opacus' inner optimizer, so it sees the locally
+    clipped and noised gradient. The aggregator tolerates ``aggregator.f``
+    (default ``attack.byzantine``) Byzantine rows, and every rank seeds it,
+    the attack and the choice of Byzantine ranks alike.
+    """
+    from dptrain.robust import build_aggregator, build_attack
+
+    world, seed = ranks.world_size(), cfg.train.seed
+    f = cfg.attack.byzantine if cfg.aggregator.f is None else cfg.aggregator.f
+    exchange = dict(
+        aggregator=build_aggregator(cfg.aggregator, f, seed),
+        attack=build_attack(cfg.attack, seed),
+        byzantine=byzantine_ranks(cfg.attack.byzantine, world, seed),
+    )
+    if training.engine is None:
+        training.optimizer = GatheredAggregation(training.optimizer, **exchange)
+    else:
+        training.optimizer.original_optimizer = GatheredAggregation(training.optimizer.original_optimizer, **exchange)

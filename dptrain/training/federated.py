@@ -1,0 +1,588 @@
+"""The federated recipe (``federation=fedavg``): FedAvg over the members partitioned among clients,
+some of them Byzantine, a robust aggregator at the server, and sample-level (local DP-SGD) or
+user-level (DP-FedAvg) privacy.
+
+Each round the scheduled clients train from the global model through the shared step loop
+(``clients.local_update``), Byzantine clients replace or poison their updates (``dptrain.robust``
+attacks), the server aggregates the (n, d) stack of flat deltas and applies
+``global += server_lr * aggregate``. Audits run on the final global model with the honest clients'
+records as members; their reference models are trained centrally by ``train_model`` with a derived
+config (``dptrain.audit.reference``), not federated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from opacus.accountants import create_accountant
+from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from dptrain.config import Config, recipe_hash
+from dptrain.data import SplitData, SplitSizes, describe, load, make_split, split_sizes
+from dptrain.errors import UserError
+from dptrain.models import build_model, ensure_dp_compatible
+from dptrain.privacy import PrivacyPlan, epsilon_spent
+from dptrain.privacy.plan import plan_mechanism
+from dptrain.robust import Attack, alie_z, build_aggregator, build_attack
+from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
+from dptrain.tracking.tensorboard import TensorBoardLog
+from dptrain.training.centralized import TargetRun, load_data
+from dptrain.training.checkpoint import Checkpoint
+from dptrain.training.clients import (
+    AGGREGATOR_STREAM,
+    ATTACK_STREAM,
+    AUDIT_STREAM,
+    NOISE_STREAM,
+    POISON_STREAM,
+    SAMPLING_STREAM,
+    Client,
+    byzantine_clients,
+    clients_per_round,
+    derived_seed,
+    local_plans,
+    local_update,
+    participation,
+    partition_members,
+    quiet_full_batch_prv,
+)
+from dptrain.training.loop import evaluate, predict
+from dptrain.training.recipe import resolve_device
+
+log = logging.getLogger(__name__)
+
+# A sample-level run asks for every trained client's epsilon after every round; the same
+# (noise, sample rate, steps) recur within a run and across the cells of a sweep.
+_epsilon_spent = functools.lru_cache(maxsize=None)(epsilon_spent)
+
+
+@dataclass(frozen=True, eq=False)
+class FederatedPlan(PrivacyPlan):
+    """The privacy plan of a federated run, fixed before training from the seed alone (and, for a
+    Dirichlet partition, the members' labels).
+
+    The inherited fields are the reported guarantee. ``dp_level=user``: the server's DP-FedAvg
+    mechanism, one subsampled Gaussian step per round (``steps = rounds``, ``sample_rate`` = q,
+    ``steps_per_epoch = 1``). ``dp_level=sample``: the local plan of ``reported_client``, the honest
+    client whose planned epsilon is largest (the most local steps for a non-private run).
+    ``participation[r, i]`` says whether client i trains in round r; ``client_plans[i]`` is its
+    local plan (None if it never trains).
+    """
+
+    dp_level: str
+    byzantine: tuple[int, ...]
+    reported_client: int | None
+    client_sizes: tuple[int, ...] = field(repr=False)
+    participation: np.ndarray = field(repr=False)
+    client_plans: tuple[PrivacyPlan | None, ...] = field(repr=False)
+
+
+def _server_plan(cfg: Config) -> PrivacyPlan:
+    """DP-FedAvg's plan (McMahan, Ramage, Talwar, Zhang, ICLR 2018): ``rounds`` steps of the
+    Gaussian mechanism on Poisson-sampled clients at q = clients_per_round / clients.
+
+    With a target the noise multiplier is calibrated so the rounds spend at most
+    ``privacy.target_epsilon``; an explicit one must stay within a target set beside it.
+    """
+    rounds = cfg.federation.rounds
+    q = clients_per_round(cfg) / cfg.federation.clients
+    return plan_mechanism(
+        cfg.privacy,
+        sample_rate=q,
+        steps=rounds,
+        steps_per_epoch=1,
+        schedule=f"federation.rounds={rounds} at client sampling rate {q:.4g}",
+        length_key="federation.rounds",
+    )
+
+
+def _member_labels(cfg: Config) -> np.ndarray:
+    data = load(cfg.dataset)
+    return data.labels[torch.from_numpy(make_split(data, cfg.dataset).members)].numpy()
+
+
+def plan(cfg: Config, sizes: SplitSizes) -> FederatedPlan:
+    """The run's federation (partition sizes, Byzantine clients, participation schedule) and privacy
+    plan, fixed before training.
+
+    ``dp_level=sample``: every client's noise is calibrated (``local_plans``) so that all the rounds
+    the schedule gives it spend at most ``privacy.target_epsilon``; the guarantee is per record of
+    an honest client, against the server and whatever aggregator follows. ``dp_level=user``: see
+    ``_server_plan``; the guarantee is per client. A Dirichlet partition needs the members' labels,
+    the one thing read from the data here.
+    """
+    labels = _member_labels(cfg) if cfg.federation.partition == "dirichlet" else None
+    client_sizes = [len(part) for part in partition_members(cfg, sizes.members, labels)]
+    schedule = participation(cfg)
+    byzantine = byzantine_clients(cfg)
+    with quiet_full_batch_prv():
+        plans = local_plans(cfg, client_sizes, schedule.sum(axis=0))
+        server = _server_plan(cfg) if cfg.federation.dp_level == "user" else None
+    if server is not None:
+        reported, base = None, server
+    else:
+        # Not empty: every round holds attack.byzantine < clients_per_round Byzantine clients.
+        honest = [i for i, p in enumerate(plans) if p is not None and i not in byzantine]
+        key = (lambda i: plans[i].planned_epsilon) if plans[honest[0]].private else (lambda i: plans[i].steps)
+        reported = max(honest, key=key)
+        base = plans[reported]
+    return FederatedPlan(
+        **base.to_dict(),
+        dp_level=cfg.federation.dp_level,
+        byzantine=tuple(int(i) for i in byzantine),
+        reported_client=reported,
+        client_sizes=tuple(client_sizes),
+        participation=schedule,
+        client_plans=tuple(plans),
+    )
+
+
+def resumed_step(plan: FederatedPlan, checkpoint: Checkpoint) -> int:
+    """The first TensorBoard step after ``checkpoint`` (steps count rounds)."""
+    return checkpoint.epochs_done + 1
+
+
+def dp_fedavg(
+    updates: Tensor, expected_clients: float, clip: float | None, noise_multiplier: float, generator: torch.Generator
+) -> Tensor:
+    """DP-FedAvg's server step: ``(sum_i clip_C(x_i)) / m + N(0, (sigma C / m)^2 I)``.
+
+    McMahan et al. 2018, Algorithm 1 with the fixed-denominator estimator: dividing by the expected
+    number m = qN of clients, not by the number sampled, makes one client's contribution at most
+    C / m, so each round is a Gaussian mechanism of noise multiplier sigma on Poisson-sampled
+    clients. Every update is clipped here, Byzantine ones included. ``clip=None`` (a non-private
+    run) gives the plain fixed-denominator mean. Precondition: clients were Poisson-sampled at q.
+    """
+    if clip is None:
+        return updates.sum(dim=0) / expected_clients
+    norms = torch.linalg.vector_norm(updates, dim=1, keepdim=True)
+    clipped = updates * (clip / norms.clamp_min(torch.finfo(updates.dtype).tiny)).clamp(max=1.0)
+    noise = torch.randn(updates.shape[1], generator=generator, device=generator.device, dtype=updates.dtype)
+    return (clipped.sum(dim=0) + noise.to(updates.device) * noise_multiplier * clip) / expected_clients
+
+
+def backdoor_success_rate(model: nn.Module, test: TensorDataset, attack: Attack, target_label: int, device) -> float:
+    """Share of triggered test inputs whose true label is not ``target_label`` that the model
+    classifies as ``target_label`` (Bagdasaryan et al. 2020's backdoor accuracy)."""
+    inputs, labels = test.tensors
+    keep = labels != target_label
+    logits, _ = predict(model, TensorDataset(attack.trigger(inputs[keep]), labels[keep]), device)
+    return (logits.argmax(dim=1) == target_label).float().mean().item()
+
+
+def _nominal_attack_config(cfg: Config):
+    """The attack config with ALIE's z fixed from the nominal round (clients_per_round, attack.byzantine).
+
+    Baruch et al. derive z from the n and f the attacker plans for; a sampled round's own counts
+    vary and, under Poisson sampling, may leave f > n / 2 where z is undefined.
+    """
+    if cfg.attack.name != "alie" or cfg.attack.z is not None:
+        return cfg.attack
+    return OmegaConf.merge(cfg.attack, {"z": alie_z(clients_per_round(cfg), cfg.attack.byzantine)})
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one round did: who trained, how large the updates were, whom a selecting rule kept."""
+
+    sampled: np.ndarray
+    byzantine: np.ndarray
+    client_loss: float | None
+    honest_norm: float | None
+    byzantine_norm: float | None
+    aggregate_norm: float
+    selected: np.ndarray | None
+    aggregation_seconds: float
+
+
+def _mean_norm(updates: Tensor) -> float | None:
+    return torch.linalg.vector_norm(updates, dim=1).mean().item() if len(updates) else None
+
+
+class FederatedServer:
+    """The server of FedAvg under Byzantine clients: the global model, the aggregator, the
+    accountants, and the random generators whose state a checkpoint must carry."""
+
+    def __init__(self, cfg: Config, plan: FederatedPlan, clients: list[Client], model: nn.Module, device) -> None:
+        self.cfg, self.plan, self.clients, self.model, self.device = cfg, plan, clients, model, device
+        seed = cfg.train.seed
+        f = cfg.attack.byzantine if cfg.aggregator.f is None else cfg.aggregator.f
+        self.aggregator = build_aggregator(cfg.aggregator, f, derived_seed(seed, AGGREGATOR_STREAM))
+        self.attack_cfg = _nominal_attack_config(cfg)
+        self.sampling = torch.Generator().manual_seed(derived_seed(seed, SAMPLING_STREAM))
+        self.noise = torch.Generator(device=device).manual_seed(derived_seed(seed, NOISE_STREAM))
+        self.user_level = plan.dp_level == "user"
+        self.accountant = create_accountant(plan.accountant) if self.user_level and plan.private else None
+        self.config_hash = recipe_hash(cfg)
+
+    def attack(self, round_index: int) -> Attack:
+        # A fresh attack per round, seeded by the round: a resumed run draws what the uninterrupted
+        # one would without checkpointing the attack's generator.
+        seed = derived_seed(self.cfg.train.seed, ATTACK_STREAM, round_index)
+        return build_attack(self.attack_cfg, seed, self.cfg.federation.server_lr)
+
+    def run_round(self, round_index: int) -> RoundRecord:
+        """Train the round's clients, craft the Byzantine updates, aggregate, and step the global model."""
+        sampled = np.flatnonzero(self.plan.participation[round_index])
+        honest = [int(i) for i in sampled if not self.clients[i].byzantine]
+        byzantine = [int(i) for i in sampled if self.clients[i].byzantine]
+        attack = self.attack(round_index)
+        trained = honest if attack.omniscient else sorted(honest + byzantine)
+        local = {
+            i: local_update(self.cfg, self.clients[i], self.model, self.sampling, self.noise, self.device)
+            for i in trained
+        }
+        dimension = sum(p.numel() for p in self.model.parameters())
+        empty = torch.zeros(0, dimension, device=self.device)
+        honest_updates = torch.stack([local[i].delta for i in honest]) if honest else empty
+        crafted = empty
+        if byzantine:
+            if not attack.omniscient:
+                crafted = attack(torch.stack([local[i].delta for i in byzantine]), len(sampled))
+            elif honest:
+                crafted = attack(honest_updates, len(sampled))
+            else:
+                # An omniscient attacker in a round without honest clients has nothing to mimic.
+                crafted = torch.zeros(len(byzantine), dimension, device=self.device)
+        rows = np.array(honest + byzantine, dtype=np.int64)
+        order = np.argsort(rows)
+        updates = torch.cat([honest_updates, crafted])[torch.from_numpy(order).to(self.device)]
+        started = time.perf_counter()
+        aggregate, selected = self._aggregate(updates)
+        seconds = time.perf_counter() - started
+        with torch.no_grad():
+            step = parameters_to_vector(self.model.parameters()) + self.cfg.federation.server_lr * aggregate
+            vector_to_parameters(step, self.model.parameters())
+        losses = [local[i].loss for i in honest]
+        return RoundRecord(
+            sampled=sampled,
+            byzantine=np.array(byzantine, dtype=np.int64),
+            client_loss=float(np.mean(losses)) if losses else None,
+            honest_norm=_mean_norm(honest_updates),
+            byzantine_norm=_mean_norm(crafted),
+            aggregate_norm=torch.linalg.vector_norm(aggregate).item(),
+            selected=None if selected is None else rows[order][selected.cpu().numpy()],
+            aggregation_seconds=seconds,
+        )
+
+    def _aggregate(self, updates: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self.user_level:
+            return self.aggregator.aggregate(updates)
+        if self.accountant is not None:
+            self.accountant.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
+        return (
+            dp_fedavg(
+                updates, clients_per_round(self.cfg), self.plan.max_grad_norm, self.plan.noise_multiplier, self.noise
+            ),
+            None,
+        )
+
+    def client_epsilons(self) -> list[float | None]:
+        """Each client's epsilon so far (sample level; None where it has not trained privately)."""
+        return [None if c.accountant is None else self._spent(c.accountant["history"]) for c in self.clients]
+
+    def epsilon(self) -> float | None:
+        """The reported epsilon so far: the user-level accountant's, or the largest honest client's."""
+        if not self.plan.private:
+            return None
+        if self.accountant is not None:
+            return self._spent(self.accountant.history)
+        spent = [e for c, e in zip(self.clients, self.client_epsilons()) if e is not None and not c.byzantine]
+        return max(spent, default=0.0)
+
+    def accounted_steps(self) -> dict[int, int]:
+        """Steps each accountant charged: the server's under key -1, else each private client's."""
+        if self.accountant is not None:
+            return {-1: sum(steps for _, _, steps in self.accountant.history)}
+        return {c.id: sum(s for _, _, s in c.accountant["history"]) for c in self.clients if c.accountant is not None}
+
+    def _spent(self, history) -> float:
+        if not history:
+            return 0.0
+        # Every step of one accountant has the same noise and rate, which Opacus merges into one entry.
+        ((noise, rate, steps),) = history
+        with quiet_full_batch_prv():
+            return _epsilon_spent(
+                accountant=self.plan.accountant,
+                noise_multiplier=noise,
+                sample_rate=rate,
+                steps=steps,
+                delta=self.plan.delta,
+            )
+
+    def checkpoint(self, rounds_done: int, train_seconds: float) -> Checkpoint:
+        """The state after ``rounds_done`` rounds in the recipe's ``Checkpoint``: the global model, the
+        aggregator's state as the server's optimizer, every accountant, and the RNG state."""
+        if self.accountant is not None:
+            accountants = {"server": self.accountant.state_dict()}
+        elif self.plan.private:
+            accountants = {"clients": {c.id: c.accountant for c in self.clients if c.accountant is not None}}
+        else:
+            accountants = None
+        return Checkpoint(
+            epochs_done=rounds_done,
+            config_hash=self.config_hash,
+            model=self.model.state_dict(),
+            optimizer={"aggregator": self.aggregator.state_dict()},
+            scheduler=None,
+            accountant=accountants,
+            rng={
+                "torch": torch.get_rng_state(),
+                "sampling": self.sampling.get_state(),
+                "noise": self.noise.get_state(),
+            },
+            train_seconds=train_seconds,
+        )
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``: nothing spent before it is forgotten or charged again."""
+        expected = {"server"} if self.accountant is not None else {"clients"} if self.plan.private else None
+        found = None if checkpoint.accountant is None else set(checkpoint.accountant)
+        if found != expected:
+            raise UserError(
+                "train.resume: the checkpoint's privacy accounting differs from this run's; "
+                "resume with the config the run was started with"
+            )
+        self.model.load_state_dict(checkpoint.model)
+        self.aggregator.load_state_dict(checkpoint.optimizer["aggregator"])
+        if self.accountant is not None:
+            self.accountant.load_state_dict(checkpoint.accountant["server"])
+        elif self.plan.private:
+            for client_id, state in checkpoint.accountant["clients"].items():
+                self.clients[client_id].accountant = state
+        torch.set_rng_state(checkpoint.rng["torch"])
+        self.sampling.set_state(checkpoint.rng["sampling"])
+        self.noise.set_state(checkpoint.rng["noise"])
+
+
+def _subset(dataset: TensorDataset, positions: np.ndarray) -> TensorDataset:
+    rows = torch.from_numpy(positions)
+    return TensorDataset(*(tensor[rows] for tensor in dataset.tensors))
+
+
+def _clients(cfg: Config, data: SplitData, parts: list[np.ndarray], plan: FederatedPlan) -> list[Client]:
+    """The clients' datasets; a data-poisoning attack (label flip, backdoor) rewrites the Byzantine ones."""
+    attack = build_attack(cfg.attack, derived_seed(cfg.train.seed, POISON_STREAM), cfg.federation.server_lr)
+    clients = []
+    for i, part in enumerate(parts):
+        inputs, labels = _subset(data.members, part).tensors
+        byzantine = i in plan.byzantine
+        if byzantine and attack.poison is not None:
+            inputs, labels = attack.poison(inputs, labels, data.num_classes)
+        clients.append(Client(i, TensorDataset(inputs, labels), byzantine, plan.client_plans[i]))
+    return clients
+
+
+def _partition(cfg: Config, data: SplitData, plan: FederatedPlan) -> list[np.ndarray]:
+    parts = partition_members(cfg, len(data.members), data.members.tensors[1].numpy())
+    if tuple(len(part) for part in parts) != plan.client_sizes:
+        raise RuntimeError("the clients' partition differs from the one the privacy plan was made for")
+    return parts
+
+
+def audited_data(cfg: Config, data: SplitData, parts: list[np.ndarray], byzantine: tuple[int, ...]) -> SplitData:
+    """The split the audit sees: members are the honest clients' records, non-members an equally
+    large subset of the non-member split drawn from audit.seed (balanced, same distribution).
+
+    Byzantine clients' records are the attacker's own: the guarantee does not cover them.
+    """
+    honest = np.sort(np.concatenate([part for i, part in enumerate(parts) if i not in byzantine]))
+    rng = np.random.default_rng(derived_seed(cfg.audit.seed, AUDIT_STREAM))
+    chosen = np.sort(rng.choice(len(data.non_members), size=len(honest), replace=False))
+    split = dataclasses.replace(
+        data.split, members=data.split.members[honest], non_members=data.split.non_members[chosen]
+    )
+    return dataclasses.replace(
+        data, members=_subset(data.members, honest), non_members=_subset(data.non_members, chosen), split=split
+    )
+
+
+def _global_model(cfg: Config, data: SplitData, plan: FederatedPlan, device) -> tuple[nn.Module, list[str]]:
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    replaced: list[str] = []
+    if plan.private and plan.dp_level == "sample":
+        model, replaced = ensure_dp_compatible(model)
+    return model.to(device), replaced
+
+
+def _log_round(tb: TensorBoardLog, step: int, record: RoundRecord, values: dict) -> None:
+    scalars = {
+        "fed/client_loss": record.client_loss,
+        "fed/update_norm/honest": record.honest_norm,
+        "fed/update_norm/byzantine": record.byzantine_norm,
+        "fed/aggregate_norm": record.aggregate_norm,
+        "fed/aggregation_seconds": record.aggregation_seconds,
+        "fed/clients": len(record.sampled),
+        **values,
+    }
+    if record.selected is not None:
+        tb.text(
+            "fed/selected",
+            f"round {step}: selected clients {record.selected.tolist()} of {record.sampled.tolist()}; "
+            f"Byzantine this round: {record.byzantine.tolist()}",
+            step,
+        )
+    tb.scalars(step, scalars)
+
+
+def _byzantine_fraction(record: RoundRecord) -> float | None:
+    if record.selected is None or not len(record.selected):
+        return None
+    return float(np.isin(record.selected, record.byzantine).mean())
+
+
+def train_target(
+    cfg: Config, run_dir: Path, plan: FederatedPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
+) -> TargetRun:
+    """Load the data, run ``federation.rounds`` rounds of FedAvg under ``plan`` and write
+    ``split.json``, ``model.pt`` and ``metrics.json``; a checkpoint is written after every round.
+
+    With a ``checkpoint`` the run continues after its last round with the accountants restored, so
+    the final epsilon and parameters are the uninterrupted run's. ``epsilon`` is the largest honest
+    client's (sample level) or the server's (user level), and never exceeds the target: each
+    accountant charges exactly the planned steps, checked again at the end.
+    """
+    data, _, fingerprint = load_data(cfg, run_dir, reuse_split=checkpoint is not None)
+    parts = _partition(cfg, data, plan)
+    device = resolve_device(cfg.train.device)
+    model, replaced = _global_model(cfg, data, plan, device)
+    server = FederatedServer(cfg, plan, _clients(cfg, data, parts, plan), model, device)
+    audited = audited_data(cfg, data, parts, plan.byzantine)
+    backdoor = None
+    if cfg.attack.name == "backdoor":
+        backdoor = build_attack(cfg.attack, cfg.train.seed, cfg.federation.server_lr)
+    start, train_seconds = 0, 0.0
+    if checkpoint is not None:
+        server.restore(checkpoint)
+        start, train_seconds = checkpoint.epochs_done, checkpoint.train_seconds
+        log.info("resuming after round %d of %d", start, cfg.federation.rounds)
+
+    fractions, aggregation_seconds = [], 0.0
+    rounds = cfg.federation.rounds
+    bar = tqdm(
+        range(start, rounds), desc="rounds", unit="round", initial=start, total=rounds, disable=not cfg.train.progress
+    )
+    for round_index in bar:
+        started = time.perf_counter()
+        record = server.run_round(round_index)
+        train_seconds += time.perf_counter() - started
+        aggregation_seconds += record.aggregation_seconds
+        test_loss, test_accuracy = evaluate(server.model, data.test, device)
+        epsilon = server.epsilon()
+        fraction = _byzantine_fraction(record)
+        if fraction is not None:
+            fractions.append(fraction)
+        values = {
+            "fed/test_accuracy": test_accuracy,
+            "fed/test_loss": test_loss,
+            "fed/byzantine_selected_fraction": fraction,
+            "privacy/epsilon": epsilon,
+        }
+        if backdoor is not None:
+            values["fed/backdoor_success_rate"] = backdoor_success_rate(
+                server.model, data.test, backdoor, cfg.attack.target_label, device
+            )
+        _log_round(tb, round_index + 1, record, values)
+        bar.set_postfix(acc=f"{test_accuracy:.3f}", eps="inf" if epsilon is None else f"{epsilon:.2f}")
+        if cfg.train.checkpoint:
+            server.checkpoint(round_index + 1, train_seconds).save(run_dir)
+    bar.close()
+
+    epsilon = server.epsilon()
+    _check_spend(server, plan, epsilon)
+    metrics = _metrics(cfg, plan, server, data, audited, epsilon, device)
+    metrics.update(
+        train_seconds=train_seconds,
+        aggregation_seconds=aggregation_seconds,
+        replaced_modules=replaced,
+        byzantine_selected_fraction=float(np.mean(fractions)) if fractions else None,
+    )
+    if backdoor is not None:
+        metrics["backdoor_success_rate"] = backdoor_success_rate(
+            server.model, data.test, backdoor, cfg.attack.target_label, device
+        )
+    save_model(run_dir, server.model.state_dict())
+    write_metrics(run_dir, metrics)
+    return TargetRun(server.model, audited, plan, epsilon, None, metrics, device, fingerprint)
+
+
+def _check_spend(server: FederatedServer, plan: FederatedPlan, epsilon: float | None) -> None:
+    if not plan.private:
+        return
+    planned = (
+        {-1: plan.steps}
+        if server.accountant is not None
+        else {c.id: c.plan.steps for c in server.clients if c.accountant is not None}
+    )
+    if server.accounted_steps() != planned or epsilon > (plan.target_epsilon or np.inf):
+        raise RuntimeError(
+            f"the accountants charged {server.accounted_steps()} steps spending epsilon {epsilon}; "
+            f"the plan was {planned} within {plan.target_epsilon}"
+        )
+
+
+def _metrics(
+    cfg: Config, plan: FederatedPlan, server: FederatedServer, data: SplitData, audited: SplitData, epsilon, device
+) -> dict:
+    train_loss, train_accuracy = evaluate(server.model, audited.members, device)
+    test_loss, test_accuracy = evaluate(server.model, data.test, device)
+    sizes = data.split.sizes
+    return {
+        "test_accuracy": test_accuracy,
+        "train_accuracy": train_accuracy,
+        "test_loss": test_loss,
+        "train_loss": train_loss,
+        "epsilon": epsilon,
+        "delta": plan.delta if plan.private else None,
+        "target_epsilon": plan.target_epsilon,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "steps": plan.steps,
+        "accountant": plan.accountant if plan.private else None,
+        "max_grad_norm": plan.max_grad_norm,
+        "private": plan.private,
+        "rounds": cfg.federation.rounds,
+        "clients": cfg.federation.clients,
+        "clients_per_round": clients_per_round(cfg),
+        "local_epochs": cfg.federation.local_epochs,
+        "partition": cfg.federation.partition,
+        "dp_level": plan.dp_level,
+        "aggregator": cfg.aggregator.name,
+        "pre": list(cfg.aggregator.pre),
+        "attack": cfg.attack.name,
+        "byzantine": len(plan.byzantine),
+        "byzantine_clients": list(plan.byzantine),
+        "reported_client": plan.reported_client,
+        "client_epsilons": server.client_epsilons() if plan.private and plan.dp_level == "sample" else None,
+        "client_sizes": list(plan.client_sizes),
+        "members": sizes.members,
+        "honest_members": len(audited.members),
+        "non_members": sizes.non_members,
+        "population": sizes.population,
+        "test_size": sizes.test,
+    }
+
+
+def load_target(cfg: Config, run_dir: Path) -> TargetRun:
+    """A finished federated run's global model, its audited split (honest clients' records as
+    members) and its plan, rebuilt from the config and the recorded split."""
+    metrics = json.loads((run_dir / METRICS).read_text())
+    data, _, fingerprint = load_data(cfg, run_dir, reuse_split=True)
+    federated_plan = plan(cfg, split_sizes(describe(cfg.dataset), cfg.dataset))
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu", weights_only=True))
+    audited = audited_data(cfg, data, _partition(cfg, data, federated_plan), federated_plan.byzantine)
+    return TargetRun(model.to(device), audited, federated_plan, metrics["epsilon"], None, metrics, device, fingerprint)

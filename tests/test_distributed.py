@@ -1,0 +1,152 @@
+"""Several processes over torch.distributed (gloo on CPU): DP data parallelism, robust aggregation
+across workers, parallel reference models, and a worker that dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import TINY, make_config
+from dptrain import pipeline
+from dptrain.config import validate
+from dptrain.training import centralized, launch
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, overrides: tuple, run_dir: str, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="localhost", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    cfg = make_config(*overrides)
+    with launch.process_group("gloo"):
+        _, sizes = validate(cfg)
+        plan = centralized.plan(cfg, sizes)
+        target = centralized.train_target(cfg, Path(run_dir), plan, None, None)
+    torch.save(
+        {"state": target.model.state_dict(), "epsilon": target.epsilon, "metrics": target.metrics},
+        Path(out_dir) / f"rank{rank}.pt",
+    )
+
+
+def _train_on_ranks(world: int, overrides: tuple, tmp_path: Path) -> list[dict]:
+    """Train the target of ``overrides`` on ``world`` processes; every rank's model and numbers."""
+    run_dir, out_dir = tmp_path / "run", tmp_path / "out"
+    run_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True)
+    mp.spawn(_rank, args=(world, _free_port(), overrides, str(run_dir), str(out_dir)), nprocs=world, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def test_dpddp_ranks_end_identical_and_spend_the_single_process_epsilon(tmp_path):
+    ranks = _train_on_ranks(2, TINY, tmp_path / "two")
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    single = pipeline.train(make_config(*TINY), tmp_path / "one")[0]
+    metrics = ranks[0]["metrics"]
+    assert metrics["parallel_mode"] == "dpddp" and metrics["world_size"] == 2
+    for key in ("noise_multiplier", "sample_rate", "steps"):
+        assert metrics[key] == single[key], key
+    assert ranks[0]["epsilon"] == pytest.approx(single["epsilon"], rel=1e-12)
+
+
+ROBUST = (*TINY, "train.epochs=8", "privacy.target_epsilon=8")
+
+
+def test_median_over_four_workers_survives_a_sign_flipping_worker_that_breaks_the_mean(tmp_path):
+    def accuracy(name: str, *overrides: str) -> float:
+        ranks = _train_on_ranks(4, (*ROBUST, *overrides), tmp_path / name)
+        assert all(torch.equal(ranks[0]["state"][k], r["state"][k]) for r in ranks for k in r["state"])
+        assert ranks[0]["metrics"]["parallel_mode"] == "robust"
+        return ranks[0]["metrics"]["test_accuracy"]
+
+    attacked = ("attack=sign_flip", "attack.byzantine=1", "attack.scale=10")
+    honest = accuracy("honest", "aggregator=median")
+    median = accuracy("median", "aggregator=median", *attacked)
+    mean = accuracy("mean", "aggregator=mean", *attacked)
+    assert honest > 0.6
+    assert median > honest - 0.15
+    assert mean < median - 0.3
+
+
+def _workers_of(pid: int) -> list[int]:
+    """Child processes of ``pid`` that run a spawned worker (not multiprocessing's resource tracker)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and "spawn_main" in cmdline:
+            children.append(int(entry.name))
+    return children
+
+
+def test_a_killed_worker_stops_the_run_with_its_rank_and_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "dptrain", "train", "launcher.nproc_per_node=2", "train.epochs=400", "audit=none",
+        "train.progress=false", f"hydra.run.dir={run_dir}",
+    ]
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoint.pt").exists():
+        assert launcher.poll() is None, launcher.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.2)
+    workers = _workers_of(launcher.pid)
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = launcher.communicate(timeout=60)
+    assert time.monotonic() - killed < 60
+    assert launcher.returncode != 0
+    error = [line for line in stderr.splitlines() if line.startswith("dptrain: error:")]
+    assert len(error) == 1 and "rank" in error[0] and "train.resume" in error[0]
+    assert not (run_dir / "metrics.json").exists()
+    assert not list(run_dir.glob(".*.tmp"))
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dptrain", "train", f"train.resume={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 400 * 5
+    assert 0.9 * 3.0 <= metrics["epsilon"] <= 3.0
+
+
+def test_two_process_audit_trains_reference_models_on_both_ranks(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "dptrain", "train", "launcher.nproc_per_node=2", "train.epochs=2",
+         "train.progress=false", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "parallel       2 processes: DP data parallelism" in result.stdout
+    log = (run_dir / "train.log").read_text()
+    assert "[rank 0]" in log and "rank 0 trains population reference models [0]" in log
+    assert "[rank 1]" in log and "rank 1 trains population reference models [1]" in log
+    report = json.loads((run_dir / "audit.json").read_text())
+    single = pipeline.train(make_config("train.epochs=2", "train.progress=false"), tmp_path / "single")[1]
+    assert set(report) == set(single) and set(report["mia"]) == set(single["mia"]) == {"loss", "rmia"}
+    assert set(report["mia"]["rmia"]) == set(single["mia"]["rmia"])

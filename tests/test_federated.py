@@ -1,0 +1,302 @@
+"""The federated recipe end to end: partitions, FedAvg under Byzantine clients, robust aggregation,
+sample- and user-level DP accounting, the backdoor metric, resume, and the audit's members."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import TensorDataset
+
+from dptrain import pipeline
+from dptrain.config import validate
+from dptrain.errors import UserError
+from dptrain.models import build_model
+from dptrain.privacy import epsilon_spent
+from dptrain.robust import stamp_trigger
+from dptrain.tracking.artifacts import METRICS_KEYS
+from dptrain.training import clients, federated
+
+# Ten clients, eight rounds of all of them, no DP: about a second on a 2-core CPU.
+FED = (
+    "federation=fedavg",
+    "federation.clients=10",
+    "federation.rounds=8",
+    "train.batch_size=32",
+    "privacy.target_epsilon=inf",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The models have a few hundred parameters: intra-op threads only add synchronization.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fed_config(tiny_config):
+    return lambda *overrides: tiny_config(*FED, *overrides)
+
+
+def _metrics(run_dir) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _events(run_dir) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return events
+
+
+def _scalars(events: EventAccumulator, tag: str) -> list[float]:
+    return [event.value for event in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    """FedAvg on digits without attack or DP, shared by the schema and TensorBoard tests."""
+    from conftest import TINY, make_config
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("fedavg")
+    metrics, _ = pipeline.train(make_config(*TINY, *FED), run_dir)
+    return run_dir, metrics
+
+
+def test_iid_and_dirichlet_partitions_give_every_member_to_exactly_one_client(fed_config):
+    labels = np.repeat(np.arange(10), 40)
+    for partition in ("iid", "dirichlet"):
+        cfg = fed_config(f"federation.partition={partition}", "federation.alpha=0.1")
+        parts = clients.partition_members(cfg, len(labels), labels)
+        assert len(parts) == 10 and np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    iid = clients.partition_members(fed_config(), len(labels), labels)
+    dirichlet = fed_config("federation.partition=dirichlet", "federation.alpha=0.1")
+    skewed = clients.partition_members(dirichlet, len(labels), labels)
+    assert max(map(len, iid)) - min(map(len, iid)) <= 1
+    classes = lambda parts: np.mean([len(np.unique(labels[part])) for part in parts])  # noqa: E731
+    assert classes(skewed) < 0.6 * classes(iid)
+
+
+def test_the_clients_train_on_the_partition_of_the_members(fed_config, tmp_path):
+    cfg = fed_config("federation.partition=dirichlet", "federation.rounds=1")
+    metrics, _ = pipeline.train(cfg, tmp_path)
+    _, sizes = validate(cfg)
+    labels = federated._member_labels(cfg)
+    assert metrics["client_sizes"] == [len(p) for p in clients.partition_members(cfg, sizes.members, labels)]
+    assert sum(metrics["client_sizes"]) == metrics["members"] == metrics["honest_members"]
+
+
+def test_fedavg_without_attack_reaches_the_centralized_accuracy_range_on_digits(clean_run):
+    _, metrics = clean_run
+    assert metrics["test_accuracy"] > 0.85 and metrics["epsilon"] is None
+
+
+def test_metrics_json_keeps_the_results_schema_and_adds_the_federated_fields(clean_run):
+    run_dir, metrics = clean_run
+    assert _metrics(run_dir) == metrics
+    assert set(METRICS_KEYS) <= set(metrics)
+    assert (metrics["rounds"], metrics["clients"], metrics["byzantine"]) == (8, 10, 0)
+    assert (metrics["aggregator"], metrics["pre"], metrics["dp_level"]) == ("mean", [], "sample")
+
+
+def test_tensorboard_has_a_point_per_round_for_each_federated_scalar(clean_run):
+    events = _events(clean_run[0])
+    for tag in ("fed/test_accuracy", "fed/update_norm/honest", "fed/aggregation_seconds", "fed/client_loss"):
+        assert [event.step for event in events.Scalars(tag)] == list(range(1, 9)), tag
+    assert _scalars(events, "fed/test_accuracy")[-1] == pytest.approx(clean_run[1]["test_accuracy"])
+
+
+@pytest.mark.parametrize("attack", [("attack=gaussian", "attack.noise_std=1e6"), ("attack=sign_flip", "attack.scale=1e6")])
+@pytest.mark.parametrize("aggregator", ["mean", "median", "trimmed_mean"])
+def test_huge_attackers_collapse_the_mean_while_median_and_trimmed_mean_hold(fed_config, tmp_path, aggregator, attack):
+    metrics, _ = pipeline.train(fed_config(f"aggregator={aggregator}", *attack, "attack.byzantine=3"), tmp_path)
+    if aggregator == "mean":
+        assert metrics["test_accuracy"] < 0.3
+    else:
+        assert metrics["test_accuracy"] > 0.8
+    events = _events(tmp_path)
+    assert min(_scalars(events, "fed/update_norm/byzantine")) > 1e5
+    assert max(_scalars(events, "fed/update_norm/honest")) < 1e3
+
+
+def test_multi_krum_logs_whom_it_selected_and_the_byzantine_share_of_them(fed_config, tmp_path):
+    metrics, _ = pipeline.train(fed_config("aggregator=multi_krum", "attack=alie", "attack.byzantine=2"), tmp_path)
+    events = _events(tmp_path)
+    fractions = _scalars(events, "fed/byzantine_selected_fraction")
+    texts = [event.tensor_proto.string_val[0].decode() for event in events.Tensors("fed/selected/text_summary")]
+    assert len(texts) == len(fractions) == 8
+    byzantine = set(metrics["byzantine_clients"])
+    for text, fraction in zip(texts, fractions):
+        selected = json.loads(re.search(r"selected clients (\[[\d, ]*\])", text).group(1))
+        assert len(selected) == 10 - 2
+        assert fraction == pytest.approx(len(byzantine & set(selected)) / len(selected))
+    assert metrics["byzantine_selected_fraction"] == pytest.approx(np.mean(fractions))
+
+
+def test_krum_never_selects_a_huge_outlier(fed_config, tmp_path):
+    cfg = fed_config("aggregator=krum", "attack=gaussian", "attack.noise_std=1e6", "attack.byzantine=3")
+    metrics, _ = pipeline.train(cfg, tmp_path)
+    assert metrics["byzantine_selected_fraction"] == 0.0 and metrics["test_accuracy"] > 0.6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (("federation.dp_level=user", "aggregator=median", "privacy.target_epsilon=3"), "federation.dp_level=user"),
+        (("aggregator=krum", "attack=alie", "attack.byzantine=4"), "krum needs n > 2f + 2 (n=10, f=4)"),
+        (("aggregator=bulyan", "attack=alie", "attack.byzantine=2"), "bulyan needs n >= 4f + 3"),
+        (("federation.clients=1",), "federation.clients=1 must be at least 2"),
+        (("federation.clients=600",), "federation.clients=600 exceeds the 575 member records"),
+        (("federation.clients_per_round=11",), "federation.clients_per_round=11"),
+        (("attack=sign_flip", "attack.byzantine=10"), "attack.byzantine=10 must be in [0, federation.clients_per_round"),
+        (("federation.partition=shards",), "federation.partition=shards is unknown"),
+        (("federation.partition=dirichlet", "federation.alpha=0"), "federation.alpha=0.0 must be positive"),
+        (("federation.dp_level=client",), "federation.dp_level=client is unknown"),
+    ],
+)
+def test_each_invalid_federation_fails_before_training_with_one_line(fed_config, tmp_path, overrides, expected):
+    with pytest.raises(UserError) as error:
+        pipeline.train(fed_config(*overrides), tmp_path)
+    message = str(error.value)
+    assert expected in message and "\n" not in message
+    assert not (tmp_path / "split.json").exists()
+
+
+def test_robust_rules_still_need_a_federation(tiny_config):
+    with pytest.raises(UserError, match="aggregator=krum attack=none need several clients"):
+        validate(tiny_config("aggregator=krum"))
+
+
+def test_dp_fedavg_clips_each_update_and_divides_by_the_expected_client_count():
+    updates = torch.tensor([[30.0, 40.0], [0.3, 0.4], [0.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    mean = federated.dp_fedavg(updates, expected_clients=4.0, clip=1.0, noise_multiplier=0.0, generator=generator)
+    assert torch.allclose(mean, torch.tensor([0.6 + 0.3, 0.8 + 0.4]) / 4)
+    noise = torch.stack(
+        [federated.dp_fedavg(torch.zeros(0, 1000), 4.0, 2.0, 3.0, generator) for _ in range(20)]
+    )
+    assert noise.std().item() == pytest.approx(3.0 * 2.0 / 4.0, rel=0.05)
+
+
+def test_user_level_epsilon_is_the_accountants_over_rounds_at_the_client_sampling_rate(fed_config, tmp_path):
+    cfg = fed_config("federation.dp_level=user", "federation.clients_per_round=5", "privacy.target_epsilon=3")
+    metrics, _ = pipeline.train(cfg, tmp_path)
+    assert (metrics["sample_rate"], metrics["steps"], metrics["max_grad_norm"]) == (0.5, 8, 1.0)
+    expected = epsilon_spent(
+        accountant="prv", noise_multiplier=metrics["noise_multiplier"], sample_rate=0.5, steps=8, delta=1e-5
+    )
+    assert metrics["epsilon"] == expected
+    assert 0.99 * 3.0 <= metrics["epsilon"] <= 3.0
+    assert _scalars(_events(tmp_path), "privacy/epsilon")[-1] == pytest.approx(expected)
+
+
+def test_user_level_samples_clients_independently_at_the_planned_rate(fed_config):
+    cfg = fed_config("federation.dp_level=user", "federation.clients_per_round=3", "federation.rounds=400")
+    schedule = clients.participation(cfg)
+    assert schedule.mean() == pytest.approx(0.3, abs=0.02)
+    assert len(set(schedule.sum(axis=1))) > 3
+
+
+def test_sample_level_reports_the_largest_honest_client_epsilon_within_the_target(fed_config, tmp_path):
+    # GDP calibrates in closed form; each client of a Dirichlet partition needs its own calibration.
+    cfg = fed_config(
+        "privacy.target_epsilon=2",
+        "privacy.accountant=gdp",
+        "federation.partition=dirichlet",
+        "federation.clients_per_round=6",
+        "attack=sign_flip",
+        "attack.byzantine=2",
+        "aggregator=trimmed_mean",
+    )
+    metrics, _ = pipeline.train(cfg, tmp_path)
+    epsilons = metrics["client_epsilons"]
+    honest = [e for i, e in enumerate(epsilons) if i not in metrics["byzantine_clients"] and e is not None]
+    assert metrics["epsilon"] == max(honest) == metrics["client_epsilons"][metrics["reported_client"]]
+    # Each client's noise was calibrated to its own participation, so each spends almost all of it.
+    assert all(0.99 * 2.0 <= e <= 2.0 for e in honest)
+    assert len(set(metrics["client_sizes"])) > 1
+    recomputed = epsilon_spent(
+        accountant="gdp",
+        noise_multiplier=metrics["noise_multiplier"],
+        sample_rate=metrics["sample_rate"],
+        steps=metrics["steps"],
+        delta=1e-5,
+    )
+    assert recomputed == pytest.approx(metrics["epsilon"])
+
+
+def test_backdoor_reports_the_success_rate_on_triggered_inputs_of_other_classes(fed_config, tmp_path):
+    cfg = fed_config("attack=backdoor", "attack.byzantine=3", "attack.target_label=0")
+    metrics, _ = pipeline.train(cfg, tmp_path)
+    model = build_model(cfg.model, (1, 8, 8), 10)
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    test = federated.load_target(cfg, tmp_path).data.test
+    inputs, labels = test.tensors
+    others = labels != 0
+    with torch.no_grad():
+        triggered = stamp_trigger(inputs[others], cfg.attack.trigger_size, cfg.attack.trigger_value)
+        predicted = model(triggered).argmax(dim=1)
+    assert metrics["backdoor_success_rate"] == pytest.approx((predicted == 0).float().mean().item())
+    assert 0 <= metrics["backdoor_success_rate"] <= 1 and metrics["test_accuracy"] > 0.5
+    logged = _scalars(_events(tmp_path), "fed/backdoor_success_rate")
+    assert logged[-1] == pytest.approx(metrics["backdoor_success_rate"])
+
+
+def test_resume_after_an_interruption_matches_the_uninterrupted_run(fed_config, tmp_path, monkeypatch):
+    overrides = (
+        "privacy.target_epsilon=3",
+        "privacy.accountant=gdp",
+        "federation.rounds=4",
+        "federation.clients_per_round=6",
+        "aggregator=centered_clipping",
+        "attack=gaussian",
+        "attack.byzantine=2",
+    )
+    uninterrupted = pipeline.train(fed_config(*overrides), tmp_path / "a")[0]
+
+    real_round = federated.FederatedServer.run_round
+
+    def interrupted_round(self, round_index):
+        if round_index == 2:
+            raise KeyboardInterrupt
+        return real_round(self, round_index)
+
+    monkeypatch.setattr(federated.FederatedServer, "run_round", interrupted_round)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(fed_config(*overrides), tmp_path / "b")
+    assert not (tmp_path / "b" / "metrics.json").exists()
+    monkeypatch.setattr(federated.FederatedServer, "run_round", real_round)
+
+    resumed = pipeline.train(fed_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")[0]
+    assert resumed["epsilon"] == uninterrupted["epsilon"]
+    assert resumed["client_epsilons"] == uninterrupted["client_epsilons"]
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_audit_of_the_federated_model_takes_the_honest_records_as_members(fed_config, tmp_path):
+    cfg = fed_config("audit=fast", "attack=sign_flip", "attack.byzantine=3", "aggregator=median")
+    metrics, report = pipeline.train(cfg, tmp_path)
+    byzantine_records = sum(metrics["client_sizes"][i] for i in metrics["byzantine_clients"])
+    assert report["members"] == report["non_members"] == metrics["honest_members"] == 575 - byzantine_records
+    assert report["mia"]["loss"]["n_members"] == metrics["honest_members"]
+    assert json.loads((tmp_path / "audit.json").read_text())["members"] == metrics["honest_members"]
+    assert pipeline.audit(cfg, tmp_path)["members"] == metrics["honest_members"]
+
+
+def test_honest_members_and_non_members_of_the_audit_are_disjoint_parts_of_the_split(fed_config, tmp_path):
+    cfg = fed_config("attack=sign_flip", "attack.byzantine=3", "federation.rounds=1")
+    pipeline.train(cfg, tmp_path)
+    target = federated.load_target(cfg, tmp_path)
+    split = target.data.split
+    assert len(split.members) == len(split.non_members) == len(target.data.members) == len(target.data.non_members)
+    assert not set(split.members) & set(split.non_members)
+    assert isinstance(target.data.members, TensorDataset)

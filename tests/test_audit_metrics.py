@@ -182,7 +182,7 @@ def test_epsilon_lower_bound_stays_below_a_known_epsilon_and_is_not_vacuous():
 
 
 def test_vectorised_bootstrap_matches_recomputing_each_replicate():
-    from dptrain.audit.metrics import _bootstrap_auc, _bootstrap_tpr_at_fpr, _roc
+    from dptrain.audit.metrics import _Replicates, _roc
 
     rng = np.random.default_rng(3)
     # Rounded scores force ties between and within members and non-members.
@@ -190,7 +190,8 @@ def test_vectorised_bootstrap_matches_recomputing_each_replicate():
     u = rng.multinomial(300, np.full(300, 1 / 300), size=40)
     w = rng.multinomial(400, np.full(400, 1 / 400), size=40)
     replicates = [_roc(np.repeat(members, u[b]), np.repeat(nonmembers, w[b])) for b in range(40)]
-    assert np.allclose(_bootstrap_auc(members, nonmembers, u, w), [auc(r) for r in replicates])
-    for target in (0.01, 0.1):
+    vectorised = _Replicates(members, nonmembers, u, w)
+    assert np.allclose(vectorised.auc(), [auc(r) for r in replicates])
+    for target in (0.01, 0.1, 0.5):
         expected = [tpr_at_fpr(r, target) for r in replicates]
-        assert np.array_equal(_bootstrap_tpr_at_fpr(members, nonmembers, u, w, target), expected)
+        assert np.array_equal(vectorised.tpr_at_fpr(target), expected)

@@ -351,45 +351,50 @@ def _resample_counts(rng: np.random.Generator, size: int, replicates: int) -> np
     return np.bincount(drawn.ravel(), minlength=replicates * size).reshape(replicates, size)
 
 
-def _bootstrap_auc(
-    members: np.ndarray, nonmembers: np.ndarray, member_weights: np.ndarray, nonmember_weights: np.ndarray
-) -> np.ndarray:
-    """AUC of every bootstrap replicate, each given as multiplicities of the original records.
-
-    A replicate's Mann-Whitney sum is sum_i u_i (#{N_j < M_i} + #{N_j = M_i} / 2) with
-    u (member) and w (non-member) multiplicities; the counts come from cumulative
-    sums of w in sorted non-member order, so all replicates cost O(B (m + n)).
-    """
-    order = np.argsort(nonmembers, kind="stable")
-    sorted_nonmembers = nonmembers[order]
-    cumulative = np.concatenate(
-        [np.zeros((len(nonmember_weights), 1)), np.cumsum(nonmember_weights[:, order], axis=1)], axis=1
-    )
-    below = cumulative[:, np.searchsorted(sorted_nonmembers, members, side="left")]
-    not_above = cumulative[:, np.searchsorted(sorted_nonmembers, members, side="right")]
-    wins = (below + not_above) / 2.0
-    return np.sum(member_weights * wins, axis=1) / (members.size * nonmembers.size)
+def _prefix_sums(weights: np.ndarray) -> np.ndarray:
+    """(B, k + 1) running totals: column i holds the weight of the first i records."""
+    totals = np.zeros((weights.shape[0], weights.shape[1] + 1), dtype=weights.dtype)
+    np.cumsum(weights, axis=1, out=totals[:, 1:])
+    return totals
 
 
-def _bootstrap_tpr_at_fpr(
-    members: np.ndarray, nonmembers: np.ndarray, member_weights: np.ndarray, nonmember_weights: np.ndarray, target: float
-) -> np.ndarray:
-    """``tpr_at_fpr`` of every bootstrap replicate, vectorised over replicates.
+class _Replicates:
+    """B bootstrap replicates given as multiplicities u (B, m) of the members and w (B, n) of the
+    non-members, with the running totals in sorted score order that every statistic reads, made once."""
 
-    With k = floor(target * n) false positives allowed, the best rule calls a member
-    every score strictly above s_k, the highest non-member score whose count of
-    non-members at or above it exceeds k; its TPR is the weight of members above s_k.
-    """
-    allowed = math.floor(target * nonmembers.size + 1e-9)
-    descending = np.argsort(-nonmembers, kind="stable")
-    at_or_above = np.cumsum(nonmember_weights[:, descending], axis=1)
-    cutoff = nonmembers[descending][np.argmax(at_or_above > allowed, axis=1)]
-    order = np.argsort(members, kind="stable")
-    sorted_members = members[order]
-    # Weight of members with score <= cutoff, from a prefix sum in sorted member order.
-    prefix = np.concatenate([np.zeros((len(member_weights), 1)), np.cumsum(member_weights[:, order], axis=1)], axis=1)
-    not_above = prefix[np.arange(len(member_weights)), np.searchsorted(sorted_members, cutoff, side="right")]
-    return (members.size - not_above) / members.size
+    def __init__(self, members: np.ndarray, nonmembers: np.ndarray, member_weights: np.ndarray, nonmember_weights: np.ndarray):
+        self.members, self.nonmembers, self.member_weights = members, nonmembers, member_weights
+        member_order = np.argsort(members, kind="stable")
+        nonmember_order = np.argsort(nonmembers, kind="stable")
+        self.sorted_members, self.sorted_nonmembers = members[member_order], nonmembers[nonmember_order]
+        self.member_totals = _prefix_sums(member_weights[:, member_order])
+        self.nonmember_totals = _prefix_sums(nonmember_weights[:, nonmember_order])
+
+    def auc(self) -> np.ndarray:
+        """AUC of every replicate: its Mann-Whitney sum sum_i u_i (#{N_j < M_i} + #{N_j = M_i} / 2),
+        the counts read from the non-members' running totals, so all replicates cost O(B (m + n))."""
+        below = self.nonmember_totals[:, np.searchsorted(self.sorted_nonmembers, self.members, side="left")]
+        not_above = self.nonmember_totals[:, np.searchsorted(self.sorted_nonmembers, self.members, side="right")]
+        wins = np.einsum("bi,bi->b", self.member_weights, below + not_above)
+        return wins / (2.0 * self.members.size * self.nonmembers.size)
+
+    def tpr_at_fpr(self, target: float) -> np.ndarray:
+        """``tpr_at_fpr`` of every replicate.
+
+        With k = floor(target * n) false positives allowed, the best rule calls a member
+        every score strictly above s_k, the highest non-member score whose count of
+        non-members at or above it exceeds k; its TPR is the weight of members above s_k.
+        In ascending order, s_k is at the last position i where the weight from i upwards,
+        n - totals[i], exceeds k.
+        """
+        n, m = self.nonmembers.size, self.members.size
+        allowed = math.floor(target * n + 1e-9)
+        last = (self.nonmember_totals[:, :n] < n - allowed).sum(axis=1) - 1
+        cutoff = self.sorted_nonmembers[last]
+        not_above = self.member_totals[
+            np.arange(len(cutoff)), np.searchsorted(self.sorted_members, cutoff, side="right")
+        ]
+        return (m - not_above) / m
 
 
 def membership_metrics(
@@ -424,11 +429,10 @@ def membership_metrics(
 
     member_weights = _resample_counts(rng, members.size, n_bootstrap)
     nonmember_weights = _resample_counts(rng, nonmembers.size, n_bootstrap)
-    auc_samples = _bootstrap_auc(members, nonmembers, member_weights, nonmember_weights)
+    replicates = _Replicates(members, nonmembers, member_weights, nonmember_weights)
+    auc_samples = replicates.auc()
     tpr_samples = {
-        key: _bootstrap_tpr_at_fpr(members, nonmembers, member_weights, nonmember_weights, target)
-        for key, target in zip(keys, fpr_targets)
-        if tprs[key] is not None
+        key: replicates.tpr_at_fpr(target) for key, target in zip(keys, fpr_targets) if tprs[key] is not None
     }
 
     return MembershipMetrics(

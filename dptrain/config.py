@@ -373,8 +373,7 @@ def _validate_launcher(cfg: Config) -> None:
         )
     if not 0 <= attack.byzantine < world:
         raise UserError(f"attack.byzantine={attack.byzantine} must be in [0, {world}) workers: lower it")
-    if attack.name != "none" and attack.byzantine == 0:
-        raise UserError(f"attack={attack.name} with attack.byzantine=0 attacks nothing: set attack.byzantine=<count>")
+    _validate_attackers(attack)
     from dptrain.robust import build_aggregator, build_attack
 
     f = attack.byzantine if aggregator.f is None else aggregator.f
@@ -383,6 +382,17 @@ def _validate_launcher(cfg: Config) -> None:
     except UserError as error:
         raise UserError(f"aggregator={aggregator.name} over {world} workers with f={f} Byzantine: {error}") from None
     build_attack(attack, cfg.train.seed)
+
+
+def _validate_attackers(attack: AttackConfig) -> None:
+    """An attack needs attackers, and attackers need an attack."""
+    if attack.name != "none" and attack.byzantine == 0:
+        raise UserError(f"attack={attack.name} with attack.byzantine=0 attacks nothing: set attack.byzantine=<count>")
+    if attack.name == "none" and attack.byzantine:
+        raise UserError(
+            f"attack.byzantine={attack.byzantine} with attack=none: the Byzantine clients or workers would train "
+            "honestly yet be left out of the reported epsilon and the audit; choose an attack or attack.byzantine=0"
+        )
 
 
 def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
@@ -401,6 +411,7 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
                 "aggregator=mean attack=none"
             )
         return
+    from dptrain.privacy.plan import is_private
     from dptrain.robust import alie_z, build_aggregator, build_attack
 
     if federation.clients < 2:
@@ -437,8 +448,7 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
             f"attack.byzantine={attack.byzantine} must be in [0, federation.clients_per_round={per_round}): "
             "a round needs an honest client, lower attack.byzantine"
         )
-    if attack.name != "none" and attack.byzantine == 0:
-        raise UserError(f"attack={attack.name} with attack.byzantine=0 attacks nothing: set attack.byzantine=<count>")
+    _validate_attackers(attack)
     if cfg.audit.canaries.count:
         raise UserError(
             f"audit.canaries.count={cfg.audit.canaries.count}: canaries are inserted into centralized training only, "
@@ -452,7 +462,14 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
             f"aggregator={aggregator.name} with federation.clients_per_round={per_round} updates per round and "
             f"f={f} Byzantine: {error}"
         ) from None
-    build_attack(attack, cfg.train.seed, federation.server_lr)
+    omniscient = build_attack(attack, cfg.train.seed, federation.server_lr).omniscient
+    if federation.dp_level == "user" and omniscient and is_private(cfg.privacy):
+        raise UserError(
+            f"attack={attack.name} crafts its updates from the honest clients' unclipped ones, so one client would "
+            f"move the DP-FedAvg mean by more than the clipping norm its noise is sized for: with "
+            "federation.dp_level=user use a non-omniscient attack (sign_flip, gaussian, label_flip, backdoor), or "
+            "federation.dp_level=sample"
+        )
     if attack.name == "alie" and attack.z is None:
         alie_z(per_round, attack.byzantine)
 

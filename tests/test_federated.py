@@ -159,6 +159,11 @@ def test_krum_never_selects_a_huge_outlier(fed_config, tmp_path):
         (("federation.partition=shards",), "federation.partition=shards is unknown"),
         (("federation.partition=dirichlet", "federation.alpha=0"), "federation.alpha=0.0 must be positive"),
         (("federation.dp_level=client",), "federation.dp_level=client is unknown"),
+        (("attack.byzantine=2",), "attack.byzantine=2 with attack=none"),
+        (
+            ("federation.dp_level=user", "privacy.target_epsilon=3", "attack=mimic", "attack.byzantine=2"),
+            "attack=mimic crafts its updates from the honest clients' unclipped ones",
+        ),
     ],
 )
 def test_each_invalid_federation_fails_before_training_with_one_line(fed_config, tmp_path, overrides, expected):
@@ -290,6 +295,17 @@ def test_audit_of_the_federated_model_takes_the_honest_records_as_members(fed_co
     assert report["mia"]["loss"]["n_members"] == metrics["honest_members"]
     assert json.loads((tmp_path / "audit.json").read_text())["members"] == metrics["honest_members"]
     assert pipeline.audit(cfg, tmp_path)["members"] == metrics["honest_members"]
+
+
+def test_clients_the_schedule_never_picked_are_no_members_of_the_audit(fed_config, tmp_path):
+    cfg = fed_config("federation.dp_level=user", "federation.clients_per_round=2", "federation.rounds=2")
+    plan = federated.plan(cfg, validate(cfg)[1])
+    idle = np.flatnonzero(~plan.participation.any(axis=0))
+    assert len(idle) > 0  # 2 rounds at rate 0.2 leave most of the 10 clients out
+    metrics, _ = pipeline.train(cfg, tmp_path)
+    trained = sum(size for i, size in enumerate(metrics["client_sizes"]) if i not in idle)
+    assert trained < metrics["members"]
+    assert len(federated.load_target(cfg, tmp_path).data.members) == trained == metrics["honest_members"]
 
 
 def test_honest_members_and_non_members_of_the_audit_are_disjoint_parts_of_the_split(fed_config, tmp_path):

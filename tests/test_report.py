@@ -17,12 +17,13 @@ from omegaconf import OmegaConf
 from test_cli import TINY, dptrain
 
 from dptrain.config import register_configs
-from dptrain.report.collect import RunRecord
+from dptrain.report.collect import RunRecord, read_run
 from dptrain.report.progress import BASIC_SWEEPER, sweep_jobs
 from dptrain.report.table import differing_overrides
 from dptrain.report.tuning import (
     Mechanism,
     composition_epsilon,
+    delta_from_rdp,
     epsilon_from_rdp,
     negative_binomial_gamma,
     random_stopping_bounds,
@@ -204,6 +205,20 @@ def test_sweep_size_counts_params_and_command_line_as_the_basic_sweeper_does():
     assert sweep_jobs(config(params, ["model=logreg,mlp", "train.epochs=2"])) == 12
     assert sweep_jobs(config(params, ["privacy.target_epsilon=1,2"])) == 2
     assert sweep_jobs(config({}, ["train.lr=interval(0.1,1)"])) is None
+    # glob() needs the config groups to expand: unknown here, and never a traceback.
+    assert sweep_jobs(config({}, ["model=glob(logreg)", "train.lr=1,2"])) is None
+
+
+def test_a_run_trained_without_audit_but_audited_later_reports_its_audit(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("audit:\n  name: none\n")
+    for name in ("metrics.json", "manifest.json"):
+        (tmp_path / name).write_text("{}")
+    assert read_run(tmp_path, "run").complete and read_run(tmp_path, "run").audit is None
+    (tmp_path / "audit.json").write_text('{"level": "fast"}')
+    assert read_run(tmp_path, "run").audit == {"level": "fast"}
+    (tmp_path / "metrics.json").write_text("{trunc")
+    assert read_run(tmp_path, "run").missing == ["metrics.json (unreadable)"]
 
 
 def test_overrides_differ_when_values_differ_or_a_run_leaves_the_default():
@@ -238,6 +253,20 @@ def test_composition_of_identical_runs_is_one_run_of_their_total_steps():
     assert composition_epsilon(np.stack([one] * 4), 1e-5) == pytest.approx(
         epsilon_from_rdp(rdp_curve(Mechanism(1.1, 0.2, 120)), 1e-5)
     )
+
+
+def test_tuning_bounds_of_the_default_job_are_the_ones_the_readme_shows():
+    # The default job: sigma 2.646, 75 steps at q = 0.2; five candidates at delta 1e-5.
+    curve = rdp_curve(Mechanism(2.646484375, 0.2, 75))
+    curves = np.stack([curve] * 5)
+    assert delta_from_rdp(curve, epsilon_from_rdp(curve, 1e-5)) == pytest.approx(1e-5, rel=1e-9)
+    assert composition_epsilon(curves, 1e-5) == pytest.approx(7.90, abs=0.005)
+    bounds = {bound.distribution.split("(")[-1].rstrip(")"): bound for bound in random_stopping_bounds(curves, 1e-5)}
+    assert bounds["geometric"].epsilon == pytest.approx(5.54, abs=0.005)
+    assert bounds["logarithmic"].epsilon == pytest.approx(4.91, abs=0.01)
+    assert bounds["Poisson"].epsilon == pytest.approx(5.22, abs=0.005)
+    # K ~ Poisson(m) never draws one given candidate with probability E[(1 - 1/m)^K] = exp(-1).
+    assert bounds["Poisson"].miss_probability == pytest.approx(math.exp(-1))
 
 
 def test_tuning_costs_more_than_the_best_single_run_and_less_than_composing_many():

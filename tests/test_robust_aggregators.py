@@ -149,7 +149,9 @@ def test_bucketing_averages_seeded_random_buckets_of_s_updates():
     out = bucketing(updates, bucket_size=2, generator=torch.Generator().manual_seed(3))
     again = bucketing(updates, bucket_size=2, generator=torch.Generator().manual_seed(3))
     mixing = bucketing_matrix(5, 2, torch.Generator().manual_seed(3))
-    assert out.shape == (3, 1) and torch.equal(out, again)
+    assert out.shape == (3, 1) and torch.equal(out, again) and torch.allclose(out, mixing @ updates)
+    partitions = {tuple(map(tuple, (bucketing_matrix(12, 3, torch.Generator().manual_seed(s)) > 0).tolist())) for s in range(5)}
+    assert len(partitions) > 1
     assert sorted((mixing > 0).sum(dim=1).tolist()) == [1, 2, 2] and (mixing > 0).sum(dim=0).eq(1).all()
     assert torch.allclose((mixing > 0).sum(dim=1).to(out.dtype) @ out[:, 0], updates.sum())
 
@@ -349,7 +351,40 @@ def test_krum_after_nnm_reports_the_selected_client():
 def test_multi_krum_after_bucketing_reports_the_members_of_the_selected_buckets():
     updates = torch.randn(12, 4, generator=torch.Generator().manual_seed(10))
     result = build_aggregator(config("multi_krum", pre=["bucketing"], m=2), f=1, seed=0).aggregate(updates)
-    assert result.selected.numel() == 4 and result.selected.unique().numel() == 4
+    # The same seed draws the same buckets: recompute them and the two Multi-Krum picks among them.
+    buckets = bucketing_matrix(12, 2, torch.Generator().manual_seed(0), updates.dtype)
+    picked = krum_select(buckets @ updates, 1, 2)
+    expected = (buckets[picked] > 0).any(dim=0).nonzero().flatten()
+    assert torch.equal(result.selected.sort().values, expected)
+
+
+def test_multi_krum_m_above_the_bucketed_count_fails_before_training():
+    aggregator = build_aggregator(config("multi_krum", pre=["bucketing"], m=9), f=1, seed=0)
+    with pytest.raises(UserError, match=r"multi_krum averages aggregator.m=9 of the 6 updates it receives"):
+        aggregator.check(12)
+
+
+@pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "bulyan", "centered_clipping"])
+def test_non_finite_byzantine_rows_are_dropped_and_count_against_f(name):
+    honest = torch.randn(9, 4, generator=torch.Generator().manual_seed(12))
+    poisoned = torch.cat([honest[:4], torch.full((1, 4), float("inf")), honest[4:], torch.full((1, 4), float("nan"))])
+    aggregator = build_aggregator(config(name, pre=["nnm"] if name == "median" else []), f=2, seed=0)
+    result = aggregator.aggregate(poisoned)
+    reference = build_aggregator(config(name, pre=["nnm"] if name == "median" else []), f=0, seed=0).aggregate(honest)
+    assert torch.isfinite(result.value).all()
+    assert torch.allclose(result.value, reference.value)
+    if result.selected is not None:
+        # Indices refer to the rows as sent: the honest rows after the inf one moved up by one.
+        rows = torch.tensor([0, 1, 2, 3, 5, 6, 7, 8, 9])
+        assert torch.equal(result.selected, rows[reference.selected])
+
+
+def test_huge_finite_outliers_do_not_overflow_the_distances():
+    honest = torch.randn(9, 4, generator=torch.Generator().manual_seed(13))
+    updates = torch.cat([honest, torch.full((2, 4), 1e20)])
+    for rule in (partial(geometric_median, tol=1e-12, max_iter=500), partial(krum, f=2), partial(multi_krum, f=2)):
+        out = rule(updates)
+        assert torch.isfinite(out).all() and out.abs().max() < 10
 
 
 def test_pipeline_state_resumes_buckets_and_centre():

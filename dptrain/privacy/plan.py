@@ -41,12 +41,15 @@ def is_private(cfg: PrivacyConfig) -> bool:
     return cfg.name != "none" and not (cfg.target_epsilon is not None and math.isinf(cfg.target_epsilon))
 
 
-def plan_privacy(cfg: PrivacyConfig, *, members: int, batch_size: int, epochs: int) -> PrivacyPlan:
+def plan_privacy(
+    cfg: PrivacyConfig, *, members: int, batch_size: int, epochs: int, length_key: str = "train.epochs"
+) -> PrivacyPlan:
     """Fix noise, sample rate and step count for training on ``members`` records.
 
     The sample rate follows Opacus' Poisson loader: q = 1 / ceil(members /
     batch_size), with ceil(members / batch_size) steps per epoch, so the
     accountant during training sees exactly the (q, steps) planned here.
+    ``length_key`` names, in error lines, the setting that makes the epochs.
     """
     steps_per_epoch = math.ceil(members / batch_size)
     sample_rate = 1.0 / steps_per_epoch
@@ -57,7 +60,7 @@ def plan_privacy(cfg: PrivacyConfig, *, members: int, batch_size: int, epochs: i
         steps=steps,
         steps_per_epoch=steps_per_epoch,
         schedule=f"{steps} steps at sample rate {sample_rate:.4g}",
-        length_key="train.epochs",
+        length_key=length_key,
     )
 
 

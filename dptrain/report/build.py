@@ -113,10 +113,10 @@ def console_summary(report: Report) -> str:
         ]
         if s.tuning_epsilon is not None:
             lines += [
-                f"{'':<15}{s.tuning_epsilon:.2f} with the cost of choosing it among {len(s.candidates)} runs"
-                " (random stopping, Papernot & Steinke 2022),",
-                f"{'':<15}{s.composition_epsilon:.2f} for the fixed grid as run (composition);"
-                f" assumptions in {MARKDOWN}",
+                f"{'':<15}{s.composition_epsilon:.2f} for choosing it from the fixed grid as run"
+                f" ({len(s.candidates)} private runs, composition),",
+                f"{'':<15}{s.tuning_epsilon:.2f} had the number of trials been random"
+                f" (random stopping, Papernot & Steinke 2022); assumptions in {MARKDOWN}",
             ]
         elif not s.covered:
             lines.append(f"{'':<15}no tuning bound: {s.metric} is not a DP score of the runs (see {MARKDOWN})")

@@ -81,7 +81,9 @@ def read_run(run_dir: Path, name: str) -> RunRecord:
         contents[file] = _read_json(run_dir / file)
         if contents[file] is None:
             missing.append(file if not (run_dir / file).exists() else f"{file} (unreadable)")
-    return RunRecord(run_dir, name, recorded_overrides(run_dir), contents[METRICS], contents.get(AUDIT), missing)
+    # A run trained with audit=none may have been audited since (``dptrain audit``).
+    audit = contents[AUDIT] if AUDIT in contents else _read_json(run_dir / AUDIT)
+    return RunRecord(run_dir, name, recorded_overrides(run_dir), contents[METRICS], audit, missing)
 
 
 def _natural_key(name: str) -> list:

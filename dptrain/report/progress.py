@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -33,6 +34,9 @@ def sweep_jobs(config: DictConfig) -> int | None:
     choices: dict[str, int] = {}
     for override in OverridesParser.create().parse_overrides(arguments):
         if override.is_sweep_override() and not override.is_discrete_sweep():
+            return None
+        if override.is_sweep_override() and override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            # glob(...) expands against the config groups, which need Hydra's config loader.
             return None
         count = len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
         choices[override.get_key_element()] = count

@@ -149,9 +149,11 @@ def selection_markdown(selection: Selection) -> str:
     lines += [
         f"| the grid as run: composition of all {m} private runs | {_eps(s.composition_epsilon)} |",
         "",
-        f"**Privacy cost of the choice:** ε = {_eps(s.tuning_epsilon)} under the random-stopping bound of Papernot & "
-        f"Steinke (2022), against ε = {_eps(s.single_epsilon)} for the run alone; ε = {_eps(s.composition_epsilon)} "
-        "for the fixed grid that was actually run.",
+        f"**Privacy cost of the choice:** ε = {_eps(s.composition_epsilon)} for the fixed grid that was actually "
+        f"run (composition), the one number here that covers what was done; ε = {_eps(s.tuning_epsilon)} had the "
+        f"number of trials been random (the random-stopping bound of Papernot & Steinke 2022), against "
+        f"ε = {_eps(s.single_rdp_epsilon)} for the run alone on the same RDP scale ({_eps(s.single_epsilon)} by its "
+        "own accountant).",
     ]
     if s.composition_epsilon < s.tuning_epsilon:
         lines += [
@@ -159,7 +161,8 @@ def selection_markdown(selection: Selection) -> str:
             "Here composing the runs costs less than random stopping: every trial is charged the largest "
             "candidate's RDP curve, which dominates when the candidates' budgets differ (a sweep over epsilon). "
             "Random stopping pays off when many candidates share one budget, e.g. a learning-rate grid at a fixed "
-            "epsilon: its cost grows with log E[K], composition's with the number of runs.",
+            "epsilon: under the truncated negative binomial its cost grows with log E[K] (under Poisson, linearly in "
+            "E[K] through its mu * delta term), composition's with the number of runs.",
         ]
     lines += [
         "",

@@ -8,6 +8,7 @@ import io
 import math
 from dataclasses import dataclass
 
+from dptrain.audit.metrics import fpr_key
 from dptrain.errors import UserError
 from dptrain.report.collect import RunRecord
 
@@ -20,7 +21,7 @@ FEDERATED = ("backdoor_success_rate", "byzantine_selected_fraction")
 TRAILING = ("canary.eps_lb", "aia.advantage", "aia.leakage", "train_seconds", "audit_seconds")
 ATTACK_COLUMNS = ("auc", "tpr@1%fpr", "eps_lb")
 # audit.json's key of the TPR at 1% FPR (results schema: tpr_at_fpr keyed "0.001", "0.01", "0.1").
-LOW_FPR_KEY = "0.01"
+LOW_FPR_KEY = fpr_key(0.01)
 
 
 @dataclass

@@ -15,7 +15,9 @@ Conventions against Flower (``flwr.server.strategy``) and ByzFL (``byzfl.aggrega
   on the step size (see ``geometric_median``); ByzFL starts from zero and runs a fixed 3
   iterations with smoothing 0.1; Flower has none.
 - Centered clipping starts from a zero centre, as ByzFL; Flower has none.
-- Ties (equal Krum scores) go to the lowest index, so a selection is deterministic.
+- Ties (equal Krum scores, equal distances) go to the lowest index, so a selection is deterministic.
+
+Every rule assumes finite updates; ``RobustAggregator`` drops non-finite rows before any rule sees them.
 """
 
 from __future__ import annotations
@@ -105,16 +107,25 @@ def krum_select(updates: Tensor, f: int, m: int = 1) -> Tensor:
     return torch.sort(scores, stable=True).indices[:m]
 
 
+def krum_selection(updates: Tensor, f: int) -> tuple[Tensor, Tensor]:
+    """Krum's update and the index of the client it selected (see ``krum_select``)."""
+    selected = krum_select(updates, f)
+    return updates[selected[0]].clone(), selected
+
+
 def krum(updates: Tensor, f: int) -> Tensor:
     """Krum: the update with the lowest Krum score (see ``krum_select``). Precondition n > 2f + 2."""
-    return updates[krum_select(updates, f)[0]].clone()
+    return krum_selection(updates, f)[0]
 
 
-def mean_of_selected(updates: Tensor, selected: Tensor) -> Tensor:
-    """Mean of the selected rows as one GEMV with a 0/(1/m) weight vector, no (m, d) copy."""
-    weights = torch.zeros(updates.shape[0], dtype=updates.dtype, device=updates.device)
+def multi_krum_selection(updates: Tensor, f: int, m: int | None = None) -> tuple[Tensor, Tensor]:
+    """Multi-Krum's aggregate and the indices of the m clients it averaged."""
+    n = check_updates(updates, "multi_krum")
+    selected = krum_select(updates, f, n - f if m is None else m)
+    # One GEMV with a 0/(1/m) weight vector: no (m, d) copy of the selected rows.
+    weights = torch.zeros(n, dtype=updates.dtype, device=updates.device)
     weights[selected] = 1.0 / selected.numel()
-    return weights @ updates
+    return weights @ updates, selected
 
 
 def multi_krum(updates: Tensor, f: int, m: int | None = None) -> Tensor:
@@ -124,8 +135,7 @@ def multi_krum(updates: Tensor, f: int, m: int | None = None) -> Tensor:
     ``m=None`` averages n - f, as ByzFL; Flower's ``num_clients_to_keep`` is m, weighted by
     example counts. Precondition n > 2f + 2.
     """
-    n = check_updates(updates, "multi_krum")
-    return mean_of_selected(updates, krum_select(updates, f, n - f if m is None else m))
+    return multi_krum_selection(updates, f, m)[0]
 
 
 def check_geometric_median(nu: float, tol: float, max_iter: int) -> None:
@@ -148,14 +158,15 @@ def geometric_median(updates: Tensor, nu: float = 1e-6, tol: float = 1e-6, max_i
     tests the step rather than the relative change of the objective (which, with 7 of 15 updates
     at 1e6, stopped 44 units away from the honest cluster). Every iterate is a convex combination of
     the rows, so the iterations run on the (n, n) pairwise distances in float64
-    (``sq_distances_to_mixture``) and the (n, d) updates are read twice: for the Gram matrix and
-    for the final weighted sum. Preconditions nu > 0, tol >= 0, max_iter >= 1.
+    (``sq_distances_to_mixture``) and the (n, d) updates are read twice, for the Gram matrix and
+    for the final weighted sum (more when ``pairwise_sq_distances`` must recentre them).
+    Preconditions nu > 0, tol >= 0, max_iter >= 1.
     """
     n = check_updates(updates, "geometric_median")
     check_geometric_median(nu, tol, max_iter)
     dist = pairwise_sq_distances(updates)
     medoid = dist.sqrt().sum(dim=1).argmin()
-    core = dist[medoid].argsort()[: (n + 2) // 2]
+    core = dist[medoid].argsort(stable=True)[: (n + 2) // 2]
     weights = torch.zeros(n, dtype=dist.dtype, device=dist.device)
     weights[core] = 1.0 / core.numel()
     for _ in range(max_iter):
@@ -240,8 +251,13 @@ def bulyan(updates: Tensor, f: int) -> Tensor:
     El Mhamdi, Guerraoui, Rouault, "The Hidden Vulnerability of Distributed Learning in Byzantium",
     ICML 2018. Precondition n >= 4f + 3.
     """
+    return bulyan_selection(updates, f)[0]
+
+
+def bulyan_selection(updates: Tensor, f: int) -> tuple[Tensor, Tensor]:
+    """Bulyan's aggregate and the indices of the theta clients its Krum rounds selected."""
     selected = bulyan_select(updates, f)
-    return mean_around_median(updates, selected.numel() - 2 * f, selected)
+    return mean_around_median(updates, selected.numel() - 2 * f, selected), selected
 
 
 def check_centered_clipping(tau: float, iterations: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -14,17 +13,16 @@ from torch import Tensor
 from dptrain.config import AggregatorConfig
 from dptrain.robust.aggregators import (
     CenteredClipping,
-    bulyan_select,
+    bulyan_selection,
     check_bulyan,
     check_geometric_median,
     check_krum,
     check_trimmed_mean,
     geometric_median,
-    krum_select,
+    krum_selection,
     mean,
-    mean_around_median,
-    mean_of_selected,
     median,
+    multi_krum_selection,
     trimmed_mean,
 )
 from dptrain.robust.preaggregators import (
@@ -47,43 +45,32 @@ class Aggregation(NamedTuple):
     selected: Tensor | None
 
 
-# A rule maps the (n, d) pre-aggregated updates to (aggregate, selected rows or None).
-Rule = Callable[[Tensor], "tuple[Tensor, Tensor | None]"]
+# A rule maps the (n, d) pre-aggregated updates and the f it must tolerate to (aggregate,
+# selected rows or None).
+Rule = Callable[[Tensor, int], "tuple[Tensor, Tensor | None]"]
 
 
-def _unselective(aggregate: Callable[[Tensor], Tensor]) -> Rule:
-    return lambda updates: (aggregate(updates), None)
+def _unselective(aggregate: Callable[[Tensor, int], Tensor]) -> Rule:
+    return lambda updates, f: (aggregate(updates, f), None)
 
 
-def _krum_rule(cfg: AggregatorConfig, f: int) -> Rule:
-    def rule(updates: Tensor) -> tuple[Tensor, Tensor]:
-        selected = krum_select(updates, f)
-        return updates[selected[0]].clone(), selected
-
-    return rule
-
-
-def _multi_krum_rule(cfg: AggregatorConfig, f: int) -> Rule:
+def _multi_krum_rule(cfg: AggregatorConfig) -> Rule:
     require(cfg.m is None or cfg.m >= 1, f"multi_krum needs m >= 1 or null, got m={cfg.m}")
-
-    def rule(updates: Tensor) -> tuple[Tensor, Tensor]:
-        selected = krum_select(updates, f, updates.shape[0] - f if cfg.m is None else cfg.m)
-        return mean_of_selected(updates, selected), selected
-
-    return rule
+    # m never exceeds the updates left: fewer arrive when non-finite ones are dropped.
+    return lambda updates, f: multi_krum_selection(updates, f, None if cfg.m is None else min(cfg.m, len(updates)))
 
 
-def _geometric_median_rule(cfg: AggregatorConfig, f: int) -> Rule:
+def _check_multi_krum(n: int, f: int, cfg: AggregatorConfig) -> None:
+    check_krum(n, f, "multi_krum")
+    require(
+        cfg.m is None or cfg.m <= n,
+        f"multi_krum averages aggregator.m={cfg.m} of the {n} updates it receives: lower aggregator.m or set it null",
+    )
+
+
+def _geometric_median_rule(cfg: AggregatorConfig) -> Rule:
     check_geometric_median(cfg.nu, cfg.tol, cfg.max_iter)
-    return _unselective(partial(geometric_median, nu=cfg.nu, tol=cfg.tol, max_iter=cfg.max_iter))
-
-
-def _bulyan_rule(cfg: AggregatorConfig, f: int) -> Rule:
-    def rule(updates: Tensor) -> tuple[Tensor, Tensor]:
-        selected = bulyan_select(updates, f)
-        return mean_around_median(updates, selected.numel() - 2 * f, selected), selected
-
-    return rule
+    return _unselective(lambda x, f: geometric_median(x, nu=cfg.nu, tol=cfg.tol, max_iter=cfg.max_iter))
 
 
 class _CenteredClippingRule:
@@ -92,7 +79,7 @@ class _CenteredClippingRule:
     def __init__(self, cfg: AggregatorConfig) -> None:
         self.clipping = CenteredClipping(cfg.tau, cfg.iterations)
 
-    def __call__(self, updates: Tensor) -> tuple[Tensor, None]:
+    def __call__(self, updates: Tensor, f: int) -> tuple[Tensor, None]:
         return self.clipping(updates), None
 
     def state_dict(self) -> dict[str, Any]:
@@ -102,27 +89,31 @@ class _CenteredClippingRule:
         self.clipping.load_state_dict(state)
 
 
-def _any_n(rule: str) -> Callable[[int, int], None]:
-    return lambda n, f: require(n >= 1, f"{rule} needs at least one update, got n={n}")
+def _any_n(rule: str) -> Callable[[int, int, AggregatorConfig], None]:
+    return lambda n, f, cfg: require(n >= 1, f"{rule} needs at least one update, got n={n}")
+
+
+def _on_n_f(check: Callable[[int, int], None]) -> Callable[[int, int, AggregatorConfig], None]:
+    return lambda n, f, cfg: check(n, f)
 
 
 @dataclass(frozen=True)
 class RuleSpec:
-    # (cfg, f) -> the rule, raising a one-line UserError on out-of-range parameters.
-    make: Callable[[AggregatorConfig, int], Rule]
-    # (n, f) -> None, raising the rule's one-line UserError.
-    check: Callable[[int, int], None]
+    # cfg -> the rule, raising a one-line UserError on out-of-range parameters.
+    make: Callable[[AggregatorConfig], Rule]
+    # (n, f, cfg) -> None, raising the rule's one-line UserError.
+    check: Callable[[int, int, AggregatorConfig], None]
 
 
 AGGREGATORS: dict[str, RuleSpec] = {
-    "mean": RuleSpec(lambda cfg, f: _unselective(mean), _any_n("mean")),
-    "median": RuleSpec(lambda cfg, f: _unselective(median), _any_n("median")),
-    "trimmed_mean": RuleSpec(lambda cfg, f: _unselective(partial(trimmed_mean, f=f)), check_trimmed_mean),
-    "krum": RuleSpec(_krum_rule, check_krum),
-    "multi_krum": RuleSpec(_multi_krum_rule, partial(check_krum, rule="multi_krum")),
+    "mean": RuleSpec(lambda cfg: _unselective(lambda x, f: mean(x)), _any_n("mean")),
+    "median": RuleSpec(lambda cfg: _unselective(lambda x, f: median(x)), _any_n("median")),
+    "trimmed_mean": RuleSpec(lambda cfg: _unselective(trimmed_mean), _on_n_f(check_trimmed_mean)),
+    "krum": RuleSpec(lambda cfg: krum_selection, _on_n_f(check_krum)),
+    "multi_krum": RuleSpec(_multi_krum_rule, _check_multi_krum),
     "geometric_median": RuleSpec(_geometric_median_rule, _any_n("geometric_median")),
-    "bulyan": RuleSpec(_bulyan_rule, check_bulyan),
-    "centered_clipping": RuleSpec(lambda cfg, f: _CenteredClippingRule(cfg), _any_n("centered_clipping")),
+    "bulyan": RuleSpec(lambda cfg: bulyan_selection, _on_n_f(check_bulyan)),
+    "centered_clipping": RuleSpec(_CenteredClippingRule, _any_n("centered_clipping")),
 }
 
 
@@ -184,7 +175,7 @@ class RobustAggregator:
         self.f = f
         self._cfg = cfg
         self._spec = AGGREGATORS[cfg.name]
-        self._rule = self._spec.make(cfg, f)
+        self._rule = self._spec.make(cfg)
         self._generator = torch.Generator().manual_seed(seed)
 
     def check(self, n: int) -> None:
@@ -195,18 +186,33 @@ class RobustAggregator:
         for name in self.pre:
             PRE_AGGREGATORS[name].check(n, self.f)
             n = PRE_AGGREGATORS[name].rows_out(n, self._cfg)
-        self._spec.check(n, self.f)
+        self._spec.check(n, self.f, self._cfg)
 
     def aggregate(self, updates: Tensor) -> Aggregation:
-        """The aggregate of the (n, d) updates and, for selecting rules, the selected clients."""
+        """The aggregate of the (n, d) updates and, for selecting rules, the selected clients.
+
+        Rows with a non-finite entry are dropped first: they can only be Byzantine (or a
+        diverged client), and one of them would turn any weighted combination into NaN. Each
+        dropped row is one Byzantine update less to tolerate, f' = max(f - dropped, 0), which
+        keeps every precondition checked for (n, f) true for (n - dropped, f').
+        """
+        finite = torch.isfinite(updates).all(dim=1)
+        kept = finite.nonzero().flatten()
+        if not len(kept):
+            raise FloatingPointError("every update is non-finite: training diverged, lower train.lr")
+        f = max(self.f - (len(updates) - len(kept)), 0)
+        if len(kept) < len(updates):
+            updates = updates.index_select(0, kept)
         membership: Tensor | None = None
         for name in self.pre:
-            updates, step = PRE_AGGREGATORS[name].apply(updates, self._cfg, self.f, self._generator)
+            updates, step = PRE_AGGREGATORS[name].apply(updates, self._cfg, f, self._generator)
             if step is not None:
                 membership = step if membership is None else (step.to(torch.float32) @ membership.to(torch.float32)) > 0
-        value, selected = self._rule(updates)
+        value, selected = self._rule(updates, f)
         if selected is not None and membership is not None:
             selected = membership[selected].any(dim=0).nonzero().flatten()
+        if selected is not None:
+            selected = kept[selected.to(kept.device)]
         return Aggregation(value, selected)
 
     def __call__(self, updates: Tensor) -> Tensor:

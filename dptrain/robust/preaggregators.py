@@ -29,7 +29,8 @@ def nnm_matrix(updates: Tensor, f: int) -> Tensor:
     dist = pairwise_sq_distances(updates)
     # -1 on the diagonal keeps x_i in its own neighbourhood even when another row duplicates it.
     dist.fill_diagonal_(-1.0)
-    neighbours = dist.topk(n - f, dim=1, largest=False).indices
+    # A stable sort, not topk: equally distant neighbours go to the lower index on every device.
+    neighbours = dist.argsort(dim=1, stable=True)[:, : n - f]
     mixing = torch.zeros(n, n, dtype=updates.dtype, device=updates.device)
     return mixing.scatter_(1, neighbours, 1.0 / (n - f))
 

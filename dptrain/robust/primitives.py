@@ -38,6 +38,10 @@ def require_f(f: int, rule: str) -> None:
 
 def _gram_sq_distances(updates: Tensor) -> tuple[Tensor, Tensor]:
     gram = (updates @ updates.T).to(torch.float64)
+    if not torch.isfinite(gram).all():
+        # Entries beyond float32's range (a Byzantine update of norm ~1e19) overflow: redo in float64.
+        wide = updates.to(torch.float64)
+        gram = wide @ wide.T
     # BLAS need not round g_ij and g_ji alike; a symmetric D keeps Krum's tie-breaking order-free.
     gram = 0.5 * (gram + gram.T)
     sq_norms = gram.diagonal()
@@ -53,7 +57,7 @@ def pairwise_sq_distances(updates: Tensor) -> Tensor:
     (n, n, d) temporary and no pass per pair. The trap is cancellation: each entry carries an error
     of about ``eps * (||x_i||^2 + ||x_j||^2)`` (measured: up to 8x that), large when the updates share
     a big common component. When ``eps * median ||x_i||^2`` exceeds 1e-5 of the median distance, the
-    rows are recentred on their medoid (the row with the smallest sum of distances) and the Gram
+    rows are recentred on their medoid (the row with the smallest sum of squared distances) and the Gram
     matrix recomputed once, which keeps distances to about 1e-4 relative accuracy. Entries are
     clamped at 0 and the diagonal is exactly 0.
     """

@@ -45,9 +45,11 @@ def format_federation(metrics: Mapping) -> list[str]:
     """The federated run's lines: clients, rounds, attack and aggregator, whose epsilon the privacy line
     reports, and the backdoor's success rate next to clean accuracy."""
     pre = "".join(f"{name} -> " for name in metrics["pre"])
+    # DP-FedAvg samples each client with probability clients_per_round / clients.
+    per_round = f"~{metrics['clients_per_round']} expected" if metrics["dp_level"] == "user" else metrics["clients_per_round"]
     lines = [
         f"federation     {metrics['clients']} clients ({metrics['byzantine']} Byzantine, attack {metrics['attack']}),"
-        f" {metrics['rounds']} rounds of {metrics['clients_per_round']}, aggregator {pre}{metrics['aggregator']},"
+        f" {metrics['rounds']} rounds of {per_round}, aggregator {pre}{metrics['aggregator']},"
         f" {metrics['partition']} partition, {metrics['honest_members']} honest records"
     ]
     if metrics["private"]:

@@ -100,7 +100,11 @@ def _privacy_key(cfg: PrivacyConfig) -> tuple:
 @functools.lru_cache(maxsize=None)
 def _cached_plan(privacy: tuple, batches: int, batch_size: int, epochs: int) -> PrivacyPlan:
     return plan_privacy(
-        PrivacyConfig(**dict(privacy)), members=batches * batch_size, batch_size=batch_size, epochs=epochs
+        PrivacyConfig(**dict(privacy)),
+        members=batches * batch_size,
+        batch_size=batch_size,
+        epochs=epochs,
+        length_key="federation.rounds or federation.local_epochs",
     )
 
 

@@ -298,8 +298,8 @@ class FederatedServer:
             return None
         if self.accountant is not None:
             return self._spent(self.accountant.history)
-        spent = [e for c, e in zip(self.clients, self.client_epsilons()) if e is not None and not c.byzantine]
-        return max(spent, default=0.0)
+        honest = [c.accountant["history"] for c in self.clients if c.accountant is not None and not c.byzantine]
+        return max((self._spent(history) for history in honest), default=0.0)
 
     def accounted_steps(self) -> dict[int, int]:
         """Steps each accountant charged: the server's under key -1, else each private client's."""
@@ -391,13 +391,18 @@ def _partition(cfg: Config, data: SplitData, plan: FederatedPlan) -> list[np.nda
     return parts
 
 
-def audited_data(cfg: Config, data: SplitData, parts: list[np.ndarray], byzantine: tuple[int, ...]) -> SplitData:
-    """The split the audit sees: members are the honest clients' records, non-members an equally
-    large subset of the non-member split drawn from audit.seed (balanced, same distribution).
+def audited_data(cfg: Config, data: SplitData, parts: list[np.ndarray], plan: FederatedPlan) -> SplitData:
+    """The split the audit sees: members are the records of the honest clients that trained in at
+    least one round, non-members an equally large subset of the non-member split drawn from
+    audit.seed (balanced, same distribution).
 
-    Byzantine clients' records are the attacker's own: the guarantee does not cover them.
+    Byzantine clients' records are the attacker's own: the guarantee does not cover them. A client
+    the schedule never picked never touched the model: its records are no members.
     """
-    honest = np.sort(np.concatenate([part for i, part in enumerate(parts) if i not in byzantine]))
+    trained = plan.participation.any(axis=0)
+    honest = np.sort(
+        np.concatenate([part for i, part in enumerate(parts) if trained[i] and i not in plan.byzantine])
+    )
     rng = np.random.default_rng(derived_seed(cfg.audit.seed, AUDIT_STREAM))
     chosen = np.sort(rng.choice(len(data.non_members), size=len(honest), replace=False))
     split = dataclasses.replace(
@@ -459,10 +464,11 @@ def train_target(
     device = resolve_device(cfg.train.device)
     model, replaced = _global_model(cfg, data, plan, device)
     server = FederatedServer(cfg, plan, _clients(cfg, data, parts, plan), model, device)
-    audited = audited_data(cfg, data, parts, plan.byzantine)
+    audited = audited_data(cfg, data, parts, plan)
     backdoor = None
     if cfg.attack.name == "backdoor":
-        backdoor = build_attack(cfg.attack, cfg.train.seed, cfg.federation.server_lr)
+        # The poisoning clients' own attack, for its trigger.
+        backdoor = build_attack(cfg.attack, derived_seed(cfg.train.seed, POISON_STREAM), cfg.federation.server_lr)
     start, train_seconds = 0, 0.0
     if checkpoint is not None:
         server.restore(checkpoint)
@@ -521,14 +527,17 @@ def train_target(
 def _check_spend(server: FederatedServer, plan: FederatedPlan, epsilon: float | None) -> None:
     if not plan.private:
         return
-    planned = (
-        {-1: plan.steps}
-        if server.accountant is not None
-        else {c.id: c.plan.steps for c in server.clients if c.accountant is not None}
-    )
-    if server.accounted_steps() != planned or epsilon > (plan.target_epsilon or np.inf):
+    charged = server.accounted_steps()
+    if server.accountant is not None:
+        planned = {-1: plan.steps}
+    else:
+        # Every honest client the schedule picked, including one whose accountant never charged a step.
+        honest = [c for c in server.clients if c.plan is not None and not c.byzantine]
+        planned = {c.id: c.plan.steps for c in honest}
+        charged = {c.id: charged.get(c.id, 0) for c in honest}
+    if charged != planned or epsilon > (plan.target_epsilon or np.inf):
         raise RuntimeError(
-            f"the accountants charged {server.accounted_steps()} steps spending epsilon {epsilon}; "
+            f"the accountants charged {charged} steps spending epsilon {epsilon}; "
             f"the plan was {planned} within {plan.target_epsilon}"
         )
 
@@ -584,5 +593,5 @@ def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu", weights_only=True))
-    audited = audited_data(cfg, data, _partition(cfg, data, federated_plan), federated_plan.byzantine)
+    audited = audited_data(cfg, data, _partition(cfg, data, federated_plan), federated_plan)
     return TargetRun(model.to(device), audited, federated_plan, metrics["epsilon"], None, metrics, device, fingerprint)

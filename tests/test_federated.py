@@ -19,7 +19,7 @@ from dptrain.models import build_model
 from dptrain.privacy import epsilon_spent
 from dptrain.robust import stamp_trigger
 from dptrain.tracking.artifacts import METRICS_KEYS
-from dptrain.training import clients, federated
+from dptrain.training import centralized, clients, federated
 
 # Ten clients, eight rounds of all of them, no DP: about a second on a 2-core CPU.
 FED = (
@@ -89,8 +89,14 @@ def test_the_clients_train_on_the_partition_of_the_members(fed_config, tmp_path)
     metrics, _ = pipeline.train(cfg, tmp_path)
     _, sizes = validate(cfg)
     labels = federated._member_labels(cfg)
-    assert metrics["client_sizes"] == [len(p) for p in clients.partition_members(cfg, sizes.members, labels)]
+    parts = clients.partition_members(cfg, sizes.members, labels)
+    assert metrics["client_sizes"] == [len(p) for p in parts]
     assert sum(metrics["client_sizes"]) == metrics["members"] == metrics["honest_members"]
+    # Each client holds exactly the member records at its positions of the partition.
+    data, _, _ = centralized.load_data(cfg, tmp_path, reuse_split=True)
+    built = federated._clients(cfg, data, parts, federated.plan(cfg, sizes))
+    for client, part in zip(built, parts):
+        assert all(torch.equal(mine, whole[part]) for mine, whole in zip(client.data.tensors, data.members.tensors))
 
 
 def test_fedavg_without_attack_reaches_the_centralized_accuracy_range_on_digits(clean_run):

@@ -126,6 +126,18 @@ def test_select_names_the_best_private_run_and_charges_at_least_its_own_epsilon(
     assert "fixed grid" in markdown
 
 
+def test_a_report_without_select_removes_the_selection_an_earlier_report_left(report, tmp_path):
+    from dptrain.report.build import build_report
+
+    directory, _ = report
+    copy = tmp_path / "sweep"
+    shutil.copytree(directory, copy)
+    assert (copy / "selection.json").exists()
+    build_report(copy)
+    assert not (copy / "selection.json").exists()
+    assert all((copy / name).exists() for name in FIGURES)
+
+
 def test_run_interrupted_midway_is_listed_as_incomplete_and_the_others_are_reported(sweep, tmp_path):
     directory, _ = sweep
     copy = tmp_path / "sweep"

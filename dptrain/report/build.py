@@ -84,7 +84,7 @@ def build_report(root: str | Path, out: str | Path | None = None, select: str | 
         from dptrain.report.selection import select as select_run
 
         chosen = select_run(table, sweep.runs, select)
-    from dptrain.report.figures import report_figures, save_figure
+    from dptrain.report.figures import FIGURE_FILES, report_figures, save_figure
 
     files = [write_atomic(out / CSV, _bytes(to_csv(table)))]
     figures = report_figures(table)
@@ -99,6 +99,9 @@ def build_report(root: str | Path, out: str | Path | None = None, select: str | 
         sections += ["", selection_markdown(chosen)]
         files.append(write_json_atomic(out / SELECTION, chosen.to_dict()))
     files.append(write_atomic(out / MARKDOWN, _bytes("\n".join(sections) + "\n")))
+    # What an earlier report wrote and this one does not (no --select, no audited run) would look current.
+    for stale in {*FIGURE_FILES, SELECTION} - {path.name for path in files}:
+        (out / stale).unlink(missing_ok=True)
     return Report(out, files, sweep, table, chosen)
 
 

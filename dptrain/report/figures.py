@@ -20,6 +20,8 @@ from dptrain.tracking.atomic import write_atomic  # noqa: E402
 INF_OFFSET = 2**1.5
 LOW_FPR = 0.01
 MAX_LEGEND = 12
+# Every file report_figures may write.
+FIGURE_FILES = ("accuracy_vs_epsilon.png", "leakage_vs_epsilon.png", "lower_bound_vs_epsilon.png", "frontier.png")
 
 
 class EpsilonAxis:

@@ -196,8 +196,9 @@ class RobustAggregator:
         dropped row is one Byzantine update less to tolerate, f' = max(f - dropped, 0), which
         keeps every precondition checked for (n, f) true for (n - dropped, f').
         """
-        finite = torch.isfinite(updates).all(dim=1)
-        kept = finite.nonzero().flatten()
+        # A row's sum is non-finite when an entry is (or when its entries overflow float range):
+        # one read of the updates, no (n, d) mask.
+        kept = torch.isfinite(updates.sum(dim=1)).nonzero().flatten()
         if not len(kept):
             raise FloatingPointError("every update is non-finite: training diverged, lower train.lr")
         f = max(self.f - (len(updates) - len(kept)), 0)

@@ -275,7 +275,7 @@ def test_tuning_bounds_of_the_default_job_are_the_ones_the_readme_shows():
     assert composition_epsilon(curves, 1e-5) == pytest.approx(7.90, abs=0.005)
     bounds = {bound.distribution.split("(")[-1].rstrip(")"): bound for bound in random_stopping_bounds(curves, 1e-5)}
     assert bounds["geometric"].epsilon == pytest.approx(5.54, abs=0.005)
-    assert bounds["logarithmic"].epsilon == pytest.approx(4.91, abs=0.01)
+    assert bounds["logarithmic"].epsilon == pytest.approx(4.90, abs=0.005)
     assert bounds["Poisson"].epsilon == pytest.approx(5.22, abs=0.005)
     # K ~ Poisson(m) never draws one given candidate with probability E[(1 - 1/m)^K] = exp(-1).
     assert bounds["Poisson"].miss_probability == pytest.approx(math.exp(-1))

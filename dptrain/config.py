@@ -364,7 +364,9 @@ def _validate_launcher(cfg: Config) -> None:
 
         if not torch.cuda.is_available():
             raise UserError("launcher.backend=nccl needs CUDA GPUs: use launcher.backend=gloo (or auto) on CPU")
-    if aggregator.name == "mean" and not aggregator.pre and attack.name == "none":
+    from dptrain.training.distributed import parallel_mode
+
+    if parallel_mode(cfg, world) == "dpddp":
         return
     # Robust data parallelism: each rank sends one update per step, Byzantine ranks included.
     if cfg.train.batch_size < world:

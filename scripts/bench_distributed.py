@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 
 import torch
@@ -70,9 +69,7 @@ def _rank(rank: int, processes: int, port: int, args, device: str, threads: int,
 
 def samples_per_second(args, processes: int, device: str) -> float:
     """Records per second of the training loop on ``processes`` ranks."""
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
+    port = launch.free_port()
     threads = max(1, (os.cpu_count() or 1) // 2) if device == "cpu" else 1
     out = os.path.join(tempfile.mkdtemp(prefix="bench-distributed-"), "epochs.pt")
     mp.spawn(_rank, args=(processes, port, args, device, threads, out), nprocs=processes, join=True)

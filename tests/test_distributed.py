@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,8 @@ import torch.multiprocessing as mp
 from conftest import TINY, make_config
 from dptrain import pipeline
 from dptrain.config import validate
+from dptrain.errors import UserError
 from dptrain.training import centralized, launch
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, overrides: tuple, run_dir: str, out_dir: str) -> None:
@@ -49,7 +43,7 @@ def _train_on_ranks(world: int, overrides: tuple, tmp_path: Path) -> list[dict]:
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
     run_dir.mkdir(parents=True)
     out_dir.mkdir(parents=True)
-    mp.spawn(_rank, args=(world, _free_port(), overrides, str(run_dir), str(out_dir)), nprocs=world, join=True)
+    mp.spawn(_rank, args=(world, launch.free_port(), overrides, str(run_dir), str(out_dir)), nprocs=world, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -150,3 +144,10 @@ def test_two_process_audit_trains_reference_models_on_both_ranks(tmp_path):
     single = pipeline.train(make_config("train.epochs=2", "train.progress=false"), tmp_path / "single")[1]
     assert set(report) == set(single) and set(report["mia"]) == set(single["mia"]) == {"loss", "rmia"}
     assert set(report["mia"]["rmia"]) == set(single["mia"]["rmia"])
+
+
+def test_the_non_private_baseline_splits_its_batch_over_workers_and_says_when_it_cannot():
+    # Without noise there is nothing for DPDDP to add: the baseline takes the gathered path.
+    cfg = make_config(*TINY, "launcher.nproc_per_node=4", "privacy.target_epsilon=inf", "train.batch_size=2")
+    with pytest.raises(UserError, match=r"train.batch_size=2 is split over 4 workers: use at least 4"):
+        validate(cfg)

@@ -20,21 +20,22 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from dptrain.privacy.plan import is_private
 from dptrain.training import ranks
 
 
-def parallel_mode(cfg) -> str | None:
+def parallel_mode(cfg, world: int | None = None) -> str | None:
     """``None`` in one process; ``dpddp`` for private training with the mean; ``robust`` otherwise.
 
-    The non-private baseline also takes the gathered path (its mean is plain
-    data parallelism), so a sweep over epsilon compares like with like.
+    ``world`` defaults to the process group's size (config validation passes the planned one).
+    The non-private baseline also takes the gathered path: without noise, Opacus' DPDDP has
+    nothing to add, and the gathered mean is plain data parallelism.
     """
-    if ranks.world_size() == 1:
+    world = ranks.world_size() if world is None else world
+    if world == 1:
         return None
-    private = cfg.privacy.name != "none" and cfg.privacy.target_epsilon != float("inf")
-    if private and cfg.aggregator.name == "mean" and not cfg.aggregator.pre and cfg.attack.name == "none":
-        return "dpddp"
-    return "robust"
+    plain_mean = cfg.aggregator.name == "mean" and not cfg.aggregator.pre and cfg.attack.name == "none"
+    return "dpddp" if is_private(cfg.privacy) and plain_mean else "robust"
 
 
 def local_batch_size(cfg) -> int:

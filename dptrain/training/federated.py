@@ -35,7 +35,7 @@ from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, epsilon_spent
 from dptrain.privacy.plan import plan_mechanism
-from dptrain.robust import Attack, alie_z, build_aggregator, build_attack
+from dptrain.robust import Attack, alie_z, build_aggregator, build_attack, static_clipping
 from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.centralized import TargetRun, load_data
@@ -166,8 +166,8 @@ def dp_fedavg(
     """
     if clip is None:
         return updates.sum(dim=0) / expected_clients
-    norms = torch.linalg.vector_norm(updates, dim=1, keepdim=True)
-    clipped = updates * (clip / norms.clamp_min(torch.finfo(updates.dtype).tiny)).clamp(max=1.0)
+    # A Poisson-sampled round may hold no client: the sum is then zero and only noise is released.
+    clipped = static_clipping(updates, clip) if len(updates) else updates
     noise = torch.randn(updates.shape[1], generator=generator, device=generator.device, dtype=updates.dtype)
     return (clipped.sum(dim=0) + noise.to(updates.device) * noise_multiplier * clip) / expected_clients
 

@@ -71,7 +71,8 @@ def _worker(config: dict, run_dir: str):
     return (metrics, report) if ranks.is_main() else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for a rendezvous or MASTER_PORT)."""
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         return probe.getsockname()[1]
@@ -100,7 +101,7 @@ def launch(cfg: DictConfig, run_dir: Path) -> tuple[dict, dict | None]:
         nproc_per_node=nproc,
         run_id=f"dptrain-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
-        rdzv_endpoint=f"localhost:{_free_port()}",
+        rdzv_endpoint=f"localhost:{free_port()}",
         max_restarts=0,
         monitor_interval=0.5,
         start_method="spawn",

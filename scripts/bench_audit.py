@@ -7,7 +7,7 @@ audits it, printing the wall time of each stage and the audit / training ratio.
 Training time is the whole training stage a user waits for (data loading,
 noise calibration, the epochs, per-epoch evaluation and checkpoints). One
 untimed ``audit=fast`` run goes first, so that the one-time imports of a
-process (matplotlib alone takes about a second) are charged to no level.
+process (matplotlib's takes about 0.4 s) are charged to no level.
 """
 
 from __future__ import annotations

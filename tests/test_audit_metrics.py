@@ -181,12 +181,16 @@ def test_epsilon_lower_bound_stays_below_a_known_epsilon_and_is_not_vacuous():
     assert np.mean(bounds) > 0.7
 
 
-def test_vectorised_bootstrap_matches_recomputing_each_replicate():
+@pytest.mark.parametrize("decimals", [1, None], ids=["ties", "distinct"])
+def test_vectorised_bootstrap_matches_recomputing_each_replicate(decimals):
     from dptrain.audit.metrics import _Replicates, _roc
 
     rng = np.random.default_rng(3)
-    # Rounded scores force ties between and within members and non-members.
-    members, nonmembers = np.round(rng.normal(0.3, 1, 300), 1), np.round(rng.normal(0, 1, 400), 1)
+    members, nonmembers = rng.normal(0.3, 1, 300), rng.normal(0, 1, 400)
+    if decimals is not None:
+        # Rounded scores force ties between and within members and non-members.
+        members, nonmembers = np.round(members, decimals), np.round(nonmembers, decimals)
+    members, nonmembers = np.sort(members), np.sort(nonmembers)
     u = rng.multinomial(300, np.full(300, 1 / 300), size=40)
     w = rng.multinomial(400, np.full(400, 1 / 400), size=40)
     replicates = [_roc(np.repeat(members, u[b]), np.repeat(nonmembers, w[b])) for b in range(40)]

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dptrain import pipeline
-from dptrain.audit.run import _guard
+from dptrain.audit.run import SCORE_BINS, _guard
 
 # Small enough for a test, big enough for the attacks to have something to measure.
 AUDITED = ("train.epochs=3",)
@@ -43,8 +43,8 @@ def test_audit_json_has_each_attack_with_counts_and_intervals(standard_run):
     assert report["warnings"] == []
 
 
-def test_audit_lands_in_tensorboard_with_scalars_figures_text_and_hparams(standard_run):
-    events = EventAccumulator(str(standard_run[0] / "tb"), size_guidance={"images": 0})
+def test_audit_lands_in_tensorboard_with_scalars_roc_histograms_text_and_hparams(standard_run):
+    events = EventAccumulator(str(standard_run[0] / "tb"), size_guidance={"images": 0, "histograms": 0})
     events.Reload()
     tags = events.Tags()
     for attack in ("loss", "rmia"):
@@ -54,7 +54,12 @@ def test_audit_lands_in_tensorboard_with_scalars_figures_text_and_hparams(standa
         assert standard_run[2]["mia"][attack]["tpr_at_fpr"]["0.001"] is None
         assert f"audit/mia/{attack}/tpr@0.1%" not in tags["scalars"]
         assert f"hparams/audit/mia/{attack}/auc" in tags["scalars"]
-        assert f"audit/scores/{attack}" in tags["images"]
+        members, non_members = (
+            events.Histograms(f"audit/scores/{attack}/{group}")[0].histogram_value for group in ("members", "non_members")
+        )
+        assert members.num == non_members.num == standard_run[1]["members"]
+        # Both on the same edges, so TensorBoard shows them on one scale.
+        assert len(set(members.bucket_limit) | set(non_members.bucket_limit)) <= SCORE_BINS + 1
     assert "audit/roc" in tags["images"]
     assert "audit/summary/text_summary" in tags["tensors"]
 

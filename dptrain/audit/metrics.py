@@ -360,23 +360,31 @@ def _prefix_sums(weights: np.ndarray) -> np.ndarray:
 
 class _Replicates:
     """B bootstrap replicates given as multiplicities u (B, m) of the members and w (B, n) of the
-    non-members, with the running totals in sorted score order that every statistic reads, made once."""
+    non-members, with the running totals that every statistic reads, made once.
 
-    def __init__(self, members: np.ndarray, nonmembers: np.ndarray, member_weights: np.ndarray, nonmember_weights: np.ndarray):
-        self.members, self.nonmembers, self.member_weights = members, nonmembers, member_weights
-        member_order = np.argsort(members, kind="stable")
-        nonmember_order = np.argsort(nonmembers, kind="stable")
-        self.sorted_members, self.sorted_nonmembers = members[member_order], nonmembers[nonmember_order]
-        self.member_totals = _prefix_sums(member_weights[:, member_order])
-        self.nonmember_totals = _prefix_sums(nonmember_weights[:, nonmember_order])
+    Precondition: both score arrays sorted ascending, the multiplicities' columns in that order.
+    Resampling treats records alike, so the multiplicities of sorted records can be drawn directly.
+    """
+
+    def __init__(
+        self, sorted_members: np.ndarray, sorted_nonmembers: np.ndarray, member_weights: np.ndarray, nonmember_weights: np.ndarray
+    ):
+        self.sorted_members, self.sorted_nonmembers = sorted_members, sorted_nonmembers
+        self.member_weights = member_weights
+        self.member_totals = _prefix_sums(member_weights)
+        self.nonmember_totals = _prefix_sums(nonmember_weights)
 
     def auc(self) -> np.ndarray:
         """AUC of every replicate: its Mann-Whitney sum sum_i u_i (#{N_j < M_i} + #{N_j = M_i} / 2),
         the counts read from the non-members' running totals, so all replicates cost O(B (m + n))."""
-        below = self.nonmember_totals[:, np.searchsorted(self.sorted_nonmembers, self.members, side="left")]
-        not_above = self.nonmember_totals[:, np.searchsorted(self.sorted_nonmembers, self.members, side="right")]
-        wins = np.einsum("bi,bi->b", self.member_weights, below + not_above)
-        return wins / (2.0 * self.members.size * self.nonmembers.size)
+        below = np.searchsorted(self.sorted_nonmembers, self.sorted_members, side="left")
+        not_above = np.searchsorted(self.sorted_nonmembers, self.sorted_members, side="right")
+        wins = 2 * np.einsum("bi,bi->b", self.member_weights, self.nonmember_totals.take(below, axis=1))
+        if not np.array_equal(below, not_above):
+            # Ties between members and non-members count one half each.
+            ties = self.nonmember_totals.take(not_above, axis=1) - self.nonmember_totals.take(below, axis=1)
+            wins += np.einsum("bi,bi->b", self.member_weights, ties)
+        return wins / (2.0 * self.sorted_members.size * self.sorted_nonmembers.size)
 
     def tpr_at_fpr(self, target: float) -> np.ndarray:
         """``tpr_at_fpr`` of every replicate.
@@ -387,7 +395,7 @@ class _Replicates:
         In ascending order, s_k is at the last position i where the weight from i upwards,
         n - totals[i], exceeds k.
         """
-        n, m = self.nonmembers.size, self.members.size
+        n, m = self.sorted_nonmembers.size, self.sorted_members.size
         allowed = math.floor(target * n + 1e-9)
         last = (self.nonmember_totals[:, :n] < n - allowed).sum(axis=1) - 1
         cutoff = self.sorted_nonmembers[last]
@@ -427,9 +435,12 @@ def membership_metrics(
     keys = [fpr_key(t) for t in fpr_targets]
     tprs = {key: tpr_at_fpr(roc, t) for key, t in zip(keys, fpr_targets)}
 
-    member_weights = _resample_counts(rng, members.size, n_bootstrap)
-    nonmember_weights = _resample_counts(rng, nonmembers.size, n_bootstrap)
-    replicates = _Replicates(members, nonmembers, member_weights, nonmember_weights)
+    replicates = _Replicates(
+        np.sort(members),
+        np.sort(nonmembers),
+        _resample_counts(rng, members.size, n_bootstrap),
+        _resample_counts(rng, nonmembers.size, n_bootstrap),
+    )
     auc_samples = replicates.auc()
     tpr_samples = {
         key: replicates.tpr_at_fpr(target) for key, target in zip(keys, fpr_targets) if tprs[key] is not None

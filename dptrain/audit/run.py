@@ -20,7 +20,7 @@ from dptrain.audit.metrics import FPR_TARGETS, fpr_key, membership_metrics, roc_
 from dptrain.audit.reference import ReferenceModels, default_workers, train_references
 from dptrain.data import Canaries, SplitData, population_without
 from dptrain.privacy import PrivacyPlan
-from dptrain.tracking.figures import roc_figure, score_histogram
+from dptrain.tracking.figures import roc_figure
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
 from dptrain.training.loop import predict
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # An AUC this far below chance means the attack's scores are inverted: a bug, not privacy.
 AUC_FLOOR = 0.4
+# Bins of the member / non-member score histograms in TensorBoard.
+SCORE_BINS = 40
 
 
 @dataclass
@@ -286,7 +288,11 @@ def _tensorboard(tb: TensorBoardLog, report: dict, scores: dict) -> None:
         for name, (member_scores, nonmember_scores) in scores.items():
             roc = roc_curve(member_scores, nonmember_scores)
             curves[name] = (roc.fpr, roc.tpr)
-            tb.figure(f"audit/scores/{name}", score_histogram(name, member_scores, nonmember_scores))
+            # TensorBoard's own histograms, on shared edges: a matplotlib figure per attack would
+            # cost a fast audit half its time (about 50 ms each, against a 1.3 s default job).
+            edges = np.histogram_bin_edges(np.concatenate([member_scores, nonmember_scores]), bins=SCORE_BINS)
+            tb.histogram(f"audit/scores/{name}/members", member_scores, edges)
+            tb.histogram(f"audit/scores/{name}/non_members", nonmember_scores, edges)
         floor = 1.0 / max(len(s[1]) for s in scores.values())
         tb.figure("audit/roc", roc_figure(curves, floor=min(floor, 1e-3)))
     text = [summary_table(report)] if report["mia"] else []

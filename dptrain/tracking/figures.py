@@ -1,4 +1,4 @@
-"""Audit figures: a log-log ROC of every attack with the chance diagonal, and member / non-member score histograms."""
+"""The audit's figure: a log-log ROC of every attack with the chance diagonal."""
 
 from __future__ import annotations
 
@@ -31,18 +31,5 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float
     axis.grid(True, which="major", linewidth=0.5, alpha=0.5)
     axis.set_title("membership inference ROC")
     axis.legend(loc="lower right")
-    figure.subplots_adjust(**MARGINS)
-    return figure
-
-
-def score_histogram(name: str, member_scores: np.ndarray, nonmember_scores: np.ndarray):
-    """Overlaid histograms of an attack's scores on members and on non-members, on shared bins."""
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    bins = np.histogram_bin_edges(np.concatenate([member_scores, nonmember_scores]), bins=40)
-    axis.hist(nonmember_scores, bins=bins, histtype="stepfilled", alpha=0.6, label=f"non-members ({len(nonmember_scores)})")
-    axis.hist(member_scores, bins=bins, histtype="stepfilled", alpha=0.6, label=f"members ({len(member_scores)})")
-    axis.set(xlabel=f"{name} score (higher = member)", ylabel="records")
-    axis.set_title(f"{name}: score distributions")
-    axis.legend()
     figure.subplots_adjust(**MARGINS)
     return figure

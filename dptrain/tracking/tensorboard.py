@@ -1,4 +1,4 @@
-"""TensorBoard logging for a run: scalars, text, figures and one HParams record, all in the run's ``tb/``."""
+"""TensorBoard logging for a run: scalars, text, figures, histograms and one HParams record, all in the run's ``tb/``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -41,6 +42,10 @@ class TensorBoardLog:
 
     def figure(self, tag: str, figure, step: int = 0) -> None:
         self.writer.add_figure(tag, figure, step, close=True)
+
+    def histogram(self, tag: str, values: np.ndarray, bins: np.ndarray, step: int = 0) -> None:
+        """Log ``values`` as a TensorBoard histogram over the bin edges ``bins`` (shared edges make two histograms comparable)."""
+        self.writer.add_histogram(tag, values, step, bins=bins)
 
     def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float | None]) -> None:
         """Write the run's HParams record: its config values and final metrics (non-finite metrics dropped)."""

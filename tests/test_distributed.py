@@ -17,34 +17,61 @@ import torch.multiprocessing as mp
 
 from conftest import TINY, make_config
 from dptrain import pipeline
-from dptrain.config import validate
+from dptrain.config import recipe_hash, validate
 from dptrain.errors import UserError
-from dptrain.training import centralized, launch
+from dptrain.training import centralized, launch, recipe
+from dptrain.training.checkpoint import Checkpoint
 
 
-def _rank(rank: int, world: int, port: int, overrides: tuple, run_dir: str, out_dir: str) -> None:
+class Interrupted(Exception):
+    """What a rank raises in place of an epoch, to leave a run after its last checkpoint."""
+
+
+def _rank(
+    rank: int, world: int, port: int, overrides: tuple, run_dir: str, out_dir: str, epochs: int | None, resume: bool
+) -> None:
+    """Train ``overrides`` as rank ``rank`` of ``world``; with ``epochs``, every rank stops after that
+    many epochs of this call as an interrupted run would; with ``resume``, it continues from ``run_dir``."""
     os.environ.update(
         MASTER_ADDR="localhost", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
     cfg = make_config(*overrides)
+    if epochs is not None:
+        real_epoch, calls = recipe.train_epoch, []
+
+        def interrupted_epoch(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > epochs:
+                raise Interrupted
+            return real_epoch(*args, **kwargs)
+
+        recipe.train_epoch = interrupted_epoch
     with launch.process_group("gloo"):
         _, sizes = validate(cfg)
         plan = centralized.plan(cfg, sizes)
-        target = centralized.train_target(cfg, Path(run_dir), plan, None, None)
+        checkpoint = Checkpoint.load(run_dir, recipe_hash(cfg)) if resume else None
+        try:
+            target = centralized.train_target(cfg, Path(run_dir), plan, None, checkpoint)
+        except Interrupted:
+            return
     torch.save(
         {"state": target.model.state_dict(), "epsilon": target.epsilon, "metrics": target.metrics},
         Path(out_dir) / f"rank{rank}.pt",
     )
 
 
-def _train_on_ranks(world: int, overrides: tuple, tmp_path: Path) -> list[dict]:
-    """Train the target of ``overrides`` on ``world`` processes; every rank's model and numbers."""
+def _train_on_ranks(
+    world: int, overrides: tuple, tmp_path: Path, epochs: int | None = None, resume: bool = False
+) -> list[dict]:
+    """Train the target of ``overrides`` on ``world`` processes; every rank's model and numbers
+    (none when ``epochs`` interrupts the run, see ``_rank``)."""
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
-    run_dir.mkdir(parents=True)
-    out_dir.mkdir(parents=True)
-    mp.spawn(_rank, args=(world, launch.free_port(), overrides, str(run_dir), str(out_dir)), nprocs=world, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = (world, launch.free_port(), overrides, str(run_dir), str(out_dir), epochs, resume)
+    mp.spawn(_rank, args=args, nprocs=world, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world) if epochs is None]
 
 
 def test_dpddp_ranks_end_identical_and_spend_the_single_process_epsilon(tmp_path):
@@ -76,6 +103,18 @@ def test_median_over_four_workers_survives_a_sign_flipping_worker_that_breaks_th
     assert honest > 0.6
     assert median > honest - 0.15
     assert mean < median - 0.3
+
+
+def test_a_resumed_robust_run_with_a_stateful_aggregator_and_a_random_attack_matches_the_uninterrupted_run(tmp_path):
+    # Centered clipping carries its centre from step to step; the Gaussian attack draws every step.
+    overrides = (*ROBUST, "train.epochs=4", "aggregator=centered_clipping", "attack=gaussian", "attack.byzantine=1")
+    uninterrupted = _train_on_ranks(3, overrides, tmp_path / "a")[0]
+    assert _train_on_ranks(3, overrides, tmp_path / "b", epochs=2) == []
+    assert torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["epochs_done"] == 2
+    resumed = _train_on_ranks(3, overrides, tmp_path / "b", resume=True)[0]
+    for key, value in uninterrupted["state"].items():
+        assert torch.equal(value, resumed["state"][key]), key
+    assert resumed["epsilon"] == uninterrupted["epsilon"]
 
 
 def _workers_of(pid: int) -> list[int]:

@@ -241,6 +241,10 @@ def test_sample_level_reports_the_largest_honest_client_epsilon_within_the_targe
         delta=1e-5,
     )
     assert recomputed == pytest.approx(metrics["epsilon"])
+    mechanisms = metrics["client_mechanisms"]
+    assert all(mechanisms[i] is None for i in metrics["byzantine_clients"])
+    assert mechanisms[metrics["reported_client"]] == {k: metrics[k] for k in ("noise_multiplier", "sample_rate", "steps")}
+    assert len({tuple(m.values()) for m in mechanisms if m is not None}) > 1
 
 
 def test_backdoor_reports_the_success_rate_on_triggered_inputs_of_other_classes(fed_config, tmp_path):

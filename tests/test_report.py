@@ -281,6 +281,19 @@ def test_tuning_bounds_of_the_default_job_are_the_ones_the_readme_shows():
     assert bounds["Poisson"].miss_probability == pytest.approx(math.exp(-1))
 
 
+def test_a_federated_runs_rdp_curve_is_the_maximum_over_its_honest_clients():
+    from dptrain.report.selection import run_rdp_curve
+
+    few_steps, many_steps = Mechanism(1.0, 0.1, 50), Mechanism(1.5, 0.1, 400)
+    reported = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 50}
+    metrics = {**reported, "client_mechanisms": [reported, None, {"noise_multiplier": 1.5, "sample_rate": 0.1, "steps": 400}]}
+    curves = np.stack([rdp_curve(few_steps), rdp_curve(many_steps)])
+    # Neither client's curve lies above the other's at every order.
+    assert (curves[0] > curves[1]).any() and (curves[1] > curves[0]).any()
+    assert np.array_equal(run_rdp_curve(metrics), curves.max(axis=0))
+    assert np.array_equal(run_rdp_curve(reported), curves[0])
+
+
 def test_tuning_costs_more_than_the_best_single_run_and_less_than_composing_many():
     curves = np.stack([rdp_curve(Mechanism(1.0, 0.1, 100))] * 50)
     single = epsilon_from_rdp(curves[0], 1e-5)

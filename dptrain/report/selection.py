@@ -57,6 +57,16 @@ class Selection:
         return {**asdict(self), "tuning_epsilon": self.tuning_epsilon}
 
 
+def run_rdp_curve(metrics: dict) -> np.ndarray:
+    """The Renyi-DP curve of one run from its ``metrics.json``: its mechanism's, or for a federated
+    sample-level run the pointwise maximum over its honest clients' mechanisms, since each record is
+    protected by its own client's local DP-SGD (the reported client is the worst only at one delta)."""
+    fields = ("noise_multiplier", "sample_rate", "steps")
+    clients = {tuple(m[k] for k in fields) for m in metrics.get("client_mechanisms") or [] if m is not None}
+    mechanisms = clients or {tuple(metrics[k] for k in fields)}
+    return np.max([rdp_curve(Mechanism(*mechanism)) for mechanism in mechanisms], axis=0)
+
+
 def select(table: Table, runs: list[RunRecord], spec: str) -> Selection:
     """The best complete private run by ``spec`` (see ``parse_spec``) and the privacy cost of the selection.
 
@@ -74,9 +84,7 @@ def select(table: Table, runs: list[RunRecord], spec: str) -> Selection:
     best = max(candidates, key=lambda row: sign * row[metric])
     overall = max(scored, key=lambda row: sign * row[metric])
     metrics = {row["run"]: records[row["run"]].metrics for row in candidates}
-    curves = np.stack(
-        [rdp_curve(Mechanism(m["noise_multiplier"], m["sample_rate"], m["steps"])) for m in metrics.values()]
-    )
+    curves = np.stack([run_rdp_curve(m) for m in metrics.values()])
     names = list(metrics)
     delta = best["delta"]
     tuned = metric in COVERED and len(candidates) > 1

@@ -21,23 +21,7 @@ from dptrain.errors import UserError
 from dptrain.privacy import PrivacyPlan, make_private, plan_privacy
 from dptrain.training.loop import train_epoch
 from dptrain.training.recipe import make_optimizer
-
-# Independent random streams derived from train.seed: a draw added to one never shifts another.
-(
-    BYZANTINE_STREAM,
-    SCHEDULE_STREAM,
-    POISON_STREAM,
-    ATTACK_STREAM,
-    AGGREGATOR_STREAM,
-    SAMPLING_STREAM,
-    NOISE_STREAM,
-    AUDIT_STREAM,
-) = range(1, 9)
-
-
-def derived_seed(seed: int, *keys: int) -> int:
-    """A 32-bit seed for the stream ``keys`` of ``seed`` (NumPy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+from dptrain.training.seeds import BYZANTINE_STREAM, SCHEDULE_STREAM, derived_seed
 
 
 def clients_per_round(cfg: Config) -> int:

@@ -21,7 +21,9 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from dptrain.privacy.plan import is_private
+from dptrain.robust import build_aggregator, build_attack
 from dptrain.training import ranks
+from dptrain.training.seeds import AGGREGATOR_STREAM, ATTACK_STREAM, derived_seed
 
 
 def parallel_mode(cfg, world: int | None = None) -> str | None:
@@ -68,13 +70,17 @@ class GatheredAggregation:
     Wrapped as Opacus' ``original_optimizer`` the exchange happens after the local clipping and
     noise; around a plain optimizer it is (robust) data parallelism without privacy. Every
     rank computes the same aggregate from the same gathered stack, so parameters never drift.
+    The attack is drawn afresh each step from (``seed``, step) and ``state_dict`` carries the
+    aggregator's state and the step count, so a resumed run continues as the uninterrupted one.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, aggregator, attack, byzantine: list[int]):
+    def __init__(self, optimizer: torch.optim.Optimizer, aggregator, attack_cfg, seed: int, byzantine: list[int]):
         self.optimizer = optimizer
         self.aggregator = aggregator
-        self.attack = attack
+        self.attack_cfg = attack_cfg
+        self.seed = seed
         self.byzantine = byzantine
+        self.steps = 0
 
     def __getattr__(self, name: str):
         return getattr(self.optimizer, name)
@@ -85,20 +91,30 @@ class GatheredAggregation:
         dist.all_gather(rows, flat)
         stack = torch.stack(rows)
         if self.byzantine:
+            attack = build_attack(self.attack_cfg, derived_seed(self.seed, ATTACK_STREAM, self.steps))
             honest = [r for r in range(world) if r not in self.byzantine]
-            seen = stack[honest] if self.attack.omniscient else stack[self.byzantine]
-            stack[self.byzantine] = self.attack(seen, world).to(stack.dtype)
+            seen = stack[honest] if attack.omniscient else stack[self.byzantine]
+            stack[self.byzantine] = attack(seen, world).to(stack.dtype)
         return stack
 
     def step(self, closure=None):
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         aggregate = self.aggregator(self._gathered(flat))
+        self.steps += 1
         offset = 0
         for p in params:
             p.grad = aggregate[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
         return self.optimizer.step(closure)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "aggregator": self.aggregator.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.aggregator.load_state_dict(state["aggregator"])
+        self.steps = state["steps"]
 
 
 def gather_updates(training, cfg) -> None:
@@ -107,15 +123,14 @@ def gather_updates(training, cfg) -> None:
     Private: the exchange wraps Opacus' inner optimizer, so it sees the locally
     clipped and noised gradient. The aggregator tolerates ``aggregator.f``
     (default ``attack.byzantine``) Byzantine rows, and every rank seeds it,
-    the attack and the choice of Byzantine ranks alike.
+    the attack and the choice of Byzantine ranks alike (independent streams of ``train.seed``).
     """
-    from dptrain.robust import build_aggregator, build_attack
-
     world, seed = ranks.world_size(), cfg.train.seed
     f = cfg.attack.byzantine if cfg.aggregator.f is None else cfg.aggregator.f
     exchange = dict(
-        aggregator=build_aggregator(cfg.aggregator, f, seed),
-        attack=build_attack(cfg.attack, seed),
+        aggregator=build_aggregator(cfg.aggregator, f, derived_seed(seed, AGGREGATOR_STREAM)),
+        attack_cfg=cfg.attack,
+        seed=seed,
         byzantine=byzantine_ranks(cfg.attack.byzantine, world, seed),
     )
     if training.engine is None:

@@ -41,16 +41,9 @@ from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.centralized import TargetRun, load_data
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.clients import (
-    AGGREGATOR_STREAM,
-    ATTACK_STREAM,
-    AUDIT_STREAM,
-    NOISE_STREAM,
-    POISON_STREAM,
-    SAMPLING_STREAM,
     Client,
     byzantine_clients,
     clients_per_round,
-    derived_seed,
     local_plans,
     local_update,
     participation,
@@ -59,6 +52,15 @@ from dptrain.training.clients import (
 )
 from dptrain.training.loop import evaluate, predict
 from dptrain.training.recipe import resolve_device
+from dptrain.training.seeds import (
+    AGGREGATOR_STREAM,
+    ATTACK_STREAM,
+    AUDIT_STREAM,
+    NOISE_STREAM,
+    POISON_STREAM,
+    SAMPLING_STREAM,
+    derived_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -542,6 +544,18 @@ def _check_spend(server: FederatedServer, plan: FederatedPlan, epsilon: float | 
         )
 
 
+def _client_mechanisms(plan: FederatedPlan) -> list[dict | None]:
+    """Each honest client's local DP-SGD mechanism (None for Byzantine clients and those never scheduled):
+    at sample level a record is protected by its own client's, so the run's Renyi-DP curve is their
+    pointwise maximum (``dptrain report --select`` reads them)."""
+    return [
+        None
+        if local is None or client in plan.byzantine
+        else {"noise_multiplier": local.noise_multiplier, "sample_rate": local.sample_rate, "steps": local.steps}
+        for client, local in enumerate(plan.client_plans)
+    ]
+
+
 def _metrics(
     cfg: Config, plan: FederatedPlan, server: FederatedServer, data: SplitData, audited: SplitData, epsilon, device
 ) -> dict:
@@ -575,6 +589,7 @@ def _metrics(
         "byzantine_clients": list(plan.byzantine),
         "reported_client": plan.reported_client,
         "client_epsilons": server.client_epsilons() if plan.private and plan.dp_level == "sample" else None,
+        "client_mechanisms": _client_mechanisms(plan) if plan.private and plan.dp_level == "sample" else None,
         "client_sizes": list(plan.client_sizes),
         "members": sizes.members,
         "honest_members": len(audited.members),

@@ -336,6 +336,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
             f"train.resume={train.resume} holds no checkpoint.pt: give the directory of the run to continue"
         )
 
+    _validate_attackers(cfg.attack)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
@@ -349,7 +350,7 @@ def _world_size(cfg: Config) -> int:
 
 def _validate_launcher(cfg: Config) -> None:
     """Several processes: data parallelism (DPDDP) or robust aggregation of the workers' gradients."""
-    launcher, aggregator, attack = cfg.launcher, cfg.aggregator, cfg.attack
+    launcher, attack = cfg.launcher, cfg.attack
     _positive("launcher.nproc_per_node", launcher.nproc_per_node)
     _choice("launcher.backend", launcher.backend, ("auto", "gloo", "nccl"))
     world = _world_size(cfg)
@@ -375,15 +376,25 @@ def _validate_launcher(cfg: Config) -> None:
         )
     if not 0 <= attack.byzantine < world:
         raise UserError(f"attack.byzantine={attack.byzantine} must be in [0, {world}) workers: lower it")
-    _validate_attackers(attack)
-    from dptrain.robust import build_aggregator, build_attack
+    _validate_robust_step(cfg, world, f"over {world} workers")
 
-    f = attack.byzantine if aggregator.f is None else aggregator.f
+
+def _validate_robust_step(cfg: Config, n: int, where: str):
+    """The aggregator and the attack over the n updates of a step (workers) or round (clients): the
+    aggregator's precondition for n and its f, the attack's parameters and, for ALIE without
+    ``attack.z``, its z at (n, attack.byzantine). Returns the attack."""
+    from dptrain.robust import alie_z, build_aggregator, build_attack, tolerated_byzantine
+
+    aggregator, attack = cfg.aggregator, cfg.attack
+    f = tolerated_byzantine(aggregator, attack)
     try:
-        build_aggregator(aggregator, f, cfg.train.seed).check(world)
+        build_aggregator(aggregator, f, cfg.train.seed).check(n)
     except UserError as error:
-        raise UserError(f"aggregator={aggregator.name} over {world} workers with f={f} Byzantine: {error}") from None
-    build_attack(attack, cfg.train.seed)
+        raise UserError(f"aggregator={aggregator.name} {where} with f={f} Byzantine: {error}") from None
+    built = build_attack(attack, cfg.train.seed, cfg.federation.server_lr)
+    if attack.name == "alie" and attack.z is None:
+        alie_z(n, attack.byzantine)
+    return built
 
 
 def _validate_attackers(attack: AttackConfig) -> None:
@@ -414,7 +425,6 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
             )
         return
     from dptrain.privacy.plan import is_private
-    from dptrain.robust import alie_z, build_aggregator, build_attack
 
     if federation.clients < 2:
         raise UserError(
@@ -450,30 +460,19 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
             f"attack.byzantine={attack.byzantine} must be in [0, federation.clients_per_round={per_round}): "
             "a round needs an honest client, lower attack.byzantine"
         )
-    _validate_attackers(attack)
     if cfg.audit.canaries.count:
         raise UserError(
             f"audit.canaries.count={cfg.audit.canaries.count}: canaries are inserted into centralized training only, "
             "set audit.canaries.count=0 with federation=fedavg"
         )
-    f = attack.byzantine if aggregator.f is None else aggregator.f
-    try:
-        build_aggregator(aggregator, f, cfg.train.seed).check(per_round)
-    except UserError as error:
-        raise UserError(
-            f"aggregator={aggregator.name} with federation.clients_per_round={per_round} updates per round and "
-            f"f={f} Byzantine: {error}"
-        ) from None
-    omniscient = build_attack(attack, cfg.train.seed, federation.server_lr).omniscient
-    if federation.dp_level == "user" and omniscient and is_private(cfg.privacy):
+    built = _validate_robust_step(cfg, per_round, f"with federation.clients_per_round={per_round} updates per round")
+    if federation.dp_level == "user" and built.omniscient and is_private(cfg.privacy):
         raise UserError(
             f"attack={attack.name} crafts its updates from the honest clients' unclipped ones, so one client would "
             f"move the DP-FedAvg mean by more than the clipping norm its noise is sized for: with "
             "federation.dp_level=user use a non-omniscient attack (sign_flip, gaussian, label_flip, backdoor), or "
             "federation.dp_level=sample"
         )
-    if attack.name == "alie" and attack.z is None:
-        alie_z(per_round, attack.byzantine)
 
 
 def _validate_audit(audit: AuditConfig, population: int) -> None:

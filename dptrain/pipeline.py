@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dptrain.config import Config, recipe_hash, validate
-from dptrain.tracking.artifacts import write_manifest
+from dptrain.tracking.artifacts import AUDIT, recorded_overrides, write_manifest
 from dptrain.tracking.atomic import write_json_atomic
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import centralized, federated, ranks
@@ -19,8 +19,6 @@ from dptrain.training.centralized import TargetRun, flat_config
 from dptrain.training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
-
-AUDIT = "audit.json"
 
 
 def _recipe(cfg: Config):
@@ -49,9 +47,8 @@ def audit_target(cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardL
     return report
 
 
-def _hparams(cfg: Config, tb: TensorBoardLog, metrics: dict, report: dict | None) -> None:
+def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: dict, report: dict | None) -> None:
     from dptrain.audit.run import audit_scalars
-    from dptrain.report.collect import recorded_overrides
 
     final = {
         "hparams/test_accuracy": metrics["test_accuracy"],
@@ -60,9 +57,9 @@ def _hparams(cfg: Config, tb: TensorBoardLog, metrics: dict, report: dict | None
     }
     if report is not None:
         final.update({f"hparams/{tag}": value for tag, value in audit_scalars(report).items()})
-    # The overrides Hydra recorded in the run directory (tb/'s parent) label the run's row in the HParams
-    # dashboard as they label it in `dptrain report`; a resumed or re-audited run keeps the ones it started with.
-    overrides = " ".join(recorded_overrides(tb.log_dir.parent))
+    # The overrides Hydra recorded in the run directory label the run's row in the HParams dashboard as
+    # they label it in `dptrain report`; a resumed or re-audited run keeps the ones it started with.
+    overrides = " ".join(recorded_overrides(run_dir))
     tb.hparams({"overrides": overrides, **flat_config(cfg)}, final)
 
 
@@ -90,7 +87,7 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
         target = recipe.train_target(cfg, run_dir, plan, tb, checkpoint)
         report = audit_target(cfg, target, run_dir, tb)
         if main:
-            _hparams(cfg, tb, target.metrics, report)
+            _hparams(cfg, run_dir, tb, target.metrics, report)
     finally:
         if tb is not None:
             tb.close()
@@ -121,7 +118,7 @@ def audit(cfg: Config, run_dir: str | Path) -> dict:
     tb = TensorBoardLog(run_dir)
     try:
         report = audit_target(cfg, target, run_dir, tb)
-        _hparams(cfg, tb, target.metrics, report)
+        _hparams(cfg, run_dir, tb, target.metrics, report)
     finally:
         tb.close()
     return report

@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -39,6 +40,20 @@ SUPPORTED = {
 TARGETS = {"krum": 3.0, "multi_krum": 3.0, "bulyan": 3.0, "nnm": 3.0, "median": 1.5, "trimmed_mean": 1.5}
 # Centered clipping's radius in every implementation (it only changes which updates are clipped).
 TAU = 10.0
+
+
+@dataclass(frozen=True)
+class TimedOut:
+    """A case still running after ``--timeout`` seconds: its time is at least ``seconds``."""
+
+    seconds: float
+
+    def __str__(self) -> str:
+        return f">{self.seconds:.0f}s"
+
+
+# One case's outcome: run_case's numbers, a timeout, or why there is no number ("oom", "error: ...").
+Result = dict[str, Any] | TimedOut | str
 
 
 def _dptrain(rule: str, n: int, f: int) -> Callable[[Any], Any]:
@@ -128,8 +143,13 @@ def _available(implementation: str) -> bool:
     return probe.returncode == 0
 
 
-def spawn(implementation: str, rule: str, n: int, d: int, f: int, args: argparse.Namespace) -> dict[str, Any] | str:
-    """Parent side: run one case in a fresh interpreter; a dict, or why there is no number."""
+def _last_line(text: str, fallback: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else fallback
+
+
+def spawn(implementation: str, rule: str, n: int, d: int, f: int, args: argparse.Namespace) -> Result:
+    """Parent side: run one case in a fresh interpreter."""
     command = [sys.executable, __file__, "--case", implementation, rule, str(n), str(d), str(f)]
     command += ["--repeats", str(args.repeats), "--memory-limit-gib", str(args.memory_limit_gib)]
     if args.threads is not None:
@@ -137,31 +157,31 @@ def spawn(implementation: str, rule: str, n: int, d: int, f: int, args: argparse
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return f">{args.timeout:.0f}s"
+        return TimedOut(args.timeout)
     if done.returncode != 0:
         if "can't allocate memory" in done.stderr or "MemoryError" in done.stderr:
             return "oom"
-        return f"error: {done.stderr.strip().splitlines()[-1]}"
+        return f"error: {_last_line(done.stderr, f'exit {done.returncode}')}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _seconds(result: dict[str, Any] | str | None) -> str:
+def _seconds(result: Result | None) -> str:
     if result is None:
         return "-"
-    return result if isinstance(result, str) else f"{result['seconds']:.3f}"
+    return f"{result['seconds']:.3f}" if isinstance(result, dict) else str(result)
 
 
-def _speedup(ours: dict[str, Any] | str, references: list[dict[str, Any] | str | None]) -> tuple[str, float | None]:
-    """Faster reference over ours; a reference that timed out gives a lower bound."""
-    if isinstance(ours, str):
+def _speedup(ours: Result | None, references: list[Result | None]) -> tuple[str, float | None]:
+    """Faster reference over ours; references that timed out give a lower bound. None without our time."""
+    if not isinstance(ours, dict):
         return "-", None
     measured = [r["seconds"] for r in references if isinstance(r, dict)]
     if measured:
         ratio = min(measured) / ours["seconds"]
         return f"{ratio:.1f}x", ratio
-    timeouts = [r for r in references if isinstance(r, str) and r.startswith(">")]
+    timeouts = [r.seconds for r in references if isinstance(r, TimedOut)]
     if timeouts:
-        ratio = float(timeouts[0][1:-1]) / ours["seconds"]
+        ratio = min(timeouts) / ours["seconds"]
         return f">{ratio:.0f}x", ratio
     return "-", None
 

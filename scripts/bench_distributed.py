@@ -71,9 +71,10 @@ def samples_per_second(args, processes: int, device: str) -> float:
     """Records per second of the training loop on ``processes`` ranks."""
     port = launch.free_port()
     threads = max(1, (os.cpu_count() or 1) // 2) if device == "cpu" else 1
-    out = os.path.join(tempfile.mkdtemp(prefix="bench-distributed-"), "epochs.pt")
-    mp.spawn(_rank, args=(processes, port, args, device, threads, out), nprocs=processes, join=True)
-    return args.records * args.epochs / torch.load(out)
+    with tempfile.TemporaryDirectory(prefix="bench-distributed-") as directory:
+        out = os.path.join(directory, "epochs.pt")
+        mp.spawn(_rank, args=(processes, port, args, device, threads, out), nprocs=processes, join=True)
+        return args.records * args.epochs / torch.load(out)
 
 
 def main() -> None:

@@ -53,28 +53,17 @@ PRIVACY = {
         "federation.dp_level=sample",
     ],
 }
-SETUP = [
-    "dataset=digits",
-    "model=logreg",
-    "federation=fedavg",
-    "federation.clients=20",
-    "federation.partition=dirichlet",
-    "federation.alpha=0.5",
-    "federation.local_epochs=1",
-    "attack.byzantine=4",
-    "train.batch_size=32",
-    "train.lr=1.0",
-    "audit=none",
-    "train.progress=false",
-    "train.checkpoint=false",
-]
 QUICK_AGGREGATORS = ("mean", "median", "krum")
 QUICK_ATTACKS = ("none", "alie", "ipm ε=10", "backdoor")
 
 
 def run_cell(overrides: list[str]) -> str:
-    """One cell: clean accuracy, with the backdoor's success rate; or why the combination was skipped."""
-    cfg = compose(config_name="config", overrides=overrides)
+    """One cell: clean accuracy, with the backdoor's success rate; or why the combination was skipped.
+
+    The setup is ``conf/experiment/robustness_matrix.yaml``'s, ``overrides`` the cell's; ``compose`` ignores
+    the recipe's sweep (``hydra.sweeper.params``), so the cell's overrides pick aggregator, attack and budget.
+    """
+    cfg = compose(config_name="config", overrides=["experiment=robustness_matrix", *overrides])
     with tempfile.TemporaryDirectory() as run_dir:
         try:
             metrics, _ = pipeline.train(cfg, run_dir)
@@ -95,7 +84,7 @@ def table(title: str, privacy: list[str], rows, attacks, rounds: int) -> str:
         cells = []
         for attack in attacks:
             started = time.perf_counter()
-            overrides = [*SETUP, f"federation.rounds={rounds}", *privacy, f"aggregator={aggregator}", *ATTACKS[attack]]
+            overrides = [f"federation.rounds={rounds}", *privacy, f"aggregator={aggregator}", *ATTACKS[attack]]
             if pre:
                 overrides.append("aggregator.pre=[nnm]")
             cell = run_cell(overrides)

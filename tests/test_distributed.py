@@ -191,3 +191,19 @@ def test_the_non_private_baseline_splits_its_batch_over_workers_and_says_when_it
     cfg = make_config(*TINY, "launcher.nproc_per_node=4", "privacy.target_epsilon=inf", "train.batch_size=2")
     with pytest.raises(UserError, match=r"train.batch_size=2 is split over 4 workers: use at least 4"):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # ALIE derives z from the 4 workers and 3 attackers: undefined, so refused before any worker starts.
+        (("attack=alie", "attack.byzantine=3", "aggregator=median"), "alie needs 1 <= f <= floor(n/2)"),
+        (("aggregator=krum", "attack=sign_flip", "attack.byzantine=1"), "krum needs n > 2f + 2 (n=4, f=1)"),
+        # Private with the mean would be DPDDP; Byzantine workers without an attack are refused on any path.
+        (("attack.byzantine=1",), "attack.byzantine=1 with attack=none"),
+    ],
+)
+def test_each_invalid_worker_setup_fails_before_training_with_one_line(overrides, expected):
+    with pytest.raises(UserError) as error:
+        validate(make_config(*TINY, "launcher.nproc_per_node=4", *overrides))
+    assert expected in str(error.value) and "\n" not in str(error.value)

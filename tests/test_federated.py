@@ -17,7 +17,7 @@ from dptrain.config import validate
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import epsilon_spent
-from dptrain.robust import stamp_trigger
+from dptrain.robust import build_attack, stamp_trigger
 from dptrain.tracking.artifacts import METRICS_KEYS
 from dptrain.training import centralized, clients, federated
 
@@ -94,7 +94,7 @@ def test_the_clients_train_on_the_partition_of_the_members(fed_config, tmp_path)
     assert sum(metrics["client_sizes"]) == metrics["members"] == metrics["honest_members"]
     # Each client holds exactly the member records at its positions of the partition.
     data, _, _ = centralized.load_data(cfg, tmp_path, reuse_split=True)
-    built = federated._clients(cfg, data, parts, federated.plan(cfg, sizes))
+    built = federated._clients(data, parts, federated.plan(cfg, sizes), build_attack(cfg.attack, cfg.train.seed))
     for client, part in zip(built, parts):
         assert all(torch.equal(mine, whole[part]) for mine, whole in zip(client.data.tensors, data.members.tensors))
 

@@ -153,6 +153,12 @@ def auc(roc: RocCurve) -> float:
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
 
 
+def _allowed_false_positives(target: float, n_nonmembers: int) -> int:
+    """floor(target * n): the false positives a rule at FPR <= target may make. The small tolerance
+    keeps 0.001 * 1000 (and the like) at exactly one despite binary floating point."""
+    return math.floor(target * n_nonmembers + 1e-9)
+
+
 def tpr_at_fpr(roc: RocCurve, target: float) -> float | None:
     """TPR at a target FPR: the highest TPR among thresholds whose FPR <= target.
 
@@ -163,12 +169,10 @@ def tpr_at_fpr(roc: RocCurve, target: float) -> float | None:
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target FPR must lie in (0, 1), got {target}")
-    # The small tolerance keeps 0.001 * 1000 (and the like) at exactly one allowed
-    # false positive despite binary floating point.
-    allowed_false_positives = math.floor(target * roc.n_nonmembers + 1e-9)
-    if allowed_false_positives < 1:
+    allowed = _allowed_false_positives(target, roc.n_nonmembers)
+    if allowed < 1:
         return None
-    return float(roc.tpr[roc.false_positives <= allowed_false_positives].max())
+    return float(roc.tpr[roc.false_positives <= allowed].max())
 
 
 def membership_advantage(roc: RocCurve) -> float:
@@ -396,7 +400,7 @@ class _Replicates:
         n - totals[i], exceeds k.
         """
         n, m = self.sorted_nonmembers.size, self.sorted_members.size
-        allowed = math.floor(target * n + 1e-9)
+        allowed = _allowed_false_positives(target, n)
         last = (self.nonmember_totals[:, :n] < n - allowed).sum(axis=1) - 1
         cutoff = self.sorted_nonmembers[last]
         not_above = self.member_totals[

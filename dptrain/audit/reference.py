@@ -63,14 +63,17 @@ def reference_config(cfg, plan: PrivacyPlan, seed: int):
 
 def halves_assignment(count: int, audited: int, seed: int) -> np.ndarray:
     """(count, audited) bools with every column holding exactly count / 2 Trues, uniformly at random."""
-    ranks = np.argsort(np.random.default_rng(seed).random((count, audited)), axis=0)
-    return ranks < count // 2
+    order = np.argsort(np.random.default_rng(seed).random((count, audited)), axis=0)
+    return order < count // 2
 
 
-def _train_one(cfg, train_set: TensorDataset, input_shape, num_classes, threads: int) -> dict:
+def _train_one(cfg, train_set: TensorDataset, input_shape, num_classes, threads: int, gpu: int | None = None) -> dict:
     from dptrain.training.recipe import train_model
 
     torch.set_num_threads(threads)
+    if gpu is not None:
+        # A spawned process starts on GPU 0; it trains on its parent rank's GPU.
+        torch.cuda.set_device(gpu)
     trained = train_model(cfg, train_set, input_shape=input_shape, num_classes=num_classes)
     return {key: value.cpu() for key, value in trained.model.state_dict().items()}
 
@@ -98,10 +101,11 @@ def train_references(
 
     Precondition: ``population`` excludes canaries and every record of the
     target's training set. In a multi-process run every rank calls this: rank r
-    trains models r, r + world, ... and the state dicts are all-gathered, so the
-    audit's wall time falls with the number of workers. A cache is reused only when scheme, count, seed and
-    recipe hash all match, so a later ``dptrain audit`` never mixes models of
-    another recipe into its attacks.
+    trains models r, r + world, ... and rank 0 gathers the state dicts (the other
+    ranks get no models), so the audit's wall time falls with the number of
+    workers. A cache is reused only when scheme, count, seed and recipe hash all
+    match, so a later ``dptrain audit`` never mixes models of another recipe into
+    its attacks.
     """
     n = len(audited)
     audited_in = halves_assignment(count, n, seed) if scheme == "halves" else np.zeros((count, n), dtype=bool)
@@ -109,8 +113,9 @@ def train_references(
     directory = None if cache_dir is None else cache_dir / CACHE / f"{scheme}-{count}"
     if directory is not None and (directory / "index.json").is_file():
         if json.loads((directory / "index.json").read_text()) == key:
+            # Only rank 0 attacks: the other ranks of a multi-process run need no models.
             models = []
-            for j in range(count):
+            for j in range(count if ranks.is_main() else 0):
                 model = build_model(cfg.model, input_shape, num_classes)
                 model.load_state_dict(torch.load(directory / f"model_{j}.pt", weights_only=True))
                 models.append(model)
@@ -124,28 +129,35 @@ def train_references(
         jobs.append((reference_config(cfg, plan, seed * 1000 + j + 1), train_set, tuple(input_shape), num_classes))
     started = time.perf_counter()
     rank, world = ranks.rank(), ranks.world_size()
-    # In a multi-process run each rank trains every world-th model and all ranks gather them.
+    # In a multi-process run each rank trains every world-th model and rank 0 gathers them.
     mine = list(range(rank, count, world))
-    log.info("rank %d trains %s reference models %s in %d process(es)", rank, scheme, mine, workers)
-    if workers > 1 and len(mine) > 1:
+    workers = min(workers, len(mine))
+    log.info("rank %d trains %s reference models %s in %d process(es)", rank, scheme, mine, max(workers, 1))
+    if workers > 1:
+        from dptrain.training.recipe import resolve_device
+
         threads = max(1, torch.get_num_threads() // workers)
+        gpu = torch.cuda.current_device() if resolve_device(cfg.train.device).type == "cuda" else None
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            trained = list(pool.map(_train_one, *zip(*(jobs[j] for j in mine)), [threads] * len(mine)))
+            trained = list(
+                pool.map(_train_one, *zip(*(jobs[j] for j in mine)), [threads] * len(mine), [gpu] * len(mine))
+            )
     else:
         trained = [_train_one(*jobs[j], threads=torch.get_num_threads()) for j in mine]
-    states: dict[int, dict] = {}
-    for part in ranks.all_gather_object(dict(zip(mine, trained))):
-        states.update(part)
+    parts = ranks.gather_to_main(dict(zip(mine, trained)))
     seconds = time.perf_counter() - started
+    if parts is None:
+        # Another rank of a multi-process run: rank 0 attacks, so its models are all it needs.
+        return ReferenceModels(scheme, [], audited_in, seconds, cached=False)
+    states = {j: state for part in parts for j, state in part.items()}
 
     models = []
-    writes = directory is not None and ranks.is_main()
     for j in range(count):
         model = build_model(cfg.model, input_shape, num_classes)
         model.load_state_dict(states[j])
         models.append(model)
-        if writes:
+        if directory is not None:
             save_torch_atomic(directory / f"model_{j}.pt", states[j])
-    if writes:
+    if directory is not None:
         write_json_atomic(directory / "index.json", key)
     return ReferenceModels(scheme, models, audited_in, seconds, cached=False)

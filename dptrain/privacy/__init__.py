@@ -1,7 +1,7 @@
 """Opacus integration: accounting, noise calibration, budget enforcement and the private wrapping of a training setup."""
 
 from dptrain.privacy.accounting import ACCOUNTANTS, calibrate_noise, epsilon_spent
-from dptrain.privacy.engine import PrivateTraining, make_private
+from dptrain.privacy.engine import PrivateTraining, make_private, unwrap
 from dptrain.privacy.plan import PrivacyPlan, plan_privacy
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "epsilon_spent",
     "make_private",
     "plan_privacy",
+    "unwrap",
 ]

@@ -21,6 +21,12 @@ from dptrain.privacy.accounting import accountant_warnings_silenced
 from dptrain.privacy.plan import PrivacyPlan
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside Opacus' GradSampleModule and DPDDP wrappers (or the module itself)."""
+    model = getattr(model, "_module", model)
+    return model.module if isinstance(model, DifferentiallyPrivateDistributedDataParallel) else model
+
+
 @dataclass
 class PrivateTraining:
     """The objects a training loop uses; private or not, the loop is the same.
@@ -68,8 +74,7 @@ class PrivateTraining:
 
     def standard_model(self) -> nn.Module:
         """The trained ``nn.Module`` with Opacus' hooks, per-example gradient buffers and DPDDP wrapper removed."""
-        model = self.model.to_standard_module() if self.engine is not None else self.model
-        return model.module if isinstance(model, DifferentiallyPrivateDistributedDataParallel) else model
+        return unwrap(self.model.to_standard_module() if self.engine is not None else self.model)
 
     def accountant_state(self) -> dict | None:
         return None if self.engine is None else self.engine.accountant.state_dict()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from dptrain.report.collect import Sweep, find_runs
 from dptrain.report.table import Table, build_table, parse_spec, to_csv, to_markdown
-from dptrain.tracking.atomic import write_atomic, write_json_atomic
+from dptrain.tracking.atomic import write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from dptrain.report.selection import Selection
@@ -40,10 +40,6 @@ class Report:
     sweep: Sweep
     table: Table
     selection: Selection | None
-
-
-def _bytes(text: str):
-    return lambda handle: handle.write(text.encode("utf-8"))
 
 
 def _overview(sweep: Sweep) -> list[str]:
@@ -80,13 +76,13 @@ def build_report(root: str | Path, out: str | Path | None = None, select: str | 
     chosen = None
     if select is not None:
         # A misspelt metric fails here, before the selection's imports (Opacus, torch) take seconds.
-        parse_spec(select, table)
+        metric, maximize = parse_spec(select, table)
         from dptrain.report.selection import select as select_run
 
-        chosen = select_run(table, sweep.runs, select)
+        chosen = select_run(table, sweep.runs, metric, maximize)
     from dptrain.report.figures import FIGURE_FILES, report_figures, save_figure
 
-    files = [write_atomic(out / CSV, _bytes(to_csv(table)))]
+    files = [write_text_atomic(out / CSV, to_csv(table))]
     figures = report_figures(table)
     files += [save_figure(figure, out / name) for name, figure in figures.items()]
     sections = ["# dptrain report", "", *_overview(sweep), "", to_markdown(table), *_incomplete(sweep)]
@@ -98,7 +94,7 @@ def build_report(root: str | Path, out: str | Path | None = None, select: str | 
 
         sections += ["", selection_markdown(chosen)]
         files.append(write_json_atomic(out / SELECTION, chosen.to_dict()))
-    files.append(write_atomic(out / MARKDOWN, _bytes("\n".join(sections) + "\n")))
+    files.append(write_text_atomic(out / MARKDOWN, "\n".join(sections) + "\n"))
     # What an earlier report wrote and this one does not (no --select, no audited run) would look current.
     for stale in {*FIGURE_FILES, SELECTION} - {path.name for path in files}:
         (out / stale).unlink(missing_ok=True)
@@ -114,14 +110,14 @@ def console_summary(report: Report) -> str:
             "",
             f"{'selected':<15}`{s.best}` ({s.label}): {s.metric} {s.value:.4g}, epsilon {s.single_epsilon:.2f} alone",
         ]
-        if s.tuning_epsilon is not None:
+        if s.tuning == "tuned":
             lines += [
                 f"{'':<15}{s.composition_epsilon:.2f} for choosing it from the fixed grid as run"
                 f" ({len(s.candidates)} private runs, composition),",
                 f"{'':<15}{s.tuning_epsilon:.2f} had the number of trials been random"
                 f" (random stopping, Papernot & Steinke 2022); assumptions in {MARKDOWN}",
             ]
-        elif not s.covered:
+        elif s.tuning == "not covered":
             lines.append(f"{'':<15}no tuning bound: {s.metric} is not a DP score of the runs (see {MARKDOWN})")
         else:
             lines.append(f"{'':<15}the only private candidate: nothing was chosen among private runs")

@@ -12,11 +12,8 @@ from omegaconf import OmegaConf
 
 from dptrain.errors import UserError
 from dptrain.report.progress import sweep_jobs
+from dptrain.tracking.artifacts import AUDIT, HYDRA_DIR, MANIFEST, METRICS, recorded_overrides
 
-HYDRA_DIR = ".hydra"
-METRICS = "metrics.json"
-AUDIT = "audit.json"
-MANIFEST = "manifest.json"
 MULTIRUN = "multirun.yaml"
 
 
@@ -45,15 +42,6 @@ class Sweep:
     runs: list[RunRecord]
     command: str | None
     jobs: int | None
-
-
-def recorded_overrides(run_dir: str | Path) -> list[str]:
-    """The task overrides Hydra recorded for the run in ``run_dir`` (``.hydra/overrides.yaml``); [] without one.
-
-    This is the run's own record: a resumed run and a re-audit keep the overrides it was started with.
-    """
-    path = Path(run_dir) / HYDRA_DIR / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
 def _read_json(path: Path) -> dict | None:

@@ -3,44 +3,42 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ValueType
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 log = logging.getLogger("dptrain.sweep")
 
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"
 
 
 def sweep_jobs(config: DictConfig) -> int | None:
     """The number of jobs Hydra's basic sweeper launches for the multirun ``config``, or None when unknown.
 
-    The basic sweeper takes ``hydra.sweeper.params`` (what ``conf/experiment/`` recipes set) and then
-    the command-line overrides, keeps the last value given for each key, and launches the cartesian
-    product of the discrete sweeps (``BasicSweeper.split_arguments``); this counts that product.
-    Other sweepers (Optuna, Nevergrad) decide their jobs as they go: None.
+    The arguments are the basic sweeper's (``BasicSweeper.sweep``): ``hydra.sweeper.params`` (what
+    ``conf/experiment/`` recipes set) as ``key=value``, then the command-line overrides; its own
+    ``split_arguments`` keeps the last value per key and batches the cartesian product of the sweeps.
+    None where that raises: a non-discrete sweep (``interval``), or ``glob``, which expands against the
+    config groups and so needs Hydra's config loader. Other sweepers (Optuna, Nevergrad) decide their
+    jobs as they go: None.
     """
     if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
         return None
     params = config.hydra.sweeper.get("params") or {}
     arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
-    choices: dict[str, int] = {}
-    for override in OverridesParser.create().parse_overrides(arguments):
-        if override.is_sweep_override() and not override.is_discrete_sweep():
-            return None
-        if override.is_sweep_override() and override.value_type == ValueType.GLOB_CHOICE_SWEEP:
-            # glob(...) expands against the config groups, which need Hydra's config loader.
-            return None
-        count = len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
-        choices[override.get_key_element()] = count
-    return math.prod(choices.values())
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    try:
+        batches = BasicSweeper.split_arguments(overrides, None)
+    except HydraException:
+        return None
+    return sum(len(batch) for batch in batches)
 
 
 class SweepProgress(Callback):

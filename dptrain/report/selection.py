@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 
 from dptrain.errors import UserError
 from dptrain.report.collect import RunRecord
-from dptrain.report.table import Table, parse_spec, run_label
+from dptrain.report.table import Table, run_label
 from dptrain.report.tuning import (
     Mechanism,
     TuningBound,
@@ -43,10 +44,22 @@ class Selection:
     delta: float
     single_epsilon: float
     single_rdp_epsilon: float
-    covered: bool
     bounds: list[TuningBound] | None
     composition_epsilon: float | None
     better_baseline: str | None
+
+    @property
+    def covered(self) -> bool:
+        """Whether ``metric`` is a DP score of the runs, as the tuning bounds require (``COVERED``)."""
+        return self.metric in COVERED
+
+    @property
+    def tuning(self) -> Literal["tuned", "not covered", "single candidate"]:
+        """Whether the choice has tuning bounds, or why not: the metric is not covered, or only one private
+        run was a candidate (``select`` computes the bounds exactly when neither holds)."""
+        if self.bounds:
+            return "tuned"
+        return "single candidate" if self.covered else "not covered"
 
     @property
     def tuning_epsilon(self) -> float | None:
@@ -54,7 +67,7 @@ class Selection:
         return min(bound.epsilon for bound in self.bounds) if self.bounds else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "tuning_epsilon": self.tuning_epsilon}
+        return {**asdict(self), "covered": self.covered, "tuning_epsilon": self.tuning_epsilon}
 
 
 def run_rdp_curve(metrics: dict) -> np.ndarray:
@@ -67,14 +80,14 @@ def run_rdp_curve(metrics: dict) -> np.ndarray:
     return np.max([rdp_curve(Mechanism(*mechanism)) for mechanism in mechanisms], axis=0)
 
 
-def select(table: Table, runs: list[RunRecord], spec: str) -> Selection:
-    """The best complete private run by ``spec`` (see ``parse_spec``) and the privacy cost of the selection.
+def select(table: Table, runs: list[RunRecord], metric: str, maximize: bool) -> Selection:
+    """The best complete private run by ``metric`` (highest when ``maximize``, as ``table.parse_spec`` reads
+    ``--select``) and the privacy cost of the selection.
 
     Candidates are the complete runs with a finite epsilon and a value of the metric: the
     non-private baseline has no finite guarantee to charge, so it is left out (and named when it
     would have won). Raises ``UserError`` when no private run has the metric.
     """
-    metric, maximize = parse_spec(spec, table)
     records = {run.name: run for run in runs}
     scored = [row for row in table.rows if row["status"] == "complete" and row[metric] is not None]
     candidates = [row for row in scored if math.isfinite(row["epsilon"]) and row["noise_multiplier"] > 0]
@@ -98,7 +111,6 @@ def select(table: Table, runs: list[RunRecord], spec: str) -> Selection:
         delta=delta,
         single_epsilon=best["epsilon"],
         single_rdp_epsilon=epsilon_from_rdp(curves[names.index(best["run"])], delta),
-        covered=metric in COVERED,
         bounds=random_stopping_bounds(curves, delta) if tuned else None,
         composition_epsilon=composition_epsilon(curves, delta) if tuned else None,
         better_baseline=overall["run"] if overall is not best and not math.isfinite(overall["epsilon"]) else None,
@@ -134,7 +146,7 @@ def selection_markdown(selection: Selection) -> str:
         f"| this run alone, its accountant (as if no other run had been made) | {_eps(s.single_epsilon)} |",
         f"| this run alone, RDP (the scale of the rows below) | {_eps(s.single_rdp_epsilon)} |",
     ]
-    if not s.covered:
+    if s.tuning == "not covered":
         lines += [
             "",
             f"**No tuning bound:** the bounds below assume every trial's score is computed from the DP-trained model "
@@ -143,7 +155,7 @@ def selection_markdown(selection: Selection) -> str:
             "computation and its cost is not bounded here.",
         ]
         return "\n".join(lines)
-    if s.bounds is None:
+    if s.tuning == "single candidate":
         lines += [
             "",
             "Only one private run was a candidate: nothing was chosen among private runs, its own epsilon applies.",

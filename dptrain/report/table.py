@@ -54,11 +54,12 @@ def attack_column(attack: str, metric: str) -> str:
 
 def _results(run: RunRecord, attacks: list[str], federated: list[str]) -> dict:
     metrics, audit = run.metrics or {}, run.audit or {}
-    private = metrics.get("private", metrics.get("epsilon") is not None)
     columns = [*LEADING, *federated, *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS), *TRAILING]
     row = dict.fromkeys(columns)
     row.update({key: metrics.get(key) for key in federated})
     if metrics:
+        # Both recipes write "private" (centralized and federated ``metrics.json``).
+        private = metrics["private"]
         row.update(
             test_accuracy=metrics["test_accuracy"],
             epsilon=metrics["epsilon"] if private else math.inf,

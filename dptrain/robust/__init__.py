@@ -30,7 +30,14 @@ from dptrain.robust.attacks import (
     min_sum,
     sign_flip,
 )
-from dptrain.robust.pipeline import AGGREGATORS, PRE_AGGREGATORS, Aggregation, RobustAggregator, build_aggregator
+from dptrain.robust.pipeline import (
+    AGGREGATORS,
+    PRE_AGGREGATORS,
+    Aggregation,
+    RobustAggregator,
+    build_aggregator,
+    tolerated_byzantine,
+)
 from dptrain.robust.poisoning import backdoor, label_flip, model_replacement_scale, stamp_trigger
 from dptrain.robust.preaggregators import bucketing, nnm, static_clipping
 from dptrain.robust.primitives import pairwise_sq_distances
@@ -71,5 +78,6 @@ __all__ = [
     "sign_flip",
     "stamp_trigger",
     "static_clipping",
+    "tolerated_byzantine",
     "trimmed_mean",
 ]

@@ -231,6 +231,7 @@ def _sign_flip(cfg: AttackConfig, generator: torch.Generator, server_lr: float) 
 
 def _gaussian(cfg: AttackConfig, generator: torch.Generator, server_lr: float) -> Attack:
     require(cfg.noise_std >= 0, f"attack.noise_std must be >= 0, got {cfg.noise_std}")
+
     def craft(own: Tensor, f: int, n: int) -> Tensor:
         return gaussian(own, cfg.noise_mean, cfg.noise_std, generator)
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from dptrain.config import AggregatorConfig
+from dptrain.config import AggregatorConfig, AttackConfig
 from dptrain.robust.aggregators import (
     CenteredClipping,
     bulyan_selection,
@@ -231,6 +231,11 @@ class RobustAggregator:
         if isinstance(self._rule, _CenteredClippingRule):
             self._rule.load_state_dict(state["rule"])
         self._generator.set_state(state["generator"])
+
+
+def tolerated_byzantine(aggregator: AggregatorConfig, attack: AttackConfig) -> int:
+    """The f a rule must tolerate: ``aggregator.f``, by default the ``attack.byzantine`` attackers set up."""
+    return attack.byzantine if aggregator.f is None else aggregator.f
 
 
 def build_aggregator(cfg: AggregatorConfig, f: int, seed: int) -> RobustAggregator:

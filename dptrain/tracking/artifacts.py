@@ -1,4 +1,5 @@
-"""The run directory's result files (DESIGN's results schema): metrics.json, model.pt, manifest.json."""
+"""The run directory's files (DESIGN's results schema): metrics.json, model.pt, audit.json, manifest.json,
+and the overrides Hydra recorded in .hydra/."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from omegaconf import OmegaConf
+
 from dptrain.tracking.atomic import save_torch_atomic, write_json_atomic
 
 METRICS = "metrics.json"
 MODEL = "model.pt"
+AUDIT = "audit.json"
 MANIFEST = "manifest.json"
+# Hydra's record of the run: config.yaml, overrides.yaml.
+HYDRA_DIR = ".hydra"
 
 # The keys every metrics.json has (DESIGN.md, "Run artifacts").
 METRICS_KEYS = (
@@ -46,6 +52,15 @@ def write_metrics(run_dir: str | Path, metrics: Mapping) -> Path:
 def save_model(run_dir: str | Path, state_dict: Mapping) -> Path:
     """Write ``model.pt``: a plain state dict, loadable with ``torch.load(..., weights_only=True)``."""
     return save_torch_atomic(Path(run_dir) / MODEL, dict(state_dict))
+
+
+def recorded_overrides(run_dir: str | Path) -> list[str]:
+    """The task overrides Hydra recorded for the run in ``run_dir`` (``.hydra/overrides.yaml``); [] without one.
+
+    This is the run's own record: a resumed run and a re-audit keep the overrides it was started with.
+    """
+    path = Path(run_dir) / HYDRA_DIR / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
 def package_versions() -> dict[str, str | None]:

@@ -38,10 +38,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     return path
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as UTF-8 atomically (``write_atomic``)."""
+    data = text.encode("utf-8")
+    return write_atomic(path, lambda handle: handle.write(data))
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as strict JSON (no NaN or Infinity: use ``None``) atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def save_torch_atomic(path: str | os.PathLike, obj: Any) -> Path:

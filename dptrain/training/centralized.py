@@ -26,14 +26,15 @@ from dptrain.data import (
 )
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, plan_privacy
+from dptrain.robust import build_attack
 from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
-from dptrain.robust import build_attack
 from dptrain.training import ranks
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.distributed import byzantine_ranks, local_batch_size, parallel_mode, shard, shard_size
 from dptrain.training.loop import evaluate
 from dptrain.training.recipe import resolve_device, train_model
+from dptrain.training.seeds import POISON_STREAM, derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def _training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> Te
         return records
     rank, world = ranks.rank(), ranks.world_size()
     records = shard(records, rank, world)
-    attack = build_attack(cfg.attack, cfg.train.seed)
+    attack = build_attack(cfg.attack, derived_seed(cfg.train.seed, POISON_STREAM))
     if attack.poison is not None and rank in byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed):
         records = TensorDataset(*attack.poison(*records.tensors, data.num_classes))
     return records

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from dptrain.privacy.plan import is_private
-from dptrain.robust import build_aggregator, build_attack
+from dptrain.robust import build_aggregator, build_attack, tolerated_byzantine
 from dptrain.training import ranks
 from dptrain.training.seeds import AGGREGATOR_STREAM, ATTACK_STREAM, derived_seed
 
@@ -126,9 +126,10 @@ def gather_updates(training, cfg) -> None:
     the attack and the choice of Byzantine ranks alike (independent streams of ``train.seed``).
     """
     world, seed = ranks.world_size(), cfg.train.seed
-    f = cfg.attack.byzantine if cfg.aggregator.f is None else cfg.aggregator.f
     exchange = dict(
-        aggregator=build_aggregator(cfg.aggregator, f, derived_seed(seed, AGGREGATOR_STREAM)),
+        aggregator=build_aggregator(
+            cfg.aggregator, tolerated_byzantine(cfg.aggregator, cfg.attack), derived_seed(seed, AGGREGATOR_STREAM)
+        ),
         attack_cfg=cfg.attack,
         seed=seed,
         byzantine=byzantine_ranks(cfg.attack.byzantine, world, seed),

@@ -35,7 +35,7 @@ from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, epsilon_spent
 from dptrain.privacy.plan import plan_mechanism
-from dptrain.robust import Attack, alie_z, build_aggregator, build_attack, static_clipping
+from dptrain.robust import Attack, alie_z, build_aggregator, build_attack, static_clipping, tolerated_byzantine
 from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.centralized import TargetRun, load_data
@@ -219,7 +219,7 @@ class FederatedServer:
     def __init__(self, cfg: Config, plan: FederatedPlan, clients: list[Client], model: nn.Module, device) -> None:
         self.cfg, self.plan, self.clients, self.model, self.device = cfg, plan, clients, model, device
         seed = cfg.train.seed
-        f = cfg.attack.byzantine if cfg.aggregator.f is None else cfg.aggregator.f
+        f = tolerated_byzantine(cfg.aggregator, cfg.attack)
         self.aggregator = build_aggregator(cfg.aggregator, f, derived_seed(seed, AGGREGATOR_STREAM))
         self.attack_cfg = _nominal_attack_config(cfg)
         self.sampling = torch.Generator().manual_seed(derived_seed(seed, SAMPLING_STREAM))
@@ -373,9 +373,8 @@ def _subset(dataset: TensorDataset, positions: np.ndarray) -> TensorDataset:
     return TensorDataset(*(tensor[rows] for tensor in dataset.tensors))
 
 
-def _clients(cfg: Config, data: SplitData, parts: list[np.ndarray], plan: FederatedPlan) -> list[Client]:
-    """The clients' datasets; a data-poisoning attack (label flip, backdoor) rewrites the Byzantine ones."""
-    attack = build_attack(cfg.attack, derived_seed(cfg.train.seed, POISON_STREAM), cfg.federation.server_lr)
+def _clients(data: SplitData, parts: list[np.ndarray], plan: FederatedPlan, attack: Attack) -> list[Client]:
+    """The clients' datasets; a data-poisoning ``attack`` (label flip, backdoor) rewrites the Byzantine ones."""
     clients = []
     for i, part in enumerate(parts):
         inputs, labels = _subset(data.members, part).tensors
@@ -465,12 +464,11 @@ def train_target(
     parts = _partition(cfg, data, plan)
     device = resolve_device(cfg.train.device)
     model, replaced = _global_model(cfg, data, plan, device)
-    server = FederatedServer(cfg, plan, _clients(cfg, data, parts, plan), model, device)
+    poisoning = build_attack(cfg.attack, derived_seed(cfg.train.seed, POISON_STREAM), cfg.federation.server_lr)
+    server = FederatedServer(cfg, plan, _clients(data, parts, plan, poisoning), model, device)
     audited = audited_data(cfg, data, parts, plan)
-    backdoor = None
-    if cfg.attack.name == "backdoor":
-        # The poisoning clients' own attack, for its trigger.
-        backdoor = build_attack(cfg.attack, derived_seed(cfg.train.seed, POISON_STREAM), cfg.federation.server_lr)
+    # The poisoning clients' own attack, for its trigger.
+    backdoor = poisoning if poisoning.trigger is not None else None
     start, train_seconds = 0, 0.0
     if checkpoint is not None:
         server.restore(checkpoint)

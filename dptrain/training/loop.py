@@ -6,11 +6,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from dptrain.privacy import PrivateTraining
+from dptrain.privacy import PrivateTraining, unwrap
 
 EVAL_BATCH_SIZE = 1024
 
@@ -22,12 +21,6 @@ class EpochStats:
     loss: float
     accuracy: float
     examples: int
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside Opacus' GradSampleModule and DPDDP wrappers (or the module itself)."""
-    model = getattr(model, "_module", model)
-    return model.module if isinstance(model, DifferentiallyPrivateDistributedDataParallel) else model
 
 
 def train_epoch(training: PrivateTraining, device: torch.device) -> EpochStats:

@@ -42,6 +42,15 @@ def all_gather_object(obj) -> list:
     return gathered
 
 
+def gather_to_main(obj) -> list | None:
+    """``obj`` of every rank, in rank order, on rank 0 and None on the others (``[obj]`` in one process); collective."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank (``obj`` itself in one process); collective."""
     if world_size() == 1:

@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 from dptrain.config import Config, TrainConfig, recipe_hash
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
-from dptrain.privacy import PrivacyPlan, make_private, plan_privacy
+from dptrain.privacy import PrivacyPlan, make_private, plan_privacy, unwrap
 from dptrain.tracking.tensorboard import TensorBoardLog
-from dptrain.training.checkpoint import Checkpoint
 from dptrain.training import ranks
+from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.distributed import gather_updates, local_batch_size, parallel_mode
-from dptrain.training.loop import EpochStats, evaluate, train_epoch, unwrap
+from dptrain.training.loop import EpochStats, evaluate, train_epoch
 
 log = logging.getLogger(__name__)
 

@@ -129,21 +129,11 @@ def audit_command(args: list[str]) -> None:
                 requested = compose(config_name="config", overrides=overrides).audit
         except (HydraException, OmegaConfBaseException) as error:
             raise UserError(str(error).splitlines()[0]) from None
-        # Canaries (and the seed that drew them) belong to training: they had to be inserted before it.
-        trained, seed = cfg.audit.canaries, cfg.audit.seed
-        if requested.canaries.count != trained.count:
-            log.warning(
-                "canaries are inserted at training time: this run was trained with %d, the audit uses those",
-                trained.count,
-            )
-        cfg.audit = requested
-        cfg.audit.canaries = trained
-        cfg.audit.seed = seed
-        report = pipeline.audit(cfg, run_dir)
+        report = pipeline.audit(cfg, run_dir, requested)
     except UserError as error:
         _fail(str(error))
     print(format_audit(report))
-    print(f"{'artifacts':<15}{run_dir / pipeline.AUDIT}, {run_dir / 'tb'}")
+    print(f"{'artifacts':<15}{run_dir / pipeline.AUDIT} (kept as {report['history_file']}), {run_dir / 'tb'}")
 
 
 class _ReportArguments(argparse.ArgumentParser):

@@ -6,19 +6,32 @@ sequences them and writes what spans stages (audit.json, HParams, manifest).
 
 from __future__ import annotations
 
+import copy
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dptrain.config import Config, recipe_hash, validate
-from dptrain.tracking.artifacts import AUDIT, recorded_overrides, write_manifest
-from dptrain.tracking.atomic import write_json_atomic
-from dptrain.tracking.tensorboard import TensorBoardLog
+from dptrain.config import _NOT_IN_RECIPE, Config, recipe_hash, validate
+from dptrain.errors import UserError
+from dptrain.tracking.artifacts import (
+    AUDIT,
+    audit_history,
+    record_audit,
+    recorded_overrides,
+    update_manifest,
+    write_manifest,
+)
+from dptrain.tracking.tensorboard import TensorBoardLog, training_layout
 from dptrain.training import centralized, federated, ranks
 from dptrain.training.centralized import TargetRun, flat_config
 from dptrain.training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
+
+# Config keys every run's HParams record carries beside its own overrides: what runs are told apart by.
+HPARAMS_KEYS = ("privacy.target_epsilon", "model.name", "dataset.name")
+# metrics.json's numbers of federated runs under attack that the HParams record carries when present.
+FEDERATED_METRICS = ("backdoor_success_rate", "byzantine_selected_fraction")
 
 
 def _recipe(cfg: Config):
@@ -27,8 +40,12 @@ def _recipe(cfg: Config):
     return federated if cfg.federation.name == "fedavg" else centralized
 
 
-def audit_target(cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardLog | None) -> dict | None:
-    """Run the audit stage on a trained target and write ``audit.json``.
+def audit_target(
+    cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardLog | None, canaries_requested: int | None = None
+) -> dict | None:
+    """Run the audit stage on a trained target and record it: ``audit.json`` (the latest audit) and
+    ``audits/<UTC time>-<level>.json`` (the history, never overwritten). Its TensorBoard panels go
+    at step n for the run's n-th audit.
 
     Returns None for ``audit=none`` and on ranks other than 0, which only help
     train reference models.
@@ -41,26 +58,51 @@ def audit_target(cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardL
         AuditTarget(cfg, target.model, target.data, target.plan, target.epsilon, target.canaries, target.device),
         run_dir,
         tb,
+        step=len(audit_history(run_dir)) + 1,
+        canaries_requested=canaries_requested,
     )
     if report is not None:
-        write_json_atomic(run_dir / AUDIT, report)
+        record_audit(run_dir, report)
     return report
 
 
+def hparams_of(cfg: Config, run_dir: Path) -> dict:
+    """The run's hyperparameters for HParams: ``HPARAMS_KEYS`` and every override Hydra recorded for the
+    run, a config key with its typed value, a config group (``model=mlp``) with its option; overrides
+    that leave the training recipe as it is (``train.progress``, ``train.device``, ...) are left out.
+
+    In a sweep each run knows only its own overrides; the dashboard puts the keys whose values differ
+    between runs first, so its table opens on what the sweep varied. The overrides are the run's own
+    record: a resumed or re-audited run keeps those it was started with.
+    """
+    flat = flat_config(cfg)
+    values = {key: flat[key] for key in HPARAMS_KEYS}
+    for override in recorded_overrides(run_dir):
+        key, _, text = override.partition("=")
+        key = key.lstrip("+~")
+        if key not in _NOT_IN_RECIPE:
+            values[key] = flat.get(key, text)
+    return values
+
+
 def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: dict, report: dict | None) -> None:
-    from dptrain.audit.run import audit_scalars
+    """Write the run's HParams record; after the n-th audit at step n, so the latest audit's metrics are
+    the ones the dashboard shows (step 0: a run not audited yet)."""
+    from dptrain.audit.run import headline_metrics
 
     final = {
-        "hparams/test_accuracy": metrics["test_accuracy"],
-        "hparams/train_accuracy": metrics["train_accuracy"],
-        "hparams/epsilon": metrics["epsilon"],
+        "accuracy/test": metrics["test_accuracy"],
+        "accuracy/train": metrics["train_accuracy"],
+        "epsilon": metrics["epsilon"],
+        **{key: metrics.get(key) for key in FEDERATED_METRICS},
     }
     if report is not None:
-        final.update({f"hparams/{tag}": value for tag, value in audit_scalars(report).items()})
-    # The overrides Hydra recorded in the run directory label the run's row in the HParams dashboard as
-    # they label it in `dptrain report`; a resumed or re-audited run keeps the ones it started with.
-    overrides = " ".join(recorded_overrides(run_dir))
-    tb.hparams({"overrides": overrides, **flat_config(cfg)}, final)
+        final.update(headline_metrics(report))
+    tb.hparams(hparams_of(cfg, run_dir), final, step=len(audit_history(run_dir)))
+
+
+def _seeds(cfg: Config) -> dict:
+    return {"train": cfg.train.seed, "dataset": cfg.dataset.seed, "audit": cfg.audit.seed}
 
 
 def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
@@ -83,6 +125,8 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
     # In a multi-process run every rank trains; only rank 0 writes artifacts and TensorBoard.
     main = ranks.is_main()
     tb = TensorBoardLog(run_dir, purge_step=purge_step) if main else None
+    if tb is not None:
+        tb.layout(training_layout(federated=recipe is federated))
     try:
         target = recipe.train_target(cfg, run_dir, plan, tb, checkpoint)
         report = audit_target(cfg, target, run_dir, tb)
@@ -96,7 +140,7 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
             run_dir,
             config_hash=recipe_hash(cfg),
             data_fingerprint=target.fingerprint,
-            seeds={"train": cfg.train.seed, "dataset": cfg.dataset.seed, "audit": cfg.audit.seed},
+            seeds=_seeds(cfg),
             started_at=started.isoformat(),
             finished_at=datetime.now(timezone.utc).isoformat(),
             resumed=checkpoint is not None,
@@ -105,20 +149,49 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
     return target.metrics, report
 
 
-def audit(cfg: Config, run_dir: str | Path) -> dict:
-    """Audit a finished run again with ``cfg.audit``, from its saved model and recorded split.
+def _audit_config(cfg: Config, requested) -> Config:
+    """``cfg`` with the audit config ``requested``, but the canaries and the seed that drew them from
+    ``cfg``: canaries are inserted at training time."""
+    trained = cfg.audit
+    # Without inserted canaries the audit records why it has no canary bound (``run_audit``).
+    if trained.canaries.count and requested.canaries.count != trained.canaries.count:
+        log.warning(
+            "canaries are inserted at training time: this run was trained with %d, the audit uses those",
+            trained.canaries.count,
+        )
+    audited = copy.deepcopy(cfg)
+    audited.audit = requested
+    audited.audit.canaries = trained.canaries
+    audited.audit.seed = trained.seed
+    return audited
 
-    Precondition: ``cfg`` is the run's own config with only ``audit`` changed
-    (canaries come from the training config: they had to be inserted before
-    training). Reference models cached in the run directory are reused.
+
+def audit(cfg: Config, run_dir: str | Path, requested=None) -> dict:
+    """Audit a finished run again, from its saved model and recorded split, with the audit config
+    ``requested`` (default: the run's own); return the new ``audit.json``.
+
+    ``cfg`` is the run's recorded config. The audit is kept beside the earlier ones
+    (``audit_target``), the HParams record is brought up to it, and ``manifest.json`` gets the audit
+    history and current digests; a run interrupted before its manifest was written gets one, so it
+    is complete. Reference models cached in the run directory are reused.
     """
     run_dir = Path(run_dir)
-    validate(cfg)
-    target = _recipe(cfg).load_target(cfg, run_dir)
+    requested = cfg.audit if requested is None else requested
+    if requested.name == "none":
+        raise UserError("dptrain audit with audit=none runs no audit: choose audit=fast, standard or thorough")
+    audited = _audit_config(cfg, requested)
+    validate(audited)
+    target = _recipe(audited).load_target(audited, run_dir)
     tb = TensorBoardLog(run_dir)
     try:
-        report = audit_target(cfg, target, run_dir, tb)
+        report = audit_target(audited, target, run_dir, tb, canaries_requested=requested.canaries.count)
         _hparams(cfg, run_dir, tb, target.metrics, report)
     finally:
         tb.close()
+    update_manifest(
+        run_dir,
+        config_hash=recipe_hash(cfg),
+        data_fingerprint=target.fingerprint,
+        seeds=_seeds(cfg),
+    )
     return report

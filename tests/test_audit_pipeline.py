@@ -1,14 +1,21 @@
-"""The audit as a run stage: audit.json's schema, attacks, attribute inference, canaries, TensorBoard, caching."""
+"""The audit as a run stage: audit.json's schema, attacks, attribute inference, canaries, TensorBoard, caching,
+and re-auditing: the audit history, the manifest a later audit completes, the report's audit columns."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dptrain import pipeline
-from dptrain.audit.run import SCORE_BINS, _guard
+from dptrain.audit.run import _guard
+from dptrain.report.collect import read_run
+from dptrain.report.table import build_table
+from dptrain.tracking.summary import format_audit, format_summary
 
 # Small enough for a test, big enough for the attacks to have something to measure.
 AUDITED = ("train.epochs=3",)
@@ -43,25 +50,31 @@ def test_audit_json_has_each_attack_with_counts_and_intervals(standard_run):
     assert report["warnings"] == []
 
 
-def test_audit_lands_in_tensorboard_with_scalars_roc_histograms_text_and_hparams(standard_run):
-    events = EventAccumulator(str(standard_run[0] / "tb"), size_guidance={"images": 0, "histograms": 0})
+def test_audit_lands_in_tensorboard_as_figures_text_and_hparams_metrics_not_one_point_charts(standard_run):
+    run_dir, metrics, report = standard_run
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
+    # The run's own charts are the training curves: the audit's single numbers are not scalars there.
+    assert not [tag for tag in tags["scalars"] if tag.startswith(("audit/", "hparams/"))]
+    assert not tags["histograms"]
+    # The first audit of the run, logged at step 1: the ROC, the overlaid score histograms, the text.
+    for tag in ("audit/roc", "audit/scores"):
+        assert [image.step for image in events.Images(tag)] == [1]
+    (text,) = events.Tensors("audit/summary/text_summary")
+    summary = text.tensor_proto.string_val[0].decode()
+    assert text.step == 1 and "**Audit 1**" in summary and "`standard`" in summary
+    assert "| rmia | " in summary and "Attribute inference skipped: dataset digits has no sensitive attribute" in summary
+    hparams = EventAccumulator(str(run_dir / "tb" / "hparams"))
+    hparams.Reload()
     for attack in ("loss", "rmia"):
+        # 575 non-members cannot measure TPR at FPR 0.1%: audit.json says null and no metric is logged.
+        assert report["mia"][attack]["tpr_at_fpr"]["0.001"] is None
         for metric in ("auc", "tpr@1%", "eps_lb"):
-            assert f"audit/mia/{attack}/{metric}" in tags["scalars"]
-        # 575 non-members cannot measure TPR at FPR 0.1%: audit.json says null and no scalar is drawn.
-        assert standard_run[2]["mia"][attack]["tpr_at_fpr"]["0.001"] is None
-        assert f"audit/mia/{attack}/tpr@0.1%" not in tags["scalars"]
-        assert f"hparams/audit/mia/{attack}/auc" in tags["scalars"]
-        members, non_members = (
-            events.Histograms(f"audit/scores/{attack}/{group}")[0].histogram_value for group in ("members", "non_members")
-        )
-        assert members.num == non_members.num == standard_run[1]["members"]
-        # Both on the same edges, so TensorBoard shows them on one scale.
-        assert len(set(members.bucket_limit) | set(non_members.bucket_limit)) <= SCORE_BINS + 1
-    assert "audit/roc" in tags["images"]
-    assert "audit/summary/text_summary" in tags["tensors"]
+            (point,) = hparams.Scalars(f"trial/mia/{attack}/{metric}")
+            assert point.step == 1
+        assert hparams.Scalars(f"trial/mia/{attack}/auc")[0].value == pytest.approx(report["mia"][attack]["auc"])
+    assert hparams.Scalars("trial/accuracy/test")[0].value == pytest.approx(metrics["test_accuracy"])
 
 
 def test_reaudit_reuses_cached_reference_models_and_reproduces_the_numbers(standard_run):
@@ -165,3 +178,99 @@ def test_a_bound_above_the_accountant_epsilon_or_an_inverted_auc_is_flagged():
     _guard("lira", 0.6, 0.5, 1.0, warnings)
     assert len(warnings) == 2
     assert "exceeds the accountant's epsilon" in warnings[0] and "below 0.4" in warnings[1]
+
+
+def test_summary_points_tensorboard_at_the_run_directory(standard_run):
+    run_dir, metrics, report = standard_run
+    # --logdir <run>/tb would name the run "." in TensorBoard; from the run directory it is "tb".
+    assert format_summary(metrics, report, run_dir).splitlines()[-1] == f"tensorboard    tensorboard --logdir {run_dir}"
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """A tiny run audited at the end of training with audit=fast, to be re-audited (copied first)."""
+    from conftest import make_config
+
+    run_dir = tmp_path_factory.mktemp("fast") / "run"
+    cfg = make_config("train.epochs=2", "train.progress=false", "audit=fast")
+    pipeline.train(cfg, run_dir)
+    return cfg, run_dir
+
+
+def _audit_request(*overrides):
+    from conftest import make_config
+
+    return make_config(*overrides).audit
+
+
+def test_every_audit_is_kept_in_the_history_and_audit_json_is_the_latest(fast_run, tmp_path):
+    cfg, trained = fast_run
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    pipeline.audit(cfg, run_dir, _audit_request("audit=standard", "audit.mia.reference_models=1"))
+    history = sorted((run_dir / "audits").iterdir())
+    assert [re.fullmatch(r"\d{8}T\d{6}\.\d{3}Z-(\w+)\.json", path.name)[1] for path in history] == ["fast", "standard"]
+    first, latest = (json.loads(path.read_text()) for path in history)
+    assert set(first["mia"]) == {"loss"} and set(latest["mia"]) == {"loss", "rmia"}
+    assert [first["history_file"], latest["history_file"]] == [f"audits/{path.name}" for path in history]
+    assert _report(run_dir) == latest
+    rows = build_table([read_run(run_dir, "run")]).rows
+    assert [(row["audit_level"], row["audit_file"]) for row in rows] == [("standard", latest["history_file"])]
+
+
+def test_an_audit_after_an_interrupted_one_completes_the_run_and_its_manifest(tmp_path, monkeypatch):
+    from conftest import make_config
+
+    import dptrain.audit.run
+
+    def interrupted(*args, **kwargs):
+        raise RuntimeError("killed during the audit")
+
+    cfg = make_config("train.epochs=2", "train.progress=false", "audit=fast")
+    with monkeypatch.context() as patch:
+        patch.setattr(dptrain.audit.run, "run_audit", interrupted)
+        with pytest.raises(RuntimeError, match="killed"):
+            pipeline.train(cfg, tmp_path)
+    assert read_run(tmp_path, "run").missing == ["audit.json", "manifest.json"]
+    report = pipeline.audit(cfg, tmp_path)
+    assert read_run(tmp_path, "run").complete
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["audits"] == [report["history_file"]] and manifest["written_after_interruption"] is True
+    artifacts = {"audit.json", report["history_file"], "metrics.json", "model.pt", "split.json", "checkpoint.pt"}
+    assert artifacts <= set(manifest["digests"])
+    for name, digest in manifest["digests"].items():
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_reauditing_updates_the_manifest_of_a_complete_run(fast_run, tmp_path):
+    cfg, trained = fast_run
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    before = json.loads((run_dir / "manifest.json").read_text())
+    report = pipeline.audit(cfg, run_dir)
+    after = json.loads((run_dir / "manifest.json").read_text())
+    # The training's record stays; the history and the digests follow the new audit.
+    assert {k: after[k] for k in ("started_at", "finished_at", "config_hash", "data_fingerprint")} == {
+        k: before[k] for k in ("started_at", "finished_at", "config_hash", "data_fingerprint")
+    }
+    assert after["audits"] == [*before["audits"], report["history_file"]] and "written_after_interruption" not in after
+    assert after["digests"]["audit.json"] == hashlib.sha256((run_dir / "audit.json").read_bytes()).hexdigest()
+
+
+def test_a_canary_audit_of_a_run_trained_without_canaries_says_why_it_has_no_bound(fast_run, tmp_path):
+    cfg, trained = fast_run
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    report = pipeline.audit(cfg, run_dir, _audit_request("audit=fast", "audit.canaries.count=10"))
+    reason = report["canary"]["skipped"]
+    assert "trained with audit.canaries.count=0" in reason and "inserted at training time" in reason
+    assert f"canaries     skipped: {reason}" in format_audit(report)
+    (row,) = build_table([read_run(run_dir, "run")]).rows
+    assert row["canary.eps_lb"] is None
+    # A run trained with no canaries and an audit that asks for none: nothing is missing, nothing to say.
+    assert pipeline.audit(cfg, run_dir)["canary"] is None
+
+
+def test_reauditing_with_no_audit_is_refused(fast_run):
+    from dptrain.errors import UserError
+
+    cfg, run_dir = fast_run
+    with pytest.raises(UserError, match="audit=none runs no audit"):
+        pipeline.audit(cfg, run_dir, _audit_request("audit=none"))

@@ -87,6 +87,7 @@ def test_report_has_one_row_per_run_with_epsilon_increasing_with_the_target(repo
     for column in ("delta", "noise_multiplier", "mia.loss.auc", "mia.loss.tpr@1%fpr", "mia.loss.eps_lb",
                    "aia.advantage", "train_seconds", "audit_seconds"):
         assert column in rows[0]
+    assert all(row["audit_level"] == "fast" and row["audit_file"].startswith("audits/") for row in rows)
 
 
 def test_report_figures_are_pngs_matplotlib_reads_back(report):
@@ -185,14 +186,16 @@ def test_hparams_record_carries_the_runs_overrides(sweep):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     directory, _ = sweep
-    events = EventAccumulator(str(directory / "0" / "tb"))
+    events = EventAccumulator(str(directory / "0" / "tb" / "hparams"))
     events.Reload()
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-    overrides = "privacy.target_epsilon=1 train.epochs=2 train.progress=False audit=fast"
-    assert hparams["overrides"].string_value == overrides
-    assert hparams["privacy.target_epsilon"].number_value == 1.0
-    assert "hparams/test_accuracy" in events.Tags()["scalars"]
+    # Its overrides (privacy.target_epsilon=1 train.epochs=2 train.progress=false audit=fast) but those that
+    # leave the training recipe as it is, each a column, and the keys every record carries.
+    assert set(hparams) == {"privacy.target_epsilon", "train.epochs", "audit", "model.name", "dataset.name"}
+    assert hparams["privacy.target_epsilon"].number_value == 1.0 and hparams["train.epochs"].number_value == 2
+    assert hparams["audit"].string_value == "fast" and hparams["model.name"].string_value == "logreg"
+    assert "trial/accuracy/test" in events.Tags()["scalars"]
 
 
 def compose_with_hydra(*overrides: str):

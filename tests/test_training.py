@@ -87,8 +87,10 @@ def test_tensorboard_has_the_training_tags_and_an_hparams_record(default_run):
     scalars = set(events.Tags()["scalars"])
     expected = {"train/loss", "train/accuracy", "test/accuracy", "privacy/epsilon", "privacy/noise_multiplier", "train/lr"}
     assert expected <= scalars
-    assert "hparams/test_accuracy" in scalars
-    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    record = EventAccumulator(str(default_run[1] / "tb" / "hparams"))
+    record.Reload()
+    assert "trial/accuracy/test" in record.Tags()["scalars"]
+    assert "_hparams_/session_start_info" in record.PluginTagToContent("hparams")
     epsilons = [e.value for e in events.Scalars("privacy/epsilon")]
     assert epsilons == sorted(epsilons) and epsilons[-1] <= 3.0
 

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from dptrain.audit.metrics import FPR_TARGETS, fpr_key, membership_metrics, roc_
 from dptrain.audit.reference import ReferenceModels, default_workers, train_references
 from dptrain.data import Canaries, SplitData, population_without
 from dptrain.privacy import PrivacyPlan
-from dptrain.tracking.figures import roc_figure
+from dptrain.tracking.figures import roc_figure, score_histograms_image
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
 from dptrain.training.loop import predict
@@ -192,10 +193,19 @@ def _aia(target: AuditTarget) -> dict:
     return result.to_dict()
 
 
-def _canary(target: AuditTarget, warnings: list[str]) -> dict | None:
+def _canary(target: AuditTarget, requested: int, warnings: list[str]) -> dict | None:
+    """The one-run canary audit; None when no canaries were asked for, ``{"skipped": why}`` when they
+    were asked for but the run has none (they must be inserted before training)."""
     canaries = target.canaries
     if canaries is None:
-        return None
+        if not requested:
+            return None
+        if target.cfg.federation.name == "fedavg":
+            return {"skipped": "canaries are inserted into centralized training only, not with federation=fedavg"}
+        return {
+            "skipped": "the run was trained with audit.canaries.count=0; canaries must be inserted at training "
+            "time: retrain with audit=thorough (or audit.canaries.count>0)"
+        }
     population = target.data.population.tensors[0]
     dataset = canaries.dataset(population, target.data.split.population)
     scores = loss_scores(_signals(target.model, dataset, target.device).loss)
@@ -210,7 +220,9 @@ def _canary(target: AuditTarget, warnings: list[str]) -> dict | None:
     return result
 
 
-def run_audit(target: AuditTarget, run_dir, tb: TensorBoardLog | None) -> dict | None:
+def run_audit(
+    target: AuditTarget, run_dir, tb: TensorBoardLog | None, step: int = 1, canaries_requested: int | None = None
+) -> dict | None:
     """Audit ``target`` as ``target.cfg.audit`` says; return ``audit.json``'s content and draw the TensorBoard panels.
 
     Members and non-members are the run's recorded split (balanced, disjoint,
@@ -219,6 +231,11 @@ def run_audit(target: AuditTarget, run_dir, tb: TensorBoardLog | None) -> dict |
     logged at error level and listed under ``warnings``. In a multi-process
     run every rank calls this: the reference models are trained across ranks
     and only rank 0 attacks, writes and returns the report (others get None).
+
+    ``step`` is the audit's number in the run's audit history (1: the first, usually at the end of
+    training), the step its TensorBoard panels are logged at. ``canaries_requested`` is the canary count the
+    audit was asked for (default: the run's own); the canaries audited are always those inserted
+    in training, ``target.canaries``.
     """
     if not ranks.is_main():
         # Other ranks of a multi-process run only share the reference models' training.
@@ -226,6 +243,8 @@ def run_audit(target: AuditTarget, run_dir, tb: TensorBoardLog | None) -> dict |
             _references(target, run_dir)
         return None
     started = time.perf_counter()
+    if canaries_requested is None:
+        canaries_requested = target.cfg.audit.canaries.count
     warnings: list[str] = []
     mia, scores, references = _mia(target, run_dir, warnings)
     report = {
@@ -237,43 +256,47 @@ def run_audit(target: AuditTarget, run_dir, tb: TensorBoardLog | None) -> dict |
         "non_members": len(target.data.non_members),
         "mia": mia,
         "aia": _aia(target),
-        "canary": _canary(target, warnings),
+        "canary": _canary(target, canaries_requested, warnings),
         "reference_models": references,
         "warnings": warnings,
     }
     report["audit_seconds"] = time.perf_counter() - started
+    report["audited_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     for warning in warnings:
         log.error("audit: %s", warning)
     if tb is not None:
-        _tensorboard(tb, report, scores)
+        _tensorboard(tb, report, scores, step)
     return report
 
 
-def audit_scalars(report: dict) -> dict[str, float | None]:
-    """The audit's headline numbers under their TensorBoard / HParams tags."""
+def headline_metrics(report: dict) -> dict[str, float | None]:
+    """The audit's headline numbers, the metrics of the run's HParams record: per membership attack
+    AUC, TPR at 1% FPR and the epsilon lower bound; attribute inference's advantage on members and
+    leakage; the canary bound. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
     values: dict[str, float | None] = {}
     for name, metrics in report["mia"].items():
-        values[f"audit/mia/{name}/auc"] = metrics["auc"]
-        values[f"audit/mia/{name}/tpr@0.1%"] = metrics["tpr_at_fpr"][fpr_key(0.001)]
-        values[f"audit/mia/{name}/tpr@1%"] = metrics["tpr_at_fpr"][fpr_key(0.01)]
-        values[f"audit/mia/{name}/eps_lb"] = metrics["epsilon_lower_bound"]["value"]
+        values[f"mia/{name}/auc"] = metrics["auc"]
+        values[f"mia/{name}/tpr@1%"] = metrics["tpr_at_fpr"][fpr_key(0.01)]
+        values[f"mia/{name}/eps_lb"] = metrics["epsilon_lower_bound"]["value"]
     aia = report["aia"]
     if "skipped" not in aia:
-        for group in ("members", "nonmembers"):
-            values[f"audit/aia/{group}/attack_accuracy"] = aia[group]["attack"]["accuracy"]
-            values[f"audit/aia/{group}/imputation_accuracy"] = aia[group]["imputation"]["accuracy"]
-            values[f"audit/aia/{group}/advantage"] = aia[group]["advantage"]["accuracy"]
-        values["audit/aia/leakage"] = aia["leakage"]["accuracy"]
-    if report["canary"] is not None:
-        values["audit/canary/eps_lb"] = report["canary"]["epsilon_lower_bound"]
+        values["aia/advantage"] = aia["members"]["advantage"]["accuracy"]
+        values["aia/leakage"] = aia["leakage"]["accuracy"]
+    canary = report["canary"]
+    if canary is not None and "skipped" not in canary:
+        values["canary/eps_lb"] = canary["epsilon_lower_bound"]
     return values
+
+
+def _number(value: float | None, digits: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, digits)
 
 
 def summary_table(report: dict) -> str:
     """Markdown table of the membership attacks, for TensorBoard's text tab and the console."""
     rows = ["| attack | AUC [95% CI] | TPR@0.1% | TPR@1% | TPR@10% | eps lower bound | members / non-members |", "|---|---|---|---|---|---|---|"]
     for name, m in report["mia"].items():
-        tprs = " | ".join("n/a" if m["tpr_at_fpr"][fpr_key(t)] is None else f"{m['tpr_at_fpr'][fpr_key(t)]:.3f}" for t in FPR_TARGETS)
+        tprs = " | ".join(_number(m["tpr_at_fpr"][fpr_key(t)]) for t in FPR_TARGETS)
         rows.append(
             f"| {name} | {m['auc']:.3f} [{m['auc_ci']['low']:.3f}, {m['auc_ci']['high']:.3f}] | {tprs} | "
             f"{m['epsilon_lower_bound']['value']:.3f} | {m['n_members']} / {m['n_nonmembers']} |"
@@ -281,23 +304,51 @@ def summary_table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def _tensorboard(tb: TensorBoardLog, report: dict, scores: dict) -> None:
-    tb.scalars(0, audit_scalars(report))
+def _aia_table(aia: dict) -> str:
+    rows = [
+        f"| attribute `{aia['attribute']}` | attack accuracy | imputation accuracy | advantage |",
+        "|---|---|---|---|",
+    ]
+    for group, label in (("members", "members"), ("nonmembers", "non-members")):
+        g = aia[group]
+        rows.append(
+            f"| {label} | {g['attack']['accuracy']:.3f} | {g['imputation']['accuracy']:.3f} | {g['advantage']['accuracy']:+.3f} |"
+        )
+    rows.append(f"| leakage (members - non-members) | | | {aia['leakage']['accuracy']:+.3f} |")
+    return "\n".join(rows)
+
+
+def audit_text(report: dict, step: int) -> str:
+    """The audit's TensorBoard text: which audit it is, every attack's numbers, attribute inference,
+    the canary bound (or why there is none) and the warnings."""
+    when = report["audited_at"].replace("T", " ").replace("+00:00", " UTC")
+    parts = [f"**Audit {step}** of this run: level `{report['level']}`, {when}."]
+    if report["mia"]:
+        parts.append(summary_table(report))
+    aia = report["aia"]
+    parts.append(f"Attribute inference skipped: {aia['skipped']}." if "skipped" in aia else _aia_table(aia))
+    canary = report["canary"]
+    if canary is not None:
+        parts.append(
+            f"Canaries skipped: {canary['skipped']}."
+            if "skipped" in canary
+            else f"Canaries: one-run epsilon lower bound {canary['epsilon_lower_bound']:.3f} "
+            f"({canary['n_correct']} of {canary['n_guesses']} guesses right, {canary['n_canaries']} canaries)."
+        )
+    if report["warnings"]:
+        parts.append("**Warnings**: " + "; ".join(report["warnings"]))
+    return "\n\n".join(parts)
+
+
+def _tensorboard(tb: TensorBoardLog, report: dict, scores: dict, step: int) -> None:
+    """The audit's panels at ``step``: the ROC of every attack, the score histograms (one panel per
+    attack) and the text summary. Single numbers go to the text and to HParams, not to one-point charts."""
     if scores:
         curves = {}
         for name, (member_scores, nonmember_scores) in scores.items():
             roc = roc_curve(member_scores, nonmember_scores)
             curves[name] = (roc.fpr, roc.tpr)
-            # TensorBoard's own histograms, on shared edges: a matplotlib figure per attack would
-            # cost a fast audit half its time (about 50 ms each, against a 1.3 s default job).
-            edges = np.histogram_bin_edges(np.concatenate([member_scores, nonmember_scores]), bins=SCORE_BINS)
-            tb.histogram(f"audit/scores/{name}/members", member_scores, edges)
-            tb.histogram(f"audit/scores/{name}/non_members", nonmember_scores, edges)
         floor = 1.0 / max(len(s[1]) for s in scores.values())
-        tb.figure("audit/roc", roc_figure(curves, floor=min(floor, 1e-3)))
-    text = [summary_table(report)] if report["mia"] else []
-    if "skipped" in report["aia"]:
-        text.append(f"Attribute inference skipped: {report['aia']['skipped']}.")
-    if report["warnings"]:
-        text.append("**Warnings**: " + "; ".join(report["warnings"]))
-    tb.text("audit/summary", "\n\n".join(text) or "no attacks were run")
+        tb.figure("audit/roc", roc_figure(curves, floor=min(floor, 1e-3)), step)
+        tb.image("audit/scores", score_histograms_image(scores, SCORE_BINS), step)
+    tb.text("audit/summary", audit_text(report, step), step)

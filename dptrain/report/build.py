@@ -21,6 +21,8 @@ SELECTION = "selection.json"
 COLUMN_NOTES = """Columns:
 
 - `epsilon`: the accountant's epsilon for the steps the run took, at `delta`; `inf` is the non-private baseline.
+- `audit_level`, `audit_file`: the audit the audit columns show, the run's latest (`audit.json`); every audit of
+  a run is kept in its `audits/` directory.
 - `mia.<attack>.auc`, `mia.<attack>.tpr@1%fpr`, `mia.<attack>.eps_lb`: membership inference on the run's
   members vs non-members: AUC, true-positive rate at 1% false-positive rate, and the empirical epsilon lower
   bound (95% confidence); `canary.eps_lb` is the one-run canary bound.

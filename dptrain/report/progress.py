@@ -42,7 +42,8 @@ def sweep_jobs(config: DictConfig) -> int | None:
 
 
 class SweepProgress(Callback):
-    """Logs "sweep job k of n" when each job of a multirun starts and ends, and the report command at the end.
+    """Logs "sweep job k of n" when each job of a multirun starts and ends, and the report and TensorBoard
+    commands at the end.
 
     Hydra builds this object once in the launching process; launchers that run jobs elsewhere
     (joblib's worker processes, submitit's cluster jobs) receive a pickled copy made after
@@ -76,4 +77,8 @@ class SweepProgress(Callback):
             log.info("%s finished in %.1f s", self._job(config), seconds)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        log.info("sweep finished; table and figures: dptrain report %s", config.hydra.sweep.dir)
+        log.info(
+            "sweep finished; table and figures: dptrain report %s; TensorBoard: tensorboard --logdir %s",
+            config.hydra.sweep.dir,
+            config.hydra.sweep.dir,
+        )

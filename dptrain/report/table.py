@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from dptrain.audit.metrics import fpr_key
 from dptrain.errors import UserError
 from dptrain.report.collect import RunRecord
+from dptrain.tracking.artifacts import AUDIT
 
 # Overrides that set the privacy budget: the x axis of the figures rather than a series of its own.
 BUDGET_KEYS = ("privacy", "privacy.target_epsilon", "privacy.noise_multiplier")
 
 LEADING = ("test_accuracy", "epsilon", "delta", "noise_multiplier")
+# Which of a run's audits its audit numbers are: audit.json, the latest, names its level and history file.
+AUDIT_COLUMNS = ("audit_level", "audit_file")
 # Federated runs' robustness numbers (metrics.json), columns only when some run has them.
 FEDERATED = ("backdoor_success_rate", "byzantine_selected_fraction")
 TRAILING = ("canary.eps_lb", "aia.advantage", "aia.leakage", "train_seconds", "audit_seconds")
@@ -54,7 +57,9 @@ def attack_column(attack: str, metric: str) -> str:
 
 def _results(run: RunRecord, attacks: list[str], federated: list[str]) -> dict:
     metrics, audit = run.metrics or {}, run.audit or {}
-    columns = [*LEADING, *federated, *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS), *TRAILING]
+    columns = [
+        *LEADING, *federated, *AUDIT_COLUMNS, *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS), *TRAILING
+    ]
     row = dict.fromkeys(columns)
     row.update({key: metrics.get(key) for key in federated})
     if metrics:
@@ -71,20 +76,25 @@ def _results(run: RunRecord, attacks: list[str], federated: list[str]) -> dict:
         row[attack_column(attack, "auc")] = result["auc"]
         row[attack_column(attack, "tpr@1%fpr")] = result["tpr_at_fpr"][LOW_FPR_KEY]
         row[attack_column(attack, "eps_lb")] = result["epsilon_lower_bound"]["value"]
-    if audit.get("canary") is not None:
-        row["canary.eps_lb"] = audit["canary"]["epsilon_lower_bound"]
+    canary = audit.get("canary")
+    if canary is not None and "skipped" not in canary:
+        row["canary.eps_lb"] = canary["epsilon_lower_bound"]
     aia = audit.get("aia", {"skipped": "no audit"})
     if "skipped" not in aia:
         row["aia.advantage"] = aia["members"]["advantage"]["accuracy"]
         row["aia.leakage"] = aia["leakage"]["accuracy"]
     if audit:
         row["audit_seconds"] = audit["audit_seconds"]
+        row["audit_level"] = audit["level"]
+        # Audits written before the history was kept do not name a history file.
+        row["audit_file"] = audit.get("history_file", AUDIT)
     return row
 
 
 def build_table(runs: list[RunRecord]) -> Table:
     """One row per run (complete or not, in the given order): name, status, missing files, the differing
-    overrides, test accuracy, epsilon, delta, noise multiplier, per membership attack AUC / TPR at 1% FPR /
+    overrides, test accuracy, epsilon, delta, noise multiplier, which audit the audit numbers come from
+    (level and history file of the latest), per membership attack AUC / TPR at 1% FPR /
     empirical epsilon lower bound, the canary bound, attribute-inference advantage and leakage, seconds;
     federated runs add the backdoor's success rate and the share of Byzantine updates selected."""
     override_keys = differing_overrides(runs)
@@ -165,8 +175,8 @@ def _markdown_value(column: str, value) -> str:
 
 def to_markdown(table: Table) -> str:
     """The table as a Markdown table; incomplete runs keep their row, with ``–`` where they have no number.
-    Result columns no run has a number in (e.g. canaries that were not inserted) are left out."""
-    results = set(metric_columns(table))
+    Result columns no run has a value in (e.g. canaries that were not inserted, or no audit) are left out."""
+    results = {*metric_columns(table), *AUDIT_COLUMNS}
     columns = [
         c for c in table.columns
         if c != "missing" and not (c in results and all(row[c] is None for row in table.rows))

@@ -1,14 +1,16 @@
-"""The run directory's files (DESIGN's results schema): metrics.json, model.pt, audit.json, manifest.json,
-and the overrides Hydra recorded in .hydra/."""
+"""The run directory's files (DESIGN's results schema): metrics.json, model.pt, audit.json and the audit
+history in audits/, manifest.json, and the overrides Hydra recorded in .hydra/."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import platform
 import socket
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Mapping
 
@@ -20,6 +22,8 @@ METRICS = "metrics.json"
 MODEL = "model.pt"
 AUDIT = "audit.json"
 MANIFEST = "manifest.json"
+# Every audit of the run, one file each, named by its UTC time and level; audit.json is the latest.
+AUDITS = "audits"
 # Hydra's record of the run: config.yaml, overrides.yaml.
 HYDRA_DIR = ".hydra"
 
@@ -52,6 +56,31 @@ def write_metrics(run_dir: str | Path, metrics: Mapping) -> Path:
 def save_model(run_dir: str | Path, state_dict: Mapping) -> Path:
     """Write ``model.pt``: a plain state dict, loadable with ``torch.load(..., weights_only=True)``."""
     return save_torch_atomic(Path(run_dir) / MODEL, dict(state_dict))
+
+
+def record_audit(run_dir: str | Path, report: dict) -> str:
+    """Write the audit ``report`` as ``audits/<UTC time>-<level>.json``, which no later audit overwrites,
+    and as ``audit.json``, the latest; both atomically, the history first. Returns the history file's path
+    relative to ``run_dir``, which the report also records as ``history_file``.
+
+    The times have millisecond digits, so the names sort in the order the audits finished.
+    """
+    run_dir = Path(run_dir)
+    stamp = datetime.fromisoformat(report["audited_at"]).strftime("%Y%m%dT%H%M%S.%f")[:-3]
+    name = f"{stamp}Z-{report['level']}"
+    path, copy = run_dir / AUDITS / f"{name}.json", 1
+    while path.exists():
+        copy += 1
+        path = run_dir / AUDITS / f"{name}-{copy}.json"
+    report["history_file"] = path.relative_to(run_dir).as_posix()
+    write_json_atomic(path, report)
+    write_json_atomic(run_dir / AUDIT, report)
+    return report["history_file"]
+
+
+def audit_history(run_dir: str | Path) -> list[str]:
+    """The run's audits, oldest first, as paths relative to ``run_dir`` (``audits/...json``)."""
+    return sorted(f"{AUDITS}/{path.name}" for path in (Path(run_dir) / AUDITS).glob("*.json"))
 
 
 def recorded_overrides(run_dir: str | Path) -> list[str]:
@@ -89,9 +118,32 @@ def fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_digests(run_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of every artifact in ``run_dir``, keyed by path relative to it: every file but the
+    manifest itself, logs (Hydra's keeps growing after the manifest) and hidden files (temporaries of
+    atomic writes, locks); Hydra's record ``.hydra/`` is included."""
+    run_dir = Path(run_dir)
+    digests = {}
+    for path in sorted(run_dir.rglob("*")):
+        relative = path.relative_to(run_dir)
+        hidden = any(part.startswith(".") and part != HYDRA_DIR for part in relative.parts)
+        if path.is_file() and not hidden and relative.as_posix() != MANIFEST and path.suffix != ".log":
+            digests[relative.as_posix()] = _sha256(path)
+    return digests
+
+
 def write_manifest(run_dir: str | Path, **fields) -> Path:
-    """Write ``manifest.json``: versions, git commit, host and interpreter, plus the caller's ``fields``
-    (config hash, data fingerprint, seeds, start / end time, world size)."""
+    """Write ``manifest.json``: versions, git commit, host and interpreter, the caller's ``fields``
+    (config hash, data fingerprint, seeds, start / end time, world size), the audit history and the
+    SHA-256 of every artifact. Written last, it marks the run complete."""
     manifest = {
         "versions": package_versions(),
         "git_commit": git_commit(),
@@ -100,4 +152,24 @@ def write_manifest(run_dir: str | Path, **fields) -> Path:
         "argv": sys.argv,
         **fields,
     }
+    return _write_manifest(run_dir, manifest)
+
+
+def update_manifest(run_dir: str | Path, **fields) -> Path:
+    """Bring ``manifest.json`` up to date after a later stage (``dptrain audit``): the audit history and
+    digests current, the training's record kept (``fields`` only fill in what it lacks). A run whose
+    manifest is missing or unreadable (it was interrupted before writing one) gets a new one with
+    ``fields``, marked ``written_after_interruption`` (it has no training start and end times)."""
+    path = Path(run_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        return write_manifest(run_dir, **fields, written_after_interruption=True)
+    return _write_manifest(run_dir, {**fields, **manifest})
+
+
+def _write_manifest(run_dir: str | Path, manifest: dict) -> Path:
+    manifest = {**manifest, "audits": audit_history(run_dir), "digests": artifact_digests(run_dir)}
     return write_json_atomic(Path(run_dir) / MANIFEST, manifest)

@@ -1,24 +1,38 @@
-"""The audit's figure: a log-log ROC of every attack with the chance diagonal."""
+"""The audit's figures: a log-log ROC of every attack with the chance diagonal (matplotlib), and each
+attack's member / non-member score histograms overlaid on shared bins (drawn with Pillow)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Mapping
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullLocator  # noqa: E402
+import numpy as np
+from matplotlib import font_manager
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+from PIL import Image, ImageDraw, ImageFont
 
 # Fixed margins instead of tight_layout, and decade ticks only on log axes: laying out
 # mathtext minor tick labels took most of a fast audit's time (0.1 s of a 0.13 s budget).
+# Built outside pyplot: no global registry to close figures in, no GUI backend to pick.
 MARGINS = dict(left=0.15, bottom=0.12, right=0.96, top=0.92)
+# The histograms span the central 98% of an attack's pooled scores (the tails fall in the end bins):
+# a few outlying losses would otherwise squeeze every other record into a bin or two.
+SCORE_RANGE = (0.01, 0.99)
+# One histogram panel (pixels) and its plot area's insets: left, top, right, bottom.
+PANEL = (320, 180)
+INSETS = (14, 26, 14, 24)
+# matplotlib's first two colours, as in the ROC; non-members filled at 45% opacity on white.
+NON_MEMBERS = (31, 119, 180)
+MEMBERS = (255, 127, 14)
+NON_MEMBER_FILL = tuple(round(255 - 0.45 * (255 - c)) for c in NON_MEMBERS)
+BLACK = (0, 0, 0)
 
 
 def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float):
     """ROC curves ``{attack: (fpr, tpr)}`` on log-log axes down to ``floor`` (Carlini et al. 2022's view of low FPR)."""
-    figure, axis = plt.subplots(figsize=(5, 5))
+    figure = Figure(figsize=(5, 5))
+    axis = figure.subplots()
     grid = np.logspace(np.log10(floor), 0, 100)
     axis.plot(grid, grid, color="grey", linestyle="--", linewidth=1, label="chance")
     for name, (fpr, tpr) in curves.items():
@@ -33,3 +47,77 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float
     axis.legend(loc="lower right")
     figure.subplots_adjust(**MARGINS)
     return figure
+
+
+def score_histograms(
+    members: np.ndarray, non_members: np.ndarray, bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(edges, member_counts, nonmember_counts)``: both histograms on the same ``bins`` edges, which span
+    the central 98% of the pooled scores; scores beyond them are counted in the end bins, so every
+    record is counted."""
+    edges = _shared_edges(np.concatenate([members, non_members]), bins)
+    counts = [np.histogram(np.clip(group, edges[0], edges[-1]), edges)[0] for group in (members, non_members)]
+    return edges, counts[0], counts[1]
+
+
+def score_histograms_image(scores: Mapping[str, tuple[np.ndarray, np.ndarray]], bins: int) -> Image.Image:
+    """One panel per attack of ``{attack: (member_scores, nonmember_scores)}``, one under the other (a
+    TensorBoard card is about one panel wide): the non-members' histogram filled and the members' drawn
+    as a line over it on the same bins
+    (``score_histograms``). The audit's members and non-members are equally many, so the counts
+    compare bin by bin.
+
+    Drawn with Pillow rather than matplotlib: a matplotlib panel took about 25 ms (most of it laying
+    out its title, legend and tick labels), which would take a fast audit past a tenth of its
+    training time; this takes about 2 ms.
+    """
+    image = Image.new("RGB", (PANEL[0], PANEL[1] * len(scores)), "white")
+    draw = ImageDraw.Draw(image)
+    for index, (name, (members, non_members)) in enumerate(scores.items()):
+        origin = (0, PANEL[1] * index)
+        _histogram_panel(draw, origin, name, *score_histograms(members, non_members, bins), legend=index == 0)
+    return image
+
+
+@lru_cache(maxsize=None)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    # matplotlib's own font, so the histograms read like the ROC.
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+
+
+def _histogram_panel(draw, origin, name, edges, member_counts, nonmember_counts, legend: bool) -> None:
+    x0, y0 = origin
+    left, top = x0 + INSETS[0], y0 + INSETS[1]
+    right, bottom = x0 + PANEL[0] - INSETS[2], y0 + PANEL[1] - INSETS[3]
+    xs = left + (right - left) * (edges - edges[0]) / (edges[-1] - edges[0])
+    scale = 0.95 * (bottom - top) / max(member_counts.max(), nonmember_counts.max(), 1)
+    for x_low, x_high, count in zip(xs[:-1], xs[1:], nonmember_counts):
+        if count:
+            draw.rectangle([x_low, bottom - count * scale, x_high, bottom], fill=NON_MEMBER_FILL)
+    heights = bottom - member_counts * scale
+    outline = [(xs[0], bottom)] + [p for i, h in enumerate(heights) for p in ((xs[i], h), (xs[i + 1], h))] + [(xs[-1], bottom)]
+    draw.line(outline, fill=MEMBERS, width=2)
+    draw.line([(left, bottom), (right, bottom)], fill=BLACK)
+    draw.text(((left + right) / 2, y0 + 6), f"{name} score (higher: member)", font=_font(12), fill=BLACK, anchor="mt")
+    for value in MaxNLocator(4).tick_values(edges[0], edges[-1]):
+        if not edges[0] <= value <= edges[-1]:
+            continue
+        x = left + (right - left) * (value - edges[0]) / (edges[-1] - edges[0])
+        label = f"{value:g}"
+        half = _font(11).getlength(label) / 2
+        draw.line([(x, bottom), (x, bottom + 4)], fill=BLACK)
+        # Labels at the ends of the axis stay inside the panel.
+        draw.text((min(max(x, x0 + half + 2), x0 + PANEL[0] - half - 2), bottom + 6), label, font=_font(11), fill=BLACK, anchor="mt")
+    if legend:
+        draw.rectangle([left + 6, top + 4, left + 24, top + 12], fill=NON_MEMBER_FILL)
+        draw.text((left + 30, top + 8), "non-members", font=_font(11), fill=BLACK, anchor="lm")
+        draw.line([(left + 6, top + 24), (left + 24, top + 24)], fill=MEMBERS, width=2)
+        draw.text((left + 30, top + 24), "members", font=_font(11), fill=BLACK, anchor="lm")
+
+
+def _shared_edges(pooled: np.ndarray, bins: int) -> np.ndarray:
+    low, high = np.quantile(pooled, SCORE_RANGE)
+    if high == low:
+        # Every central score equal (e.g. a model that outputs one label): a single bin around it.
+        return np.array([low - 0.5, low + 0.5])
+    return np.linspace(low, high, bins + 1)

@@ -36,7 +36,7 @@ def format_summary(metrics: Mapping, report: Mapping | None, run_dir: str | Path
     files = "metrics.json, audit.json" if report is not None else "metrics.json"
     lines += [
         f"artifacts      {run_dir}  ({files}, model.pt, manifest.json, split.json, tb/)",
-        f"tensorboard    tensorboard --logdir {Path(run_dir) / 'tb'}",
+        f"tensorboard    tensorboard --logdir {run_dir}",
     ]
     return "\n".join(lines)
 
@@ -91,8 +91,10 @@ def format_audit(report: Mapping) -> str:
             f" {aia['members']['imputation']['accuracy']:.3f} / {aia['nonmembers']['imputation']['accuracy']:.3f};"
             f" leakage {aia['leakage']['accuracy']:+.3f}"
         )
-    if report["canary"] is not None:
-        c = report["canary"]
+    c = report["canary"]
+    if c is not None and "skipped" in c:
+        lines.append(f"{'canaries':<13}skipped: {c['skipped']}")
+    elif c is not None:
         lines.append(
             f"{'canaries':<13}one-run eps lower bound {c['epsilon_lower_bound']:.3f}"
             f" ({c['n_correct']} of {c['n_guesses']} guesses right, {c['n_canaries']} canaries)"

@@ -83,6 +83,10 @@ def test_training_curves_open_the_custom_scalars_tab_and_every_chart_has_its_cur
             assert all(any(re.match(r, tag) for tag in scalars) for r in chart.multiline.tag), chart.title
     accuracy = layout.category[0].chart[0]
     assert [t for t in scalars if any(re.match(r, t) for r in accuracy.multiline.tag)] == ["train/accuracy", "test/accuracy"]
+    # The baseline spends no epsilon: it gets no empty "epsilon spent" chart.
+    (config,) = _events(sweep[0] / "1" / "tb").Tensors("custom_scalars__config__")
+    privacy = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0]).category[1]
+    assert [chart.title for chart in privacy.chart] == ["noise multiplier"]
 
 
 def test_a_federated_run_gets_the_federation_curves_first():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -80,16 +81,35 @@ class TensorBoardLog:
     def __init__(self, run_dir: str | Path, purge_step: int | None = None):
         self.log_dir = Path(run_dir) / "tb"
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+        self._layout: dict | None = None
 
     def layout(self, layout: Mapping[str, Mapping[str, list]]) -> None:
-        """Write the Custom Scalars layout (see ``training_layout``)."""
-        self.writer.add_custom_scalars(dict(layout))
+        """Set the Custom Scalars layout (see ``training_layout``). It is written with the first
+        ``scalars``, keeping only the charts that match some of their tags: a chart of tags the run
+        never logs (the baseline's epsilon, the Byzantine share under a rule that selects nothing)
+        would stay empty."""
+        self._layout = {category: dict(charts) for category, charts in layout.items()}
 
     def scalars(self, step: int, values: Mapping[str, float | None]) -> None:
         """Log each finite value under its tag at ``step``; None (no value, e.g. the baseline's epsilon) is skipped."""
-        for tag, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(tag, value, step)
+        logged = [tag for tag, value in values.items() if value is not None and math.isfinite(value)]
+        for tag in logged:
+            self.writer.add_scalar(tag, values[tag], step)
+        if self._layout is not None:
+            self._write_layout(logged)
+
+    def _write_layout(self, tags: list[str]) -> None:
+        layout = {}
+        for category, charts in self._layout.items():
+            kept = {
+                title: chart
+                for title, chart in charts.items()
+                if any(re.match(pattern, tag) for pattern in chart[1] for tag in tags)
+            }
+            if kept:
+                layout[category] = kept
+        self.writer.add_custom_scalars(layout)
+        self._layout = None
 
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
         self.writer.add_text(tag, markdown, step)

@@ -14,7 +14,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 # Fixed margins instead of tight_layout, and decade ticks only on log axes: laying out
 # mathtext minor tick labels took most of a fast audit's time (0.1 s of a 0.13 s budget).
-# Built outside pyplot: no global registry to close figures in, no GUI backend to pick.
 MARGINS = dict(left=0.15, bottom=0.12, right=0.96, top=0.92)
 # The histograms span the central 98% of an attack's pooled scores (the tails fall in the end bins):
 # a few outlying losses would otherwise squeeze every other record into a bin or two.
@@ -31,6 +30,7 @@ BLACK = (0, 0, 0)
 
 def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float):
     """ROC curves ``{attack: (fpr, tpr)}`` on log-log axes down to ``floor`` (Carlini et al. 2022's view of low FPR)."""
+    # Outside pyplot: no global registry to close the figure in, no GUI backend to pick.
     figure = Figure(figsize=(5, 5))
     axis = figure.subplots()
     grid = np.logspace(np.log10(floor), 0, 100)
@@ -63,9 +63,8 @@ def score_histograms(
 def score_histograms_image(scores: Mapping[str, tuple[np.ndarray, np.ndarray]], bins: int) -> Image.Image:
     """One panel per attack of ``{attack: (member_scores, nonmember_scores)}``, one under the other (a
     TensorBoard card is about one panel wide): the non-members' histogram filled and the members' drawn
-    as a line over it on the same bins
-    (``score_histograms``). The audit's members and non-members are equally many, so the counts
-    compare bin by bin.
+    as a line over it, on the same bins (``score_histograms``). The audit's members and non-members
+    are equally many, so the counts compare bin by bin.
 
     Drawn with Pillow rather than matplotlib: a matplotlib panel took about 25 ms (most of it laying
     out its title, legend and tick labels), which would take a fast audit past a tenth of its
@@ -74,8 +73,8 @@ def score_histograms_image(scores: Mapping[str, tuple[np.ndarray, np.ndarray]], 
     image = Image.new("RGB", (PANEL[0], PANEL[1] * len(scores)), "white")
     draw = ImageDraw.Draw(image)
     for index, (name, (members, non_members)) in enumerate(scores.items()):
-        origin = (0, PANEL[1] * index)
-        _histogram_panel(draw, origin, name, *score_histograms(members, non_members, bins), legend=index == 0)
+        histograms = score_histograms(members, non_members, bins)
+        _histogram_panel(draw, (0, PANEL[1] * index), name, *histograms, legend=index == 0)
     return image
 
 
@@ -86,33 +85,37 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 
 def _histogram_panel(draw, origin, name, edges, member_counts, nonmember_counts, legend: bool) -> None:
+    """One attack's panel with ``origin`` its top-left pixel: non-members filled, members as a line."""
     x0, y0 = origin
-    left, top = x0 + INSETS[0], y0 + INSETS[1]
-    right, bottom = x0 + PANEL[0] - INSETS[2], y0 + PANEL[1] - INSETS[3]
-    xs = left + (right - left) * (edges - edges[0]) / (edges[-1] - edges[0])
-    scale = 0.95 * (bottom - top) / max(member_counts.max(), nonmember_counts.max(), 1)
+    left, top, right, bottom = x0 + INSETS[0], y0 + INSETS[1], x0 + PANEL[0] - INSETS[2], y0 + PANEL[1] - INSETS[3]
+
+    def x_of(value):
+        return left + (right - left) * (value - edges[0]) / (edges[-1] - edges[0])
+
+    per_record = 0.95 * (bottom - top) / max(member_counts.max(), nonmember_counts.max(), 1)
+    xs = x_of(edges)
     for x_low, x_high, count in zip(xs[:-1], xs[1:], nonmember_counts):
         if count:
-            draw.rectangle([x_low, bottom - count * scale, x_high, bottom], fill=NON_MEMBER_FILL)
-    heights = bottom - member_counts * scale
-    outline = [(xs[0], bottom)] + [p for i, h in enumerate(heights) for p in ((xs[i], h), (xs[i + 1], h))] + [(xs[-1], bottom)]
-    draw.line(outline, fill=MEMBERS, width=2)
+            draw.rectangle([x_low, bottom - count * per_record, x_high, bottom], fill=NON_MEMBER_FILL)
+    tops = bottom - member_counts * per_record
+    steps = [point for x_low, x_high, y in zip(xs[:-1], xs[1:], tops) for point in ((x_low, y), (x_high, y))]
+    draw.line([(xs[0], bottom), *steps, (xs[-1], bottom)], fill=MEMBERS, width=2)
     draw.line([(left, bottom), (right, bottom)], fill=BLACK)
     draw.text(((left + right) / 2, y0 + 6), f"{name} score (higher: member)", font=_font(12), fill=BLACK, anchor="mt")
+    small = _font(11)
     for value in MaxNLocator(4).tick_values(edges[0], edges[-1]):
-        if not edges[0] <= value <= edges[-1]:
-            continue
-        x = left + (right - left) * (value - edges[0]) / (edges[-1] - edges[0])
-        label = f"{value:g}"
-        half = _font(11).getlength(label) / 2
-        draw.line([(x, bottom), (x, bottom + 4)], fill=BLACK)
-        # Labels at the ends of the axis stay inside the panel.
-        draw.text((min(max(x, x0 + half + 2), x0 + PANEL[0] - half - 2), bottom + 6), label, font=_font(11), fill=BLACK, anchor="mt")
+        if edges[0] <= value <= edges[-1]:
+            label = f"{value:g}"
+            draw.line([(x_of(value), bottom), (x_of(value), bottom + 4)], fill=BLACK)
+            # A label at an end of the axis is shifted to stay inside the panel.
+            half = small.getlength(label) / 2
+            centre = min(max(x_of(value), x0 + half + 2), x0 + PANEL[0] - half - 2)
+            draw.text((centre, bottom + 6), label, font=small, fill=BLACK, anchor="mt")
     if legend:
         draw.rectangle([left + 6, top + 4, left + 24, top + 12], fill=NON_MEMBER_FILL)
-        draw.text((left + 30, top + 8), "non-members", font=_font(11), fill=BLACK, anchor="lm")
+        draw.text((left + 30, top + 8), "non-members", font=small, fill=BLACK, anchor="lm")
         draw.line([(left + 6, top + 24), (left + 24, top + 24)], fill=MEMBERS, width=2)
-        draw.text((left + 30, top + 24), "members", font=_font(11), fill=BLACK, anchor="lm")
+        draw.text((left + 30, top + 24), "members", font=small, fill=BLACK, anchor="lm")
 
 
 def _shared_edges(pooled: np.ndarray, bins: int) -> np.ndarray:

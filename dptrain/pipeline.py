@@ -7,7 +7,9 @@ sequences them and writes what spans stages (audit.json, HParams, manifest).
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -96,9 +98,14 @@ def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: dict, repo
         "epsilon": metrics["epsilon"],
         **{key: metrics.get(key) for key in FEDERATED_METRICS},
     }
+    history = audit_history(run_dir)
+    # What an earlier audit measured and the latest did not (RMIA after a re-audit with audit=fast) is
+    # NaN: the dashboard shows each metric's last value, so it would show the earlier audit's beside the latest's.
+    for earlier in history[:-1]:
+        final.update(dict.fromkeys(headline_metrics(json.loads((run_dir / earlier).read_text())), math.nan))
     if report is not None:
         final.update(headline_metrics(report))
-    tb.hparams(hparams_of(cfg, run_dir), final, step=len(audit_history(run_dir)))
+    tb.hparams(hparams_of(cfg, run_dir), final, step=len(history))
 
 
 def _seeds(cfg: Config) -> dict:

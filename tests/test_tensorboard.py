@@ -145,6 +145,10 @@ def test_a_reaudit_brings_the_hparams_metrics_to_the_latest_audit(sweep, tmp_pat
     assert row["trial/mia/loss/auc"] == (pytest.approx(report["mia"]["loss"]["auc"]), 2)
     events = _events(run_dir / "tb")
     assert [image.step for image in events.Images("audit/scores")] == [1, 2]
+    # A third audit without RMIA: its RMIA cells say "not measured", not the second audit's numbers.
+    pipeline.audit(cfg, run_dir, make_config("audit=fast").audit)
+    row = hparams_dashboard(tmp_path)[1]["0/tb/hparams"]
+    assert np.isnan(row["trial/mia/rmia/auc"][0]) and row["trial/mia/rmia/auc"][1] == 3
 
 
 def test_score_histograms_share_their_bins_and_count_every_record_outliers_included():

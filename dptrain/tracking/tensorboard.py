@@ -133,18 +133,19 @@ class TensorBoardLog:
 
     def hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float | None], step: int = 0) -> None:
         """Write the run's HParams record into ``tb/hparams``: its ``hparams`` and, at ``step``, its final
-        ``metrics`` as scalars ``trial/<name>`` (non-finite metrics dropped).
+        ``metrics`` as scalars ``trial/<name>``. A metric that is None (no value, as the baseline's
+        epsilon) is left out; NaN marks one an earlier record had that this one does not measure.
 
         No experiment summary is written: the dashboard then builds its columns from every run's
         record, the keys whose values differ between runs first (one run's summary would fix the
         columns of all, in alphabetical order). A later record of the same run (a re-audit, at a
         larger ``step``) supersedes the metrics: the dashboard shows each metric's last value.
         """
-        finite = {f"{METRIC_PREFIX}{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
-        _, start, end = hparams_summary({k: _hparam_value(v) for k, v in hparams.items()}, finite)
+        logged = {f"{METRIC_PREFIX}{k}": float(v) for k, v in metrics.items() if v is not None}
+        _, start, end = hparams_summary({k: _hparam_value(v) for k, v in hparams.items()}, logged)
         with SummaryWriter(log_dir=str(self.log_dir / HPARAMS_RUN)) as writer:
             writer._get_file_writer().add_summary(start, step)
-            for tag, value in finite.items():
+            for tag, value in logged.items():
                 writer.add_scalar(tag, value, step)
             writer._get_file_writer().add_summary(end, step)
 

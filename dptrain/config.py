@@ -69,6 +69,9 @@ class PrivacyConfig:
     clipping: str = "flat"
     grad_sample_mode: str = "ghost"
     poisson_sampling: bool = True
+    # Recompute epsilon with dp-accounting's PLD accountant (metrics.json epsilon_pld) and warn when the
+    # reported one is lower: null where dp-accounting is installed, true to require it, false to skip.
+    pld_check: Optional[bool] = None
 
 
 @dataclass
@@ -261,6 +264,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     from dptrain.data import describe, split_sizes
     from dptrain.models import ACTIVATIONS, IMAGE_ONLY, MODELS
     from dptrain.privacy import ACCOUNTANTS
+    from dptrain.privacy.crosscheck import pld_check_enabled
 
     info = describe(cfg.dataset)
     sizes = split_sizes(info, cfg.dataset)
@@ -279,6 +283,12 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
 
     privacy = cfg.privacy
     _choice("privacy", privacy.name, PRIVACY_NAMES)
+    if privacy.accountant == "gdp":
+        raise UserError(
+            "privacy.accountant=gdp (Dong et al. 2019's central-limit approximation) under-reports epsilon for the "
+            "step counts of a run, so dptrain does not report it: use privacy.accountant=prv (tight) or rdp; "
+            "noise calibration already starts from GDP, so prv plans as fast"
+        )
     _choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
     _choice("privacy.clipping", privacy.clipping, CLIPPING_MODES)
     _choice("privacy.grad_sample_mode", privacy.grad_sample_mode, GRAD_SAMPLE_MODES)
@@ -302,12 +312,19 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     elif target is None:
         raise UserError("privacy.target_epsilon=null needs privacy.noise_multiplier: set one of the two")
     if not baseline:
+        if not privacy.poisson_sampling:
+            raise UserError(
+                "privacy.poisson_sampling=false would train on shuffled fixed-size batches, which the subsampled "
+                "Gaussian accounting does not cover (Chua et al. 2024; without amplification the default job spends "
+                "about 6.85, not 3): use privacy.poisson_sampling=true"
+            )
         if not 0 < privacy.delta < 1.0 / members:
             raise UserError(
                 f"privacy.delta={privacy.delta} must be in (0, 1/n) = (0, {1.0 / members:.3g}) for n={members} "
                 f"training records: use e.g. privacy.delta={_suggest_delta(members)}"
             )
         _positive("privacy.max_grad_norm", privacy.max_grad_norm, "it is the per-example clipping norm C, e.g. 1.0")
+        pld_check_enabled(privacy.pld_check)
         if privacy.grad_sample_mode == "ghost" and privacy.clipping != "flat":
             raise UserError(
                 f"privacy.grad_sample_mode=ghost supports flat clipping only, not privacy.clipping={privacy.clipping}: "
@@ -368,6 +385,13 @@ def _validate_launcher(cfg: Config) -> None:
     from dptrain.training.distributed import parallel_mode
 
     if parallel_mode(cfg, world) == "dpddp":
+        privacy = cfg.privacy
+        if privacy.clipping == "per_layer" and privacy.grad_sample_mode != "hooks":
+            # Opacus' distributed per-layer optimizer computes per-example gradients with hooks only.
+            raise UserError(
+                f"privacy.clipping=per_layer over {world} workers (DPDDP) needs privacy.grad_sample_mode=hooks, "
+                f"not {privacy.grad_sample_mode}: set privacy.grad_sample_mode=hooks or privacy.clipping=flat"
+            )
         return
     # Robust data parallelism: each rank sends one update per step, Byzantine ranks included.
     if cfg.train.batch_size < world:

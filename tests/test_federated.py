@@ -17,6 +17,7 @@ from dptrain.config import validate
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import epsilon_spent
+from dptrain.privacy.crosscheck import pld_epsilon
 from dptrain.robust import build_attack, stamp_trigger
 from dptrain.tracking.artifacts import METRICS_KEYS
 from dptrain.training import centralized, clients, federated
@@ -206,6 +207,11 @@ def test_user_level_epsilon_is_the_accountants_over_rounds_at_the_client_samplin
     assert metrics["epsilon"] == expected
     assert 0.99 * 3.0 <= metrics["epsilon"] <= 3.0
     assert _scalars(_events(tmp_path), "privacy/epsilon")[-1] == pytest.approx(expected)
+    # The independent PLD recomputation of the server's mechanism, and the reported epsilon covers it.
+    assert metrics["epsilon_pld"] == pytest.approx(
+        pld_epsilon([{"noise_multiplier": metrics["noise_multiplier"], "sample_rate": 0.5, "steps": 8}], 1e-5)
+    )
+    assert metrics["epsilon"] >= 0.99 * metrics["epsilon_pld"]
 
 
 def test_user_level_samples_clients_independently_at_the_planned_rate(fed_config):
@@ -216,10 +222,9 @@ def test_user_level_samples_clients_independently_at_the_planned_rate(fed_config
 
 
 def test_sample_level_reports_the_largest_honest_client_epsilon_within_the_target(fed_config, tmp_path):
-    # GDP calibrates in closed form; each client of a Dirichlet partition needs its own calibration.
+    # Each client of a Dirichlet partition needs its own calibration.
     cfg = fed_config(
         "privacy.target_epsilon=2",
-        "privacy.accountant=gdp",
         "federation.partition=dirichlet",
         "federation.clients_per_round=6",
         "attack=sign_flip",
@@ -232,9 +237,10 @@ def test_sample_level_reports_the_largest_honest_client_epsilon_within_the_targe
     assert metrics["epsilon"] == max(honest) == metrics["client_epsilons"][metrics["reported_client"]]
     # Each client's noise was calibrated to its own participation, so each spends almost all of it.
     assert all(0.99 * 2.0 <= e <= 2.0 for e in honest)
+    assert 0.99 * metrics["epsilon_pld"] <= metrics["epsilon"]
     assert len(set(metrics["client_sizes"])) > 1
     recomputed = epsilon_spent(
-        accountant="gdp",
+        accountant="prv",
         noise_multiplier=metrics["noise_multiplier"],
         sample_rate=metrics["sample_rate"],
         steps=metrics["steps"],
@@ -267,7 +273,6 @@ def test_backdoor_reports_the_success_rate_on_triggered_inputs_of_other_classes(
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(fed_config, tmp_path, monkeypatch):
     overrides = (
         "privacy.target_epsilon=3",
-        "privacy.accountant=gdp",
         "federation.rounds=4",
         "federation.clients_per_round=6",
         "aggregator=centered_clipping",

@@ -26,6 +26,7 @@ from dptrain.data import (
 )
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, plan_privacy
+from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.robust import build_attack
 from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
@@ -33,7 +34,7 @@ from dptrain.training import ranks
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.distributed import byzantine_ranks, local_batch_size, parallel_mode, shard, shard_size
 from dptrain.training.loop import evaluate
-from dptrain.training.recipe import resolve_device, train_model
+from dptrain.training.recipe import TrainedModel, resolve_device, train_model
 from dptrain.training.seeds import POISON_STREAM, derived_seed
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,13 @@ def _training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> Te
     return records
 
 
+def _independent_epsilon(cfg: Config, trained: TrainedModel) -> float | None:
+    """dp-accounting's PLD epsilon of the steps the ledger charged (``privacy.pld_check``), else None."""
+    if trained.epsilon is None or not pld_check_enabled(cfg.privacy.pld_check):
+        return None
+    return cross_check(trained.epsilon, pld_epsilon(trained.mechanisms, trained.plan.delta), "training")
+
+
 def train_target(
     cfg: Config, run_dir: Path, plan: PrivacyPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
 ) -> TargetRun:
@@ -171,6 +179,7 @@ def train_target(
         "non_members": sizes.non_members,
         "population": sizes.population,
         "test_size": sizes.test,
+        "epsilon_pld": _independent_epsilon(cfg, trained),
         "canaries_included": 0 if canaries is None else int(canaries.included.sum()),
         "train_seconds": trained.train_seconds,
         "replaced_modules": trained.replaced_modules,

@@ -67,12 +67,6 @@ def partition_members(cfg: Config, members: int, labels: np.ndarray | None) -> l
     return dirichlet_partition(labels, federation.clients, federation.alpha, cfg.train.seed)
 
 
-def quiet_full_batch_prv():
-    """Silence NumPy's divide warning for a client whose batch holds all its records (q = 1): Opacus'
-    PRV takes log(1 - q) = -inf there inside an ``np.where`` that discards it."""
-    return np.errstate(divide="ignore")
-
-
 def _privacy_key(cfg: PrivacyConfig) -> tuple:
     return tuple(sorted(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True).items()))
 
@@ -167,9 +161,9 @@ def local_update(
         noise_generator=noise,
     )
     if client.accountant is not None:
-        training.load_accountant_state(client.accountant)
+        training.load_ledger_state(client.accountant)
     losses = [train_epoch(training, device).loss for _ in range(cfg.federation.local_epochs)]
-    client.accountant = training.accountant_state()
+    client.accountant = training.ledger_state()
     with torch.no_grad():
         delta = parameters_to_vector(model.parameters()) - parameters_to_vector(global_model.parameters())
     return LocalUpdate(delta, float(np.mean(losses)))

@@ -134,7 +134,7 @@ def gather_updates(training, cfg) -> None:
         seed=seed,
         byzantine=byzantine_ranks(cfg.attack.byzantine, world, seed),
     )
-    if training.engine is None:
+    if training.ledger is None:
         training.optimizer = GatheredAggregation(training.optimizer, **exchange)
     else:
         training.optimizer.original_optimizer = GatheredAggregation(training.optimizer.original_optimizer, **exchange)

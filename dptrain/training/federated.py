@@ -13,7 +13,6 @@ config (``dptrain.audit.reference``), not federated.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -34,6 +33,7 @@ from dptrain.data import SplitData, SplitSizes, describe, load, make_split, spli
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, epsilon_spent
+from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.privacy.plan import plan_mechanism
 from dptrain.robust import Attack, alie_z, build_aggregator, build_attack, static_clipping, tolerated_byzantine
 from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
@@ -48,7 +48,6 @@ from dptrain.training.clients import (
     local_update,
     participation,
     partition_members,
-    quiet_full_batch_prv,
 )
 from dptrain.training.loop import evaluate, predict
 from dptrain.training.recipe import resolve_device
@@ -63,10 +62,6 @@ from dptrain.training.seeds import (
 )
 
 log = logging.getLogger(__name__)
-
-# A sample-level run asks for every trained client's epsilon after every round; the same
-# (noise, sample rate, steps) recur within a run and across the cells of a sweep.
-_epsilon_spent = functools.lru_cache(maxsize=None)(epsilon_spent)
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,9 +123,8 @@ def plan(cfg: Config, sizes: SplitSizes) -> FederatedPlan:
     client_sizes = [len(part) for part in partition_members(cfg, sizes.members, labels)]
     schedule = participation(cfg)
     byzantine = byzantine_clients(cfg)
-    with quiet_full_batch_prv():
-        plans = local_plans(cfg, client_sizes, schedule.sum(axis=0))
-        server = _server_plan(cfg) if cfg.federation.dp_level == "user" else None
+    plans = local_plans(cfg, client_sizes, schedule.sum(axis=0))
+    server = _server_plan(cfg) if cfg.federation.dp_level == "user" else None
     if server is not None:
         reported, base = None, server
     else:
@@ -314,14 +308,9 @@ class FederatedServer:
             return 0.0
         # Every step of one accountant has the same noise and rate, which Opacus merges into one entry.
         ((noise, rate, steps),) = history
-        with quiet_full_batch_prv():
-            return _epsilon_spent(
-                accountant=self.plan.accountant,
-                noise_multiplier=noise,
-                sample_rate=rate,
-                steps=steps,
-                delta=self.plan.delta,
-            )
+        return epsilon_spent(
+            accountant=self.plan.accountant, noise_multiplier=noise, sample_rate=rate, steps=steps, delta=self.plan.delta
+        )
 
     def checkpoint(self, rounds_done: int, train_seconds: float) -> Checkpoint:
         """The state after ``rounds_done`` rounds in the recipe's ``Checkpoint``: the global model, the
@@ -554,6 +543,21 @@ def _client_mechanisms(plan: FederatedPlan) -> list[dict | None]:
     ]
 
 
+def _independent_epsilon(cfg: Config, plan: FederatedPlan, epsilon: float | None) -> float | None:
+    """dp-accounting's PLD epsilon of the reported guarantee (``privacy.pld_check``): the DP-FedAvg
+    server's rounds, or the largest over the honest clients' local mechanisms; else None."""
+    if epsilon is None or not pld_check_enabled(cfg.privacy.pld_check):
+        return None
+    if plan.dp_level == "user":
+        mechanisms = [{"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps}]
+    else:
+        mechanisms = [m for m in _client_mechanisms(plan) if m is not None]
+    # Clients with equal plans share one recomputation.
+    distinct = {tuple(sorted(m.items())) for m in mechanisms}
+    independent = max(pld_epsilon([dict(m)], plan.delta) for m in distinct)
+    return cross_check(epsilon, independent, "federated training")
+
+
 def _metrics(
     cfg: Config, plan: FederatedPlan, server: FederatedServer, data: SplitData, audited: SplitData, epsilon, device
 ) -> dict:
@@ -588,6 +592,7 @@ def _metrics(
         "reported_client": plan.reported_client,
         "client_epsilons": server.client_epsilons() if plan.private and plan.dp_level == "sample" else None,
         "client_mechanisms": _client_mechanisms(plan) if plan.private and plan.dp_level == "sample" else None,
+        "epsilon_pld": _independent_epsilon(cfg, plan, epsilon),
         "client_sizes": list(plan.client_sizes),
         "members": sizes.members,
         "honest_members": len(audited.members),

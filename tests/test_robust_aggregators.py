@@ -32,6 +32,7 @@ from dptrain.robust import (
     trimmed_mean,
 )
 from dptrain.robust.preaggregators import bucketing_matrix, nnm_matrix
+from dptrain.robust.primitives import sq_distances_and_gram, sq_distances_to_mixture
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -241,6 +242,17 @@ def test_pairwise_distances_survive_a_large_common_offset():
     off = ~torch.eye(12, dtype=torch.bool)
     approx = pairwise_sq_distances((noise + 1e3).to(torch.float32))
     assert ((approx - exact).abs()[off] / exact[off]).max() < 1e-4
+
+
+def test_distances_to_a_mixture_stay_exact_when_far_rows_carry_tiny_weights():
+    # Weiszfeld's weights on rows at 1e20 are ~1e-21: from the pairwise distances alone the near
+    # rows' distances cancelled to 0 (geometric median then returned ~14 for rows within ~3).
+    honest = torch.randn(9, 4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    updates = torch.cat([honest, torch.full((2, 4), 1e20, dtype=torch.float64)])
+    weights = torch.tensor([(1 - 1e-21) / 9] * 9 + [5e-22] * 2, dtype=torch.float64)
+    exact = (updates - weights @ updates).square().sum(dim=1)
+    _, gram = sq_distances_and_gram(updates)
+    assert torch.allclose(sq_distances_to_mixture(gram, weights), exact, rtol=1e-9)
 
 
 @pytest.mark.parametrize("name", list(rules(2)))

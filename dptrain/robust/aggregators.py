@@ -30,6 +30,7 @@ from dptrain.robust.primitives import (
     pairwise_sq_distances,
     require,
     require_f,
+    require_honest_majority,
     sort_columns,
     sq_distances_and_gram,
     sq_distances_to_mixture,
@@ -61,8 +62,7 @@ def median(updates: Tensor) -> Tensor:
 
 def check_trimmed_mean(n: int, f: int) -> None:
     """Trimmed mean needs n > 2f: something must remain after dropping f values per side."""
-    require_f(f, "trimmed_mean")
-    require(n > 2 * f, f"trimmed_mean needs n > 2f (n={n}, f={f}): add clients or lower aggregator.f")
+    require_honest_majority(n, f, "trimmed_mean")
 
 
 def trimmed_mean(updates: Tensor, f: int) -> Tensor:

@@ -36,6 +36,14 @@ def require_f(f: int, rule: str) -> None:
     require(isinstance(f, int) and f >= 0, f"{rule} needs an integer f >= 0, got f={f!r}")
 
 
+def require_honest_majority(n: int, f: int, rule: str) -> None:
+    """n > 2f: no rule can tell f Byzantine updates from the honest ones once they are half of n (the
+    breakdown point of the median and the geometric median is 1/2), so every rule claiming robustness
+    to f needs at least this."""
+    require_f(f, rule)
+    require(n > 2 * f, f"{rule} needs n > 2f (n={n}, f={f}): add clients or lower aggregator.f")
+
+
 def _gram_sq_distances(updates: Tensor) -> tuple[Tensor, Tensor]:
     """(D, G): the pairwise squared distances and the symmetric Gram matrix of ``updates``, float64."""
     gram = (updates @ updates.T).to(torch.float64)

@@ -194,6 +194,8 @@ class AuditConfig:
 class LauncherConfig:
     nproc_per_node: int = 1
     backend: str = "auto"
+    # gloo: allow more processes than usable CPU cores (nccl never runs more processes than GPUs).
+    oversubscribe: bool = False
 
 
 @dataclass
@@ -321,6 +323,8 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
+    # Last, so that a setup that is wrong on any machine says so before this machine's limits do.
+    _validate_process_count(cfg.launcher)
     return info, sizes
 
 
@@ -357,6 +361,42 @@ def _validate_launcher(cfg: Config) -> None:
     if not 0 <= attack.byzantine < world:
         raise UserError(f"attack.byzantine={attack.byzantine} must be in [0, {world}) workers: lower it")
     _validate_robust_step(cfg, world, f"over {world} workers")
+
+
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under taskset or a
+    container's cpuset), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _validate_process_count(launcher: LauncherConfig) -> None:
+    """At most as many worker processes as devices to run them: nccl gives each rank the GPU of its local
+    rank, so never more ranks than GPUs; gloo ranks at most one per usable CPU core unless
+    ``launcher.oversubscribe`` (more processes than cores multiplies memory and slows every step).
+    Checked where ``dptrain`` spawns the processes, not in a rank an outside launcher started."""
+    from dptrain.training import ranks
+
+    nproc = launcher.nproc_per_node
+    if nproc == 1 or ranks.launched_by_torchrun():
+        return
+    if ranks.backend(launcher.backend) == "nccl":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise UserError(
+                f"launcher.nproc_per_node={nproc} exceeds the {gpus} GPU(s) here: nccl runs one process per GPU, "
+                f"use launcher.nproc_per_node={gpus} (or launcher.backend=gloo for CPU processes)"
+            )
+        return
+    cores = _usable_cores()
+    if nproc > cores and not launcher.oversubscribe:
+        raise UserError(
+            f"launcher.nproc_per_node={nproc} exceeds the {cores} CPU cores available here: use at most "
+            f"{cores}, or launcher.oversubscribe=true to start {nproc} processes anyway"
+        )
 
 
 def _validate_robust_step(cfg: Config, n: int, where: str):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import subprocess
 import sys
 import typing
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY, make_config
@@ -237,6 +239,35 @@ def test_the_cli_refuses_a_misspelt_plus_key_with_one_line_before_training(tmp_p
 @pytest.mark.parametrize("experiment", ["epsilon_sweep", "robustness_matrix"])
 def test_the_experiment_overlays_hold_only_known_keys(experiment):
     check_known_keys(make_config(f"experiment={experiment}"))
+
+
+# Launcher (issue 12 item 5): no more processes than the devices that run them, unless forced.
+
+
+def test_more_gloo_processes_than_cores_are_refused_unless_oversubscribed(tiny_config):
+    cores = len(os.sched_getaffinity(0))
+    overrides = (f"launcher.nproc_per_node={cores + 1}", "launcher.backend=gloo")
+    message = _error(tiny_config(*overrides))
+    assert message == (
+        f"launcher.nproc_per_node={cores + 1} exceeds the {cores} CPU cores available here: use at most {cores}, "
+        f"or launcher.oversubscribe=true to start {cores + 1} processes anyway"
+    )
+    validate(tiny_config(*overrides, "launcher.oversubscribe=true"))
+
+
+def test_the_ranks_a_launcher_started_do_not_refuse_themselves(tiny_config, monkeypatch):
+    # The spawned workers validate the same config: the processes already exist, so no cap applies there.
+    workers = len(os.sched_getaffinity(0)) + 1
+    monkeypatch.setenv("WORLD_SIZE", str(workers))
+    monkeypatch.setenv("RANK", "1")
+    validate(tiny_config(f"launcher.nproc_per_node={workers}", "launcher.backend=gloo"))
+
+
+def test_nccl_never_runs_more_processes_than_gpus(tiny_config, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    message = _error(tiny_config("launcher.nproc_per_node=2", "launcher.backend=nccl", "launcher.oversubscribe=true"))
+    assert message.startswith("launcher.nproc_per_node=2 exceeds the 1 GPU(s) here")
 
 
 # Robust rules at or beyond half Byzantine (issue 12 item 6, issue 11 finding 9).

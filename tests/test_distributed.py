@@ -201,7 +201,7 @@ def test_the_non_private_baseline_splits_its_batch_over_workers_and_says_when_it
     ("overrides", "expected"),
     [
         # ALIE derives z from the 4 workers and 3 attackers: undefined, so refused before any worker starts.
-        (("attack=alie", "attack.byzantine=3", "aggregator=median"), "alie needs 1 <= f <= floor(n/2)"),
+        (("attack=alie", "attack.byzantine=3", "aggregator=mean"), "alie needs 1 <= f <= floor(n/2)"),
         (("aggregator=krum", "attack=sign_flip", "attack.byzantine=1"), "krum needs n > 2f + 2 (n=4, f=1)"),
         # Private with the mean would be DPDDP; Byzantine workers without an attack are refused on any path.
         (("attack.byzantine=1",), "attack.byzantine=1 with attack=none"),

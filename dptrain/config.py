@@ -160,8 +160,10 @@ class MembershipAuditConfig:
     # RMIA (Zarifzadeh et al. 2024): pairwise threshold and offline correction.
     rmia_gamma: float = 2.0
     rmia_offline_a: float = 0.3
-    # LiRA (Carlini et al. 2022): one variance shared by all examples, better with few models.
-    lira_fixed_variance: bool = True
+    # LiRA (Carlini et al. 2022): per_example variances, or one shared by all examples (better with
+    # few models): pooled_within (the spread across models) or global (the paper's code, also
+    # the spread between examples).
+    lira_variance: str = "pooled_within"
     bootstrap: int = 1000
 
 
@@ -476,9 +478,12 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
 
 
 def _validate_audit(audit: AuditConfig, population: int) -> None:
+    from dptrain.audit.membership import LIRA_VARIANCES
+
     _choice("audit", audit.name, AUDIT_LEVELS)
     for attack in audit.mia.attacks:
         _choice("audit.mia.attacks", attack, MIA_ATTACKS)
+    _choice("audit.mia.lira_variance", audit.mia.lira_variance, LIRA_VARIANCES)
     references = audit.mia.reference_models
     if "lira" in audit.mia.attacks and (references < 4 or references % 2):
         raise UserError(

@@ -118,7 +118,7 @@ def _mia(target: AuditTarget, run_dir, warnings: list[str]) -> tuple[dict, dict,
                     phi,
                     references.audited_in,
                     online=online,
-                    fixed_variance=cfg.mia.lira_fixed_variance,
+                    variance=cfg.mia.lira_variance,
                 )
     delta = target.plan.delta if target.plan.private else 0.0
     results = {}

@@ -367,6 +367,7 @@ def _validate_launcher(cfg: Config) -> None:
 
         if not torch.cuda.is_available():
             raise UserError("launcher.backend=nccl needs CUDA GPUs: use launcher.backend=gloo (or auto) on CPU")
+    from dptrain.privacy.plan import is_private
     from dptrain.training.distributed import parallel_mode
 
     if parallel_mode(cfg, world) == "dpddp":
@@ -378,6 +379,12 @@ def _validate_launcher(cfg: Config) -> None:
         )
     if not 0 <= attack.byzantine < world:
         raise UserError(f"attack.byzantine={attack.byzantine} must be in [0, {world}) workers: lower it")
+    if cfg.audit.canaries.count and not cfg.privacy.poisson_sampling and is_private(cfg.privacy):
+        # A worker's canaries lengthen its epoch without Poisson sampling, and every step is a collective.
+        raise UserError(
+            f"audit.canaries.count={cfg.audit.canaries.count} over {world} robust workers needs "
+            "privacy.poisson_sampling=true: set it, or audit.canaries.count=0"
+        )
     _validate_robust_step(cfg, world, f"over {world} workers")
 
 

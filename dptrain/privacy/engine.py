@@ -13,7 +13,7 @@ from opacus import PrivacyEngine
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from dptrain.config import PrivacyConfig
 from dptrain.errors import UserError
@@ -111,15 +111,27 @@ def make_private(
 ) -> PrivateTraining:
     """Return the training objects for ``plan``: Opacus-wrapped when private, plain when not.
 
-    Precondition: ``len(dataset)`` is the member count the plan was made for;
-    checked here because a mismatch would make the accountant's sample rate
-    wrong.
+    Every epoch takes ``plan.steps_per_epoch`` steps and, under Poisson sampling,
+    samples each record at ``plan.sample_rate`` whatever ``len(dataset)``: the
+    ranks of a robust-parallel run step together though the canaries they hold
+    make their datasets differ by a few records, and the subsampled Gaussian's
+    accounting depends on (q, sigma, steps) only. Precondition: ``len(dataset)``
+    is at least the record count the plan was made for (and equals it without
+    Poisson sampling, checked here: the accountant's sample rate would be wrong).
     """
     loss_fn = nn.CrossEntropyLoss()
     if not plan.private:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampling_generator)
+        # At most steps_per_epoch * batch_size distinct records per epoch: exactly the plan's steps.
+        records = min(len(dataset), plan.steps_per_epoch * batch_size)
+        sampler = RandomSampler(dataset, num_samples=records, generator=sampling_generator)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=sampling_generator)
         return PrivateTraining(model, optimizer, loader, loss_fn, plan, None, None)
-    loader = DataLoader(dataset, batch_size=batch_size, generator=sampling_generator)
+    if cfg.poisson_sampling:
+        # Opacus' Poisson loader samples at rate 1 / len(loader): a loader of the plan's steps.
+        steps = BatchSampler(range(plan.steps_per_epoch), batch_size=1, drop_last=False)
+        loader = DataLoader(dataset, batch_sampler=steps, generator=sampling_generator)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, generator=sampling_generator)
     if not math.isclose(1.0 / len(loader), plan.sample_rate):
         raise RuntimeError(
             f"privacy plan was made for sample rate {plan.sample_rate}, the data gives {1.0 / len(loader)}"

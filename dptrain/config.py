@@ -474,6 +474,14 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
             f"audit.canaries.count={cfg.audit.canaries.count}: canaries are inserted into centralized training only, "
             "set audit.canaries.count=0 with federation=fedavg"
         )
+    mia = cfg.audit.mia
+    if "rmia" in mia.attacks and "lira" not in mia.attacks and sizes.population < federation.clients:
+        # RMIA's reference models are federations of the same clients over the population.
+        raise UserError(
+            f"audit.mia.attacks=[rmia] trains reference federations of federation.clients={federation.clients} "
+            f"clients on the {sizes.population} population records: lower federation.clients or raise "
+            "dataset.population_fraction"
+        )
     built = _validate_robust_step(cfg, per_round, f"with federation.clients_per_round={per_round} updates per round")
     if federation.dp_level == "user" and built.omniscient and is_private(cfg.privacy):
         raise UserError(

@@ -64,10 +64,12 @@ def _needs_references(cfg) -> bool:
 
 
 def _references(target: AuditTarget, run_dir) -> ReferenceModels:
-    """The reference models the requested attacks need (LiRA: "halves", else "population")."""
+    """The reference models the requested attacks need (LiRA: "halves", with each audited record IN
+    for enough of them to fit its Gaussian; else "population")."""
     cfg = target.cfg.audit
     population = target.data.population
     keep = torch.from_numpy(population_without(target.data.split, target.canaries))
+    lira = "lira" in cfg.mia.attacks
     return train_references(
         target.cfg,
         target.plan,
@@ -75,11 +77,12 @@ def _references(target: AuditTarget, run_dir) -> ReferenceModels:
         population=TensorDataset(*(t[keep] for t in population.tensors)),
         input_shape=target.data.input_shape,
         num_classes=target.data.num_classes,
-        scheme="halves" if "lira" in cfg.mia.attacks else "population",
+        scheme="halves" if lira else "population",
         count=cfg.mia.reference_models,
         seed=cfg.seed,
         workers=cfg.workers or default_workers(cfg.mia.reference_models),
         cache_dir=run_dir,
+        min_in=(2 if cfg.mia.lira_variance == "per_example" else 1) if lira else 0,
     )
 
 

@@ -65,9 +65,10 @@ def test_each_canary_coin_adds_or_removes_exactly_that_canary_on_one_honest_rank
     byzantine = centralized.byzantine_ranks(1, 3, cfg.train.seed)
     before = _rank_training_sets(cfg, data, canaries, 3, monkeypatch)
     shard = len(shard_positions(len(data.members), 0, 3))
+    slots = canary_ranks(12, 3, byzantine)
     for rank, records in enumerate(before):
         held = len(records) - shard
-        assert held == (0 if rank in byzantine else int((canaries.included & (canary_ranks(12, 3, byzantine) == rank)).sum()))
+        assert held == (0 if rank in byzantine else int((canaries.included & (slots == rank)).sum()))
     flipped = next(i for i in range(12) if not canaries.included[i])
     canaries.included[flipped] = True
     after = _rank_training_sets(cfg, data, canaries, 3, monkeypatch)
@@ -96,7 +97,9 @@ def test_robust_plan_is_the_member_shard_whatever_the_canaries(monkeypatch):
     assert centralized.plan(plain, sizes).steps_per_epoch == 5
 
 
-@pytest.mark.parametrize("privacy", [PrivacyConfig(target_epsilon=None, noise_multiplier=1.0), PrivacyConfig(name="none")])
+@pytest.mark.parametrize(
+    "privacy", [PrivacyConfig(target_epsilon=None, noise_multiplier=1.0), PrivacyConfig(name="none")]
+)
 def test_a_worker_holding_a_few_records_more_than_planned_keeps_the_plans_rate_and_steps(privacy):
     # The plan is for 100 records in batches of 10; the worker also holds 7 canaries.
     plan = plan_privacy(privacy, members=100, batch_size=10, epochs=1)

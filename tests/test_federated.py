@@ -359,7 +359,9 @@ def _reference_calls(cfg, tmp_path, monkeypatch, scheme: str, count: int, min_in
     return target_plan, data, calls, references
 
 
-def test_a_user_level_targets_reference_is_a_dp_fedavg_federation_at_the_servers_noise(fed_config, tmp_path, monkeypatch):
+def test_a_user_level_targets_reference_is_a_dp_fedavg_federation_at_the_servers_noise(
+    fed_config, tmp_path, monkeypatch
+):
     cfg = fed_config(
         "federation.dp_level=user", "federation.clients_per_round=5", "federation.rounds=3",
         "privacy.target_epsilon=null", "privacy.noise_multiplier=1.5",
@@ -374,7 +376,9 @@ def test_a_user_level_targets_reference_is_a_dp_fedavg_federation_at_the_servers
     assert torch.equal(records.tensors[0], data.population.tensors[0])
 
 
-def test_a_sample_level_targets_reference_is_a_federation_of_clients_with_local_dp_sgd_plans(fed_config, tmp_path, monkeypatch):
+def test_a_sample_level_targets_reference_is_a_federation_of_clients_with_local_dp_sgd_plans(
+    fed_config, tmp_path, monkeypatch
+):
     cfg = fed_config(
         "federation.rounds=2", "privacy.target_epsilon=3", "privacy.accountant=rdp", "attack=sign_flip",
         "attack.byzantine=2", "aggregator=median",

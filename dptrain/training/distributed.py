@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import TensorDataset
 
 from dptrain.privacy.plan import is_private
 from dptrain.robust import build_aggregator, build_attack, tolerated_byzantine

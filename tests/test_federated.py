@@ -379,9 +379,10 @@ def test_a_user_level_targets_reference_is_a_dp_fedavg_federation_at_the_servers
 def test_a_sample_level_targets_reference_is_a_federation_of_clients_with_local_dp_sgd_plans(
     fed_config, tmp_path, monkeypatch
 ):
+    # Batches of 64 hold every record of a client (q = 1), where RDP calibrates in milliseconds.
     cfg = fed_config(
         "federation.rounds=2", "privacy.target_epsilon=3", "privacy.accountant=rdp", "attack=sign_flip",
-        "attack.byzantine=2", "aggregator=median",
+        "attack.byzantine=2", "aggregator=median", "train.batch_size=64",
     )
     _, data, calls, _ = _reference_calls(cfg, tmp_path, monkeypatch, "population", 1)
     ((derived, plan, records),) = calls

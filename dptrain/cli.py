@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dptrain import __version__
 from dptrain.config import Config, register_configs, validate
@@ -102,14 +103,20 @@ def _saved_config(run_dir: Path, key: str) -> DictConfig:
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise UserError(f"{key}={run_dir} has no .hydra/config.yaml: give the directory of a dptrain run")
-    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+    except OmegaConfBaseException as error:
+        # A run of an older dptrain may hold a key since renamed (audit.mia.lira_fixed_variance).
+        raise UserError(
+            f"{key}={run_dir}: its .hydra/config.yaml does not fit this dptrain's config "
+            f"({str(error).splitlines()[0]}): rename or remove that key there (the README lists the current keys)"
+        ) from None
 
 
 def audit_command(args: list[str]) -> None:
     """``dptrain audit run_dir=<dir> [audit=<level>] [audit.<key>=<value> ...]``."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     from dptrain import pipeline
     from dptrain.tracking.summary import format_audit

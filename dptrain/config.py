@@ -163,8 +163,10 @@ class MembershipAuditConfig:
     # RMIA (Zarifzadeh et al. 2024): pairwise threshold and offline correction.
     rmia_gamma: float = 2.0
     rmia_offline_a: float = 0.3
-    # LiRA (Carlini et al. 2022): one variance shared by all examples, better with few models.
-    lira_fixed_variance: bool = True
+    # LiRA (Carlini et al. 2022): per_example variances, or one shared by all examples (better with
+    # few models): pooled_within (the spread across models) or global (the paper's code, also
+    # the spread between examples).
+    lira_variance: str = "pooled_within"
     bootstrap: int = 1000
 
 
@@ -500,6 +502,14 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
             f"audit.canaries.count={cfg.audit.canaries.count}: canaries are inserted into centralized training only, "
             "set audit.canaries.count=0 with federation=fedavg"
         )
+    mia = cfg.audit.mia
+    if "rmia" in mia.attacks and "lira" not in mia.attacks and sizes.population < federation.clients:
+        # RMIA's reference models are federations of the same clients over the population.
+        raise UserError(
+            f"audit.mia.attacks=[rmia] trains reference federations of federation.clients={federation.clients} "
+            f"clients on the {sizes.population} population records: lower federation.clients or raise "
+            "dataset.population_fraction"
+        )
     built = _validate_robust_step(cfg, per_round, f"with federation.clients_per_round={per_round} updates per round")
     if federation.dp_level == "user" and built.omniscient and is_private(cfg.privacy):
         raise UserError(
@@ -511,9 +521,12 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
 
 
 def _validate_audit(audit: AuditConfig, population: int) -> None:
+    from dptrain.audit.membership import LIRA_VARIANCES
+
     _choice("audit", audit.name, AUDIT_LEVELS)
     for attack in audit.mia.attacks:
         _choice("audit.mia.attacks", attack, MIA_ATTACKS)
+    _choice("audit.mia.lira_variance", audit.mia.lira_variance, LIRA_VARIANCES)
     references = audit.mia.reference_models
     if "lira" in audit.mia.attacks and (references < 4 or references % 2):
         raise UserError(

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dptrain import pipeline
-from dptrain.audit.run import SCORE_BINS, _guard
+from dptrain.audit.run import SCORE_BINS, _canary_guard, _guard
 
 # Small enough for a test, big enough for the attacks to have something to measure.
 AUDITED = ("train.epochs=3",)
@@ -165,3 +165,18 @@ def test_a_bound_above_the_accountant_epsilon_or_an_inverted_auc_is_flagged():
     _guard("lira", 0.6, 0.5, 1.0, warnings)
     assert len(warnings) == 2
     assert "exceeds the accountant's epsilon" in warnings[0] and "below 0.4" in warnings[1]
+
+
+def test_a_membership_bound_above_epsilon_is_suspicious_but_only_the_canary_bound_claims_a_bug():
+    # A fixed-size member / non-member split plays replace-one, which add/remove DP bounds by ~2 epsilon.
+    membership: list[str] = []
+    _guard("loss", 0.7, 1.5, 1.0, membership)
+    (warning,) = membership
+    assert "replace-one" in warning and "no proof of a bug" in warning and "canary (one-run) bound" in warning
+    assert "means a bug" not in warning
+    canary: list[str] = []
+    _canary_guard(1.5, 1.0, canary)
+    _canary_guard(0.5, 1.0, canary)
+    _canary_guard(1.5, None, canary)
+    assert canary == ["canary: one-run epsilon lower bound 1.500 exceeds the accountant's epsilon 1.000; "
+                      "this means a bug in training or in the audit"]

@@ -78,6 +78,16 @@ def test_user_error_is_one_line_without_traceback(tmp_path, override, fragment):
     assert len(errors) == 1 and fragment in errors[0]
 
 
+def test_auditing_a_run_whose_config_holds_a_renamed_key_is_one_line(tmp_path):
+    # Runs of an older dptrain recorded audit.mia.lira_fixed_variance, now audit.mia.lira_variance.
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("audit:\n  mia:\n    lira_fixed_variance: true\n")
+    result = dptrain("audit", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("dptrain: error:")]
+    assert "lira_fixed_variance" in error and "rename or remove that key" in error
+
+
 def test_unknown_command_is_refused(tmp_path):
     result = dptrain("trian", cwd=tmp_path)
     assert result.returncode == 2 and "unknown command 'trian'" in result.stderr

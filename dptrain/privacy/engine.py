@@ -14,7 +14,7 @@ from opacus.data_loader import wrap_collate_with_empty
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from dptrain.config import PrivacyConfig
@@ -155,12 +155,16 @@ def make_private(
     clipping at ``plan.max_grad_norm`` (split evenly over parameters for per-layer clipping) and
     Gaussian noise of ``plan.noise_multiplier`` times it, charged to a fresh ``PrivacyLedger`` at
     every optimizer step. The sample rate and steps are the plan's whatever ``len(dataset)`` is:
-    the subsampled Gaussian's guarantee per record depends only on them. The baseline shuffles
-    ``dataset`` into batches of ``batch_size``.
+    the subsampled Gaussian's guarantee per record depends only on them (so the ranks of a robust-parallel
+    run step together though the canaries they hold make their datasets differ by a few records). The
+    baseline takes ``plan.steps_per_epoch`` shuffled batches of ``batch_size`` distinct records.
     """
     loss_fn = nn.CrossEntropyLoss()
     if not plan.private:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampling_generator)
+        # At most steps_per_epoch * batch_size distinct records per epoch: exactly the plan's steps.
+        records = min(len(dataset), plan.steps_per_epoch * batch_size)
+        sampler = RandomSampler(dataset, num_samples=records, generator=sampling_generator)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=sampling_generator)
         return PrivateTraining(model, optimizer, loader, loss_fn, plan, None, None)
     distributed = isinstance(model, DifferentiallyPrivateDistributedDataParallel)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)

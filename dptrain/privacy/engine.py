@@ -147,6 +147,7 @@ def make_private(
     max_physical_batch_size: int | None,
     sampling_generator: torch.Generator,
     noise_generator: torch.Generator,
+    ledger: PrivacyLedger | None = None,
 ) -> PrivateTraining:
     """Return the training objects for ``plan``: Opacus-wrapped when private, plain when not.
 
@@ -158,6 +159,8 @@ def make_private(
     the subsampled Gaussian's guarantee per record depends only on them (so the ranks of a robust-parallel
     run step together though the canaries they hold make their datasets differ by a few records). The
     baseline takes ``plan.steps_per_epoch`` shuffled batches of ``batch_size`` distinct records.
+    A ``ledger`` given (a federated client's, which composes over the rounds it trains in) is charged
+    instead of a fresh one.
     """
     loss_fn = nn.CrossEntropyLoss()
     if not plan.private:
@@ -198,7 +201,7 @@ def make_private(
     if private_loader is not loader or len(private_loader) != plan.steps_per_epoch:
         raise RuntimeError(f"the private loader takes {len(private_loader)} steps per epoch, the plan {plan.steps_per_epoch}")
     # The ledger replaces the accountant Opacus attached: one charge per step, at the plan's rate.
-    ledger = PrivacyLedger.for_plan(plan)
+    ledger = PrivacyLedger.for_plan(plan) if ledger is None else ledger
     private_optimizer.attach_step_hook(ledger.optimizer_hook(plan.sample_rate))
     return PrivateTraining(
         private_model, private_optimizer, private_loader, loss_fn, plan, ledger, max_physical_batch_size

@@ -17,7 +17,7 @@ CHECKPOINT = "checkpoint.pt"
 class Checkpoint:
     """State after ``epochs_done`` complete epochs.
 
-    ``accountant`` is Opacus' accountant state (its history of noise, sample
+    ``accountant`` is the privacy ledger's state (its history of noise, sample
     rate and steps); restoring it is what keeps a resumed run from starting a
     fresh budget. ``rng`` holds the global torch RNG and the sampling and
     noise generators (centralized: a list with one entry per rank; federated:

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from opacus.accountants import create_accountant
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import TensorDataset
@@ -31,7 +30,8 @@ from dptrain.config import Config, recipe_hash
 from dptrain.data import SplitData, SplitSizes, audited_split, describe, load, make_split, split_sizes, subset
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
-from dptrain.privacy import PrivacyPlan, epsilon_spent
+from dptrain.privacy import PrivacyPlan
+from dptrain.privacy.ledger import PrivacyLedger
 from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.privacy.plan import plan_mechanism
 from dptrain.robust import Attack, alie_z, build_aggregator, build_attack, static_clipping, tolerated_byzantine
@@ -215,7 +215,7 @@ def _mean_norm(updates: Tensor) -> float | None:
 
 class FederatedServer:
     """The server of FedAvg under Byzantine clients: the global model, the aggregator, the
-    accountants, and the random generators whose state a checkpoint must carry."""
+    DP-FedAvg ledger (user level), and the random generators whose state a checkpoint must carry."""
 
     def __init__(self, cfg: Config, plan: FederatedPlan, clients: list[Client], model: nn.Module, device) -> None:
         self.cfg, self.plan, self.clients, self.model, self.device = cfg, plan, clients, model, device
@@ -226,7 +226,7 @@ class FederatedServer:
         self.sampling = torch.Generator().manual_seed(derived_seed(seed, SAMPLING_STREAM))
         self.noise = torch.Generator(device=device).manual_seed(derived_seed(seed, NOISE_STREAM))
         self.user_level = plan.dp_level == "user"
-        self.accountant = create_accountant(plan.accountant) if self.user_level and plan.private else None
+        self.ledger = PrivacyLedger.for_plan(plan) if self.user_level and plan.private else None
         self.config_hash = recipe_hash(cfg)
 
     def attack(self, round_index: int) -> Attack:
@@ -282,8 +282,8 @@ class FederatedServer:
     def _aggregate(self, updates: Tensor) -> tuple[Tensor, Tensor | None]:
         if not self.user_level:
             return self.aggregator.aggregate(updates)
-        if self.accountant is not None:
-            self.accountant.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
+        if self.ledger is not None:
+            self.ledger.charge(self.plan.noise_multiplier, self.plan.sample_rate)
         return (
             dp_fedavg(
                 updates, clients_per_round(self.cfg), self.plan.max_grad_norm, self.plan.noise_multiplier, self.noise
@@ -292,40 +292,34 @@ class FederatedServer:
         )
 
     def client_epsilons(self) -> list[float | None]:
-        """Each client's epsilon so far (sample level; None where it has not trained privately)."""
-        return [None if c.accountant is None else self._spent(c.accountant["history"]) for c in self.clients]
+        """Each client's epsilon so far (sample level; None for a client without a private plan)."""
+        return [None if c.ledger is None else c.ledger.epsilon() for c in self.clients]
 
     def epsilon(self) -> float | None:
-        """The reported epsilon so far: the user-level accountant's, or the largest honest client's."""
+        """The reported epsilon so far: the DP-FedAvg ledger's, or the largest honest client's."""
         if not self.plan.private:
             return None
-        if self.accountant is not None:
-            return self._spent(self.accountant.history)
-        honest = [c.accountant["history"] for c in self.clients if c.accountant is not None and not c.byzantine]
-        return max((self._spent(history) for history in honest), default=0.0)
+        if self.ledger is not None:
+            return self.ledger.epsilon()
+        return max((c.ledger.epsilon() for c in self.clients if c.ledger is not None and not c.byzantine), default=0.0)
 
-    def accounted_steps(self) -> dict[int, int]:
-        """Steps each accountant charged: the server's under key -1, else each private client's."""
-        if self.accountant is not None:
-            return {-1: sum(steps for _, _, steps in self.accountant.history)}
-        return {c.id: sum(s for _, _, s in c.accountant["history"]) for c in self.clients if c.accountant is not None}
-
-    def _spent(self, history) -> float:
-        if not history:
-            return 0.0
-        # Every step of one accountant has the same noise and rate, which Opacus merges into one entry.
-        ((noise, rate, steps),) = history
-        return epsilon_spent(
-            accountant=self.plan.accountant, noise_multiplier=noise, sample_rate=rate, steps=steps, delta=self.plan.delta
-        )
+    def check_spent(self) -> float | None:
+        """The final epsilon, after every ledger that backs the guarantee (the server's, or each honest
+        client's) checked that it charged exactly its planned steps within the target."""
+        if not self.plan.private:
+            return None
+        if self.ledger is not None:
+            return self.ledger.check_spent("DP-FedAvg server")
+        honest = [c for c in self.clients if c.ledger is not None and not c.byzantine]
+        return max((c.ledger.check_spent(f"federated client {c.id}") for c in honest), default=0.0)
 
     def checkpoint(self, rounds_done: int, train_seconds: float) -> Checkpoint:
         """The state after ``rounds_done`` rounds in the recipe's ``Checkpoint``: the global model, the
-        aggregator's state as the server's optimizer, every accountant, and the RNG state."""
-        if self.accountant is not None:
-            accountants = {"server": self.accountant.state_dict()}
+        aggregator's state as the server's optimizer, every ledger, and the RNG state."""
+        if self.ledger is not None:
+            accountants = {"server": self.ledger.state_dict()}
         elif self.plan.private:
-            accountants = {"clients": {c.id: c.accountant for c in self.clients if c.accountant is not None}}
+            accountants = {"clients": {c.id: c.ledger.state_dict() for c in self.clients if c.ledger is not None}}
         else:
             accountants = None
         return Checkpoint(
@@ -345,7 +339,7 @@ class FederatedServer:
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from ``checkpoint``: nothing spent before it is forgotten or charged again."""
-        expected = {"server"} if self.accountant is not None else {"clients"} if self.plan.private else None
+        expected = {"server"} if self.ledger is not None else {"clients"} if self.plan.private else None
         found = None if checkpoint.accountant is None else set(checkpoint.accountant)
         if found != expected:
             raise UserError(
@@ -354,11 +348,11 @@ class FederatedServer:
             )
         self.model.load_state_dict(checkpoint.model)
         self.aggregator.load_state_dict(checkpoint.optimizer["aggregator"])
-        if self.accountant is not None:
-            self.accountant.load_state_dict(checkpoint.accountant["server"])
+        if self.ledger is not None:
+            self.ledger.load_state_dict(checkpoint.accountant["server"])
         elif self.plan.private:
             for client_id, state in checkpoint.accountant["clients"].items():
-                self.clients[client_id].accountant = state
+                self.clients[client_id].ledger.load_state_dict(state)
         torch.set_rng_state(checkpoint.rng["torch"])
         self.sampling.set_state(checkpoint.rng["sampling"])
         self.noise.set_state(checkpoint.rng["noise"])
@@ -529,7 +523,7 @@ def train_federation(
         if run_dir is not None and cfg.train.checkpoint:
             server.checkpoint(round_index + 1, train_seconds).save(run_dir)
     bar.close()
-    _check_spend(server, plan, server.epsilon())
+    server.check_spent()
     return Federation(server, parts, replaced, backdoor, train_seconds, aggregation_seconds, fractions)
 
 
@@ -574,24 +568,6 @@ def train_target(
     save_model(run_dir, server.model.state_dict())
     write_metrics(run_dir, metrics)
     return TargetRun(server.model, audited, plan, epsilon, None, metrics, device, fingerprint)
-
-
-def _check_spend(server: FederatedServer, plan: FederatedPlan, epsilon: float | None) -> None:
-    if not plan.private:
-        return
-    charged = server.accounted_steps()
-    if server.accountant is not None:
-        planned = {-1: plan.steps}
-    else:
-        # Every honest client the schedule picked, including one whose accountant never charged a step.
-        honest = [c for c in server.clients if c.plan is not None and not c.byzantine]
-        planned = {c.id: c.plan.steps for c in honest}
-        charged = {c.id: charged.get(c.id, 0) for c in honest}
-    if charged != planned or epsilon > (plan.target_epsilon or np.inf):
-        raise RuntimeError(
-            f"the accountants charged {charged} steps spending epsilon {epsilon}; "
-            f"the plan was {planned} within {plan.target_epsilon}"
-        )
 
 
 def _client_mechanisms(plan: FederatedPlan) -> list[dict | None]:

@@ -335,7 +335,8 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     _validate_device(train.device)
     if train.resume is not None and not (Path(train.resume) / "checkpoint.pt").is_file():
         raise UserError(
-            f"train.resume={train.resume} holds no checkpoint.pt: give the directory of the run to continue"
+            f"train.resume={train.resume} holds no checkpoint.pt, so there is nothing to resume: the run stopped "
+            "before its first checkpoint (start it again) or this is not a run directory"
         )
 
     _validate_attackers(cfg.attack)

@@ -172,7 +172,9 @@ def check_known_keys(cfg: DictConfig) -> None:
     if not isinstance(cfg, DictConfig):
         return  # a Config instance holds exactly the schema's keys
     known = [key for key, _ in schema_keys()]
-    unknown = [key for key in _leaf_keys(OmegaConf.to_container(cfg, resolve=False)) if key not in known]
+    # Hydra's own node rides along in a config composed for a run (or a sweep job): not dptrain's keys.
+    tree = {name: node for name, node in OmegaConf.to_container(cfg, resolve=False).items() if name != "hydra"}
+    unknown = [key for key in _leaf_keys(tree) if key not in known]
     if not unknown:
         return
     described = []

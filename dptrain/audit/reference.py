@@ -9,9 +9,7 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan
 from dptrain.tracking.atomic import save_torch_atomic, write_json_atomic
 from dptrain.training import ranks
+from dptrain.training.lifetime import child_pool
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +219,7 @@ def train_references(
 
         threads = max(1, torch.get_num_threads() // workers)
         gpu = torch.cuda.current_device() if resolve_device(cfg.train.device).type == "cuda" else None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        with child_pool(workers) as pool:
             trained = list(
                 pool.map(_train_one, *zip(*(jobs[j] for j in mine)), [threads] * len(mine), [gpu] * len(mine))
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, plan_privacy
 from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.robust import build_attack
-from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
+from dptrain.tracking.artifacts import SPLIT, load_model, read_metrics, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
 from dptrain.training.checkpoint import Checkpoint
@@ -49,8 +48,6 @@ from dptrain.training.recipe import TrainedModel, resolve_device, train_model
 from dptrain.training.seeds import AUDIT_STREAM, POISON_STREAM, derived_seed
 
 log = logging.getLogger(__name__)
-
-SPLIT = "split.json"
 
 
 @dataclass
@@ -224,11 +221,10 @@ def train_target(
 
 def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     """A finished run's target model, data (its recorded split) and plan, read back from its artifacts."""
-    metrics = json.loads((run_dir / METRICS).read_text())
+    metrics = read_metrics(run_dir)
     data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=True)
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu", weights_only=True))
+    model = load_model(run_dir, build_model(cfg.model, data.input_shape, data.num_classes))
     plan = PrivacyPlan(
         private=metrics["private"],
         accountant=cfg.privacy.accountant,

@@ -12,7 +12,6 @@ records as members; their reference models are federations too, trained by the s
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from dptrain.privacy.ledger import PrivacyLedger
 from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.privacy.plan import plan_mechanism
 from dptrain.robust import Attack, alie_z, build_aggregator, build_attack, static_clipping, tolerated_byzantine
-from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
+from dptrain.tracking.artifacts import load_model, read_metrics, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.centralized import TargetRun, load_data
 from dptrain.training.checkpoint import Checkpoint
@@ -644,11 +643,10 @@ def _metrics(
 def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     """A finished federated run's global model, its audited split (honest clients' records as
     members) and its plan, rebuilt from the config and the recorded split."""
-    metrics = json.loads((run_dir / METRICS).read_text())
+    metrics = read_metrics(run_dir)
     data, _, fingerprint = load_data(cfg, run_dir, reuse_split=True)
     federated_plan = plan(cfg, split_sizes(describe(cfg.dataset), cfg.dataset))
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu", weights_only=True))
+    model = load_model(run_dir, build_model(cfg.model, data.input_shape, data.num_classes))
     audited = audited_data(cfg, data, _partition(cfg, data.members, federated_plan), federated_plan)
     return TargetRun(model.to(device), audited, federated_plan, metrics["epsilon"], None, metrics, device, fingerprint)

@@ -10,14 +10,17 @@ import tempfile
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dptrain import __version__
 from dptrain.config import Config, register_configs, validate
 from dptrain.errors import UserError
-
-log = logging.getLogger("dptrain")
+from dptrain.errors import fail as _fail
+from dptrain.tracking.run_dir import RunLock, restrict_umask, resume_hint
 
 USAGE = f"""usage: dptrain [COMMAND] [HYDRA ARGS...]
 
@@ -38,6 +41,18 @@ commands:
                 dptrain report multirun/<date>/<time> --select test_accuracy --out reports/eps
 
 `dptrain` with no arguments runs the default job (digits, DP-SGD at epsilon 3).
+Exit status: 0 done, 1 the run failed (a worker died), 2 bad input (nothing ran), 130 interrupted.
+"""
+
+AUDIT_USAGE = """usage: dptrain audit run_dir=<dir> [audit=<level>] [audit.<key>=<value> ...]
+
+Audit a finished run again from its saved model.pt and recorded split.json, and write audit.json,
+TensorBoard panels and HParams into its directory. The run's training config is kept; only the audit
+changes. Canaries are the ones inserted at training time.
+
+  run_dir=<dir>         the run's directory, e.g. outputs/<date>/<time>
+  audit=<level>         standard, fast, thorough or none (conf/audit/)
+  audit.<key>=<value>   any audit key, e.g. audit.mia.reference_models=8 audit.mia.attacks=[loss,lira]
 """
 
 COMMANDS = ("train", "audit", "report")
@@ -46,9 +61,48 @@ RESUME = "train.resume="
 register_configs()
 
 
-def _fail(message: str, status: int = 2) -> None:
-    print(f"dptrain: error: {message}", file=sys.stderr)
-    sys.exit(status)
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def config_error_line(error: HydraException | OmegaConfBaseException) -> str:
+    """Hydra's or OmegaConf's report of a bad override or config, which spans several lines, as one line.
+
+    Hydra's advice to add an unknown key with ``+`` is dropped: dptrain refuses unknown keys either way.
+    """
+    if isinstance(error, OverrideParseException):
+        return (
+            f"cannot parse the override '{error.override}': {_first_line(error.message)} "
+            "(see https://hydra.cc/docs/advanced/override_grammar/basic)"
+        )
+    line = _first_line(str(error)).rstrip(".")
+    if isinstance(error, MissingConfigException) and error.options:
+        return f"{line}: choose one of {', '.join(error.options)}"
+    if isinstance(error.__cause__, OmegaConfBaseException):
+        line = f"{line}: {_first_line(str(error.__cause__))}"
+    return line
+
+
+def _hydra_app(app) -> None:
+    """Run a Hydra app with dptrain's error convention for Hydra's and OmegaConf's errors too: bad input
+    is one ``dptrain: error:`` line and exit status 2, as argparse does, not Hydra's report and status 1.
+
+    HYDRA_FULL_ERROR=1 makes Hydra raise instead of printing its report; a user who sets it
+    gets Hydra's traceback for Hydra's errors, as Hydra documents.
+    """
+    setting = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    except (HydraException, OmegaConfBaseException) as error:
+        if setting == "1":
+            raise
+        _fail(config_error_line(error))
+    finally:
+        if setting is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = setting
 
 
 def _resumed_config(cfg: DictConfig, resume_dir: Path) -> DictConfig:
@@ -67,10 +121,12 @@ def _resumed_config(cfg: DictConfig, resume_dir: Path) -> DictConfig:
 def train_app(cfg: DictConfig) -> float:
     """Hydra task for ``dptrain train``; returns test accuracy so Hydra sweepers can optimise it."""
     from dptrain import pipeline
+    from dptrain.preflight import discard_refused_run
     from dptrain.tracking.summary import format_summary
 
     from dptrain.training import launch, ranks
 
+    # The directory is claimed and locked by the Preflight callback before Hydra wrote into it.
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         if cfg.train.resume is not None:
@@ -89,11 +145,12 @@ def train_app(cfg: DictConfig) -> float:
         else:
             metrics, report = pipeline.train(cfg, run_dir)
     except UserError as error:
+        discard_refused_run(run_dir)
         _fail(str(error))
     except launch.WorkerFailed as error:
-        _fail(f"{error}; continue from the last checkpoint with: dptrain train {RESUME}{run_dir}", 1)
+        _fail(f"{error}; {resume_hint(run_dir)}", 1)
     except KeyboardInterrupt:
-        _fail(f"interrupted; continue from the last checkpoint with: dptrain train {RESUME}{run_dir}", 130)
+        _fail(f"interrupted; {resume_hint(run_dir)}", 130)
     print(format_summary(metrics, report, run_dir))
     return metrics["test_accuracy"]
 
@@ -102,18 +159,27 @@ def _saved_config(run_dir: Path, key: str) -> DictConfig:
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise UserError(f"{key}={run_dir} has no .hydra/config.yaml: give the directory of a dptrain run")
-    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as error:
+        # OmegaConf's errors say which key does not fit the schema (a run of an older dptrain may hold a
+        # key since renamed, such as audit.mia.lira_fixed_variance).
+        raise UserError(
+            f"{saved} is not a readable dptrain config ({_first_line(str(error))}): rename or remove that key "
+            "there, or restore the file from a copy of the run"
+        ) from None
 
 
 def audit_command(args: list[str]) -> None:
     """``dptrain audit run_dir=<dir> [audit=<level>] [audit.<key>=<value> ...]``."""
     from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     from dptrain import pipeline
     from dptrain.tracking.summary import format_audit
 
+    if any(a in ("-h", "--help") for a in args):
+        print(AUDIT_USAGE)
+        return
     run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
     overrides = [a for a in args if not a.startswith("run_dir=")]
     try:
@@ -128,8 +194,10 @@ def audit_command(args: list[str]) -> None:
             with initialize_config_module(config_module="dptrain.conf", version_base="1.3"):
                 requested = compose(config_name="config", overrides=overrides).audit
         except (HydraException, OmegaConfBaseException) as error:
-            raise UserError(str(error).splitlines()[0]) from None
-        report = pipeline.audit(cfg, run_dir, requested)
+            raise UserError(config_error_line(error)) from None
+        restrict_umask()
+        with RunLock(run_dir):
+            report = pipeline.audit(cfg, run_dir, requested)
     except UserError as error:
         _fail(str(error))
     print(format_audit(report))
@@ -198,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"unknown command '{args[0]}': choose one of {', '.join(COMMANDS)} (dptrain --help)")
     if command == "train":
         sys.argv = [f"dptrain {command}", *_train_argv(args)]
-        train_app()
+        _hydra_app(train_app)
     elif command == "report":
         report_command(args)
     else:

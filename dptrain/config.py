@@ -69,6 +69,9 @@ class PrivacyConfig:
     clipping: str = "flat"
     grad_sample_mode: str = "ghost"
     poisson_sampling: bool = True
+    # Recompute epsilon with dp-accounting's PLD accountant (metrics.json epsilon_pld) and warn when the
+    # reported one is lower: null where dp-accounting is installed, true to require it, false to skip.
+    pld_check: Optional[bool] = None
 
 
 @dataclass
@@ -160,8 +163,10 @@ class MembershipAuditConfig:
     # RMIA (Zarifzadeh et al. 2024): pairwise threshold and offline correction.
     rmia_gamma: float = 2.0
     rmia_offline_a: float = 0.3
-    # LiRA (Carlini et al. 2022): one variance shared by all examples, better with few models.
-    lira_fixed_variance: bool = True
+    # LiRA (Carlini et al. 2022): per_example variances, or one shared by all examples (better with
+    # few models): pooled_within (the spread across models) or global (the paper's code, also
+    # the spread between examples).
+    lira_variance: str = "pooled_within"
     bootstrap: int = 1000
 
 
@@ -194,6 +199,8 @@ class AuditConfig:
 class LauncherConfig:
     nproc_per_node: int = 1
     backend: str = "auto"
+    # gloo: allow more processes than usable CPU cores (nccl never runs more processes than GPUs).
+    oversubscribe: bool = False
 
 
 @dataclass
@@ -246,11 +253,6 @@ def _choice(key: str, value, choices) -> None:
         raise UserError(f"{key}={value} is unknown: choose one of {', '.join(map(str, choices))}")
 
 
-def _positive(key: str, value, fix: str = "") -> None:
-    if value is None or not value > 0:
-        raise UserError(f"{key}={value} must be positive{': ' + fix if fix else ''}")
-
-
 def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     """Check ``cfg`` before any data is loaded or model built; return the dataset's description and split sizes.
 
@@ -258,10 +260,14 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     the fix. Registries are imported here, not at module import, so reading the
     schema stays cheap.
     """
+    from dptrain.config_keys import check_known_keys, check_ranges
     from dptrain.data import describe, split_sizes
     from dptrain.models import ACTIVATIONS, IMAGE_ONLY, MODELS
     from dptrain.privacy import ACCOUNTANTS
+    from dptrain.privacy.crosscheck import pld_check_enabled
 
+    check_known_keys(cfg)
+    check_ranges(cfg)
     info = describe(cfg.dataset)
     sizes = split_sizes(info, cfg.dataset)
     members = sizes.members
@@ -273,27 +279,25 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
         raise UserError(
             f"model={model.name} needs image input but dataset={info.name} is tabular: use model=mlp or model=logreg"
         )
-    for key in ("hidden", "channels", "blocks"):
-        if any(width < 1 for width in getattr(model, key)):
-            raise UserError(f"model.{key}={list(getattr(model, key))} must hold positive integers")
 
     privacy = cfg.privacy
     _choice("privacy", privacy.name, PRIVACY_NAMES)
+    if privacy.accountant == "gdp":
+        raise UserError(
+            "privacy.accountant=gdp (Dong et al. 2019's central-limit approximation) under-reports epsilon for the "
+            "step counts of a run, so dptrain does not report it: use privacy.accountant=prv (tight) or rdp; "
+            "noise calibration already starts from GDP, so prv plans as fast"
+        )
     _choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
     _choice("privacy.clipping", privacy.clipping, CLIPPING_MODES)
     _choice("privacy.grad_sample_mode", privacy.grad_sample_mode, GRAD_SAMPLE_MODES)
     target = privacy.target_epsilon
     baseline = privacy.name == "none" or (target is not None and math.isinf(target))
-    if target is not None and not target > 0:
-        raise UserError(
-            f"privacy.target_epsilon={target} must be positive: use a value like 1 or 8, or inf for the non-private baseline"
-        )
     if privacy.name == "none" and target is not None and math.isfinite(target):
         raise UserError(
             f"privacy=none trains without privacy but privacy.target_epsilon={target}: use privacy=dpsgd for a budget"
         )
     if privacy.noise_multiplier is not None:
-        _positive("privacy.noise_multiplier", privacy.noise_multiplier, "use privacy.target_epsilon=inf for no noise")
         if baseline:
             raise UserError(
                 f"privacy.noise_multiplier={privacy.noise_multiplier} conflicts with the non-private baseline "
@@ -302,12 +306,18 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     elif target is None:
         raise UserError("privacy.target_epsilon=null needs privacy.noise_multiplier: set one of the two")
     if not baseline:
-        if not 0 < privacy.delta < 1.0 / members:
+        if not privacy.poisson_sampling:
+            raise UserError(
+                "privacy.poisson_sampling=false would train on shuffled fixed-size batches, which the subsampled "
+                "Gaussian accounting does not cover (Chua et al. 2024; without amplification the default job spends "
+                "about 6.85, not 3): use privacy.poisson_sampling=true"
+            )
+        if privacy.delta >= 1.0 / members:
             raise UserError(
                 f"privacy.delta={privacy.delta} must be in (0, 1/n) = (0, {1.0 / members:.3g}) for n={members} "
                 f"training records: use e.g. privacy.delta={_suggest_delta(members)}"
             )
-        _positive("privacy.max_grad_norm", privacy.max_grad_norm, "it is the per-example clipping norm C, e.g. 1.0")
+        pld_check_enabled(privacy.pld_check)
         if privacy.grad_sample_mode == "ghost" and privacy.clipping != "flat":
             raise UserError(
                 f"privacy.grad_sample_mode=ghost supports flat clipping only, not privacy.clipping={privacy.clipping}: "
@@ -315,31 +325,26 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
             )
 
     train = cfg.train
-    _positive("train.epochs", train.epochs)
-    _positive("train.lr", train.lr)
     _choice("train.optimizer", train.optimizer, OPTIMIZERS)
     _choice("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
-    if not 1 <= train.batch_size <= members:
+    if train.batch_size > members:
         raise UserError(
             f"train.batch_size={train.batch_size} must be between 1 and the {members} training records of "
             f"dataset={info.name}: lower it"
         )
-    if train.max_physical_batch_size is not None:
-        _positive("train.max_physical_batch_size", train.max_physical_batch_size, "or null to use the whole batch")
-    if not 0 <= train.momentum < 1:
-        raise UserError(f"train.momentum={train.momentum} must be in [0, 1)")
-    if train.weight_decay < 0:
-        raise UserError(f"train.weight_decay={train.weight_decay} must be >= 0")
     _validate_device(train.device)
     if train.resume is not None and not (Path(train.resume) / "checkpoint.pt").is_file():
         raise UserError(
-            f"train.resume={train.resume} holds no checkpoint.pt: give the directory of the run to continue"
+            f"train.resume={train.resume} holds no checkpoint.pt, so there is nothing to resume: the run stopped "
+            "before its first checkpoint (start it again) or this is not a run directory"
         )
 
     _validate_attackers(cfg.attack)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
+    # Last, so that a setup that is wrong on any machine says so before this machine's limits do.
+    _validate_process_count(cfg.launcher)
     return info, sizes
 
 
@@ -351,7 +356,6 @@ def _world_size(cfg: Config) -> int:
 def _validate_launcher(cfg: Config) -> None:
     """Several processes: data parallelism (DPDDP) or robust aggregation of the workers' gradients."""
     launcher, attack = cfg.launcher, cfg.attack
-    _positive("launcher.nproc_per_node", launcher.nproc_per_node)
     _choice("launcher.backend", launcher.backend, ("auto", "gloo", "nccl"))
     world = _world_size(cfg)
     if world == 1:
@@ -368,6 +372,13 @@ def _validate_launcher(cfg: Config) -> None:
     from dptrain.training.distributed import parallel_mode
 
     if parallel_mode(cfg, world) == "dpddp":
+        privacy = cfg.privacy
+        if privacy.clipping == "per_layer" and privacy.grad_sample_mode != "hooks":
+            # Opacus' distributed per-layer optimizer computes per-example gradients with hooks only.
+            raise UserError(
+                f"privacy.clipping=per_layer over {world} workers (DPDDP) needs privacy.grad_sample_mode=hooks, "
+                f"not {privacy.grad_sample_mode}: set privacy.grad_sample_mode=hooks or privacy.clipping=flat"
+            )
         return
     # Robust data parallelism: each rank sends one update per step, Byzantine ranks included.
     if cfg.train.batch_size < world:
@@ -377,6 +388,42 @@ def _validate_launcher(cfg: Config) -> None:
     if not 0 <= attack.byzantine < world:
         raise UserError(f"attack.byzantine={attack.byzantine} must be in [0, {world}) workers: lower it")
     _validate_robust_step(cfg, world, f"over {world} workers")
+
+
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under taskset or a
+    container's cpuset), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _validate_process_count(launcher: LauncherConfig) -> None:
+    """At most as many worker processes as devices to run them: nccl gives each rank the GPU of its local
+    rank, so never more ranks than GPUs; gloo ranks at most one per usable CPU core unless
+    ``launcher.oversubscribe`` (more processes than cores multiplies memory and slows every step).
+    Checked where ``dptrain`` spawns the processes, not in a rank an outside launcher started."""
+    from dptrain.training import ranks
+
+    nproc = launcher.nproc_per_node
+    if nproc == 1 or ranks.launched_by_torchrun():
+        return
+    if ranks.backend(launcher.backend) == "nccl":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise UserError(
+                f"launcher.nproc_per_node={nproc} exceeds the {gpus} GPU(s) here: nccl runs one process per GPU, "
+                f"use launcher.nproc_per_node={gpus} (or launcher.backend=gloo for CPU processes)"
+            )
+        return
+    cores = _usable_cores()
+    if nproc > cores and not launcher.oversubscribe:
+        raise UserError(
+            f"launcher.nproc_per_node={nproc} exceeds the {cores} CPU cores available here: use at most "
+            f"{cores}, or launcher.oversubscribe=true to start {nproc} processes anyway"
+        )
 
 
 def _validate_robust_step(cfg: Config, n: int, where: str):
@@ -426,27 +473,18 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
         return
     from dptrain.privacy.plan import is_private
 
-    if federation.clients < 2:
-        raise UserError(
-            f"federation.clients={federation.clients} must be at least 2: a federation needs several clients"
-        )
     if federation.clients > sizes.members:
         raise UserError(
             f"federation.clients={federation.clients} exceeds the {sizes.members} member records to partition: "
             "lower federation.clients"
         )
     per_round = federation.clients if federation.clients_per_round is None else federation.clients_per_round
-    if not 1 <= per_round <= federation.clients:
+    if per_round > federation.clients:
         raise UserError(
             f"federation.clients_per_round={federation.clients_per_round} must be between 1 and "
             f"federation.clients={federation.clients}: lower it, or null for every client in every round"
         )
-    _positive("federation.rounds", federation.rounds)
-    _positive("federation.local_epochs", federation.local_epochs)
-    _positive("federation.server_lr", federation.server_lr, "the server adds server_lr times the aggregate, e.g. 1.0")
     _choice("federation.partition", federation.partition, ("iid", "dirichlet"))
-    if federation.partition == "dirichlet":
-        _positive("federation.alpha", federation.alpha, "small alpha skews the clients' labels, large approaches IID")
     _choice("federation.dp_level", federation.dp_level, ("sample", "user"))
     if federation.dp_level == "user" and (aggregator.name != "mean" or aggregator.pre):
         pre = f" with aggregator.pre={list(aggregator.pre)}" if aggregator.pre else ""
@@ -465,6 +503,14 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
             f"audit.canaries.count={cfg.audit.canaries.count}: canaries are inserted into centralized training only, "
             "set audit.canaries.count=0 with federation=fedavg"
         )
+    mia = cfg.audit.mia
+    if "rmia" in mia.attacks and "lira" not in mia.attacks and sizes.population < federation.clients:
+        # RMIA's reference models are federations of the same clients over the population.
+        raise UserError(
+            f"audit.mia.attacks=[rmia] trains reference federations of federation.clients={federation.clients} "
+            f"clients on the {sizes.population} population records: lower federation.clients or raise "
+            "dataset.population_fraction"
+        )
     built = _validate_robust_step(cfg, per_round, f"with federation.clients_per_round={per_round} updates per round")
     if federation.dp_level == "user" and built.omniscient and is_private(cfg.privacy):
         raise UserError(
@@ -476,9 +522,12 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
 
 
 def _validate_audit(audit: AuditConfig, population: int) -> None:
+    from dptrain.audit.membership import LIRA_VARIANCES
+
     _choice("audit", audit.name, AUDIT_LEVELS)
     for attack in audit.mia.attacks:
         _choice("audit.mia.attacks", attack, MIA_ATTACKS)
+    _choice("audit.mia.lira_variance", audit.mia.lira_variance, LIRA_VARIANCES)
     references = audit.mia.reference_models
     if "lira" in audit.mia.attacks and (references < 4 or references % 2):
         raise UserError(
@@ -488,12 +537,7 @@ def _validate_audit(audit: AuditConfig, population: int) -> None:
     if "rmia" in audit.mia.attacks and references < 1:
         raise UserError(f"audit.mia.reference_models={references}: RMIA needs at least 1 reference model")
     _choice("audit.aia.rule", audit.aia.rule, AIA_RULES)
-    if not 0 < audit.confidence < 1:
-        raise UserError(f"audit.confidence={audit.confidence} must be in (0, 1), e.g. 0.95")
-    _positive("audit.mia.bootstrap", audit.mia.bootstrap)
-    if audit.workers is not None:
-        _positive("audit.workers", audit.workers, "or null for one per two cores")
-    if not 0 <= audit.canaries.count <= population // 2:
+    if audit.canaries.count > population // 2:
         raise UserError(
             f"audit.canaries.count={audit.canaries.count} must be between 0 and half the {population} population "
             "records (canaries are drawn from the population): lower it or raise dataset.population_fraction"

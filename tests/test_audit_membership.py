@@ -4,9 +4,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
+from conftest import make_config
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import auc, roc_curve
+from dptrain.config import validate
+from dptrain.errors import UserError
 
 
 def _auc(scores: np.ndarray, is_member: np.ndarray) -> float:
@@ -68,13 +72,13 @@ def test_offline_lira_separates_in_and_out_from_out_models_only():
 
 def test_per_example_variance_needs_two_models_per_group():
     target, reference, reference_in, _ = _synthetic_lira(k=2)
-    with pytest.raises(ValueError, match="fixed_variance"):
+    with pytest.raises(ValueError, match="pooled_within"):
         lira_scores(target, reference, reference_in)
 
 
-def test_fixed_variance_lira_beats_per_example_variance_with_four_reference_models():
+def test_pooled_variance_lira_beats_per_example_variance_with_four_reference_models():
     target, reference, reference_in, is_member = _synthetic_lira(k=4)
-    fixed = _auc(lira_scores(target, reference, reference_in, fixed_variance=True), is_member)
+    fixed = _auc(lira_scores(target, reference, reference_in, variance="pooled_within"), is_member)
     per_example = _auc(lira_scores(target, reference, reference_in), is_member)
     assert fixed > 0.8 and fixed > per_example
 
@@ -83,7 +87,52 @@ def test_online_lira_rejects_examples_without_in_models():
     target, reference, reference_in, _ = _synthetic_lira(k=4)
     reference_in[:, 0] = False
     with pytest.raises(ValueError, match="no IN reference model"):
-        lira_scores(target, reference, reference_in, fixed_variance=True)
+        lira_scores(target, reference, reference_in, variance="pooled_within")
+
+
+# Three examples, four reference models, each example IN for two of them (worked out by hand below).
+PHI = np.array([[1.0, 4.0, 0.0], [3.0, 6.0, 2.0], [2.0, 5.0, 1.0], [6.0, 1.0, 3.0]])
+IN = np.array([[True, False, True], [True, True, False], [False, True, True], [False, False, False]])
+TARGET_PHI = np.array([2.0, 3.0, 1.0])
+# IN values per example: [1, 3], [6, 5], [0, 1] (means 2, 5.5, 0.5); OUT: [2, 6], [4, 1], [2, 3] (means 4, 2.5, 2.5).
+MU_IN, MU_OUT = np.array([2.0, 5.5, 0.5]), np.array([4.0, 2.5, 2.5])
+VARIANCES = {
+    # Unbiased per example: IN (2, 0.5, 0.5), OUT (8, 4.5, 0.5).
+    "per_example": (np.array([2.0, 0.5, 0.5]), np.array([8.0, 4.5, 0.5])),
+    # Squared deviations from each example's mean, summed (IN 3, OUT 13), over 6 values - 3 examples.
+    "pooled_within": (np.full(3, 1.0), np.full(3, 13.0 / 3.0)),
+    # All six IN values (mean 8/3, mean square 12) and OUT values (mean 3, mean square 35/3), 1/N.
+    "global": (np.full(3, 12.0 - 64.0 / 9.0), np.full(3, 35.0 / 3.0 - 9.0)),
+}
+
+
+@pytest.mark.parametrize("variance", sorted(VARIANCES))
+def test_online_lira_is_the_gaussian_log_likelihood_ratio_with_each_variance_estimate(variance):
+    var_in, var_out = VARIANCES[variance]
+    expected = stats.norm.logpdf(TARGET_PHI, MU_IN, np.sqrt(var_in)) - stats.norm.logpdf(
+        TARGET_PHI, MU_OUT, np.sqrt(var_out)
+    )
+    by_hand = (
+        -0.5 * np.log(var_in) - (TARGET_PHI - MU_IN) ** 2 / (2 * var_in)
+        + 0.5 * np.log(var_out) + (TARGET_PHI - MU_OUT) ** 2 / (2 * var_out)
+    )
+    scores = lira_scores(TARGET_PHI, PHI, IN, variance=variance)
+    np.testing.assert_allclose(scores, expected, rtol=1e-12)
+    np.testing.assert_allclose(scores, by_hand, rtol=1e-12)
+
+
+@pytest.mark.parametrize("variance", sorted(VARIANCES))
+def test_offline_lira_is_the_out_gaussians_upper_tail_with_each_variance_estimate(variance):
+    _, var_out = VARIANCES[variance]
+    expected = -np.log(stats.norm.sf(TARGET_PHI, MU_OUT, np.sqrt(var_out)))
+    np.testing.assert_allclose(lira_scores(TARGET_PHI, PHI, IN, online=False, variance=variance), expected, rtol=1e-12)
+
+
+def test_unknown_lira_variance_is_refused_by_the_scores_and_before_training():
+    with pytest.raises(ValueError, match="per_example, pooled_within, global"):
+        lira_scores(TARGET_PHI, PHI, IN, variance="fixed")
+    with pytest.raises(UserError, match="audit.mia.lira_variance=fixed is unknown"):
+        validate(make_config("audit.mia.lira_variance=fixed"))
 
 
 def _synthetic_rmia(n: int = 300, nz: int = 500, k: int = 4, seed: int = 0):

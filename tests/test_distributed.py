@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -18,8 +19,9 @@ import torch.multiprocessing as mp
 from conftest import TINY, make_config
 from dptrain import pipeline
 from dptrain.config import recipe_hash, validate
+from dptrain.data import Split, load
 from dptrain.errors import UserError
-from dptrain.training import centralized, launch, recipe
+from dptrain.training import centralized, distributed, launch, recipe
 from dptrain.training.checkpoint import Checkpoint
 
 
@@ -55,8 +57,14 @@ def _rank(
             target = centralized.train_target(cfg, Path(run_dir), plan, None, checkpoint)
         except Interrupted:
             return
+    audited = target.data.split
     torch.save(
-        {"state": target.model.state_dict(), "epsilon": target.epsilon, "metrics": target.metrics},
+        {
+            "state": target.model.state_dict(),
+            "epsilon": target.epsilon,
+            "metrics": target.metrics,
+            "audited": {"members": audited.members, "non_members": audited.non_members},
+        },
         Path(out_dir) / f"rank{rank}.pt",
     )
 
@@ -74,11 +82,15 @@ def _train_on_ranks(
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world) if epochs is None]
 
 
-def test_dpddp_ranks_end_identical_and_spend_the_single_process_epsilon(tmp_path):
-    ranks = _train_on_ranks(2, TINY, tmp_path / "two")
+def test_dpddp_ranks_take_every_step_end_identical_and_spend_the_single_process_epsilon(tmp_path):
+    # A logical batch of 2 over 2 ranks: most per-rank batches are empty, and every rank must still take
+    # all 30 planned steps (Opacus' distributed sampler skips empty ones and the ranks desynchronize).
+    overrides = (*TINY, "dataset.max_members=60", "train.batch_size=2", "train.epochs=1")
+    ranks = _train_on_ranks(2, overrides, tmp_path / "two")
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
-    single = pipeline.train(make_config(*TINY), tmp_path / "one")[0]
+    single = pipeline.train(make_config(*overrides), tmp_path / "one")[0]
+    assert single["steps"] == 30
     metrics = ranks[0]["metrics"]
     assert metrics["parallel_mode"] == "dpddp" and metrics["world_size"] == 2
     for key in ("noise_multiplier", "sample_rate", "steps"):
@@ -116,6 +128,32 @@ def test_a_resumed_robust_run_with_a_stateful_aggregator_and_a_random_attack_mat
     for key, value in uninterrupted["state"].items():
         assert torch.equal(value, resumed["state"][key]), key
     assert resumed["epsilon"] == uninterrupted["epsilon"]
+
+
+@pytest.mark.slow
+def test_a_three_worker_audit_takes_exactly_the_honest_ranks_shards_as_members(tmp_path):
+    # One rank of 3 plays Byzantine; 20 canaries give the honest ranks datasets of unequal size.
+    overrides = (*ROBUST, "train.epochs=2", "aggregator=median", "attack=sign_flip", "attack.byzantine=1",
+                 "audit.canaries.count=20", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0")
+    ranks = _train_on_ranks(3, overrides, tmp_path)
+    cfg = make_config(*overrides)
+    split = Split.load(tmp_path / "run" / "split.json")
+    (byzantine,) = distributed.byzantine_ranks(1, 3, cfg.train.seed)
+    # Rank r trains members r, r + 3, ..., 191 of them; the 575 % 3 = 2 left over train nowhere.
+    shards = {rank: split.members[rank::3][:191] for rank in range(3)}
+    honest = np.sort(np.concatenate([shards[rank] for rank in range(3) if rank != byzantine]))
+    leftovers = split.members[573:]
+    audited = ranks[0]["audited"]
+    assert np.array_equal(audited["members"], honest)
+    assert not set(audited["members"]) & (set(shards[byzantine]) | set(leftovers))
+    assert all(np.array_equal(r["audited"]["members"], honest) for r in ranks)
+    labels = load(cfg.dataset).labels.numpy()
+    assert len(audited["non_members"]) == len(honest) == ranks[0]["metrics"]["audited_members"]
+    assert set(audited["non_members"]) <= set(split.non_members)
+    assert np.array_equal(np.bincount(labels[audited["non_members"]]), np.bincount(labels[honest]))
+    # `dptrain audit` derives the same set from the config and split.json.
+    assert np.array_equal(centralized.load_target(cfg, tmp_path / "run").data.split.members, honest)
+    assert 0 < ranks[0]["metrics"]["canaries_included"] < 20 and ranks[0]["epsilon"] > 0
 
 
 def _workers_of(pid: int) -> list[int]:
@@ -197,7 +235,7 @@ def test_the_non_private_baseline_splits_its_batch_over_workers_and_says_when_it
     ("overrides", "expected"),
     [
         # ALIE derives z from the 4 workers and 3 attackers: undefined, so refused before any worker starts.
-        (("attack=alie", "attack.byzantine=3", "aggregator=median"), "alie needs 1 <= f <= floor(n/2)"),
+        (("attack=alie", "attack.byzantine=3", "aggregator=mean"), "alie needs 1 <= f <= floor(n/2)"),
         (("aggregator=krum", "attack=sign_flip", "attack.byzantine=1"), "krum needs n > 2f + 2 (n=4, f=1)"),
         # Private with the mean would be DPDDP; Byzantine workers without an attack are refused on any path.
         (("attack.byzantine=1",), "attack.byzantine=1 with attack=none"),

@@ -13,10 +13,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import TensorDataset
 
 from dptrain import pipeline
+from dptrain.audit import reference
 from dptrain.config import validate
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import epsilon_spent
+from dptrain.privacy.crosscheck import pld_epsilon
 from dptrain.robust import build_attack, stamp_trigger
 from dptrain.tracking.artifacts import METRICS_KEYS
 from dptrain.training import centralized, clients, federated
@@ -92,9 +94,11 @@ def test_the_clients_train_on_the_partition_of_the_members(fed_config, tmp_path)
     parts = clients.partition_members(cfg, sizes.members, labels)
     assert metrics["client_sizes"] == [len(p) for p in parts]
     assert sum(metrics["client_sizes"]) == metrics["members"] == metrics["honest_members"]
+    assert metrics["audited_members"] <= metrics["honest_members"]
     # Each client holds exactly the member records at its positions of the partition.
     data, _, _ = centralized.load_data(cfg, tmp_path, reuse_split=True)
-    built = federated._clients(data, parts, federated.plan(cfg, sizes), build_attack(cfg.attack, cfg.train.seed))
+    plan = federated.plan(cfg, sizes)
+    built = federated._clients(data.members, data.num_classes, parts, plan, build_attack(cfg.attack, cfg.train.seed))
     for client, part in zip(built, parts):
         assert all(torch.equal(mine, whole[part]) for mine, whole in zip(client.data.tensors, data.members.tensors))
 
@@ -160,6 +164,8 @@ def test_krum_never_selects_a_huge_outlier(fed_config, tmp_path):
         (("aggregator=bulyan", "attack=alie", "attack.byzantine=2"), "bulyan needs n >= 4f + 3"),
         (("federation.clients=1",), "federation.clients=1 must be at least 2"),
         (("federation.clients=600",), "federation.clients=600 exceeds the 575 member records"),
+        # RMIA's reference federations partition the 288 population records over the same clients.
+        (("federation.clients=300", "audit=standard"), "clients on the 288 population records"),
         (("federation.clients_per_round=11",), "federation.clients_per_round=11"),
         (("attack=sign_flip", "attack.byzantine=10"), "attack.byzantine=10 must be in [0, federation.clients_per_round"),
         (("federation.partition=shards",), "federation.partition=shards is unknown"),
@@ -206,6 +212,11 @@ def test_user_level_epsilon_is_the_accountants_over_rounds_at_the_client_samplin
     assert metrics["epsilon"] == expected
     assert 0.99 * 3.0 <= metrics["epsilon"] <= 3.0
     assert _scalars(_events(tmp_path), "privacy/epsilon")[-1] == pytest.approx(expected)
+    # The independent PLD recomputation of the server's mechanism, and the reported epsilon covers it.
+    assert metrics["epsilon_pld"] == pytest.approx(
+        pld_epsilon([{"noise_multiplier": metrics["noise_multiplier"], "sample_rate": 0.5, "steps": 8}], 1e-5)
+    )
+    assert metrics["epsilon"] >= 0.99 * metrics["epsilon_pld"]
 
 
 def test_user_level_samples_clients_independently_at_the_planned_rate(fed_config):
@@ -216,10 +227,9 @@ def test_user_level_samples_clients_independently_at_the_planned_rate(fed_config
 
 
 def test_sample_level_reports_the_largest_honest_client_epsilon_within_the_target(fed_config, tmp_path):
-    # GDP calibrates in closed form; each client of a Dirichlet partition needs its own calibration.
+    # Each client of a Dirichlet partition needs its own calibration.
     cfg = fed_config(
         "privacy.target_epsilon=2",
-        "privacy.accountant=gdp",
         "federation.partition=dirichlet",
         "federation.clients_per_round=6",
         "attack=sign_flip",
@@ -232,9 +242,10 @@ def test_sample_level_reports_the_largest_honest_client_epsilon_within_the_targe
     assert metrics["epsilon"] == max(honest) == metrics["client_epsilons"][metrics["reported_client"]]
     # Each client's noise was calibrated to its own participation, so each spends almost all of it.
     assert all(0.99 * 2.0 <= e <= 2.0 for e in honest)
+    assert 0.99 * metrics["epsilon_pld"] <= metrics["epsilon"]
     assert len(set(metrics["client_sizes"])) > 1
     recomputed = epsilon_spent(
-        accountant="gdp",
+        accountant="prv",
         noise_multiplier=metrics["noise_multiplier"],
         sample_rate=metrics["sample_rate"],
         steps=metrics["steps"],
@@ -267,7 +278,6 @@ def test_backdoor_reports_the_success_rate_on_triggered_inputs_of_other_classes(
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(fed_config, tmp_path, monkeypatch):
     overrides = (
         "privacy.target_epsilon=3",
-        "privacy.accountant=gdp",
         "federation.rounds=4",
         "federation.clients_per_round=6",
         "aggregator=centered_clipping",
@@ -301,10 +311,12 @@ def test_audit_of_the_federated_model_takes_the_honest_records_as_members(fed_co
     cfg = fed_config("audit=fast", "attack=sign_flip", "attack.byzantine=3", "aggregator=median")
     metrics, report = pipeline.train(cfg, tmp_path)
     byzantine_records = sum(metrics["client_sizes"][i] for i in metrics["byzantine_clients"])
-    assert report["members"] == report["non_members"] == metrics["honest_members"] == 575 - byzantine_records
-    assert report["mia"]["loss"]["n_members"] == metrics["honest_members"]
-    assert json.loads((tmp_path / "audit.json").read_text())["members"] == metrics["honest_members"]
-    assert pipeline.audit(cfg, tmp_path)["members"] == metrics["honest_members"]
+    assert metrics["honest_members"] == 575 - byzantine_records
+    # Label stratification may leave out a few honest records, never add others.
+    assert report["members"] == report["non_members"] == metrics["audited_members"] <= metrics["honest_members"]
+    assert report["mia"]["loss"]["n_members"] == metrics["audited_members"]
+    assert json.loads((tmp_path / "audit.json").read_text())["members"] == metrics["audited_members"]
+    assert pipeline.audit(cfg, tmp_path)["members"] == metrics["audited_members"]
 
 
 def test_clients_the_schedule_never_picked_are_no_members_of_the_audit(fed_config, tmp_path):
@@ -315,7 +327,8 @@ def test_clients_the_schedule_never_picked_are_no_members_of_the_audit(fed_confi
     metrics, _ = pipeline.train(cfg, tmp_path)
     trained = sum(size for i, size in enumerate(metrics["client_sizes"]) if i not in idle)
     assert trained < metrics["members"]
-    assert len(federated.load_target(cfg, tmp_path).data.members) == trained == metrics["honest_members"]
+    assert trained == metrics["honest_members"]
+    assert len(federated.load_target(cfg, tmp_path).data.members) == metrics["audited_members"] <= trained
 
 
 def test_honest_members_and_non_members_of_the_audit_are_disjoint_parts_of_the_split(fed_config, tmp_path):
@@ -326,3 +339,84 @@ def test_honest_members_and_non_members_of_the_audit_are_disjoint_parts_of_the_s
     assert len(split.members) == len(split.non_members) == len(target.data.members) == len(target.data.non_members)
     assert not set(split.members) & set(split.non_members)
     assert isinstance(target.data.members, TensorDataset)
+
+
+def _reference_calls(cfg, tmp_path, monkeypatch, scheme: str, count: int, min_in: int = 0):
+    """Train ``count`` reference models of ``cfg``'s federated target in this process and return
+    every ``train_federation`` call they made: (derived config, plan, records), with the target's plan."""
+    target_plan = federated.plan(cfg, validate(cfg)[1])
+    data, _, _ = centralized.load_data(cfg, tmp_path, reuse_split=False)
+    calls, real = [], federated.train_federation
+
+    def spy(derived, plan, records, **kwargs):
+        calls.append((derived, plan, records))
+        return real(derived, plan, records, **kwargs)
+
+    monkeypatch.setattr(federated, "train_federation", spy)
+    features, labels = (torch.cat(pair) for pair in zip(data.members.tensors, data.non_members.tensors))
+    # Each audited record's first pixel is its index, so a test can tell where it went.
+    features[:, 0, 0, 0] = torch.arange(len(features), dtype=features.dtype)
+    audited = TensorDataset(features, labels)
+    references = reference.train_references(
+        cfg, target_plan, audited=audited, population=data.population, input_shape=data.input_shape,
+        num_classes=data.num_classes, scheme=scheme, count=count, seed=0, workers=1, cache_dir=None, min_in=min_in,
+    )
+    return target_plan, data, calls, references
+
+
+def test_a_user_level_targets_reference_is_a_dp_fedavg_federation_at_the_servers_noise(
+    fed_config, tmp_path, monkeypatch
+):
+    cfg = fed_config(
+        "federation.dp_level=user", "federation.clients_per_round=5", "federation.rounds=3",
+        "privacy.target_epsilon=null", "privacy.noise_multiplier=1.5",
+    )
+    target, data, calls, _ = _reference_calls(cfg, tmp_path, monkeypatch, "population", 1)
+    ((derived, plan, records),) = calls
+    assert derived.federation == cfg.federation and derived.train.seed != cfg.train.seed
+    # The server's DP-FedAvg step, one per round at q = 5 / 10, with the target's noise; clients train without.
+    assert plan.dp_level == "user" and plan.private
+    assert (plan.noise_multiplier, plan.sample_rate, plan.steps) == (target.noise_multiplier, 0.5, 3) == (1.5, 0.5, 3)
+    assert all(local is None or not local.private for local in plan.client_plans)
+    assert torch.equal(records.tensors[0], data.population.tensors[0])
+
+
+def test_a_sample_level_targets_reference_is_a_federation_of_clients_with_local_dp_sgd_plans(
+    fed_config, tmp_path, monkeypatch
+):
+    # Batches of 64 hold every record of a client (q = 1), where RDP calibrates in milliseconds.
+    cfg = fed_config(
+        "federation.rounds=2", "privacy.target_epsilon=3", "privacy.accountant=rdp", "attack=sign_flip",
+        "attack.byzantine=2", "aggregator=median", "train.batch_size=64",
+    )
+    _, data, calls, _ = _reference_calls(cfg, tmp_path, monkeypatch, "population", 1)
+    ((derived, plan, records),) = calls
+    assert (derived.aggregator, derived.attack, derived.federation) == (cfg.aggregator, cfg.attack, cfg.federation)
+    assert plan.dp_level == "sample" and len(plan.byzantine) == 2
+    assert sum(plan.client_sizes) == len(records) == len(data.population)
+    # Each client of the reference federation runs DP-SGD planned for its own records, as the target's clients do.
+    expected = clients.local_plans(derived, list(plan.client_sizes), plan.participation.sum(axis=0))
+    assert list(plan.client_plans) == expected
+    assert all(local.private and local.planned_epsilon <= 3 for local in plan.client_plans)
+
+
+def test_lira_reference_federations_hold_each_record_in_half_their_sets_and_name_in_only_honest_trained_ones(
+    fed_config, tmp_path, monkeypatch
+):
+    cfg = fed_config("federation.rounds=2", "attack=sign_flip", "attack.byzantine=3", "aggregator=median")
+    _, data, calls, references = _reference_calls(cfg, tmp_path, monkeypatch, "halves", 4)
+    audited_labels = torch.cat([data.members.tensors[1], data.non_members.tensors[1]])
+    held = np.zeros(len(audited_labels), dtype=int)
+    for j, (derived, plan, records) in enumerate(calls):
+        parts = federated._partition(derived, records, plan)
+        honest = federated.honest_trained(parts, plan)
+        order = records.tensors[0][:, 0, 0, 0].long().numpy()
+        assert torch.equal(audited_labels[order], records.tensors[1])
+        held[order] += 1
+        assert set(np.flatnonzero(references.audited_in[j])) == set(order[honest])
+    assert (held == 2).all()
+    in_counts = references.audited_in.sum(axis=0)
+    assert in_counts.min() >= 1 and in_counts.max() <= 2
+    # Asking for more IN models than any record can have is refused before a model trains.
+    with pytest.raises(UserError, match="IN for fewer than 3 reference models"):
+        _reference_calls(cfg, tmp_path / "again", monkeypatch, "halves", 4, min_in=3)

@@ -10,10 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dptrain.config import AggregatorConfig
+from dptrain import pipeline
+from dptrain.config import AggregatorConfig, recipe_hash
 from dptrain.errors import UserError
 from dptrain.robust import (
     AGGREGATORS,
+    AggregationFailed,
     CenteredClipping,
     bucketing,
     build_aggregator,
@@ -32,6 +34,10 @@ from dptrain.robust import (
     trimmed_mean,
 )
 from dptrain.robust.preaggregators import bucketing_matrix, nnm_matrix
+from dptrain.robust.primitives import sq_distances_and_gram, sq_distances_to_mixture
+from dptrain.training import federated
+from dptrain.training.checkpoint import Checkpoint
+from dptrain.training.clients import LocalUpdate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -243,6 +249,17 @@ def test_pairwise_distances_survive_a_large_common_offset():
     assert ((approx - exact).abs()[off] / exact[off]).max() < 1e-4
 
 
+def test_distances_to_a_mixture_stay_exact_when_far_rows_carry_tiny_weights():
+    # Weiszfeld's weights on rows at 1e20 are ~1e-21: from the pairwise distances alone the near
+    # rows' distances cancelled to 0 (geometric median then returned ~14 for rows within ~3).
+    honest = torch.randn(9, 4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    updates = torch.cat([honest, torch.full((2, 4), 1e20, dtype=torch.float64)])
+    weights = torch.tensor([(1 - 1e-21) / 9] * 9 + [5e-22] * 2, dtype=torch.float64)
+    exact = (updates - weights @ updates).square().sum(dim=1)
+    _, gram = sq_distances_and_gram(updates)
+    assert torch.allclose(sq_distances_to_mixture(gram, weights), exact, rtol=1e-9)
+
+
 @pytest.mark.parametrize("name", list(rules(2)))
 def test_rules_keep_the_input_dtype_and_agree_across_precisions(name):
     updates = torch.randn(11, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -364,19 +381,86 @@ def test_multi_krum_m_above_the_bucketed_count_fails_before_training():
         aggregator.check(12)
 
 
-@pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "bulyan", "centered_clipping"])
-def test_non_finite_byzantine_rows_are_dropped_and_count_against_f(name):
-    honest = torch.randn(9, 4, generator=torch.Generator().manual_seed(12))
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_non_finite_rows_are_dropped_and_the_rest_aggregated_with_the_same_f(name):
+    honest = torch.randn(13, 4, generator=torch.Generator().manual_seed(12))
     poisoned = torch.cat([honest[:4], torch.full((1, 4), float("inf")), honest[4:], torch.full((1, 4), float("nan"))])
-    aggregator = build_aggregator(config(name, pre=["nnm"] if name == "median" else []), f=2, seed=0)
-    result = aggregator.aggregate(poisoned)
-    reference = build_aggregator(config(name, pre=["nnm"] if name == "median" else []), f=0, seed=0).aggregate(honest)
+    pre = ["nnm"] if name == "median" else []
+    result = build_aggregator(config(name, pre=pre), f=2, seed=0).aggregate(poisoned)
+    # A dropped row may have been honest: the 13 finite rows may still hold 2 Byzantine ones.
+    reference = build_aggregator(config(name, pre=pre), f=2, seed=0).aggregate(honest)
     assert torch.isfinite(result.value).all()
     assert torch.allclose(result.value, reference.value)
     if result.selected is not None:
         # Indices refer to the rows as sent: the honest rows after the inf one moved up by one.
-        rows = torch.tensor([0, 1, 2, 3, 5, 6, 7, 8, 9])
+        rows = torch.tensor([0, 1, 2, 3, *range(5, 14)])
         assert torch.equal(result.selected, rows[reference.selected])
+
+
+def test_an_honest_nan_row_does_not_lower_f_for_the_byzantine_rows():
+    # Issue 11 finding 8: n = 7, f = 2, one honest NaN row and two Byzantine rows at 1e6. Counting the
+    # NaN row against f trimmed one value per side and returned about 2.5e5 per coordinate.
+    honest = torch.randn(4, 3, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    updates = torch.cat([honest, torch.full((1, 3), float("nan")), torch.full((2, 3), 1e6)])
+    aggregate = build_aggregator(config("trimmed_mean"), f=2, seed=0)(updates)
+    assert (aggregate >= honest.min(dim=0).values).all() and (aggregate <= honest.max(dim=0).values).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "n", "non_finite", "condition"),
+    [
+        ("trimmed_mean", 5, 1, "trimmed_mean needs n > 2f (n=4, f=2)"),
+        ("krum", 7, 1, "krum needs n > 2f + 2 (n=6, f=2)"),
+        ("median", 5, 5, "median needs n > 2f (n=0, f=2)"),
+        ("mean", 5, 5, "mean needs at least one update, got n=0"),
+    ],
+)
+def test_too_few_finite_rows_for_the_precondition_fail_the_round_with_one_line(name, n, non_finite, condition):
+    updates = torch.randn(n, 3, generator=torch.Generator().manual_seed(15))
+    updates[:non_finite] = float("nan")
+    with pytest.raises(AggregationFailed) as failure:
+        build_aggregator(config(name), f=2, seed=0).aggregate(updates)
+    message = str(failure.value)
+    assert isinstance(failure.value, UserError) and "\n" not in message
+    assert f"{non_finite} of {n} updates had non-finite entries" in message and condition in message
+    assert "lower train.lr" in message
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "geometric_median", "centered_clipping"])
+@pytest.mark.parametrize("n", [4, 10])
+def test_rules_claiming_robustness_need_fewer_than_half_byzantine(name, n):
+    aggregator = build_aggregator(config(name), f=n // 2 - 1, seed=0)
+    aggregator.check(n)
+    with pytest.raises(UserError) as failure:
+        build_aggregator(config(name), f=n // 2, seed=0).check(n)
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith(f"{name} needs n > 2f (n={n}, f={n // 2})")
+
+
+def test_the_mean_claims_no_robustness_and_runs_under_any_f():
+    build_aggregator(config("mean"), f=9, seed=0).check(10)
+
+
+def test_a_federated_round_left_without_enough_finite_updates_stops_the_run_after_its_last_checkpoint(
+    tiny_config, tmp_path, monkeypatch
+):
+    cfg = tiny_config(
+        "federation=fedavg", "federation.clients=4", "federation.rounds=3", "train.batch_size=32",
+        "privacy.target_epsilon=inf", "aggregator=median", "attack=sign_flip", "attack.byzantine=1",
+    )
+    real_update, calls = federated.local_update, []
+
+    def diverging_in_round_two(*args, **kwargs):
+        # Four clients train per round: calls 5 and 6 are two of round two's.
+        update = real_update(*args, **kwargs)
+        calls.append(1)
+        return LocalUpdate(torch.full_like(update.delta, float("nan")), update.loss) if len(calls) in (5, 6) else update
+
+    monkeypatch.setattr(federated, "local_update", diverging_in_round_two)
+    with pytest.raises(AggregationFailed, match=r"^2 of 4 updates had non-finite entries .* median needs n > 2f \(n=2, f=1\)"):
+        pipeline.train(cfg, tmp_path)
+    assert Checkpoint.load(tmp_path, recipe_hash(cfg)).epochs_done == 1
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_huge_finite_outliers_do_not_overflow_the_distances():

@@ -76,10 +76,15 @@ def _reference_arrays(
     return target, reference, mask
 
 
-def _gaussian_fit(
-    values: np.ndarray, mask: np.ndarray, fixed_variance: bool, group: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example mean and variance of ``values`` over the models selected by ``mask`` (k, n)."""
+# How LiRA estimates the variances of its IN and OUT Gaussians: per example, or one value shared by
+# all examples, the "fixed variance" Carlini et al. 2022 find better with fewer than about 64
+# reference models (see ``lira_scores`` for which one).
+LIRA_VARIANCES = ("per_example", "pooled_within", "global")
+
+
+def _gaussian_fit(values: np.ndarray, mask: np.ndarray, variance: str, group: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example mean of ``values`` over the models selected by ``mask`` (k, n), and the variance
+    ``variance`` names (see ``lira_scores``)."""
     counts = mask.sum(axis=0)
     if np.any(counts == 0):
         raise ValueError(
@@ -88,20 +93,22 @@ def _gaussian_fit(
         )
     means = np.where(mask, values, 0.0).sum(axis=0) / counts
     squared = np.where(mask, (values - means) ** 2, 0.0)
-    if fixed_variance:
-        # Pooled within-example variance: the spread of one example's signal across
-        # models, not the spread between examples (which would blur every Gaussian).
-        dof = int(counts.sum() - counts.size)
-        if dof < 1:
-            raise ValueError(f"fixed-variance LiRA needs some example with >= 2 {group} reference models")
-        variances = np.full(counts.size, squared.sum() / dof)
-    else:
+    if variance == "per_example":
         if np.any(counts < 2):
             raise ValueError(
                 f"per-example variances need >= 2 {group} reference models per example; "
-                f"use fixed_variance=True with few reference models"
+                f"use variance='pooled_within' or 'global' with few reference models"
             )
         variances = squared.sum(axis=0) / (counts - 1)
+    elif variance == "pooled_within":
+        dof = int(counts.sum() - counts.size)
+        if dof < 1:
+            raise ValueError(f"pooled within-example variance needs some example with >= 2 {group} reference models")
+        variances = np.full(counts.size, squared.sum() / dof)
+    elif variance == "global":
+        variances = np.full(counts.size, values[mask].var())
+    else:
+        raise ValueError(f"variance={variance!r} is unknown: choose one of {', '.join(LIRA_VARIANCES)}")
     # A floor keeps a signal that is constant across models from dividing by zero.
     return means, np.maximum(variances, 1e-12)
 
@@ -112,7 +119,7 @@ def lira_scores(
     reference_in: np.ndarray,
     *,
     online: bool = True,
-    fixed_variance: bool = False,
+    variance: str = "per_example",
 ) -> np.ndarray:
     """LiRA (Carlini et al. 2022) on the logit-scaled confidence phi.
 
@@ -122,17 +129,29 @@ def lira_scores(
     log N(phi; mu_in, s_in^2) - log N(phi; mu_out, s_out^2). Offline (OUT models
     only): the one-sided test of the paper, score = -log P_out[phi' >= phi]
     = -log(1 - Phi((phi - mu_out) / s_out)), large when phi is too high for a
-    non-member. ``fixed_variance``: one global s_in^2 and one s_out^2 (pooled
-    within-example variances) instead of per-example ones, which the paper finds
-    better with few reference models.
+    non-member. The means are always per example; ``variance`` says how each
+    group's s^2 is estimated:
+
+    - ``per_example``: the unbiased variance of the example's own IN (OUT)
+      values, the paper's main attack.
+    - ``pooled_within``: one s^2 for all examples, the squared deviations of
+      every example's values from that example's mean summed over examples and
+      divided by (values - examples): the spread across models without the
+      spread between examples' means.
+    - ``global``: one s^2 for all examples, the variance (1/N) of all examples'
+      IN (OUT) values about their common mean: the paper's fixed variance as its
+      released code computes it (``np.std`` over every example's scores,
+      tensorflow/privacy research/mi_lira_2021/plot.py); it includes the spread
+      between examples' means, which widens every Gaussian.
+
     Preconditions: online needs >= 1 IN and >= 1 OUT model per example (offline:
-    >= 1 OUT), and >= 2 per group without ``fixed_variance``.
+    >= 1 OUT), and >= 2 per group for ``per_example``.
     """
     phi, reference, mask = _reference_arrays(target_phi, reference_phi, reference_in, "lira_scores")
-    mu_out, var_out = _gaussian_fit(reference, ~mask, fixed_variance, "OUT")
+    mu_out, var_out = _gaussian_fit(reference, ~mask, variance, "OUT")
     if not online:
         return -stats.norm.logsf(phi, loc=mu_out, scale=np.sqrt(var_out))
-    mu_in, var_in = _gaussian_fit(reference, mask, fixed_variance, "IN")
+    mu_in, var_in = _gaussian_fit(reference, mask, variance, "IN")
     return stats.norm.logpdf(phi, loc=mu_in, scale=np.sqrt(var_in)) - stats.norm.logpdf(
         phi, loc=mu_out, scale=np.sqrt(var_out)
     )

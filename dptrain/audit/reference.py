@@ -1,5 +1,6 @@
-"""Reference models for membership attacks, trained by the run's own recipe (``train_model``) with a
-derived config, in parallel processes where cores allow, cached in the run directory."""
+"""Reference models for membership attacks, trained by the run's own recipe (``train_model``, or
+``train_federation`` for a federated target) with a derived config, in parallel processes where
+cores allow, cached in the run directory."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from dptrain.config import recipe_hash
+from dptrain.data import subset
+from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan
 from dptrain.tracking.atomic import save_torch_atomic, write_json_atomic
 from dptrain.training import ranks
+from dptrain.training.lifetime import child_pool
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +46,26 @@ class ReferenceModels:
     cached: bool
 
 
-def reference_config(cfg, plan: PrivacyPlan, seed: int):
-    """The target's recipe for a reference model: same model, batch, epochs, clipping and noise, another seed.
+def _federated(cfg) -> bool:
+    return cfg.federation.name == "fedavg"
 
-    The noise multiplier is fixed to the target's (rather than re-calibrated to
-    the reference data's size) so each step is the same mechanism the target ran.
+
+def reference_config(cfg, plan: PrivacyPlan, seed: int):
+    """The target's recipe for a reference model, with another seed.
+
+    Centralized: same model, batch, epochs and clipping, and the target's noise multiplier (not
+    re-calibrated to the reference data's size), so each step is the mechanism the target ran.
+    Federated: the same federation (clients, rounds, clients per round, local epochs, partition
+    rule, dp_level, aggregator, attack) and privacy config; at user level the server's noise is the
+    target's (it depends on no record), at sample level each client's local plan is calibrated as
+    the target's clients' were, for the records it holds.
     """
     derived = copy.deepcopy(cfg)
     derived.train.seed = seed
     derived.train.resume = None
     derived.train.checkpoint = False
     derived.train.progress = False
-    if plan.private:
+    if plan.private and not (_federated(cfg) and cfg.federation.dp_level == "sample"):
         derived.privacy.noise_multiplier = plan.noise_multiplier
         derived.privacy.target_epsilon = None
     return derived
@@ -67,15 +77,65 @@ def halves_assignment(count: int, audited: int, seed: int) -> np.ndarray:
     return order < count // 2
 
 
-def _train_one(cfg, train_set: TensorDataset, input_shape, num_classes, threads: int, gpu: int | None = None) -> dict:
-    from dptrain.training.recipe import train_model
+def federated_halves(cfgs: list, labels: np.ndarray, seed: int) -> tuple[list[np.ndarray], list, np.ndarray]:
+    """LiRA's assignment for reference federations ``cfgs`` (an even count) over audited records
+    with ``labels``: each model's training set (audited positions, in order), its plan, and
+    ``audited_in`` (True where the record sits with an honest client that trains).
+
+    Models 2t and 2t + 1 split every class into complementary halves, so each record is in half of
+    the training sets and each set's label histogram is known before its records are chosen. A
+    federation's partition, Byzantine clients and schedule depend on that histogram and its seed
+    alone (``planned_federation``), so the positions its honest, trained clients will hold are known
+    too: each model puts there the records of its half that are IN for the fewest models so far
+    (ties broken at random), which spreads the IN models evenly over the records, and the rest on
+    its Byzantine and never-scheduled clients, where they do not reach the model honestly (OUT).
+    """
+    from dptrain.training.federated import planned_federation
+
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    audited_in = np.zeros((len(cfgs), len(labels)), dtype=bool)
+    orders, plans = [], []
+    for pair in range(len(cfgs) // 2):
+        shuffled = [rng.permutation(np.flatnonzero(labels == label)) for label in classes]
+        for side in (0, 1):
+            j = 2 * pair + side
+            halves = [np.array_split(records, [len(records) // 2])[side] for records in shuffled]
+            plan, honest = planned_federation(cfgs[j], np.repeat(classes, [len(half) for half in halves]))
+            order = np.concatenate(halves)
+            start = 0
+            for half in halves:
+                slots = np.arange(start, start + len(half))
+                start += len(half)
+                on_honest = np.isin(slots, honest)
+                ranked = half[np.lexsort((rng.random(len(half)), audited_in.sum(axis=0)[half]))]
+                chosen = ranked[: on_honest.sum()]
+                order[slots[on_honest]], order[slots[~on_honest]] = chosen, ranked[len(chosen) :]
+                audited_in[j, chosen] = True
+            orders.append(order)
+            plans.append(plan)
+    return orders, plans, audited_in
+
+
+def _train_one(
+    cfg, train_set: TensorDataset, input_shape, num_classes, plan, threads: int, gpu: int | None = None
+) -> dict:
+    """One reference model's state dict: ``train_model`` on ``train_set``, or for a federated target
+    ``train_federation`` under its ``plan`` with ``train_set`` as the federation's records."""
+    from dptrain.training.federated import train_federation
+    from dptrain.training.recipe import resolve_device, train_model
 
     torch.set_num_threads(threads)
     if gpu is not None:
         # A spawned process starts on GPU 0; it trains on its parent rank's GPU.
         torch.cuda.set_device(gpu)
-    trained = train_model(cfg, train_set, input_shape=input_shape, num_classes=num_classes)
-    return {key: value.cpu() for key, value in trained.model.state_dict().items()}
+    if _federated(cfg):
+        device = resolve_device(cfg.train.device)
+        shape = dict(input_shape=input_shape, num_classes=num_classes, device=device)
+        model = train_federation(cfg, plan, train_set, **shape).server.model
+    else:
+        model = train_model(cfg, train_set, input_shape=input_shape, num_classes=num_classes).model
+    return {key: value.cpu() for key, value in model.state_dict().items()}
 
 
 def default_workers(count: int) -> int:
@@ -96,9 +156,14 @@ def train_references(
     seed: int,
     workers: int,
     cache_dir: Path | None,
+    min_in: int = 0,
 ) -> ReferenceModels:
     """Train (or load from ``cache_dir``) ``count`` reference models under ``scheme``.
 
+    A federated target's reference models are federations of the same recipe
+    (``reference_config``, ``train_federation``) over the population or, for
+    "halves", ``federated_halves``. Unless every audited record is IN for at least
+    ``min_in`` models, a UserError says so before any model trains.
     Precondition: ``population`` excludes canaries and every record of the
     target's training set. In a multi-process run every rank calls this: rank r
     trains models r, r + world, ... and rank 0 gathers the state dicts (the other
@@ -108,7 +173,22 @@ def train_references(
     its attacks.
     """
     n = len(audited)
-    audited_in = halves_assignment(count, n, seed) if scheme == "halves" else np.zeros((count, n), dtype=bool)
+    cfgs = [reference_config(cfg, plan, seed * 1000 + j + 1) for j in range(count)]
+    plans: list = [None] * count
+    if scheme == "population":
+        audited_in = np.zeros((count, n), dtype=bool)
+    elif _federated(cfg):
+        orders, plans, audited_in = federated_halves(cfgs, audited.tensors[1].numpy(), seed)
+    else:
+        audited_in = halves_assignment(count, n, seed)
+        orders = [np.flatnonzero(row) for row in audited_in]
+    short = int((audited_in.sum(axis=0) < min_in).sum())
+    if short:
+        raise UserError(
+            f"audit.mia.reference_models={count}: {short} audited records are IN for fewer than {min_in} reference "
+            "models (records a reference federation gives its Byzantine or never-scheduled clients do not reach "
+            "its model): raise audit.mia.reference_models"
+        )
     key = {"scheme": scheme, "count": count, "seed": seed, "recipe": recipe_hash(cfg)}
     directory = None if cache_dir is None else cache_dir / CACHE / f"{scheme}-{count}"
     if directory is not None and (directory / "index.json").is_file():
@@ -122,11 +202,12 @@ def train_references(
             log.info("reusing %d %s reference models from %s", count, scheme, directory)
             return ReferenceModels(scheme, models, audited_in, 0.0, cached=True)
 
-    features, labels = audited.tensors
-    jobs = []
-    for j in range(count):
-        train_set = population if scheme == "population" else TensorDataset(features[audited_in[j]], labels[audited_in[j]])
-        jobs.append((reference_config(cfg, plan, seed * 1000 + j + 1), train_set, tuple(input_shape), num_classes))
+    if scheme == "population" and _federated(cfg):
+        from dptrain.training.federated import planned_federation
+
+        plans = [planned_federation(derived, population.tensors[1].numpy())[0] for derived in cfgs]
+    train_sets = [population if scheme == "population" else subset(audited, orders[j]) for j in range(count)]
+    jobs = [(cfgs[j], train_sets[j], tuple(input_shape), num_classes, plans[j]) for j in range(count)]
     started = time.perf_counter()
     rank, world = ranks.rank(), ranks.world_size()
     # In a multi-process run each rank trains every world-th model and rank 0 gathers them.
@@ -138,7 +219,7 @@ def train_references(
 
         threads = max(1, torch.get_num_threads() // workers)
         gpu = torch.cuda.current_device() if resolve_device(cfg.train.device).type == "cuda" else None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        with child_pool(workers) as pool:
             trained = list(
                 pool.map(_train_one, *zip(*(jobs[j] for j in mine)), [threads] * len(mine), [gpu] * len(mine))
             )

@@ -4,6 +4,7 @@ A run calls ``describe`` while validating its config, then ``load``,
 ``make_split`` (or ``Split.load`` to reuse a run's split) and ``prepare``.
 """
 
+from dptrain.data.audited import audited_split, stratified_pairs, subset
 from dptrain.data.canaries import Canaries, canary_inclusion, draw_canaries, population_without
 from dptrain.data.dataset import DatasetInfo, DatasetSource, LabeledData, SensitiveAttribute
 from dptrain.data.partition import dirichlet_partition, iid_partition
@@ -21,6 +22,7 @@ __all__ = [
     "Split",
     "SplitData",
     "SplitSizes",
+    "audited_split",
     "canary_inclusion",
     "describe",
     "dirichlet_partition",
@@ -31,4 +33,6 @@ __all__ = [
     "population_without",
     "prepare",
     "split_sizes",
+    "stratified_pairs",
+    "subset",
 ]

@@ -6,18 +6,21 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import wrap_collate_with_empty
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data._utils.collate import default_collate
 
 from dptrain.config import PrivacyConfig
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import accountant_warnings_silenced
+from dptrain.privacy.ledger import PrivacyLedger
 from dptrain.privacy.plan import PrivacyPlan
 
 
@@ -25,6 +28,50 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside Opacus' GradSampleModule and DPDDP wrappers (or the module itself)."""
     model = getattr(model, "_module", model)
     return model.module if isinstance(model, DifferentiallyPrivateDistributedDataParallel) else model
+
+
+class PoissonBatches(Sampler):
+    """``steps`` batches per epoch, each holding every record independently with probability ``sample_rate``:
+    the sampling the subsampled Gaussian's accounting assumes.
+
+    Two departures from Opacus' samplers, both for soundness: the number of steps is the plan's,
+    where Opacus takes ``int(1 / q)``, which rounds 1 / (1 / k) down to k - 1 for many k (93, 99, 105,
+    ...), so the accountant and the plan disagree; and under DPDDP (``world > 1``) rank r samples
+    records r, r + world, ... and yields every batch, empty ones included, where Opacus' distributed
+    sampler skips a rank's empty batch and the ranks then all-reduce gradients of different steps.
+    In one process the draws are Opacus' (one ``torch.rand(records)`` per step from ``generator``).
+    """
+
+    def __init__(
+        self, records: int, sample_rate: float, steps: int, generator: torch.Generator, rank: int = 0, world: int = 1
+    ) -> None:
+        self.positions = torch.arange(rank, records, world)
+        self.sample_rate = sample_rate
+        self.steps = steps
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            drawn = torch.rand(len(self.positions), generator=self.generator) < self.sample_rate
+            yield self.positions[drawn].tolist()
+
+
+def poisson_loader(
+    dataset: Dataset, plan: PrivacyPlan, generator: torch.Generator, rank: int = 0, world: int = 1
+) -> DataLoader:
+    """The data loader of a private plan: ``PoissonBatches`` at the plan's sample rate and steps per
+    epoch, with Opacus' collate that turns an empty draw into a zero-length batch."""
+    first = dataset[0]
+    collate = wrap_collate_with_empty(
+        collate_fn=default_collate,
+        sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in first],
+        dtypes=[getattr(x, "dtype", type(x)) for x in first],
+    )
+    sampler = PoissonBatches(len(dataset), plan.sample_rate, plan.steps_per_epoch, generator, rank, world)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator)
 
 
 @dataclass
@@ -35,6 +82,7 @@ class PrivateTraining:
     them when the plan is private; ``loss_fn(logits, labels)`` returns a loss
     whose ``backward()`` does the right thing for the grad-sample mode (ghost
     clipping needs two passes, which Opacus packs into its loss object).
+    ``ledger`` charges one step per optimizer step (None for the baseline).
     """
 
     model: nn.Module
@@ -42,16 +90,16 @@ class PrivateTraining:
     loader: DataLoader
     loss_fn: Callable
     plan: PrivacyPlan
-    engine: PrivacyEngine | None
+    ledger: PrivacyLedger | None
     max_physical_batch_size: int | None
 
     def batches(self) -> ContextManager[Iterable]:
         """The logical batches of one epoch, split into physical ones of at most ``max_physical_batch_size``.
 
         Opacus' BatchMemoryManager only steps the optimizer at the end of each
-        logical batch, so the accountant still sees one step per logical batch.
+        logical batch, so the ledger still charges one step per logical batch.
         """
-        if self.engine is None or self.max_physical_batch_size is None:
+        if self.ledger is None or self.max_physical_batch_size is None:
             return contextlib.nullcontext(self.loader)
         return BatchMemoryManager(
             data_loader=self.loader,
@@ -61,33 +109,24 @@ class PrivateTraining:
 
     def epsilon(self) -> float | None:
         """Epsilon spent so far at the plan's delta (None for the non-private baseline)."""
-        if self.engine is None:
-            return None
-        if len(self.engine.accountant) == 0:
-            return 0.0
-        with accountant_warnings_silenced():
-            return float(self.engine.get_epsilon(self.plan.delta))
-
-    def accounted_steps(self) -> int:
-        """Steps the accountant has charged (0 for the baseline, which has none)."""
-        return 0 if self.engine is None else sum(steps for _, _, steps in self.engine.accountant.history)
+        return None if self.ledger is None else self.ledger.epsilon()
 
     def standard_model(self) -> nn.Module:
         """The trained ``nn.Module`` with Opacus' hooks, per-example gradient buffers and DPDDP wrapper removed."""
-        return unwrap(self.model.to_standard_module() if self.engine is not None else self.model)
+        return unwrap(self.model.to_standard_module() if self.ledger is not None else self.model)
 
-    def accountant_state(self) -> dict | None:
-        return None if self.engine is None else self.engine.accountant.state_dict()
+    def ledger_state(self) -> dict | None:
+        return None if self.ledger is None else self.ledger.state_dict()
 
-    def load_accountant_state(self, state: dict | None) -> None:
-        """Restore the accountant so a resumed run keeps counting from where it stopped."""
-        if (state is None) != (self.engine is None):
+    def load_ledger_state(self, state: dict | None) -> None:
+        """Restore the ledger so a resumed run keeps counting from where it stopped."""
+        if (state is None) != (self.ledger is None):
             raise UserError(
                 "train.resume: the checkpoint's privacy setting (private or not) differs from this run's; "
                 "resume with the config the run was started with"
             )
-        if self.engine is not None:
-            self.engine.accountant.load_state_dict(state)
+        if self.ledger is not None:
+            self.ledger.load_state_dict(state)
 
 
 def _per_layer_norms(model: nn.Module, max_grad_norm: float) -> list[float]:
@@ -108,22 +147,31 @@ def make_private(
     max_physical_batch_size: int | None,
     sampling_generator: torch.Generator,
     noise_generator: torch.Generator,
+    ledger: PrivacyLedger | None = None,
 ) -> PrivateTraining:
     """Return the training objects for ``plan``: Opacus-wrapped when private, plain when not.
 
-    Precondition: ``len(dataset)`` is the member count the plan was made for;
-    checked here because a mismatch would make the accountant's sample rate
-    wrong.
+    Private: ``plan.steps_per_epoch`` Poisson-sampled batches per epoch at ``plan.sample_rate``
+    (``poisson_loader``; a model wrapped in DPDDP gets this rank's share of every batch), per-example
+    clipping at ``plan.max_grad_norm`` (split evenly over parameters for per-layer clipping) and
+    Gaussian noise of ``plan.noise_multiplier`` times it, charged to a fresh ``PrivacyLedger`` at
+    every optimizer step. The sample rate and steps are the plan's whatever ``len(dataset)`` is:
+    the subsampled Gaussian's guarantee per record depends only on them (so the ranks of a robust-parallel
+    run step together though the canaries they hold make their datasets differ by a few records). The
+    baseline takes ``plan.steps_per_epoch`` shuffled batches of ``batch_size`` distinct records.
+    A ``ledger`` given (a federated client's, which composes over the rounds it trains in) is charged
+    instead of a fresh one.
     """
     loss_fn = nn.CrossEntropyLoss()
     if not plan.private:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampling_generator)
+        # At most steps_per_epoch * batch_size distinct records per epoch: exactly the plan's steps.
+        records = min(len(dataset), plan.steps_per_epoch * batch_size)
+        sampler = RandomSampler(dataset, num_samples=records, generator=sampling_generator)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=sampling_generator)
         return PrivateTraining(model, optimizer, loader, loss_fn, plan, None, None)
-    loader = DataLoader(dataset, batch_size=batch_size, generator=sampling_generator)
-    if not math.isclose(1.0 / len(loader), plan.sample_rate):
-        raise RuntimeError(
-            f"privacy plan was made for sample rate {plan.sample_rate}, the data gives {1.0 / len(loader)}"
-        )
+    distributed = isinstance(model, DifferentiallyPrivateDistributedDataParallel)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    loader = poisson_loader(dataset, plan, sampling_generator, rank, world)
     with accountant_warnings_silenced(), warnings.catch_warnings():
         # dptrain does not offer torchcsprng's secure mode; the README says so.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -138,7 +186,8 @@ def make_private(
         data_loader=loader,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm,
-        poisson_sampling=cfg.poisson_sampling,
+        # The loader above already samples as the plan says; Opacus' own Poisson loader would not.
+        poisson_sampling=False,
         clipping=cfg.clipping,
         noise_generator=noise_generator,
         grad_sample_mode=cfg.grad_sample_mode,
@@ -147,6 +196,13 @@ def make_private(
         private_model, private_optimizer, loss_fn, private_loader = wrapped
     else:
         private_model, private_optimizer, private_loader = wrapped
+    # What Opacus does for its own Poisson loader: a step must follow every backward pass.
+    private_model.forbid_grad_accumulation()
+    if private_loader is not loader or len(private_loader) != plan.steps_per_epoch:
+        raise RuntimeError(f"the private loader takes {len(private_loader)} steps per epoch, the plan {plan.steps_per_epoch}")
+    # The ledger replaces the accountant Opacus attached: one charge per step, at the plan's rate.
+    ledger = PrivacyLedger.for_plan(plan) if ledger is None else ledger
+    private_optimizer.attach_step_hook(ledger.optimizer_hook(plan.sample_rate))
     return PrivateTraining(
-        private_model, private_optimizer, private_loader, loss_fn, plan, engine, max_physical_batch_size
+        private_model, private_optimizer, private_loader, loss_fn, plan, ledger, max_physical_batch_size
     )

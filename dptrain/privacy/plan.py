@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from dptrain.config import PrivacyConfig
 from dptrain.errors import UserError
-from dptrain.privacy.accounting import calibrate_noise, epsilon_spent
+from dptrain.privacy.accounting import MAX_NOISE, calibrate_noise, epsilon_spent
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def plan_mechanism(
         except ValueError:
             raise UserError(
                 f"privacy.target_epsilon={cfg.target_epsilon} cannot be met in {schedule} even with noise "
-                f"multiplier 1e6: raise target_epsilon or lower {length_key}"
+                f"multiplier {MAX_NOISE:g}: raise target_epsilon or lower {length_key}"
             ) from None
     else:
         noise = cfg.noise_multiplier

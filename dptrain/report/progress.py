@@ -19,8 +19,9 @@ log = logging.getLogger("dptrain.sweep")
 BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"
 
 
-def sweep_jobs(config: DictConfig) -> int | None:
-    """The number of jobs Hydra's basic sweeper launches for the multirun ``config``, or None when unknown.
+def sweep_points(config: DictConfig) -> list[list[str]] | None:
+    """The overrides of each job Hydra's basic sweeper launches for the multirun ``config``, in job order,
+    or None when unknown.
 
     The arguments are the basic sweeper's (``BasicSweeper.sweep``): ``hydra.sweeper.params`` (what
     ``conf/experiment/`` recipes set) as ``key=value``, then the command-line overrides; its own
@@ -38,7 +39,13 @@ def sweep_jobs(config: DictConfig) -> int | None:
         batches = BasicSweeper.split_arguments(overrides, None)
     except HydraException:
         return None
-    return sum(len(batch) for batch in batches)
+    return [list(job) for batch in batches for job in batch]
+
+
+def sweep_jobs(config: DictConfig) -> int | None:
+    """The number of jobs of the multirun ``config`` (``sweep_points``), or None when unknown."""
+    points = sweep_points(config)
+    return None if points is None else len(points)
 
 
 class SweepProgress(Callback):

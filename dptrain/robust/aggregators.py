@@ -30,7 +30,9 @@ from dptrain.robust.primitives import (
     pairwise_sq_distances,
     require,
     require_f,
+    require_honest_majority,
     sort_columns,
+    sq_distances_and_gram,
     sq_distances_to_mixture,
 )
 
@@ -60,8 +62,7 @@ def median(updates: Tensor) -> Tensor:
 
 def check_trimmed_mean(n: int, f: int) -> None:
     """Trimmed mean needs n > 2f: something must remain after dropping f values per side."""
-    require_f(f, "trimmed_mean")
-    require(n > 2 * f, f"trimmed_mean needs n > 2f (n={n}, f={f}): add clients or lower aggregator.f")
+    require_honest_majority(n, f, "trimmed_mean")
 
 
 def trimmed_mean(updates: Tensor, f: int) -> Tensor:
@@ -157,25 +158,25 @@ def geometric_median(updates: Tensor, nu: float = 1e-6, tol: float = 1e-6, max_i
     (Weiszfeld contracts towards the honest cluster only by a factor f / (n - f) per step), and it
     tests the step rather than the relative change of the objective (which, with 7 of 15 updates
     at 1e6, stopped 44 units away from the honest cluster). Every iterate is a convex combination of
-    the rows, so the iterations run on the (n, n) pairwise distances in float64
-    (``sq_distances_to_mixture``) and the (n, d) updates are read twice, for the Gram matrix and
-    for the final weighted sum (more when ``pairwise_sq_distances`` must recentre them).
+    the rows, so the iterations run on the (n, n) Gram matrix in float64 (``sq_distances_to_mixture``,
+    stable when far rows carry tiny weights) and the (n, d) updates are read twice, for the Gram
+    matrix and for the final weighted sum (more when ``sq_distances_and_gram`` must recentre them).
     Preconditions nu > 0, tol >= 0, max_iter >= 1.
     """
     n = check_updates(updates, "geometric_median")
     check_geometric_median(nu, tol, max_iter)
-    dist = pairwise_sq_distances(updates)
+    dist, gram = sq_distances_and_gram(updates)
     medoid = dist.sqrt().sum(dim=1).argmin()
     core = dist[medoid].argsort(stable=True)[: (n + 2) // 2]
     weights = torch.zeros(n, dtype=dist.dtype, device=dist.device)
     weights[core] = 1.0 / core.numel()
     for _ in range(max_iter):
-        to_estimate = sq_distances_to_mixture(dist, weights).sqrt()
+        to_estimate = sq_distances_to_mixture(gram, weights).sqrt()
         inverse = 1.0 / to_estimate.clamp_min(nu)
         step = inverse / inverse.sum() - weights
         weights = weights + step
-        # ||v' - v||^2 = -1/2 step^T D step, since the step's weights sum to zero.
-        moved = (-0.5 * step @ dist @ step).clamp_min(0.0).sqrt()
+        # ||v' - v||^2 = step^T G step about any anchor, since the step's weights sum to zero.
+        moved = (step @ gram @ step).clamp_min(0.0).sqrt()
         if moved <= tol * to_estimate.median():
             break
     return weights.to(dtype=updates.dtype, device=updates.device) @ updates

@@ -24,7 +24,14 @@ from torch import Tensor
 
 from dptrain.config import AttackConfig
 from dptrain.robust.poisoning import backdoor, label_flip, model_replacement_scale, stamp_trigger
-from dptrain.robust.primitives import check_updates, pairwise_sq_distances, require, require_f, sq_distances_to_mixture
+from dptrain.robust.primitives import (
+    check_updates,
+    pairwise_sq_distances,
+    require,
+    require_f,
+    sq_distances_and_gram,
+    sq_distances_to_mixture,
+)
 
 PERTURBATIONS = ("unit_vec", "sign", "std")
 
@@ -139,9 +146,9 @@ def _shift_geometry(honest: Tensor, kind: str) -> tuple[Tensor, Tensor, Tensor, 
     ``||b - x_i||^2`` and ``p . (b - x_i)``, all quadratic terms in float64."""
     mean = honest.mean(dim=0)
     direction = _perturbation(honest, kind, mean)
-    dist = pairwise_sq_distances(honest)
+    dist, gram = sq_distances_and_gram(honest)
     h = honest.shape[0]
-    to_mean = sq_distances_to_mixture(dist, torch.full((h,), 1.0 / h, dtype=dist.dtype, device=dist.device))
+    to_mean = sq_distances_to_mixture(gram, torch.full((h,), 1.0 / h, dtype=dist.dtype, device=dist.device))
     # (b - x_i) . p on the differences: p . b - p . x_i would cancel when the updates share a large mean.
     along = ((mean - honest) @ direction).to(torch.float64)
     return mean, direction, dist, to_mean, along

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from dptrain.config import AggregatorConfig, AttackConfig
+from dptrain.errors import UserError
 from dptrain.robust.aggregators import (
     CenteredClipping,
     bulyan_selection,
@@ -33,7 +34,7 @@ from dptrain.robust.preaggregators import (
     nnm,
     static_clipping,
 )
-from dptrain.robust.primitives import require, require_f
+from dptrain.robust.primitives import require, require_f, require_honest_majority
 
 
 class Aggregation(NamedTuple):
@@ -56,8 +57,7 @@ def _unselective(aggregate: Callable[[Tensor, int], Tensor]) -> Rule:
 
 def _multi_krum_rule(cfg: AggregatorConfig) -> Rule:
     require(cfg.m is None or cfg.m >= 1, f"multi_krum needs m >= 1 or null, got m={cfg.m}")
-    # m never exceeds the updates left: fewer arrive when non-finite ones are dropped.
-    return lambda updates, f: multi_krum_selection(updates, f, None if cfg.m is None else min(cfg.m, len(updates)))
+    return lambda updates, f: multi_krum_selection(updates, f, cfg.m)
 
 
 def _check_multi_krum(n: int, f: int, cfg: AggregatorConfig) -> None:
@@ -93,6 +93,10 @@ def _any_n(rule: str) -> Callable[[int, int, AggregatorConfig], None]:
     return lambda n, f, cfg: require(n >= 1, f"{rule} needs at least one update, got n={n}")
 
 
+def _honest_majority(rule: str) -> Callable[[int, int, AggregatorConfig], None]:
+    return lambda n, f, cfg: require_honest_majority(n, f, rule)
+
+
 def _on_n_f(check: Callable[[int, int], None]) -> Callable[[int, int, AggregatorConfig], None]:
     return lambda n, f, cfg: check(n, f)
 
@@ -105,15 +109,17 @@ class RuleSpec:
     check: Callable[[int, int, AggregatorConfig], None]
 
 
+# Every rule but the mean claims robustness to f, so needs at least n > 2f; the mean claims none and
+# runs under any f (to show what an attack does to an unprotected server).
 AGGREGATORS: dict[str, RuleSpec] = {
     "mean": RuleSpec(lambda cfg: _unselective(lambda x, f: mean(x)), _any_n("mean")),
-    "median": RuleSpec(lambda cfg: _unselective(lambda x, f: median(x)), _any_n("median")),
+    "median": RuleSpec(lambda cfg: _unselective(lambda x, f: median(x)), _honest_majority("median")),
     "trimmed_mean": RuleSpec(lambda cfg: _unselective(trimmed_mean), _on_n_f(check_trimmed_mean)),
     "krum": RuleSpec(lambda cfg: krum_selection, _on_n_f(check_krum)),
     "multi_krum": RuleSpec(_multi_krum_rule, _check_multi_krum),
-    "geometric_median": RuleSpec(_geometric_median_rule, _any_n("geometric_median")),
+    "geometric_median": RuleSpec(_geometric_median_rule, _honest_majority("geometric_median")),
     "bulyan": RuleSpec(lambda cfg: bulyan_selection, _on_n_f(check_bulyan)),
-    "centered_clipping": RuleSpec(_CenteredClippingRule, _any_n("centered_clipping")),
+    "centered_clipping": RuleSpec(_CenteredClippingRule, _honest_majority("centered_clipping")),
 }
 
 
@@ -159,6 +165,11 @@ PRE_AGGREGATORS: dict[str, PreSpec] = {
 }
 
 
+class AggregationFailed(UserError):
+    """A round's (or step's) updates cannot be aggregated soundly: too few finite ones are left for the
+    rule's precondition. Raised mid-training, after the last complete checkpoint; printed as one line."""
+
+
 def _choose(kind: str, name: str, choices: dict[str, Any]) -> None:
     require(name in choices, f"unknown {kind} {name!r}; choose one of: {', '.join(choices)}")
 
@@ -191,30 +202,40 @@ class RobustAggregator:
     def aggregate(self, updates: Tensor) -> Aggregation:
         """The aggregate of the (n, d) updates and, for selecting rules, the selected clients.
 
-        Rows with a non-finite entry are dropped first: they can only be Byzantine (or a
-        diverged client), and one of them would turn any weighted combination into NaN. Each
-        dropped row is one Byzantine update less to tolerate, f' = max(f - dropped, 0), which
-        keeps every precondition checked for (n, f) true for (n - dropped, f').
+        Rows with a non-finite entry are dropped first: one of them would turn any weighted
+        combination into NaN. A dropped row may be an honest client that diverged as well as a
+        Byzantine one, so f stays as it is: the n' rows left may still hold f Byzantine ones, and
+        the preconditions are checked again for (n', f). Where they fail, no rule can aggregate
+        the round soundly and ``AggregationFailed`` says so (a Byzantine client sending NaN can
+        thus stop a run whose n leaves no slack over the precondition, rather than silently
+        weaken it).
         """
         # A row's sum is non-finite when an entry is (or when its entries overflow float range):
         # one read of the updates, no (n, d) mask.
         kept = torch.isfinite(updates.sum(dim=1)).nonzero().flatten()
-        if not len(kept):
-            raise FloatingPointError("every update is non-finite: training diverged, lower train.lr")
-        f = max(self.f - (len(updates) - len(kept)), 0)
         if len(kept) < len(updates):
+            self._check_after_dropping(len(updates), len(kept))
             updates = updates.index_select(0, kept)
         membership: Tensor | None = None
         for name in self.pre:
-            updates, step = PRE_AGGREGATORS[name].apply(updates, self._cfg, f, self._generator)
+            updates, step = PRE_AGGREGATORS[name].apply(updates, self._cfg, self.f, self._generator)
             if step is not None:
                 membership = step if membership is None else (step.to(torch.float32) @ membership.to(torch.float32)) > 0
-        value, selected = self._rule(updates, f)
+        value, selected = self._rule(updates, self.f)
         if selected is not None and membership is not None:
             selected = membership[selected].any(dim=0).nonzero().flatten()
         if selected is not None:
             selected = kept[selected.to(kept.device)]
         return Aggregation(value, selected)
+
+    def _check_after_dropping(self, n: int, kept: int) -> None:
+        try:
+            self.check(kept)
+        except UserError as error:
+            raise AggregationFailed(
+                f"{n - kept} of {n} updates had non-finite entries (NaN or inf) and were dropped, leaving "
+                f"{kept} for f={self.f}: {error}; if honest updates diverged, lower train.lr"
+            ) from None
 
     def __call__(self, updates: Tensor) -> Tensor:
         return self.aggregate(updates).value

@@ -12,13 +12,12 @@ import math
 import torch
 from torch import Tensor
 
-from dptrain.robust.primitives import check_updates, pairwise_sq_distances, require, require_f
+from dptrain.robust.primitives import check_updates, pairwise_sq_distances, require, require_honest_majority
 
 
 def check_nnm(n: int, f: int) -> None:
     """NNM needs n > 2f (Allouah et al.'s standing assumption; ByzFL only checks f < n)."""
-    require_f(f, "nnm")
-    require(n > 2 * f, f"nnm needs n > 2f (n={n}, f={f}): add clients or lower aggregator.f")
+    require_honest_majority(n, f, "nnm")
 
 
 def nnm_matrix(updates: Tensor, f: int) -> Tensor:

@@ -1,5 +1,5 @@
-"""Tensor primitives the robust rules share: input checks, one-line preconditions,
-pairwise squared distances and a fast sort of each coordinate across updates."""
+"""Tensor primitives the robust rules share: input checks, one-line preconditions, pairwise squared
+distances (and the Gram matrix they come from), and a fast sort of each coordinate across updates."""
 
 from __future__ import annotations
 
@@ -36,7 +36,16 @@ def require_f(f: int, rule: str) -> None:
     require(isinstance(f, int) and f >= 0, f"{rule} needs an integer f >= 0, got f={f!r}")
 
 
+def require_honest_majority(n: int, f: int, rule: str) -> None:
+    """n > 2f: no rule can tell f Byzantine updates from the honest ones once they are half of n (the
+    breakdown point of the median and the geometric median is 1/2), so every rule claiming robustness
+    to f needs at least this."""
+    require_f(f, rule)
+    require(n > 2 * f, f"{rule} needs n > 2f (n={n}, f={f}): add clients or lower aggregator.f")
+
+
 def _gram_sq_distances(updates: Tensor) -> tuple[Tensor, Tensor]:
+    """(D, G): the pairwise squared distances and the symmetric Gram matrix of ``updates``, float64."""
     gram = (updates @ updates.T).to(torch.float64)
     if not torch.isfinite(gram).all():
         # Entries beyond float32's range (a Byzantine update of norm ~1e19) overflow: redo in float64.
@@ -47,40 +56,50 @@ def _gram_sq_distances(updates: Tensor) -> tuple[Tensor, Tensor]:
     sq_norms = gram.diagonal()
     dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram).clamp_min_(0.0)
     dist.fill_diagonal_(0.0)
-    return dist, sq_norms
+    return dist, gram
 
 
 def pairwise_sq_distances(updates: Tensor) -> Tensor:
-    """Squared Euclidean distances ``D[i, j] = ||x_i - x_j||^2`` as an (n, n) float64 tensor.
+    """Squared Euclidean distances ``D[i, j] = ||x_i - x_j||^2`` as an (n, n) float64 tensor (see
+    ``sq_distances_and_gram``)."""
+    return sq_distances_and_gram(updates)[0]
+
+
+def sq_distances_and_gram(updates: Tensor) -> tuple[Tensor, Tensor]:
+    """(D, G), (n, n) float64: ``D[i, j] = ||x_i - x_j||^2`` and ``G[i, j] = <x_i - a, x_j - a>``, the
+    Gram matrix about an anchor a near the rows (zero, or the medoid when the rows were recentred).
 
     One GEMM on the Gram matrix, ``D = diag(G) 1^T + 1 diag(G)^T - 2 G`` with ``G = X X^T``: no
     (n, n, d) temporary and no pass per pair. The trap is cancellation: each entry carries an error
     of about ``eps * (||x_i||^2 + ||x_j||^2)`` (measured: up to 8x that), large when the updates share
     a big common component. When ``eps * median ||x_i||^2`` exceeds 1e-5 of the median distance, the
     rows are recentred on their medoid (the row with the smallest sum of squared distances) and the Gram
-    matrix recomputed once, which keeps distances to about 1e-4 relative accuracy. Entries are
-    clamped at 0 and the diagonal is exactly 0.
+    matrix recomputed once, which keeps distances to about 1e-4 relative accuracy. D's entries are
+    clamped at 0 and its diagonal is exactly 0.
     """
-    dist, sq_norms = _gram_sq_distances(updates)
+    dist, gram = _gram_sq_distances(updates)
     n = updates.shape[0]
     if n > 1:
         off_diagonal = dist[~torch.eye(n, dtype=torch.bool, device=dist.device)]
         eps = torch.finfo(updates.dtype).eps
-        if eps * sq_norms.median() > _CANCELLATION_BUDGET * off_diagonal.median():
+        if eps * gram.diagonal().median() > _CANCELLATION_BUDGET * off_diagonal.median():
             medoid = dist.sum(dim=1).argmin()
-            dist, _ = _gram_sq_distances(updates - updates[medoid])
-    return dist
+            dist, gram = _gram_sq_distances(updates - updates[medoid])
+    return dist, gram
 
 
-def sq_distances_to_mixture(dist: Tensor, weights: Tensor) -> Tensor:
-    """``||x_i - sum_j w_j x_j||^2`` for every row i, from the pairwise distances alone.
+def sq_distances_to_mixture(gram: Tensor, weights: Tensor) -> Tensor:
+    """``||x_i - v||^2`` for every row i and ``v = sum_j w_j x_j`` (weights summing to one), from the
+    Gram matrix about any anchor (``sq_distances_and_gram``): ``G_ii - 2 (G w)_i + w^T G w``.
 
-    For weights summing to one, ``||x_i - v||^2 = sum_j w_j D_ij - 1/2 sum_jk w_j w_k D_jk``, so
-    distances to any convex combination of the rows cost O(n^2) instead of a pass over the (n, d)
-    updates. Computed in the dtype of ``dist`` (float64) and clamped at 0 against cancellation.
+    O(n^2) instead of a pass over the (n, d) updates. The Gram form, not the translation-free
+    ``sum_j w_j D_ij - 1/2 w^T D w``: there a far row j enters linearly, as w_j D_ij, and with rows at
+    1e20 and w_j ~ 1e-21 the two terms (~1e19) cancel to garbage for the near rows; in the Gram form it
+    enters as w_j G_ij and w_j^2 G_jj, both small. Computed in the dtype of ``gram`` (float64) and
+    clamped at 0.
     """
-    to_rows = dist @ weights
-    return (to_rows - 0.5 * (weights @ to_rows)).clamp_min(0.0)
+    to_rows = gram @ weights
+    return (gram.diagonal() - 2.0 * to_rows + weights @ to_rows).clamp_min(0.0)
 
 
 def sort_columns(updates: Tensor, rows: Tensor | None = None) -> Tensor:

@@ -6,22 +6,26 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import pickle
 import platform
 import socket
 import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
+from dptrain.errors import UserError
 from dptrain.tracking.atomic import save_torch_atomic, write_json_atomic
 
 METRICS = "metrics.json"
 MODEL = "model.pt"
 AUDIT = "audit.json"
 MANIFEST = "manifest.json"
+SPLIT = "split.json"
+CHECKPOINT = "checkpoint.pt"
 # Every audit of the run, one file each, named by its UTC time and level; audit.json is the latest.
 AUDITS = "audits"
 # Hydra's record of the run: config.yaml, overrides.yaml.
@@ -56,6 +60,74 @@ def write_metrics(run_dir: str | Path, metrics: Mapping) -> Path:
 def save_model(run_dir: str | Path, state_dict: Mapping) -> Path:
     """Write ``model.pt``: a plain state dict, loadable with ``torch.load(..., weights_only=True)``."""
     return save_torch_atomic(Path(run_dir) / MODEL, dict(state_dict))
+
+
+def read_json_object(path: str | Path, restore: str) -> dict:
+    """The JSON object in ``path``, or a UserError naming the file, what is wrong with it and ``restore``
+    (how to get a good one back)."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist: {restore}") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not readable JSON ({str(error).splitlines()[0]}): {restore}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} holds a JSON {type(record).__name__}, not an object: {restore}")
+    return record
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    """A finished run's ``metrics.json``, with every key of ``METRICS_KEYS``, or a UserError naming the file."""
+    path = Path(run_dir) / METRICS
+    restore = "audit a run that finished training, or continue this one with train.resume"
+    metrics = read_json_object(path, restore)
+    missing = [key for key in METRICS_KEYS if key not in metrics]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: {restore}")
+    return metrics
+
+
+def read_torch(path: str | Path, restore: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, or a UserError naming the file and what is wrong.
+
+    weights_only unpickles tensors and plain containers only, so a tampered file runs no code. Torch's
+    own message for a file it refuses advises ``weights_only=False``, which would run that code: it is
+    never passed on. On garbage torch raises anything from EOFError to IndexError, hence the broad catch.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: {restore}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty: {restore}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        # A well-formed pickle of anything but tensors and plain containers names a class ("global").
+        refused = isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error)
+        what = "holds pickled objects besides tensors, which dptrain does not load" if refused else (
+            "is truncated or not a PyTorch file"
+        )
+        raise UserError(f"{path} {what}: {restore}") from None
+
+
+def load_model(run_dir: str | Path, model):
+    """``model`` with the weights of ``<run_dir>/model.pt``, or a UserError naming the file when it is
+    unreadable or was written for another model."""
+    path = Path(run_dir) / MODEL
+    restore = "restore it from a copy of the run, or train the run again"
+    state = read_torch(path, restore)
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict: {restore}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(
+            f"{path} does not fit the run's model (other layer names or shapes): {restore}"
+        ) from None
+    return model
 
 
 def record_audit(run_dir: str | Path, report: dict) -> str:

@@ -9,10 +9,20 @@ from pathlib import Path
 from typing import Any, Callable, IO
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def process_umask() -> int | None:
+    """This process's umask, read without changing it; None where the system does not say.
+
+    Linux reports it in ``/proc/self/status`` (since 4.7). The classic ``os.umask(0)`` then restore
+    would leave other threads a moment in which they create world-writable files.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -29,8 +39,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would, and
+        # where the umask cannot be read keep 0600, never more than the umask would allow.
+        mask = process_umask()
+        if mask is not None:
+            os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

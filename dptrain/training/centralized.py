@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -18,27 +18,36 @@ from dptrain.data import (
     Split,
     SplitData,
     SplitSizes,
+    audited_split,
     canary_inclusion,
     draw_canaries,
     load,
     make_split,
     prepare,
+    subset,
 )
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, plan_privacy
+from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.robust import build_attack
-from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
+from dptrain.tracking.artifacts import SPLIT, load_model, read_metrics, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
 from dptrain.training.checkpoint import Checkpoint
-from dptrain.training.distributed import byzantine_ranks, local_batch_size, parallel_mode, shard, shard_size
+from dptrain.training.distributed import (
+    byzantine_ranks,
+    canary_ranks,
+    honest_positions,
+    local_batch_size,
+    parallel_mode,
+    shard_positions,
+    shard_size,
+)
 from dptrain.training.loop import evaluate
-from dptrain.training.recipe import resolve_device, train_model
-from dptrain.training.seeds import POISON_STREAM, derived_seed
+from dptrain.training.recipe import TrainedModel, resolve_device, train_model
+from dptrain.training.seeds import AUDIT_STREAM, POISON_STREAM, derived_seed
 
 log = logging.getLogger(__name__)
-
-SPLIT = "split.json"
 
 
 @dataclass
@@ -80,12 +89,14 @@ def plan(cfg: Config, sizes: SplitSizes) -> PrivacyPlan:
     """The privacy plan of the target's training, fixed before any data is loaded.
 
     Under robust data parallelism it is each rank's plan: its equal shard of the
-    records at its share of the batch (the same sample rate up to rounding).
+    members at its share of the batch. The canaries an honest rank holds besides
+    (``canary_ranks``) are sampled at the same rate, so the plan, and with it the
+    mechanism each canary's coin toggles, does not depend on the coins.
     """
     records = training_size(cfg, sizes.members)
     batch_size = cfg.train.batch_size
     if parallel_mode(cfg) == "robust":
-        records = shard_size(records, ranks.world_size())
+        records = shard_size(sizes.members, ranks.world_size())
         batch_size = local_batch_size(cfg)
     return plan_privacy(cfg.privacy, members=records, batch_size=batch_size, epochs=cfg.train.epochs)
 
@@ -109,21 +120,43 @@ def load_data(cfg: Config, run_dir: Path, reuse_split: bool) -> tuple[SplitData,
 
 
 def _training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> TensorDataset:
-    """The records this process trains on: members and inserted canaries, or its shard of them
-    under robust data parallelism, poisoned when this rank plays a data-poisoning attacker."""
+    """The records this process trains on: members and included canaries, or under robust data
+    parallelism its shard of the members and the included canaries of its slot (``canary_ranks``),
+    poisoned when this rank plays a data-poisoning attacker."""
     records = data.members
-    if canaries is not None and canaries.included.any():
+    included = np.zeros(0, dtype=bool) if canaries is None else canaries.included
+    robust = parallel_mode(cfg) == "robust"
+    if robust:
+        rank, world = ranks.rank(), ranks.world_size()
+        byzantine = byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed)
+        records = subset(records, shard_positions(len(records), rank, world))
+        included = included & (canary_ranks(len(included), world, byzantine) == rank)
+    if included.any():
         inserted = canaries.dataset(data.population.tensors[0], data.split.population)
-        keep = torch.from_numpy(canaries.included)
+        keep = torch.from_numpy(included)
         records = TensorDataset(*(torch.cat([a, b[keep]]) for a, b in zip(records.tensors, inserted.tensors)))
-    if parallel_mode(cfg) != "robust":
+    if not robust:
         return records
-    rank, world = ranks.rank(), ranks.world_size()
-    records = shard(records, rank, world)
     attack = build_attack(cfg.attack, derived_seed(cfg.train.seed, POISON_STREAM))
-    if attack.poison is not None and rank in byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed):
+    if attack.poison is not None and rank in byzantine:
         records = TensorDataset(*attack.poison(*records.tensors, data.num_classes))
     return records
+
+
+def _independent_epsilon(cfg: Config, trained: TrainedModel) -> float | None:
+    """dp-accounting's PLD epsilon of the steps the ledger charged (``privacy.pld_check``), else None."""
+    if trained.epsilon is None or not pld_check_enabled(cfg.privacy.pld_check):
+        return None
+    return cross_check(trained.epsilon, pld_epsilon(trained.mechanisms, trained.plan.delta), "training")
+def audited_data(cfg: Config, data: SplitData, world: int) -> SplitData:
+    """The split the membership audit sees: the recorded split, or under robust data parallelism
+    over ``world`` ranks the honest ranks' shards (``honest_positions``) and as many label-stratified
+    non-members (``audited_split``, seeded by audit.seed); derivable from the config alone."""
+    if parallel_mode(cfg, world) != "robust":
+        return data
+    byzantine = byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed)
+    trained = honest_positions(len(data.members), world, byzantine)
+    return audited_split(data, trained, derived_seed(cfg.audit.seed, AUDIT_STREAM))
 
 
 def train_target(
@@ -149,7 +182,8 @@ def train_target(
         data_parallel=True,
     )
     device = resolve_device(cfg.train.device)
-    train_loss, train_accuracy = evaluate(trained.model, data.members, device)
+    audited = audited_data(cfg, data, ranks.world_size())
+    train_loss, train_accuracy = evaluate(trained.model, audited.members, device)
     test_loss, test_accuracy = evaluate(trained.model, data.test, device)
     sizes = data.split.sizes
     metrics = {
@@ -171,6 +205,8 @@ def train_target(
         "non_members": sizes.non_members,
         "population": sizes.population,
         "test_size": sizes.test,
+        "epsilon_pld": _independent_epsilon(cfg, trained),
+        "audited_members": len(audited.members),
         "canaries_included": 0 if canaries is None else int(canaries.included.sum()),
         "train_seconds": trained.train_seconds,
         "replaced_modules": trained.replaced_modules,
@@ -180,16 +216,15 @@ def train_target(
     if ranks.is_main():
         save_model(run_dir, trained.model.state_dict())
         write_metrics(run_dir, metrics)
-    return TargetRun(trained.model, data, plan, trained.epsilon, canaries, metrics, device, fingerprint)
+    return TargetRun(trained.model, audited, plan, trained.epsilon, canaries, metrics, device, fingerprint)
 
 
 def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     """A finished run's target model, data (its recorded split) and plan, read back from its artifacts."""
-    metrics = json.loads((run_dir / METRICS).read_text())
+    metrics = read_metrics(run_dir)
     data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=True)
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu", weights_only=True))
+    model = load_model(run_dir, build_model(cfg.model, data.input_shape, data.num_classes))
     plan = PrivacyPlan(
         private=metrics["private"],
         accountant=cfg.privacy.accountant,
@@ -202,4 +237,5 @@ def load_target(cfg: Config, run_dir: Path) -> TargetRun:
         steps=metrics["steps"],
         planned_epsilon=metrics["epsilon"],
     )
-    return TargetRun(model.to(device), data, plan, metrics["epsilon"], canaries, metrics, device, fingerprint)
+    audited = audited_data(cfg, data, metrics["world_size"])
+    return TargetRun(model.to(device), audited, plan, metrics["epsilon"], canaries, metrics, device, fingerprint)

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
-
 from dptrain.errors import UserError
+from dptrain.tracking.artifacts import CHECKPOINT, read_torch
 from dptrain.tracking.atomic import save_torch_atomic
-
-CHECKPOINT = "checkpoint.pt"
+from dptrain.tracking.run_dir import resume_hint
 
 
 @dataclass
 class Checkpoint:
     """State after ``epochs_done`` complete epochs.
 
-    ``accountant`` is Opacus' accountant state (its history of noise, sample
+    ``accountant`` is the privacy ledger's state (its history of noise, sample
     rate and steps); restoring it is what keeps a resumed run from starting a
     fresh budget. ``rng`` holds the global torch RNG and the sampling and
     noise generators (centralized: a list with one entry per rank; federated:
@@ -41,9 +39,14 @@ class Checkpoint:
         """Load ``<run_dir>/checkpoint.pt``; precondition: it was written by a run of the same recipe."""
         path = Path(run_dir) / CHECKPOINT
         if not path.is_file():
-            raise UserError(f"train.resume={run_dir} holds no {CHECKPOINT}: give the directory of the run to continue")
-        # weights_only: a checkpoint is tensors and plain containers, so no pickle code runs on load.
-        checkpoint = cls(**torch.load(path, map_location="cpu", weights_only=True))
+            raise UserError(resume_hint(run_dir))
+        restore = "restore it from a copy of the run, or start the run again in a new directory"
+        # A checkpoint is tensors and plain containers, so it loads with weights_only (no pickled code runs).
+        state = read_torch(path, restore)
+        names = {field.name for field in fields(cls)}
+        if not isinstance(state, dict) or set(state) != names:
+            raise UserError(f"{path} is not a dptrain checkpoint (it lacks or adds fields): {restore}")
+        checkpoint = cls(**state)
         if checkpoint.config_hash != config_hash:
             raise UserError(
                 f"train.resume={run_dir}: the checkpoint was written by a different config; "

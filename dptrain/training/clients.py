@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from dptrain.config import Config, PrivacyConfig
 from dptrain.data import dirichlet_partition, iid_partition
 from dptrain.errors import UserError
 from dptrain.privacy import PrivacyPlan, make_private, plan_privacy
+from dptrain.privacy.ledger import PrivacyLedger
 from dptrain.training.loop import train_epoch
 from dptrain.training.recipe import make_optimizer
 from dptrain.training.seeds import BYZANTINE_STREAM, SCHEDULE_STREAM, derived_seed
@@ -65,12 +66,6 @@ def partition_members(cfg: Config, members: int, labels: np.ndarray | None) -> l
     if federation.partition == "iid":
         return iid_partition(members, federation.clients, cfg.train.seed)
     return dirichlet_partition(labels, federation.clients, federation.alpha, cfg.train.seed)
-
-
-def quiet_full_batch_prv():
-    """Silence NumPy's divide warning for a client whose batch holds all its records (q = 1): Opacus'
-    PRV takes log(1 - q) = -inf there inside an ``np.where`` that discards it."""
-    return np.errstate(divide="ignore")
 
 
 def _privacy_key(cfg: PrivacyConfig) -> tuple:
@@ -121,13 +116,17 @@ def local_plans(cfg: Config, sizes: list[int], rounds_in: np.ndarray) -> list[Pr
 @dataclass
 class Client:
     """One client: its records (poisoned for a data-poisoning Byzantine client), its local plan, and
-    its accountant state, carried from round to round so its spend composes over its participation."""
+    its privacy ledger (private plans only), charged in every round it trains in so its spend composes
+    over its participation."""
 
     id: int
     data: TensorDataset
     byzantine: bool
     plan: PrivacyPlan | None
-    accountant: dict | None = None
+    ledger: PrivacyLedger | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = PrivacyLedger.for_plan(self.plan) if self.plan is not None and self.plan.private else None
 
 
 @dataclass(frozen=True)
@@ -148,11 +147,10 @@ def local_update(
 ) -> LocalUpdate:
     """Train a copy of ``global_model`` for ``federation.local_epochs`` epochs on the client's records
     with ``train.*`` and the client's plan, through the shared step loop (``make_private``,
-    ``train_epoch``); return the parameter delta and update the client's accountant state.
+    ``train_epoch``); return the parameter delta.
 
-    Under a private plan the client runs DP-SGD (Abadi et al. 2016) and its accountant, restored
-    before and saved after, charges exactly the steps taken. Precondition: the client trains in
-    this round of the schedule its plan was made for.
+    Under a private plan the client runs DP-SGD (Abadi et al. 2016) and its ledger charges exactly
+    the steps taken. Precondition: the client trains in this round of the schedule its plan was made for.
     """
     model = copy.deepcopy(global_model)
     training = make_private(
@@ -165,11 +163,9 @@ def local_update(
         max_physical_batch_size=cfg.train.max_physical_batch_size,
         sampling_generator=sampling,
         noise_generator=noise,
+        ledger=client.ledger,
     )
-    if client.accountant is not None:
-        training.load_accountant_state(client.accountant)
     losses = [train_epoch(training, device).loss for _ in range(cfg.federation.local_epochs)]
-    client.accountant = training.accountant_state()
     with torch.no_grad():
         delta = parameters_to_vector(model.parameters()) - parameters_to_vector(global_model.parameters())
     return LocalUpdate(delta, float(np.mean(losses)))

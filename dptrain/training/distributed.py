@@ -10,15 +10,17 @@ Two modes, chosen by ``parallel_mode``:
   batch gradient (local DP: the guarantee holds for each worker's records whatever the others
   send); the gradients are all-gathered as flat buffers and every rank applies the same
   deterministic robust aggregator, so the parameters stay identical. Byzantine ranks are
-  simulated by replacing their rows of the gathered stack with the configured attack.
+  simulated by replacing their rows of the gathered stack with the configured attack. The
+  audit's members are the honest ranks' shards (``honest_positions``); canaries train on
+  honest ranks only (``canary_ranks``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import TensorDataset
 
 from dptrain.privacy.plan import is_private
 from dptrain.robust import build_aggregator, build_attack, tolerated_byzantine
@@ -52,15 +54,36 @@ def byzantine_ranks(count: int, world: int, seed: int) -> list[int]:
 
 
 def shard_size(records: int, world: int) -> int:
-    """Records per rank: equal shards, so every rank takes the same number of steps per epoch
+    """Records per rank: equal shards, so every rank plans the same number of steps per epoch
     (each step is a collective); the ``records % world`` left over are not trained on."""
     return records // world
 
 
-def shard(dataset: TensorDataset, rank: int, world: int) -> TensorDataset:
-    """Rank ``rank``'s ``shard_size`` records: every ``world``-th one, starting at ``rank``."""
-    size = shard_size(len(dataset), world)
-    return TensorDataset(*(tensor[rank::world][:size] for tensor in dataset.tensors))
+def shard_positions(records: int, rank: int, world: int) -> np.ndarray:
+    """Positions of rank ``rank``'s ``shard_size`` records: every ``world``-th one, starting at ``rank``."""
+    return np.arange(rank, records, world)[: shard_size(records, world)]
+
+
+def honest_positions(records: int, world: int, byzantine: list[int]) -> np.ndarray:
+    """Sorted positions of the records whose honest gradients reach the model: the honest ranks' shards.
+
+    A Byzantine rank's shard is the attacker's (its gradient row is replaced, or its records
+    poisoned) and the ``records % world`` left over train on no rank: neither is a member of the
+    audit. Depends on the config alone, so every rank and ``dptrain audit`` derive the same set.
+    """
+    honest = [shard_positions(records, rank, world) for rank in range(world) if rank not in byzantine]
+    return np.sort(np.concatenate(honest))
+
+
+def canary_ranks(count: int, world: int, byzantine: list[int]) -> np.ndarray:
+    """The rank that trains canary i when its coin says "in": the honest ranks in turn, by index.
+
+    The one-run bound (Steinke, Nasr & Jagielski 2023) needs each canary's inclusion to be a fair
+    coin that adds or removes exactly that canary: the slot depends on the index alone, never on
+    the coins, and no canary is left to an attacker's rank, so none has to be dropped.
+    """
+    honest = np.array([rank for rank in range(world) if rank not in byzantine], dtype=np.int64)
+    return honest[np.arange(count) % len(honest)]
 
 
 class GatheredAggregation:
@@ -134,7 +157,7 @@ def gather_updates(training, cfg) -> None:
         seed=seed,
         byzantine=byzantine_ranks(cfg.attack.byzantine, world, seed),
     )
-    if training.engine is None:
+    if training.ledger is None:
         training.optimizer = GatheredAggregation(training.optimizer, **exchange)
     else:
         training.optimizer.original_optimizer = GatheredAggregation(training.optimizer.original_optimizer, **exchange)

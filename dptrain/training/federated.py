@@ -6,15 +6,12 @@ Each round the scheduled clients train from the global model through the shared 
 (``clients.local_update``), Byzantine clients replace or poison their updates (``dptrain.robust``
 attacks), the server aggregates the (n, d) stack of flat deltas and applies
 ``global += server_lr * aggregate``. Audits run on the final global model with the honest clients'
-records as members; their reference models are trained centrally by ``train_model`` with a derived
-config (``dptrain.audit.reference``), not federated.
+records as members; their reference models are federations too, trained by the same round loop
+(``train_federation``) over their own records (``dptrain.audit.reference``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,20 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from opacus.accountants import create_accountant
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from dptrain.config import Config, recipe_hash
-from dptrain.data import SplitData, SplitSizes, describe, load, make_split, split_sizes
+from dptrain.data import SplitData, SplitSizes, audited_split, describe, load, make_split, split_sizes, subset
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
-from dptrain.privacy import PrivacyPlan, epsilon_spent
+from dptrain.privacy import PrivacyPlan
+from dptrain.privacy.ledger import PrivacyLedger
+from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.privacy.plan import plan_mechanism
 from dptrain.robust import Attack, alie_z, build_aggregator, build_attack, static_clipping, tolerated_byzantine
-from dptrain.tracking.artifacts import METRICS, MODEL, save_model, write_metrics
+from dptrain.tracking.artifacts import load_model, read_metrics, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.centralized import TargetRun, load_data
 from dptrain.training.checkpoint import Checkpoint
@@ -48,7 +46,6 @@ from dptrain.training.clients import (
     local_update,
     participation,
     partition_members,
-    quiet_full_batch_prv,
 )
 from dptrain.training.loop import evaluate, predict
 from dptrain.training.recipe import resolve_device
@@ -63,10 +60,6 @@ from dptrain.training.seeds import (
 )
 
 log = logging.getLogger(__name__)
-
-# A sample-level run asks for every trained client's epsilon after every round; the same
-# (noise, sample rate, steps) recur within a run and across the cells of a sweep.
-_epsilon_spent = functools.lru_cache(maxsize=None)(epsilon_spent)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,21 +109,28 @@ def _member_labels(cfg: Config) -> np.ndarray:
 
 def plan(cfg: Config, sizes: SplitSizes) -> FederatedPlan:
     """The run's federation (partition sizes, Byzantine clients, participation schedule) and privacy
-    plan, fixed before training.
+    plan, fixed before training (``federation_plan`` over the members).
+
+    A Dirichlet partition needs the members' labels, the one thing read from the data here.
+    """
+    labels = _member_labels(cfg) if cfg.federation.partition == "dirichlet" else None
+    return federation_plan(cfg, sizes.members, labels)
+
+
+def federation_plan(cfg: Config, members: int, labels: np.ndarray | None) -> FederatedPlan:
+    """The federation of ``cfg`` over ``members`` records (``labels``: theirs, needed by a Dirichlet
+    partition) and its privacy plan, drawn from train.seed alone.
 
     ``dp_level=sample``: every client's noise is calibrated (``local_plans``) so that all the rounds
     the schedule gives it spend at most ``privacy.target_epsilon``; the guarantee is per record of
     an honest client, against the server and whatever aggregator follows. ``dp_level=user``: see
-    ``_server_plan``; the guarantee is per client. A Dirichlet partition needs the members' labels,
-    the one thing read from the data here.
+    ``_server_plan``; the guarantee is per client.
     """
-    labels = _member_labels(cfg) if cfg.federation.partition == "dirichlet" else None
-    client_sizes = [len(part) for part in partition_members(cfg, sizes.members, labels)]
+    client_sizes = [len(part) for part in partition_members(cfg, members, labels)]
     schedule = participation(cfg)
     byzantine = byzantine_clients(cfg)
-    with quiet_full_batch_prv():
-        plans = local_plans(cfg, client_sizes, schedule.sum(axis=0))
-        server = _server_plan(cfg) if cfg.federation.dp_level == "user" else None
+    plans = local_plans(cfg, client_sizes, schedule.sum(axis=0))
+    server = _server_plan(cfg) if cfg.federation.dp_level == "user" else None
     if server is not None:
         reported, base = None, server
     else:
@@ -214,7 +214,7 @@ def _mean_norm(updates: Tensor) -> float | None:
 
 class FederatedServer:
     """The server of FedAvg under Byzantine clients: the global model, the aggregator, the
-    accountants, and the random generators whose state a checkpoint must carry."""
+    DP-FedAvg ledger (user level), and the random generators whose state a checkpoint must carry."""
 
     def __init__(self, cfg: Config, plan: FederatedPlan, clients: list[Client], model: nn.Module, device) -> None:
         self.cfg, self.plan, self.clients, self.model, self.device = cfg, plan, clients, model, device
@@ -225,7 +225,7 @@ class FederatedServer:
         self.sampling = torch.Generator().manual_seed(derived_seed(seed, SAMPLING_STREAM))
         self.noise = torch.Generator(device=device).manual_seed(derived_seed(seed, NOISE_STREAM))
         self.user_level = plan.dp_level == "user"
-        self.accountant = create_accountant(plan.accountant) if self.user_level and plan.private else None
+        self.ledger = PrivacyLedger.for_plan(plan) if self.user_level and plan.private else None
         self.config_hash = recipe_hash(cfg)
 
     def attack(self, round_index: int) -> Attack:
@@ -281,8 +281,8 @@ class FederatedServer:
     def _aggregate(self, updates: Tensor) -> tuple[Tensor, Tensor | None]:
         if not self.user_level:
             return self.aggregator.aggregate(updates)
-        if self.accountant is not None:
-            self.accountant.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
+        if self.ledger is not None:
+            self.ledger.charge(self.plan.noise_multiplier, self.plan.sample_rate)
         return (
             dp_fedavg(
                 updates, clients_per_round(self.cfg), self.plan.max_grad_norm, self.plan.noise_multiplier, self.noise
@@ -291,45 +291,34 @@ class FederatedServer:
         )
 
     def client_epsilons(self) -> list[float | None]:
-        """Each client's epsilon so far (sample level; None where it has not trained privately)."""
-        return [None if c.accountant is None else self._spent(c.accountant["history"]) for c in self.clients]
+        """Each client's epsilon so far (sample level; None for a client without a private plan)."""
+        return [None if c.ledger is None else c.ledger.epsilon() for c in self.clients]
 
     def epsilon(self) -> float | None:
-        """The reported epsilon so far: the user-level accountant's, or the largest honest client's."""
+        """The reported epsilon so far: the DP-FedAvg ledger's, or the largest honest client's."""
         if not self.plan.private:
             return None
-        if self.accountant is not None:
-            return self._spent(self.accountant.history)
-        honest = [c.accountant["history"] for c in self.clients if c.accountant is not None and not c.byzantine]
-        return max((self._spent(history) for history in honest), default=0.0)
+        if self.ledger is not None:
+            return self.ledger.epsilon()
+        return max((c.ledger.epsilon() for c in self.clients if c.ledger is not None and not c.byzantine), default=0.0)
 
-    def accounted_steps(self) -> dict[int, int]:
-        """Steps each accountant charged: the server's under key -1, else each private client's."""
-        if self.accountant is not None:
-            return {-1: sum(steps for _, _, steps in self.accountant.history)}
-        return {c.id: sum(s for _, _, s in c.accountant["history"]) for c in self.clients if c.accountant is not None}
-
-    def _spent(self, history) -> float:
-        if not history:
-            return 0.0
-        # Every step of one accountant has the same noise and rate, which Opacus merges into one entry.
-        ((noise, rate, steps),) = history
-        with quiet_full_batch_prv():
-            return _epsilon_spent(
-                accountant=self.plan.accountant,
-                noise_multiplier=noise,
-                sample_rate=rate,
-                steps=steps,
-                delta=self.plan.delta,
-            )
+    def check_spent(self) -> float | None:
+        """The final epsilon, after every ledger that backs the guarantee (the server's, or each honest
+        client's) checked that it charged exactly its planned steps within the target."""
+        if not self.plan.private:
+            return None
+        if self.ledger is not None:
+            return self.ledger.check_spent("DP-FedAvg server")
+        honest = [c for c in self.clients if c.ledger is not None and not c.byzantine]
+        return max((c.ledger.check_spent(f"federated client {c.id}") for c in honest), default=0.0)
 
     def checkpoint(self, rounds_done: int, train_seconds: float) -> Checkpoint:
         """The state after ``rounds_done`` rounds in the recipe's ``Checkpoint``: the global model, the
-        aggregator's state as the server's optimizer, every accountant, and the RNG state."""
-        if self.accountant is not None:
-            accountants = {"server": self.accountant.state_dict()}
+        aggregator's state as the server's optimizer, every ledger, and the RNG state."""
+        if self.ledger is not None:
+            accountants = {"server": self.ledger.state_dict()}
         elif self.plan.private:
-            accountants = {"clients": {c.id: c.accountant for c in self.clients if c.accountant is not None}}
+            accountants = {"clients": {c.id: c.ledger.state_dict() for c in self.clients if c.ledger is not None}}
         else:
             accountants = None
         return Checkpoint(
@@ -349,7 +338,7 @@ class FederatedServer:
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from ``checkpoint``: nothing spent before it is forgotten or charged again."""
-        expected = {"server"} if self.accountant is not None else {"clients"} if self.plan.private else None
+        expected = {"server"} if self.ledger is not None else {"clients"} if self.plan.private else None
         found = None if checkpoint.accountant is None else set(checkpoint.accountant)
         if found != expected:
             raise UserError(
@@ -358,65 +347,71 @@ class FederatedServer:
             )
         self.model.load_state_dict(checkpoint.model)
         self.aggregator.load_state_dict(checkpoint.optimizer["aggregator"])
-        if self.accountant is not None:
-            self.accountant.load_state_dict(checkpoint.accountant["server"])
+        if self.ledger is not None:
+            self.ledger.load_state_dict(checkpoint.accountant["server"])
         elif self.plan.private:
             for client_id, state in checkpoint.accountant["clients"].items():
-                self.clients[client_id].accountant = state
+                self.clients[client_id].ledger.load_state_dict(state)
         torch.set_rng_state(checkpoint.rng["torch"])
         self.sampling.set_state(checkpoint.rng["sampling"])
         self.noise.set_state(checkpoint.rng["noise"])
 
 
-def _subset(dataset: TensorDataset, positions: np.ndarray) -> TensorDataset:
-    rows = torch.from_numpy(positions)
-    return TensorDataset(*(tensor[rows] for tensor in dataset.tensors))
-
-
-def _clients(data: SplitData, parts: list[np.ndarray], plan: FederatedPlan, attack: Attack) -> list[Client]:
+def _clients(
+    members: TensorDataset, num_classes: int, parts: list[np.ndarray], plan: FederatedPlan, attack: Attack
+) -> list[Client]:
     """The clients' datasets; a data-poisoning ``attack`` (label flip, backdoor) rewrites the Byzantine ones."""
     clients = []
     for i, part in enumerate(parts):
-        inputs, labels = _subset(data.members, part).tensors
+        inputs, labels = subset(members, part).tensors
         byzantine = i in plan.byzantine
         if byzantine and attack.poison is not None:
-            inputs, labels = attack.poison(inputs, labels, data.num_classes)
+            inputs, labels = attack.poison(inputs, labels, num_classes)
         clients.append(Client(i, TensorDataset(inputs, labels), byzantine, plan.client_plans[i]))
     return clients
 
 
-def _partition(cfg: Config, data: SplitData, plan: FederatedPlan) -> list[np.ndarray]:
-    parts = partition_members(cfg, len(data.members), data.members.tensors[1].numpy())
+def _partition(cfg: Config, members: TensorDataset, plan: FederatedPlan) -> list[np.ndarray]:
+    parts = partition_members(cfg, len(members), members.tensors[1].numpy())
     if tuple(len(part) for part in parts) != plan.client_sizes:
         raise RuntimeError("the clients' partition differs from the one the privacy plan was made for")
     return parts
 
 
-def audited_data(cfg: Config, data: SplitData, parts: list[np.ndarray], plan: FederatedPlan) -> SplitData:
-    """The split the audit sees: members are the records of the honest clients that trained in at
-    least one round, non-members an equally large subset of the non-member split drawn from
-    audit.seed (balanced, same distribution).
+def honest_trained(parts: list[np.ndarray], plan: FederatedPlan) -> np.ndarray:
+    """Sorted positions of the records of the honest clients that train in at least one round.
 
     Byzantine clients' records are the attacker's own: the guarantee does not cover them. A client
-    the schedule never picked never touched the model: its records are no members.
+    the schedule never picks never touches the model: its records are no members.
     """
     trained = plan.participation.any(axis=0)
-    honest = np.sort(
-        np.concatenate([part for i, part in enumerate(parts) if trained[i] and i not in plan.byzantine])
-    )
-    rng = np.random.default_rng(derived_seed(cfg.audit.seed, AUDIT_STREAM))
-    chosen = np.sort(rng.choice(len(data.non_members), size=len(honest), replace=False))
-    split = dataclasses.replace(
-        data.split, members=data.split.members[honest], non_members=data.split.non_members[chosen]
-    )
-    return dataclasses.replace(
-        data, members=_subset(data.members, honest), non_members=_subset(data.non_members, chosen), split=split
-    )
+    honest = [part for i, part in enumerate(parts) if trained[i] and i not in plan.byzantine]
+    return np.sort(np.concatenate(honest)) if honest else np.zeros(0, dtype=np.int64)
 
 
-def _global_model(cfg: Config, data: SplitData, plan: FederatedPlan, device) -> tuple[nn.Module, list[str]]:
+def audited_data(cfg: Config, data: SplitData, parts: list[np.ndarray], plan: FederatedPlan) -> SplitData:
+    """The split the audit sees: the ``honest_trained`` members and as many non-members, with the
+    same label histogram (``audited_split``, seeded by audit.seed)."""
+    return audited_split(data, honest_trained(parts, plan), derived_seed(cfg.audit.seed, AUDIT_STREAM))
+
+
+def planned_federation(cfg: Config, labels: np.ndarray) -> tuple[FederatedPlan, np.ndarray]:
+    """The plan of a federation of ``cfg`` over records with ``labels`` (in training-set order) and
+    the positions its ``honest_trained`` clients will hold.
+
+    Both are fixed before any record is chosen: the partition depends on the labels alone, the
+    Byzantine clients and the schedule on train.seed, which is how a reference federation knows
+    which of its positions reach its model honestly.
+    """
+    federation = federation_plan(cfg, len(labels), labels)
+    return federation, honest_trained(partition_members(cfg, len(labels), labels), federation)
+
+
+def _global_model(
+    cfg: Config, input_shape, num_classes: int, plan: FederatedPlan, device
+) -> tuple[nn.Module, list[str]]:
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model = build_model(cfg.model, input_shape, num_classes)
     replaced: list[str] = []
     if plan.private and plan.dp_level == "sample":
         model, replaced = ensure_dp_compatible(model)
@@ -449,24 +444,45 @@ def _byzantine_fraction(record: RoundRecord) -> float | None:
     return float(np.isin(record.selected, record.byzantine).mean())
 
 
-def train_target(
-    cfg: Config, run_dir: Path, plan: FederatedPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
-) -> TargetRun:
-    """Load the data, run ``federation.rounds`` rounds of FedAvg under ``plan`` and write
-    ``split.json``, ``model.pt`` and ``metrics.json``; a checkpoint is written after every round.
+@dataclass
+class Federation:
+    """A finished federation: its server (global model, accountants), partition and round statistics."""
 
-    With a ``checkpoint`` the run continues after its last round with the accountants restored, so
-    the final epsilon and parameters are the uninterrupted run's. ``epsilon`` is the largest honest
-    client's (sample level) or the server's (user level), and never exceeds the target: each
-    accountant charges exactly the planned steps, checked again at the end.
+    server: FederatedServer
+    parts: list[np.ndarray]
+    replaced_modules: list[str]
+    backdoor: Attack | None
+    train_seconds: float
+    aggregation_seconds: float
+    byzantine_fractions: list[float]
+
+
+def train_federation(
+    cfg: Config,
+    plan: FederatedPlan,
+    members: TensorDataset,
+    *,
+    input_shape,
+    num_classes: int,
+    device: torch.device,
+    test: TensorDataset | None = None,
+    tb: TensorBoardLog | None = None,
+    run_dir: Path | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> Federation:
+    """Run ``federation.rounds`` rounds of FedAvg under ``plan`` with ``members`` partitioned over the
+    clients: the one round loop the target and its reference models share.
+
+    With ``tb`` every round is logged (``test`` accuracy and loss, and the backdoor's success on
+    it); with ``run_dir`` and ``train.checkpoint`` a checkpoint is written after every round; with a
+    ``checkpoint`` the run continues after its last round with the accountants restored, so the
+    final parameters and epsilon are the uninterrupted run's. Each accountant charges exactly the
+    planned steps within the target, checked again at the end.
     """
-    data, _, fingerprint = load_data(cfg, run_dir, reuse_split=checkpoint is not None)
-    parts = _partition(cfg, data, plan)
-    device = resolve_device(cfg.train.device)
-    model, replaced = _global_model(cfg, data, plan, device)
+    parts = _partition(cfg, members, plan)
+    model, replaced = _global_model(cfg, input_shape, num_classes, plan, device)
     poisoning = build_attack(cfg.attack, derived_seed(cfg.train.seed, POISON_STREAM), cfg.federation.server_lr)
-    server = FederatedServer(cfg, plan, _clients(data, parts, plan, poisoning), model, device)
-    audited = audited_data(cfg, data, parts, plan)
+    server = FederatedServer(cfg, plan, _clients(members, num_classes, parts, plan, poisoning), model, device)
     # The poisoning clients' own attack, for its trigger.
     backdoor = poisoning if poisoning.trigger is not None else None
     start, train_seconds = 0, 0.0
@@ -485,34 +501,63 @@ def train_target(
         record = server.run_round(round_index)
         train_seconds += time.perf_counter() - started
         aggregation_seconds += record.aggregation_seconds
-        test_loss, test_accuracy = evaluate(server.model, data.test, device)
-        epsilon = server.epsilon()
         fraction = _byzantine_fraction(record)
         if fraction is not None:
             fractions.append(fraction)
-        values = {
-            "fed/test_accuracy": test_accuracy,
-            "fed/test_loss": test_loss,
-            "fed/byzantine_selected_fraction": fraction,
-            "privacy/epsilon": epsilon,
-        }
-        if backdoor is not None:
-            values["fed/backdoor_success_rate"] = backdoor_success_rate(
-                server.model, data.test, backdoor, cfg.attack.target_label, device
-            )
-        _log_round(tb, round_index + 1, record, values)
-        bar.set_postfix(acc=f"{test_accuracy:.3f}", eps="inf" if epsilon is None else f"{epsilon:.2f}")
-        if cfg.train.checkpoint:
+        if tb is not None:
+            test_loss, test_accuracy = evaluate(server.model, test, device)
+            epsilon = server.epsilon()
+            values = {
+                "fed/test_accuracy": test_accuracy,
+                "fed/test_loss": test_loss,
+                "fed/byzantine_selected_fraction": fraction,
+                "privacy/epsilon": epsilon,
+            }
+            if backdoor is not None:
+                values["fed/backdoor_success_rate"] = backdoor_success_rate(
+                    server.model, test, backdoor, cfg.attack.target_label, device
+                )
+            _log_round(tb, round_index + 1, record, values)
+            bar.set_postfix(acc=f"{test_accuracy:.3f}", eps="inf" if epsilon is None else f"{epsilon:.2f}")
+        if run_dir is not None and cfg.train.checkpoint:
             server.checkpoint(round_index + 1, train_seconds).save(run_dir)
     bar.close()
+    server.check_spent()
+    return Federation(server, parts, replaced, backdoor, train_seconds, aggregation_seconds, fractions)
 
+
+def train_target(
+    cfg: Config, run_dir: Path, plan: FederatedPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
+) -> TargetRun:
+    """Load the data, train the federation (``train_federation``) and write ``split.json``,
+    ``model.pt`` and ``metrics.json``; a checkpoint is written after every round.
+
+    ``epsilon`` is the largest honest client's (sample level) or the server's (user level), and
+    never exceeds the target. The audit sees the honest, trained clients' records (``audited_data``).
+    """
+    data, _, fingerprint = load_data(cfg, run_dir, reuse_split=checkpoint is not None)
+    device = resolve_device(cfg.train.device)
+    federation = train_federation(
+        cfg,
+        plan,
+        data.members,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        device=device,
+        test=data.test,
+        tb=tb,
+        run_dir=run_dir,
+        checkpoint=checkpoint,
+    )
+    server, backdoor, fractions = federation.server, federation.backdoor, federation.byzantine_fractions
     epsilon = server.epsilon()
-    _check_spend(server, plan, epsilon)
+    audited = audited_data(cfg, data, federation.parts, plan)
     metrics = _metrics(cfg, plan, server, data, audited, epsilon, device)
     metrics.update(
-        train_seconds=train_seconds,
-        aggregation_seconds=aggregation_seconds,
-        replaced_modules=replaced,
+        honest_members=len(honest_trained(federation.parts, plan)),
+        train_seconds=federation.train_seconds,
+        aggregation_seconds=federation.aggregation_seconds,
+        replaced_modules=federation.replaced_modules,
         byzantine_selected_fraction=float(np.mean(fractions)) if fractions else None,
     )
     if backdoor is not None:
@@ -522,24 +567,6 @@ def train_target(
     save_model(run_dir, server.model.state_dict())
     write_metrics(run_dir, metrics)
     return TargetRun(server.model, audited, plan, epsilon, None, metrics, device, fingerprint)
-
-
-def _check_spend(server: FederatedServer, plan: FederatedPlan, epsilon: float | None) -> None:
-    if not plan.private:
-        return
-    charged = server.accounted_steps()
-    if server.accountant is not None:
-        planned = {-1: plan.steps}
-    else:
-        # Every honest client the schedule picked, including one whose accountant never charged a step.
-        honest = [c for c in server.clients if c.plan is not None and not c.byzantine]
-        planned = {c.id: c.plan.steps for c in honest}
-        charged = {c.id: charged.get(c.id, 0) for c in honest}
-    if charged != planned or epsilon > (plan.target_epsilon or np.inf):
-        raise RuntimeError(
-            f"the accountants charged {charged} steps spending epsilon {epsilon}; "
-            f"the plan was {planned} within {plan.target_epsilon}"
-        )
 
 
 def _client_mechanisms(plan: FederatedPlan) -> list[dict | None]:
@@ -552,6 +579,21 @@ def _client_mechanisms(plan: FederatedPlan) -> list[dict | None]:
         else {"noise_multiplier": local.noise_multiplier, "sample_rate": local.sample_rate, "steps": local.steps}
         for client, local in enumerate(plan.client_plans)
     ]
+
+
+def _independent_epsilon(cfg: Config, plan: FederatedPlan, epsilon: float | None) -> float | None:
+    """dp-accounting's PLD epsilon of the reported guarantee (``privacy.pld_check``): the DP-FedAvg
+    server's rounds, or the largest over the honest clients' local mechanisms; else None."""
+    if epsilon is None or not pld_check_enabled(cfg.privacy.pld_check):
+        return None
+    if plan.dp_level == "user":
+        mechanisms = [{"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps}]
+    else:
+        mechanisms = [m for m in _client_mechanisms(plan) if m is not None]
+    # Clients with equal plans share one recomputation.
+    distinct = {tuple(sorted(m.items())) for m in mechanisms}
+    independent = max(pld_epsilon([dict(m)], plan.delta) for m in distinct)
+    return cross_check(epsilon, independent, "federated training")
 
 
 def _metrics(
@@ -588,9 +630,10 @@ def _metrics(
         "reported_client": plan.reported_client,
         "client_epsilons": server.client_epsilons() if plan.private and plan.dp_level == "sample" else None,
         "client_mechanisms": _client_mechanisms(plan) if plan.private and plan.dp_level == "sample" else None,
+        "epsilon_pld": _independent_epsilon(cfg, plan, epsilon),
         "client_sizes": list(plan.client_sizes),
         "members": sizes.members,
-        "honest_members": len(audited.members),
+        "audited_members": len(audited.members),
         "non_members": sizes.non_members,
         "population": sizes.population,
         "test_size": sizes.test,
@@ -600,11 +643,10 @@ def _metrics(
 def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     """A finished federated run's global model, its audited split (honest clients' records as
     members) and its plan, rebuilt from the config and the recorded split."""
-    metrics = json.loads((run_dir / METRICS).read_text())
+    metrics = read_metrics(run_dir)
     data, _, fingerprint = load_data(cfg, run_dir, reuse_split=True)
     federated_plan = plan(cfg, split_sizes(describe(cfg.dataset), cfg.dataset))
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
-    model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu", weights_only=True))
-    audited = audited_data(cfg, data, _partition(cfg, data, federated_plan), federated_plan)
+    model = load_model(run_dir, build_model(cfg.model, data.input_shape, data.num_classes))
+    audited = audited_data(cfg, data, _partition(cfg, data.members, federated_plan), federated_plan)
     return TargetRun(model.to(device), audited, federated_plan, metrics["epsilon"], None, metrics, device, fingerprint)

@@ -20,12 +20,17 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from dptrain.config import Config
 from dptrain.training import ranks
+from dptrain.training.lifetime import end_with_parent
 
 log = logging.getLogger(__name__)
 
 # A collective that waits longer than this for a dead peer fails instead of hanging; the
 # launcher's monitor usually notices a dead worker within a second and stops the rest.
 COLLECTIVE_TIMEOUT = timedelta(seconds=45)
+# torch's loggers that report a failed worker with its traceback and the others' termination: details
+# for the run's log, while the console gets dptrain's one line (WorkerFailed).
+ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 class WorkerFailed(RuntimeError):
@@ -50,17 +55,19 @@ def _log_to(run_dir: str) -> None:
     tag = f"rank {os.environ.get('RANK', '?')}"
     logging.basicConfig(
         level=logging.INFO,
-        format=f"[%(asctime)s][{tag}][%(name)s][%(levelname)s] - %(message)s",
+        format=LOG_FORMAT.replace("[%(name)s]", f"[{tag}][%(name)s]"),
         handlers=[logging.StreamHandler(), logging.FileHandler(Path(run_dir) / "train.log")],
         force=True,
     )
     logging.getLogger("opacus").setLevel(logging.WARNING)
 
 
-def _worker(config: dict, run_dir: str):
-    """One rank of a ``launcher.nproc_per_node`` run (module-level so that spawn can pickle it)."""
+def _worker(config: dict, run_dir: str, launcher: int):
+    """One rank of a ``launcher.nproc_per_node`` run (module-level so that spawn can pickle it); it
+    ends with the ``launcher`` process, which holds the run directory's lock."""
     from dptrain import pipeline
 
+    end_with_parent(launcher)
     _log_to(run_dir)
     cfg = OmegaConf.merge(OmegaConf.structured(Config), config)
     if not torch.cuda.is_available():
@@ -81,18 +88,39 @@ def free_port() -> int:
 def _failure_message(error: ChildFailedError, nproc: int) -> str:
     parts = []
     for rank, failure in sorted(error.failures.items()):
-        how = f"killed by signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        detail = failure.message if isinstance(failure.message, str) and failure.message else ""
+        killed = failure.exitcode < 0
+        how = f"killed by signal {-failure.exitcode}" if killed else f"exit code {failure.exitcode}"
+        # For a signal torch's message only repeats it ("Signal 9 (SIGKILL) received by PID ...").
+        detail = failure.message if isinstance(failure.message, str) and not killed else ""
         parts.append(f"rank {rank} ({how}{': ' + detail.splitlines()[0] if detail else ''})")
     return f"worker {'; '.join(parts)} of {nproc} failed, so the run stopped"
+
+
+@contextmanager
+def _elastic_logs_to(log_file: Path) -> Iterator[None]:
+    """Send torch elastic's own logging (``ELASTIC_LOGGERS``) to ``log_file`` only, for the ``with`` block."""
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    saved = []
+    for name in ELASTIC_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers, logger.propagate))
+        logger.handlers, logger.propagate = [handler], False
+    try:
+        yield
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+        handler.close()
 
 
 def launch(cfg: DictConfig, run_dir: Path) -> tuple[dict, dict | None]:
     """Run ``cfg`` on ``cfg.launcher.nproc_per_node`` local worker processes; return rank 0's results.
 
     Uses torch.distributed's elastic launcher (what ``torchrun`` runs) with no restarts: a worker
-    that dies makes the launcher stop the others and raise ``WorkerFailed`` naming its rank. The
-    last epoch's checkpoint stays complete (written atomically), so ``train.resume`` continues.
+    that dies makes the launcher stop the others and raise ``WorkerFailed`` naming its rank; the
+    launcher's traceback of it goes to ``train.log``. The last epoch's checkpoint stays complete
+    (written atomically), so ``train.resume`` continues.
     """
     nproc = cfg.launcher.nproc_per_node
     config = LaunchConfig(
@@ -108,7 +136,10 @@ def launch(cfg: DictConfig, run_dir: Path) -> tuple[dict, dict | None]:
     )
     log.info("launching %d worker processes (backend %s)", nproc, ranks.backend(cfg.launcher.backend))
     try:
-        results = elastic_launch(config, _worker)(OmegaConf.to_container(cfg, resolve=True), str(run_dir))
+        with _elastic_logs_to(Path(run_dir) / "train.log"):
+            results = elastic_launch(config, _worker)(
+                OmegaConf.to_container(cfg, resolve=True), str(run_dir), os.getpid()
+            )
     except ChildFailedError as error:
         raise WorkerFailed(_failure_message(error, nproc)) from None
     return results[0]

@@ -7,7 +7,6 @@ own data, never by a second copy of this loop.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,8 @@ class TrainedModel:
     train_seconds: float
     last_epoch: EpochStats | None
     replaced_modules: list[str]
+    # The ledger's charged (noise_multiplier, sample_rate, steps) blocks; [] for the baseline.
+    mechanisms: list[dict]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,7 +156,7 @@ def train_model(
         training.optimizer.load_state_dict(checkpoint.optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(checkpoint.scheduler)
-        training.load_accountant_state(checkpoint.accountant)
+        training.load_ledger_state(checkpoint.accountant)
         _restore_rng(checkpoint.rng, sampling, noise, data_parallel=mode is not None)
         start_epoch, train_seconds = checkpoint.epochs_done, checkpoint.train_seconds
         log.info("resuming after epoch %d of %d", start_epoch, train.epochs)
@@ -206,21 +207,16 @@ def train_model(
                 model=unwrap(training.model).state_dict(),
                 optimizer=training.optimizer.state_dict(),
                 scheduler=None if scheduler is None else scheduler.state_dict(),
-                accountant=training.accountant_state(),
+                accountant=training.ledger_state(),
                 rng=rng_states,
                 train_seconds=train_seconds,
             ).save(run_dir)
     bar.close()
 
-    epsilon = training.epsilon()
+    epsilon = None if training.ledger is None else training.ledger.check_spent("training")
     if mode == "robust" and epsilon is not None:
-        # Local noise: each worker's records are protected by that worker's own accountant.
+        # Local noise: each worker's records are protected by that worker's own ledger.
         epsilon = max(ranks.all_gather_object(epsilon))
-    if plan.private and (training.accounted_steps() != plan.steps or epsilon > (plan.target_epsilon or math.inf)):
-        raise RuntimeError(
-            f"the accountant saw {training.accounted_steps()} steps spending epsilon {epsilon}; "
-            f"the plan was {plan.steps} steps within {plan.target_epsilon}"
-        )
     return TrainedModel(
         model=training.standard_model(),
         plan=plan,
@@ -229,4 +225,5 @@ def train_model(
         train_seconds=train_seconds,
         last_epoch=stats,
         replaced_modules=replaced,
+        mechanisms=[] if training.ledger is None else training.ledger.mechanisms(),
     )

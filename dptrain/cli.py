@@ -20,6 +20,7 @@ from dptrain import __version__
 from dptrain.config import Config, register_configs, validate
 from dptrain.errors import UserError
 from dptrain.errors import fail as _fail
+from dptrain.tracking.artifacts import AUDIT
 from dptrain.tracking.run_dir import RunLock, restrict_umask, resume_hint
 
 USAGE = f"""usage: dptrain [COMMAND] [HYDRA ARGS...]
@@ -201,7 +202,7 @@ def audit_command(args: list[str]) -> None:
     except UserError as error:
         _fail(str(error))
     print(format_audit(report))
-    print(f"{'artifacts':<15}{run_dir / pipeline.AUDIT} (kept as {report['history_file']}), {run_dir / 'tb'}")
+    print(f"{'artifacts':<15}{run_dir / AUDIT} (kept as {report['history_file']}), {run_dir / 'tb'}")
 
 
 class _ReportArguments(argparse.ArgumentParser):

@@ -16,7 +16,6 @@ from pathlib import Path
 from dptrain.config import _NOT_IN_RECIPE, Config, recipe_hash, validate
 from dptrain.errors import UserError
 from dptrain.tracking.artifacts import (
-    AUDIT,
     audit_history,
     record_audit,
     recorded_overrides,

@@ -173,6 +173,7 @@ def train_target(
         "test_size": sizes.test,
         "canaries_included": 0 if canaries is None else int(canaries.included.sum()),
         "train_seconds": trained.train_seconds,
+        "wall_seconds": trained.wall_seconds,
         "replaced_modules": trained.replaced_modules,
         "world_size": ranks.world_size(),
         "parallel_mode": parallel_mode(cfg),

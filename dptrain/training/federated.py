@@ -323,7 +323,7 @@ class FederatedServer:
                 delta=self.plan.delta,
             )
 
-    def checkpoint(self, rounds_done: int, train_seconds: float) -> Checkpoint:
+    def checkpoint(self, rounds_done: int, train_seconds: float, wall_seconds: float) -> Checkpoint:
         """The state after ``rounds_done`` rounds in the recipe's ``Checkpoint``: the global model, the
         aggregator's state as the server's optimizer, every accountant, and the RNG state."""
         if self.accountant is not None:
@@ -345,6 +345,7 @@ class FederatedServer:
                 "noise": self.noise.get_state(),
             },
             train_seconds=train_seconds,
+            wall_seconds=wall_seconds,
         )
 
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -469,10 +470,10 @@ def train_target(
     audited = audited_data(cfg, data, parts, plan)
     # The poisoning clients' own attack, for its trigger.
     backdoor = poisoning if poisoning.trigger is not None else None
-    start, train_seconds = 0, 0.0
+    start, train_seconds, wall_seconds = 0, 0.0, 0.0
     if checkpoint is not None:
         server.restore(checkpoint)
-        start, train_seconds = checkpoint.epochs_done, checkpoint.train_seconds
+        start, train_seconds, wall_seconds = checkpoint.epochs_done, checkpoint.train_seconds, checkpoint.wall_seconds
         log.info("resuming after round %d of %d", start, cfg.federation.rounds)
 
     fractions, aggregation_seconds = [], 0.0
@@ -480,6 +481,7 @@ def train_target(
     bar = tqdm(
         range(start, rounds), desc="rounds", unit="round", initial=start, total=rounds, disable=not cfg.train.progress
     )
+    loop_started = time.perf_counter() - wall_seconds
     for round_index in bar:
         started = time.perf_counter()
         record = server.run_round(round_index)
@@ -503,14 +505,16 @@ def train_target(
         _log_round(tb, round_index + 1, record, values)
         bar.set_postfix(acc=f"{test_accuracy:.3f}", eps="inf" if epsilon is None else f"{epsilon:.2f}")
         if cfg.train.checkpoint:
-            server.checkpoint(round_index + 1, train_seconds).save(run_dir)
+            server.checkpoint(round_index + 1, train_seconds, time.perf_counter() - loop_started).save(run_dir)
     bar.close()
+    wall_seconds = time.perf_counter() - loop_started
 
     epsilon = server.epsilon()
     _check_spend(server, plan, epsilon)
     metrics = _metrics(cfg, plan, server, data, audited, epsilon, device)
     metrics.update(
         train_seconds=train_seconds,
+        wall_seconds=wall_seconds,
         aggregation_seconds=aggregation_seconds,
         replaced_modules=replaced,
         byzantine_selected_fraction=float(np.mean(fractions)) if fractions else None,

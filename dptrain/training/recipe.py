@@ -37,13 +37,16 @@ RANK_SEED_STRIDE = 1000
 
 @dataclass
 class TrainedModel:
-    """A trained model (plain ``nn.Module``, Opacus wrappers removed) and what its training spent."""
+    """A trained model (plain ``nn.Module``, Opacus wrappers removed) and what its training spent:
+    ``train_seconds`` in optimizer steps, ``wall_seconds`` in the whole epoch loop (with per-epoch
+    evaluation, accounting, TensorBoard and checkpoints), both summed over resumed runs."""
 
     model: nn.Module
     plan: PrivacyPlan
     epsilon: float | None
     steps: int
     train_seconds: float
+    wall_seconds: float
     last_epoch: EpochStats | None
     replaced_modules: list[str]
 
@@ -149,7 +152,7 @@ def train_model(
     if mode == "robust":
         gather_updates(training, cfg)
     config_hash = recipe_hash(cfg)
-    start_epoch, train_seconds = 0, 0.0
+    start_epoch, train_seconds, wall_seconds = 0, 0.0, 0.0
     if checkpoint is not None:
         unwrap(training.model).load_state_dict(checkpoint.model)
         training.optimizer.load_state_dict(checkpoint.optimizer)
@@ -158,6 +161,7 @@ def train_model(
         training.load_accountant_state(checkpoint.accountant)
         _restore_rng(checkpoint.rng, sampling, noise, data_parallel=mode is not None)
         start_epoch, train_seconds = checkpoint.epochs_done, checkpoint.train_seconds
+        wall_seconds = checkpoint.wall_seconds
         log.info("resuming after epoch %d of %d", start_epoch, train.epochs)
 
     stats = None
@@ -169,6 +173,7 @@ def train_model(
         total=train.epochs,
         disable=not (train.progress and tb is not None),
     )
+    loop_started = time.perf_counter() - wall_seconds
     for epoch in bar:
         started = time.perf_counter()
         lr = training.optimizer.param_groups[0]["lr"]
@@ -209,8 +214,10 @@ def train_model(
                 accountant=training.accountant_state(),
                 rng=rng_states,
                 train_seconds=train_seconds,
+                wall_seconds=time.perf_counter() - loop_started,
             ).save(run_dir)
     bar.close()
+    wall_seconds = time.perf_counter() - loop_started
 
     epsilon = training.epsilon()
     if mode == "robust" and epsilon is not None:
@@ -227,6 +234,7 @@ def train_model(
         epsilon=epsilon,
         steps=train.epochs * plan.steps_per_epoch,
         train_seconds=train_seconds,
+        wall_seconds=wall_seconds,
         last_epoch=stats,
         replaced_modules=replaced,
     )

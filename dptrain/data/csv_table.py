@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import itertools
 import logging
 import math
 import re
@@ -56,9 +55,6 @@ class _ParsedTable:
     header: tuple[str, ...]
     lines: np.ndarray
     columns: dict[str, _ParsedColumn]
-
-    def __len__(self) -> int:
-        return len(self.lines)
 
 
 @dataclass(frozen=True)
@@ -347,7 +343,7 @@ def _parse(path: Path, shown: str, target: str, max_categories: int, progress: b
         lines: list[np.ndarray] = []
         rows, row_lines, start = [], [], 0
         for row in reader:
-            cells = [cell.strip() for cell in row]
+            cells = list(map(str.strip, row))
             if not any(cells):
                 continue
             if len(cells) != len(header):
@@ -407,14 +403,16 @@ class _ColumnReader:
         numbers = None
         if self.lookup is not None:
             lookup = self.lookup
-            codes = np.fromiter((lookup.setdefault(cell, len(lookup)) for cell in cells), np.int32, len(cells))
-            if self.max_levels is not None and len(lookup) > self.max_levels:
+            # New values in first-seen order (dict.fromkeys keeps it).
+            new_levels = [level for level in dict.fromkeys(cells) if level not in lookup]
+            if self.max_levels is not None and len(lookup) + len(new_levels) > self.max_levels:
                 # Too many values to one-hot: only the numbers can still matter.
                 self.lookup, self.codes = None, []
             else:
+                lookup.update(zip(new_levels, range(len(lookup), len(lookup) + len(new_levels))))
+                codes = np.fromiter(map(lookup.__getitem__, cells), np.int32, len(cells))
                 self.codes.append(codes)
-                new_levels = itertools.islice(lookup, len(self.level_numbers), None)
-                self.level_numbers.extend(_number(level) for level in new_levels)
+                self.level_numbers.extend(map(_number, new_levels))
                 # Each distinct value is parsed once, not once per cell.
                 numbers = np.asarray(self.level_numbers)[codes]
         if numbers is None:

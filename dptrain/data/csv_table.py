@@ -133,7 +133,7 @@ class CsvDataset:
                         columns=list(range(offset, offset + feature.width)),
                         values=torch.eye(feature.width),
                         value_names=list(feature.categories),
-                        codes=torch.from_numpy(feature.values.astype(np.int64)),
+                        codes=torch.from_numpy(feature.values),
                     )
             offset += feature.width
         return LabeledData(

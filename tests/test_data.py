@@ -238,7 +238,7 @@ def test_csv_text_column_with_more_values_than_max_categories_is_refused_with_th
     assert describe(DatasetConfig(name="csv", path=path, target="y", max_categories=60)).input_shape == (60,)
 
 
-def test_csv_listed_categorical_column_over_the_limit_says_how_to_keep_it_numeric(tmp_path):
+def test_csv_categorical_or_sensitive_column_over_the_limit_is_refused_with_its_fix(tmp_path):
     path = _numeric_table(tmp_path / "table.csv")
     cfg = DatasetConfig(name="csv", path=path, target="y", categorical=["x"], max_categories=30)
     with pytest.raises(UserError) as error:
@@ -246,6 +246,9 @@ def test_csv_listed_categorical_column_over_the_limit_says_how_to_keep_it_numeri
     _assert_one_line(
         error, "column x (listed in dataset.categorical", "dataset.max_categories=30", "remove x from dataset.categorical"
     )
+    with pytest.raises(UserError) as error:
+        describe(dataclasses.replace(cfg, categorical=[], sensitive="x"))
+    _assert_one_line(error, "column x (dataset.sensitive", "name a categorical column as dataset.sensitive")
     # k has 5 values: within the limit, one-hot over 0..4 next to x.
     assert describe(dataclasses.replace(cfg, categorical=["k"])).input_shape == (1 + 5,)
 

@@ -152,5 +152,8 @@ def test_a_sensitive_column_with_one_value_is_skipped_with_a_note(tiny_config, t
         "train.batch_size=32",
     )  # fmt: skip
     _, report = pipeline.train(cfg, tmp_path / "run")
-    assert report["aia"] == {"skipped": "dataset.sensitive=site has the single value 'lyon' on the audited records"}
+    assert report["aia"] == {
+        "skipped": "dataset.sensitive=site has the single value 'lyon' on the members, non-members and population: "
+        "nothing to infer"
+    }
     assert "attribute    skipped: dataset.sensitive=site has the single value 'lyon'" in format_audit(report)

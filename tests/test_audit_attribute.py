@@ -149,7 +149,7 @@ def test_a_sensitive_column_with_one_value_is_skipped_with_a_note(tiny_config, t
     table.write_text("x,site,y\n" + "".join(f"{i * 0.1:.1f},lyon,{i % 2}\n" for i in range(200)))
     cfg = tiny_config(
         "dataset=csv", f"dataset.path={table}", "dataset.target=y", "dataset.sensitive=site", "audit=fast",
-        "train.batch_size=32",
+        "train.batch_size=32", "train.epochs=1",
     )  # fmt: skip
     _, report = pipeline.train(cfg, tmp_path / "run")
     assert report["aia"] == {

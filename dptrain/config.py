@@ -28,11 +28,15 @@ class DatasetConfig:
     root: str = "data"
     download: bool = False
     # csv: file, label column, optional sensitive (categorical) column, and
-    # columns to one-hot encode besides the non-numeric ones found automatically.
+    # columns to one-hot encode besides the non-numeric ones found automatically;
+    # a one-hot column may have at most max_categories values, and every class of
+    # the target needs min_class_records records (a stray label is refused).
     path: Optional[str] = None
     target: Optional[str] = None
     sensitive: Optional[str] = None
     categorical: List[str] = field(default_factory=list)
+    max_categories: int = 50
+    min_class_records: int = 10
     # synthetic: size and shape of the generated table.
     n_samples: int = 4000
     n_features: int = 10
@@ -268,7 +272,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
 
     check_known_keys(cfg)
     check_ranges(cfg)
-    info = describe(cfg.dataset)
+    info = describe(cfg.dataset, progress=cfg.train.progress)
     sizes = split_sizes(info, cfg.dataset)
     members = sizes.members
 

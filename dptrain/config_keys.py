@@ -89,6 +89,8 @@ RANGES: dict[str, Range] = {
     "dataset.test_fraction": within(0, 1, "()"),
     "dataset.population_fraction": within(0, 1, "()"),
     "dataset.max_members": at_least(2, "or null for no cap"),
+    "dataset.max_categories": at_least(1, "a one-hot column may have this many values"),
+    "dataset.min_class_records": at_least(1, "every class of the target needs this many records"),
     "model.hidden": at_least(1),
     "model.channels": at_least(1),
     "model.width": at_least(1),

@@ -139,3 +139,21 @@ def test_overlapping_record_sets_are_rejected():
         attribute_inference_audit(
             logits_fn, x, y, attribute, members=members, nonmembers=members, population=population
         )
+
+
+def test_a_sensitive_column_with_one_value_is_skipped_with_a_note(tiny_config, tmp_path):
+    from dptrain import pipeline
+    from dptrain.tracking.summary import format_audit
+
+    table = tmp_path / "one_site.csv"
+    table.write_text("x,site,y\n" + "".join(f"{i * 0.1:.1f},lyon,{i % 2}\n" for i in range(200)))
+    cfg = tiny_config(
+        "dataset=csv", f"dataset.path={table}", "dataset.target=y", "dataset.sensitive=site", "audit=fast",
+        "train.batch_size=32", "train.epochs=1",
+    )  # fmt: skip
+    _, report = pipeline.train(cfg, tmp_path / "run")
+    assert report["aia"] == {
+        "skipped": "dataset.sensitive=site has the single value 'lyon' on the members, non-members and population: "
+        "nothing to infer"
+    }
+    assert "attribute    skipped: dataset.sensitive=site has the single value 'lyon'" in format_audit(report)

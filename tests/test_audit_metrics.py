@@ -199,3 +199,30 @@ def test_vectorised_bootstrap_matches_recomputing_each_replicate(decimals):
     for target in (0.01, 0.1, 0.5):
         expected = [tpr_at_fpr(r, target) for r in replicates]
         assert np.array_equal(vectorised.tpr_at_fpr(target), expected)
+
+
+def test_bootstrap_in_chunks_gives_the_numbers_of_the_whole_bootstrap_at_once(monkeypatch):
+    from dptrain.audit import metrics
+
+    rng = np.random.default_rng(5)
+    members, nonmembers = np.round(rng.normal(0.4, 1, 150), 1), np.round(rng.normal(0, 1, 250), 1)
+    at_once = membership_metrics(members, nonmembers, n_bootstrap=60, seed=3)
+    assert metrics.BOOTSTRAP_CHUNK_ELEMENTS >= 60 * (150 + 250)  # the default takes all 60 in one chunk
+    for rows in (1, 7):
+        monkeypatch.setattr(metrics, "BOOTSTRAP_CHUNK_ELEMENTS", rows * (150 + 250))
+        assert membership_metrics(members, nonmembers, n_bootstrap=60, seed=3) == at_once
+
+
+def test_bootstrap_peak_memory_does_not_grow_with_the_replicates():
+    import tracemalloc
+
+    rng = np.random.default_rng(6)
+    members, nonmembers = rng.normal(0.2, 1, 5000), rng.normal(0, 1, 5000)
+    peaks = {}
+    for replicates in (250, 2500):
+        tracemalloc.start()
+        membership_metrics(members, nonmembers, n_bootstrap=replicates)
+        peaks[replicates] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # Unchunked, 2500 replicates hold ten times the (replicates, records) arrays of 250.
+    assert peaks[2500] < 1.3 * peaks[250]

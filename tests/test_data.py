@@ -126,7 +126,9 @@ CSV_TEXT = """age, city, grade, sex, income
 
 def test_csv_encodes_numeric_columns_raw_and_the_rest_one_hot_over_sorted_values(tmp_path):
     path = _write_csv(tmp_path / "people.csv", CSV_TEXT)
-    cfg = DatasetConfig(name="csv", path=path, target="income", sensitive="sex", categorical=["grade"])
+    cfg = DatasetConfig(
+        name="csv", path=path, target="income", sensitive="sex", categorical=["grade"], min_class_records=2
+    )
     _assert_matches_description(cfg)
     data = load(cfg)
     # age | city: lyon nice paris | grade: 2 9 10 (numeric order) | sex: f m
@@ -174,6 +176,153 @@ def test_csv_ragged_row_names_its_line(tmp_path):
     with pytest.raises(UserError) as error:
         describe(DatasetConfig(name="csv", path=path, target="y"))
     _assert_one_line(error, "line 3", "2 fields", "header has 3")
+
+
+def _numeric_table(path: Path, rows: int = 40, **replace: str) -> str:
+    """Columns x (distinct floats), k (0..4) and a balanced label y; ``replace`` maps "column:row" (1-based)
+    to a cell's text."""
+    lines = ["x,k,y"]
+    for row in range(1, rows + 1):
+        cells = {"x": f"{row * 0.37:.2f}", "k": str(row % 5), "y": str(row % 2)}
+        for where, text in replace.items():
+            column, at = where.split(":")
+            if int(at) == row:
+                cells[column] = text
+        lines.append(",".join(cells.values()))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("cell", "fragments"),
+    [
+        ("abc", ["row 7 (line 8)", "'abc' in numeric column x", "39 of its 40 cells are numbers", "dataset.categorical"]),
+        ('"1,5"', ["row 7 (line 8)", "'1,5' in numeric column x", "a decimal comma? write 1.5"]),
+        ("nan", ["row 7 (line 8)", "'nan' in numeric column x"]),
+    ],
+)
+def test_csv_a_bad_cell_in_a_numeric_column_is_an_error_naming_it_not_hundreds_of_one_hot_columns(
+    tmp_path, cell, fragments
+):
+    path = _numeric_table(tmp_path / "junk.csv", **{"x:7": cell})
+    with pytest.raises(UserError) as error:
+        describe(DatasetConfig(name="csv", path=path, target="y"))
+    _assert_one_line(error, f"dataset.path={path}", *fragments)
+
+
+def test_csv_rows_read_in_chunks_give_the_same_table_and_name_bad_cells_by_their_own_row(tmp_path, monkeypatch):
+    from dptrain.data import csv_table
+
+    path = _numeric_table(tmp_path / "table.csv")
+    whole = load(DatasetConfig(name="csv", path=path, target="y"))
+    monkeypatch.setattr(csv_table, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(csv_table, "_cache", {})
+    chunked = load(DatasetConfig(name="csv", path=path, target="y"))
+    assert torch.equal(chunked.features, whole.features) and torch.equal(chunked.labels, whole.labels)
+    junk = _numeric_table(tmp_path / "junk.csv", **{"x:3": "12.0.1", "x:32": "abc"})
+    with pytest.raises(UserError) as error:
+        describe(DatasetConfig(name="csv", path=junk, target="y"))
+    _assert_one_line(error, "row 3 (line 4)", "'12.0.1'", "38 of its 40 cells")
+    empty = _numeric_table(tmp_path / "empty.csv", **{"k:20": "", "x:21": ""})
+    with pytest.raises(UserError) as error:
+        describe(DatasetConfig(name="csv", path=empty, target="y"))
+    _assert_one_line(error, "row 20 (line 21)", "empty k cell")
+
+
+def test_csv_text_column_with_more_values_than_max_categories_is_refused_with_the_fixes(tmp_path):
+    rows = "".join(f"id{i},{i % 2}\n" for i in range(60))
+    path = _write_csv(tmp_path / "ids.csv", "customer,y\n" + rows)
+    with pytest.raises(UserError) as error:
+        describe(DatasetConfig(name="csv", path=path, target="y"))
+    _assert_one_line(error, "column customer", "more than dataset.max_categories=50", "raise dataset.max_categories")
+    assert describe(DatasetConfig(name="csv", path=path, target="y", max_categories=60)).input_shape == (60,)
+
+
+def test_csv_categorical_or_sensitive_column_over_the_limit_is_refused_with_its_fix(tmp_path):
+    path = _numeric_table(tmp_path / "table.csv")
+    cfg = DatasetConfig(name="csv", path=path, target="y", categorical=["x"], max_categories=30)
+    with pytest.raises(UserError) as error:
+        describe(cfg)
+    _assert_one_line(
+        error, "column x (listed in dataset.categorical", "dataset.max_categories=30", "remove x from dataset.categorical"
+    )
+    with pytest.raises(UserError) as error:
+        describe(dataclasses.replace(cfg, categorical=[], sensitive="x"))
+    _assert_one_line(error, "column x (dataset.sensitive", "name a categorical column as dataset.sensitive")
+    # k has 5 values: within the limit, one-hot over 0..4 next to x.
+    assert describe(dataclasses.replace(cfg, categorical=["k"])).input_shape == (1 + 5,)
+
+
+@pytest.mark.parametrize("key", ["max_categories", "min_class_records"])
+def test_csv_limits_must_be_positive(tmp_path, key):
+    path = _numeric_table(tmp_path / "table.csv")
+    with pytest.raises(UserError) as error:
+        describe(DatasetConfig(name="csv", path=path, target="y", **{key: 0}))
+    _assert_one_line(error, f"dataset.{key}=0 must be a positive integer")
+
+
+def test_csv_stray_target_value_is_refused_listing_the_class_counts(tmp_path):
+    path = _numeric_table(tmp_path / "labels.csv", **{"y:9": "1.0"})
+    with pytest.raises(UserError) as error:
+        describe(DatasetConfig(name="csv", path=path, target="y"))
+    _assert_one_line(
+        error,
+        "dataset.target=y has 1 class(es) with fewer than dataset.min_class_records=10 records",
+        "the first '1.0' at row 9 (line 10)",
+        "'1.0' is the number of another class",
+        "class counts: '0' 20, '1' 19, '1.0' 1",
+        "lower dataset.min_class_records",
+    )
+    assert describe(DatasetConfig(name="csv", path=path, target="y", min_class_records=1)).num_classes == 3
+
+
+def test_csv_load_logs_the_class_counts(tmp_path, caplog):
+    path = _numeric_table(tmp_path / "table.csv")
+    with caplog.at_level("INFO", logger="dptrain.data.csv_table"):
+        load(DatasetConfig(name="csv", path=path, target="y"))
+    assert "dataset.target=y: class counts '0' 20, '1' 20" in caplog.text
+
+
+def test_csv_value_beyond_float32_range_is_refused_naming_row_and_column(tmp_path):
+    path = _numeric_table(tmp_path / "huge.csv", **{"x:5": "1e308"})
+    with pytest.raises(UserError) as error:
+        describe(DatasetConfig(name="csv", path=path, target="y"))
+    _assert_one_line(error, "row 5 (line 6)", "1e+308 in numeric column x", "beyond float32's range")
+
+
+def test_csv_is_parsed_once_per_process_until_the_file_changes(tmp_path, monkeypatch):
+    from dptrain.data import csv_table
+
+    readers = []
+    real_reader = csv_table.csv.reader
+
+    def counted(handle, *args, **kwargs):
+        reader = real_reader(handle, *args, **kwargs)
+        readers.append(reader)
+        return reader
+
+    monkeypatch.setattr(csv_table.csv, "reader", counted)
+    path = _numeric_table(tmp_path / "table.csv")
+    cfg = DatasetConfig(name="csv", path=path, target="y")
+    describe(cfg)
+    load(cfg)
+    # A reader that went past the header read the rows: exactly one did.
+    assert sum(reader.line_num > 1 for reader in readers) == 1
+    _numeric_table(tmp_path / "table.csv", rows=50)
+    assert len(load(cfg)) == 50
+    assert sum(reader.line_num > 1 for reader in readers) == 2
+
+
+def test_csv_unicode_column_names_work_through_compose_with_quoted_overrides(tmp_path, tiny_config):
+    path = _write_csv(
+        tmp_path / "people.csv",
+        "größe,ville é,état\n" + "".join(f"{150 + i},{'paris' if i % 3 else 'nîmes'},{i % 2}\n" for i in range(40)),
+    )
+    # The quotes are Hydra's (its unquoted values are ASCII); in a shell, protect them: "dataset.target='état'".
+    cfg = tiny_config("dataset=csv", f"dataset.path={path}", "dataset.target='état'", "dataset.sensitive='ville é'")
+    data = load(cfg.dataset)
+    assert data.input_shape == (3,) and data.sensitive.value_names == ["nîmes", "paris"]
+    assert data.features[0].tolist() == [150, 1, 0]
 
 
 # --- torchvision datasets, on tiny files in each dataset's own format -----------------------------

@@ -348,10 +348,23 @@ def _percentile_interval(samples: np.ndarray, confidence: float) -> Interval:
     return Interval(low=float(low), high=float(high), confidence=confidence)
 
 
+# Replicates x records of one bootstrap array held at a time (16 MB as int64): the bootstrap works
+# through its replicates in chunks of this size, so its memory is O(records + replicates). The
+# default audit's 1000 replicates of 1150 records fit in one chunk.
+BOOTSTRAP_CHUNK_ELEMENTS = 2**21
+
+
 def _resample_counts(rng: np.random.Generator, size: int, replicates: int) -> np.ndarray:
     """(replicates, size) multiplicities of ``size`` records drawn with replacement, one row per
-    replicate (a Multinomial(size, uniform) draw, from uniform indices: several times faster)."""
-    drawn = rng.integers(0, size, size=(replicates, size)) + size * np.arange(replicates)[:, None]
+    replicate (a Multinomial(size, uniform) draw, from uniform indices: several times faster).
+
+    Index floor(size * U) of a uniform double U (probabilities uniform within size / 2^53) consumes
+    exactly one output of the generator, unlike ``Generator.integers``, whose 32-bit draws are
+    buffered within a call and rejected a data-dependent number of times: so rows drawn in chunks
+    are the rows drawn at once.
+    """
+    drawn = np.minimum((rng.random((replicates, size)) * size).astype(np.int64), size - 1)
+    drawn += size * np.arange(replicates)[:, None]
     return np.bincount(drawn.ravel(), minlength=replicates * size).reshape(replicates, size)
 
 
@@ -409,6 +422,41 @@ class _Replicates:
         return (m - not_above) / m
 
 
+def _bootstrap(
+    members: np.ndarray,
+    nonmembers: np.ndarray,
+    n_bootstrap: int,
+    fpr_targets: dict[str, float],
+    seed: np.random.SeedSequence,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """AUC and TPR at each of ``fpr_targets`` (by key) of ``n_bootstrap`` replicates, members and
+    non-members each resampled from a stream of their own, BOOTSTRAP_CHUNK_ELEMENTS at a time.
+
+    The streams do not depend on the chunk size, so neither do the samples: chunking bounds the
+    memory (O(m + n + n_bootstrap), not O((m + n) n_bootstrap)) and nothing else.
+    """
+    member_rng, nonmember_rng = (np.random.default_rng(stream) for stream in seed.spawn(2))
+    sorted_members, sorted_nonmembers = np.sort(members), np.sort(nonmembers)
+    auc_samples = np.empty(n_bootstrap)
+    tpr_samples = {key: np.empty(n_bootstrap) for key in fpr_targets}
+    rows = max(1, BOOTSTRAP_CHUNK_ELEMENTS // (members.size + nonmembers.size))
+    for start in range(0, n_bootstrap, rows):
+        chunk = slice(start, min(start + rows, n_bootstrap))
+        count = chunk.stop - chunk.start
+        replicates = _Replicates(
+            sorted_members,
+            sorted_nonmembers,
+            _resample_counts(member_rng, members.size, count),
+            _resample_counts(nonmember_rng, nonmembers.size, count),
+        )
+        auc_samples[chunk] = replicates.auc()
+        for key, target in fpr_targets.items():
+            tpr_samples[key][chunk] = replicates.tpr_at_fpr(target)
+        # Freed before the next chunk is drawn, not after: one chunk's arrays at a time.
+        del replicates
+    return auc_samples, tpr_samples
+
+
 def membership_metrics(
     member_scores: Sequence[float] | np.ndarray,
     nonmember_scores: Sequence[float] | np.ndarray,
@@ -424,7 +472,8 @@ def membership_metrics(
     Intervals are percentile bootstrap intervals (Efron & Tibshirani 1993) at level
     ``confidence``: members and non-members are resampled with replacement
     separately, so every replicate keeps the observed counts; ``n_bootstrap``
-    replicates, seeded by ``seed``. The epsilon bound is ``epsilon_lower_bound`` at
+    replicates, seeded by ``seed``, drawn and measured in chunks (``_bootstrap``), so
+    memory stays O(m + n + n_bootstrap). The epsilon bound is ``epsilon_lower_bound`` at
     ``delta`` and ``confidence``. TPR at FPR follows ``tpr_at_fpr`` (``None`` where
     fewer than 1 / target non-members were scored).
     """
@@ -433,22 +482,12 @@ def membership_metrics(
     members = _scores(member_scores, "member_scores")
     nonmembers = _scores(nonmember_scores, "nonmember_scores")
     bootstrap_seed, split_seed = np.random.SeedSequence(seed).spawn(2)
-    rng = np.random.default_rng(bootstrap_seed)
 
     roc = _roc(members, nonmembers)
     keys = [fpr_key(t) for t in fpr_targets]
     tprs = {key: tpr_at_fpr(roc, t) for key, t in zip(keys, fpr_targets)}
-
-    replicates = _Replicates(
-        np.sort(members),
-        np.sort(nonmembers),
-        _resample_counts(rng, members.size, n_bootstrap),
-        _resample_counts(rng, nonmembers.size, n_bootstrap),
-    )
-    auc_samples = replicates.auc()
-    tpr_samples = {
-        key: replicates.tpr_at_fpr(target) for key, target in zip(keys, fpr_targets) if tprs[key] is not None
-    }
+    measured = {key: target for key, target in zip(keys, fpr_targets) if tprs[key] is not None}
+    auc_samples, tpr_samples = _bootstrap(members, nonmembers, n_bootstrap, measured, bootstrap_seed)
 
     return MembershipMetrics(
         auc=auc(roc),

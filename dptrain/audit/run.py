@@ -176,6 +176,14 @@ def _aia(target: AuditTarget) -> dict:
     records = _concat(data.members, data.non_members, population)
     x, y = records.tensors
     codes = torch.cat([sensitive.codes[torch.from_numpy(p)] for p in (split.members, split.non_members, split.population[keep])])
+    values = codes.unique()
+    if len(values) < 2:
+        # Attack and imputation would both be right every time: 1.000 vs 1.000 measures nothing.
+        only = sensitive.value_names[int(values[0])]
+        return {
+            "skipped": f"dataset.sensitive={sensitive.name} has the single value {only!r} on the members, "
+            "non-members and population: nothing to infer"
+        }
     attribute = dataclasses.replace(sensitive, codes=codes)
     m, n = len(data.members), len(data.members) + len(data.non_members)
     prior = np.bincount(codes[n:].numpy(), minlength=len(sensitive.value_names)) / (len(records) - n)

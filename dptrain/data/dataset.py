@@ -97,8 +97,9 @@ class DatasetSource(Protocol):
 
     name: str
 
-    def describe(self, cfg: DatasetConfig) -> DatasetInfo:
-        """Return the dataset's description without loading its arrays or downloading."""
+    def describe(self, cfg: DatasetConfig, progress: bool = False) -> DatasetInfo:
+        """Return the dataset's description without loading its arrays or downloading; ``progress``
+        allows a progress bar while a source reads a large file."""
 
-    def load(self, cfg: DatasetConfig) -> LabeledData:
+    def load(self, cfg: DatasetConfig, progress: bool = False) -> LabeledData:
         """Return the whole dataset in canonical order."""

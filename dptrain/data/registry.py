@@ -27,11 +27,15 @@ def get_source(name: str) -> DatasetSource:
     return DATASETS[name]
 
 
-def describe(cfg: DatasetConfig) -> DatasetInfo:
-    """Return the dataset's description; cheap (no big arrays, no download), so config validation can call it."""
-    return get_source(cfg.name).describe(cfg)
+def describe(cfg: DatasetConfig, progress: bool = False) -> DatasetInfo:
+    """Return the dataset's description; cheap (no big arrays, no download), so config validation can call it.
+
+    A user's CSV file is read and checked here, once per process (``load`` reuses the parse),
+    with a progress bar for a large file when ``progress`` and on a terminal.
+    """
+    return get_source(cfg.name).describe(cfg, progress)
 
 
-def load(cfg: DatasetConfig) -> LabeledData:
+def load(cfg: DatasetConfig, progress: bool = False) -> LabeledData:
     """Return the whole dataset in its canonical order (downloading only when ``dataset.download`` is true)."""
-    return get_source(cfg.name).load(cfg)
+    return get_source(cfg.name).load(cfg, progress)

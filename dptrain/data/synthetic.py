@@ -34,7 +34,7 @@ class SyntheticDataset:
 
     name = "synthetic"
 
-    def describe(self, cfg: DatasetConfig) -> DatasetInfo:
+    def describe(self, cfg: DatasetConfig, progress: bool = False) -> DatasetInfo:
         """Return the table's shape from the config, after checking its fields."""
         _check(cfg)
         return DatasetInfo(
@@ -47,7 +47,7 @@ class SyntheticDataset:
             sensitive=SENSITIVE_NAME,
         )
 
-    def load(self, cfg: DatasetConfig) -> LabeledData:
+    def load(self, cfg: DatasetConfig, progress: bool = False) -> LabeledData:
         """Return the generated table; the group column is flagged non-numeric so it is never standardized."""
         _check(cfg)
         n, d, k = cfg.n_samples, cfg.n_features, cfg.n_classes

@@ -29,7 +29,7 @@ class SklearnDataset:
     loader: str
     scale: float = 1.0
 
-    def describe(self, cfg: DatasetConfig) -> DatasetInfo:
+    def describe(self, cfg: DatasetConfig, progress: bool = False) -> DatasetInfo:
         """Return the published constants; nothing is read."""
         return DatasetInfo(
             name=self.name,
@@ -41,7 +41,7 @@ class SklearnDataset:
             sensitive=None,
         )
 
-    def load(self, cfg: DatasetConfig) -> LabeledData:
+    def load(self, cfg: DatasetConfig, progress: bool = False) -> LabeledData:
         """Return the features (divided by ``scale``, shaped ``input_shape``) and labels, in scikit-learn's order."""
         import sklearn.datasets
 

@@ -40,7 +40,7 @@ class TorchvisionDataset:
     std: tuple[float, ...]
     num_classes: int = 10
 
-    def describe(self, cfg: DatasetConfig) -> DatasetInfo:
+    def describe(self, cfg: DatasetConfig, progress: bool = False) -> DatasetInfo:
         """Return the published sizes after checking torchvision is installed and, without download, the files exist."""
         if importlib.util.find_spec("torchvision") is None:
             raise UserError(self._needs_torchvision())
@@ -55,7 +55,7 @@ class TorchvisionDataset:
             sensitive=None,
         )
 
-    def load(self, cfg: DatasetConfig) -> LabeledData:
+    def load(self, cfg: DatasetConfig, progress: bool = False) -> LabeledData:
         """Return the official train images followed by the official test images, normalized, as NCHW float32."""
         try:
             import torchvision.datasets

@@ -18,12 +18,16 @@ def format_summary(metrics: Mapping, report: Mapping | None, run_dir: str | Path
         )
     else:
         privacy = "none: non-private baseline (no clipping, no noise, epsilon = inf)"
+    federated = "rounds" in metrics
+    # A federated run's train accuracy is measured on the records the audit treats as members.
+    records = f"{metrics['honest_members']} audited" if federated else str(metrics["members"])
     lines = [
-        f"test accuracy  {metrics['test_accuracy']:.4f}   (train {metrics['train_accuracy']:.4f},"
-        f" {metrics['members']} training records, {metrics['train_seconds']:.1f} s)",
+        f"test accuracy  {metrics['test_accuracy']:.4f}   (train {metrics['train_accuracy']:.4f}"
+        f" on {records} member records)",
+        f"training       {format_training_time(metrics)}",
         f"privacy        {privacy}",
     ]
-    if "rounds" in metrics:
+    if federated:
         lines += format_federation(metrics)
     if metrics.get("world_size", 1) > 1:
         how = {
@@ -41,6 +45,20 @@ def format_summary(metrics: Mapping, report: Mapping | None, run_dir: str | Path
     return "\n".join(lines)
 
 
+def format_training_time(metrics: Mapping) -> str:
+    """What the training stage took: ``train_seconds`` counts only optimizer steps (federated: the
+    rounds' local training and aggregation); ``wall_seconds``, what the progress bar shows, adds
+    the per-epoch (per-round) evaluation, accounting, TensorBoard and checkpoints."""
+    if "rounds" in metrics:
+        measured, unit = "rounds (local training and aggregation)", "round"
+    else:
+        measured, unit = "optimizer steps", "epoch"
+    return (
+        f"{metrics['train_seconds']:.1f} s in {measured}, {metrics['wall_seconds']:.1f} s wall incl. per-{unit}"
+        " evaluation, accounting, TensorBoard, checkpoints"
+    )
+
+
 def format_federation(metrics: Mapping) -> list[str]:
     """The federated run's lines: clients, rounds, attack and aggregator, whose epsilon the privacy line
     reports, and the backdoor's success rate next to clean accuracy."""
@@ -50,7 +68,8 @@ def format_federation(metrics: Mapping) -> list[str]:
     lines = [
         f"federation     {metrics['clients']} clients ({metrics['byzantine']} Byzantine, attack {metrics['attack']}),"
         f" {metrics['rounds']} rounds of {per_round}, aggregator {pre}{metrics['aggregator']},"
-        f" {metrics['partition']} partition, {metrics['honest_members']} honest records"
+        f" {metrics['partition']} partition, {metrics['members']} member records, {metrics['honest_members']}"
+        " of them on honest clients that trained (audited)"
     ]
     if metrics["private"]:
         whose = (

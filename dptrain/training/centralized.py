@@ -209,6 +209,7 @@ def train_target(
         "audited_members": len(audited.members),
         "canaries_included": 0 if canaries is None else int(canaries.included.sum()),
         "train_seconds": trained.train_seconds,
+        "wall_seconds": trained.wall_seconds,
         "replaced_modules": trained.replaced_modules,
         "world_size": ranks.world_size(),
         "parallel_mode": parallel_mode(cfg),

@@ -20,6 +20,9 @@ class Checkpoint:
     fresh budget. ``rng`` holds the global torch RNG and the sampling and
     noise generators (centralized: a list with one entry per rank; federated:
     the server's), so the resumed epochs draw what the uninterrupted run would.
+    ``train_seconds`` and ``wall_seconds`` are the time spent so far in optimizer
+    steps (rounds) and in the whole loop; the wall clock defaults to 0 for a
+    checkpoint written before it was recorded.
     """
 
     epochs_done: int
@@ -30,6 +33,7 @@ class Checkpoint:
     accountant: dict | None
     rng: list | dict
     train_seconds: float
+    wall_seconds: float = 0.0
 
     def save(self, run_dir: str | Path) -> Path:
         return save_torch_atomic(Path(run_dir) / CHECKPOINT, asdict(self))

@@ -312,7 +312,7 @@ class FederatedServer:
         honest = [c for c in self.clients if c.ledger is not None and not c.byzantine]
         return max((c.ledger.check_spent(f"federated client {c.id}") for c in honest), default=0.0)
 
-    def checkpoint(self, rounds_done: int, train_seconds: float) -> Checkpoint:
+    def checkpoint(self, rounds_done: int, train_seconds: float, wall_seconds: float) -> Checkpoint:
         """The state after ``rounds_done`` rounds in the recipe's ``Checkpoint``: the global model, the
         aggregator's state as the server's optimizer, every ledger, and the RNG state."""
         if self.ledger is not None:
@@ -334,6 +334,7 @@ class FederatedServer:
                 "noise": self.noise.get_state(),
             },
             train_seconds=train_seconds,
+            wall_seconds=wall_seconds,
         )
 
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -453,6 +454,7 @@ class Federation:
     replaced_modules: list[str]
     backdoor: Attack | None
     train_seconds: float
+    wall_seconds: float
     aggregation_seconds: float
     byzantine_fractions: list[float]
 
@@ -485,10 +487,10 @@ def train_federation(
     server = FederatedServer(cfg, plan, _clients(members, num_classes, parts, plan, poisoning), model, device)
     # The poisoning clients' own attack, for its trigger.
     backdoor = poisoning if poisoning.trigger is not None else None
-    start, train_seconds = 0, 0.0
+    start, train_seconds, wall_seconds = 0, 0.0, 0.0
     if checkpoint is not None:
         server.restore(checkpoint)
-        start, train_seconds = checkpoint.epochs_done, checkpoint.train_seconds
+        start, train_seconds, wall_seconds = checkpoint.epochs_done, checkpoint.train_seconds, checkpoint.wall_seconds
         log.info("resuming after round %d of %d", start, cfg.federation.rounds)
 
     fractions, aggregation_seconds = [], 0.0
@@ -496,6 +498,7 @@ def train_federation(
     bar = tqdm(
         range(start, rounds), desc="rounds", unit="round", initial=start, total=rounds, disable=not cfg.train.progress
     )
+    loop_started = time.perf_counter() - wall_seconds
     for round_index in bar:
         started = time.perf_counter()
         record = server.run_round(round_index)
@@ -520,10 +523,11 @@ def train_federation(
             _log_round(tb, round_index + 1, record, values)
             bar.set_postfix(acc=f"{test_accuracy:.3f}", eps="inf" if epsilon is None else f"{epsilon:.2f}")
         if run_dir is not None and cfg.train.checkpoint:
-            server.checkpoint(round_index + 1, train_seconds).save(run_dir)
+            server.checkpoint(round_index + 1, train_seconds, time.perf_counter() - loop_started).save(run_dir)
     bar.close()
     server.check_spent()
-    return Federation(server, parts, replaced, backdoor, train_seconds, aggregation_seconds, fractions)
+    wall_seconds = time.perf_counter() - loop_started
+    return Federation(server, parts, replaced, backdoor, train_seconds, wall_seconds, aggregation_seconds, fractions)
 
 
 def train_target(
@@ -556,6 +560,7 @@ def train_target(
     metrics.update(
         honest_members=len(honest_trained(federation.parts, plan)),
         train_seconds=federation.train_seconds,
+        wall_seconds=federation.wall_seconds,
         aggregation_seconds=federation.aggregation_seconds,
         replaced_modules=federation.replaced_modules,
         byzantine_selected_fraction=float(np.mean(fractions)) if fractions else None,

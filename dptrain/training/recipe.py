@@ -36,13 +36,16 @@ RANK_SEED_STRIDE = 1000
 
 @dataclass
 class TrainedModel:
-    """A trained model (plain ``nn.Module``, Opacus wrappers removed) and what its training spent."""
+    """A trained model (plain ``nn.Module``, Opacus wrappers removed) and what its training spent:
+    ``train_seconds`` in optimizer steps, ``wall_seconds`` in the whole epoch loop (with per-epoch
+    evaluation, accounting, TensorBoard and checkpoints), both summed over resumed runs."""
 
     model: nn.Module
     plan: PrivacyPlan
     epsilon: float | None
     steps: int
     train_seconds: float
+    wall_seconds: float
     last_epoch: EpochStats | None
     replaced_modules: list[str]
     # The ledger's charged (noise_multiplier, sample_rate, steps) blocks; [] for the baseline.
@@ -150,7 +153,7 @@ def train_model(
     if mode == "robust":
         gather_updates(training, cfg)
     config_hash = recipe_hash(cfg)
-    start_epoch, train_seconds = 0, 0.0
+    start_epoch, train_seconds, wall_seconds = 0, 0.0, 0.0
     if checkpoint is not None:
         unwrap(training.model).load_state_dict(checkpoint.model)
         training.optimizer.load_state_dict(checkpoint.optimizer)
@@ -159,6 +162,7 @@ def train_model(
         training.load_ledger_state(checkpoint.accountant)
         _restore_rng(checkpoint.rng, sampling, noise, data_parallel=mode is not None)
         start_epoch, train_seconds = checkpoint.epochs_done, checkpoint.train_seconds
+        wall_seconds = checkpoint.wall_seconds
         log.info("resuming after epoch %d of %d", start_epoch, train.epochs)
 
     stats = None
@@ -170,6 +174,7 @@ def train_model(
         total=train.epochs,
         disable=not (train.progress and tb is not None),
     )
+    loop_started = time.perf_counter() - wall_seconds
     for epoch in bar:
         started = time.perf_counter()
         lr = training.optimizer.param_groups[0]["lr"]
@@ -210,8 +215,10 @@ def train_model(
                 accountant=training.ledger_state(),
                 rng=rng_states,
                 train_seconds=train_seconds,
+                wall_seconds=time.perf_counter() - loop_started,
             ).save(run_dir)
     bar.close()
+    wall_seconds = time.perf_counter() - loop_started
 
     epsilon = None if training.ledger is None else training.ledger.check_spent("training")
     if mode == "robust" and epsilon is not None:
@@ -223,6 +230,7 @@ def train_model(
         epsilon=epsilon,
         steps=train.epochs * plan.steps_per_epoch,
         train_seconds=train_seconds,
+        wall_seconds=wall_seconds,
         last_epoch=stats,
         replaced_modules=replaced,
         mechanisms=[] if training.ledger is None else training.ledger.mechanisms(),

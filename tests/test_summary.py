@@ -1,0 +1,87 @@
+"""The printed run summary says what each number measures: which records, which seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dptrain import pipeline
+from dptrain.tracking.summary import format_summary
+from dptrain.training import loop
+from dptrain.training.checkpoint import Checkpoint
+
+CENTRALIZED = {
+    "private": False,
+    "test_accuracy": 0.9,
+    "train_accuracy": 0.95,
+    "members": 575,
+    "train_seconds": 1.21,
+    "wall_seconds": 2.04,
+}
+
+FEDERATED = {
+    **CENTRALIZED,
+    "rounds": 8,
+    "clients": 10,
+    "clients_per_round": 10,
+    "byzantine": 2,
+    "attack": "sign_flip",
+    "aggregator": "median",
+    "pre": [],
+    "partition": "iid",
+    "dp_level": "sample",
+    "honest_members": 461,
+}
+
+
+def _lines(metrics: dict) -> list[str]:
+    return format_summary(metrics, None, "outputs/run").splitlines()
+
+
+def test_summary_names_the_records_and_both_training_times():
+    lines = _lines(CENTRALIZED)
+    assert lines[0] == "test accuracy  0.9000   (train 0.9500 on 575 member records)"
+    assert lines[1] == (
+        "training       1.2 s in optimizer steps, 2.0 s wall incl. per-epoch evaluation, accounting, TensorBoard,"
+        " checkpoints"
+    )
+
+
+def test_federated_summary_says_which_member_records_are_audited():
+    lines = _lines(FEDERATED)
+    assert lines[0] == "test accuracy  0.9000   (train 0.9500 on 461 audited member records)"
+    assert lines[1].startswith("training       1.2 s in rounds (local training and aggregation), 2.0 s wall incl.")
+    federation = next(line for line in lines if line.startswith("federation"))
+    assert federation.endswith("575 member records, 461 of them on honest clients that trained (audited)")
+
+
+def test_wall_seconds_cover_the_steps_and_add_up_over_a_resume(tiny_config, tmp_path, monkeypatch):
+    overrides, calls = ("train.epochs=3",), []
+
+    def interrupted_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return loop.train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(tiny_config(*overrides), tmp_path)
+    monkeypatch.undo()
+    path = tmp_path / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    assert 0 < saved["train_seconds"] <= saved["wall_seconds"]
+    # As if the first epoch had taken 100 s of steps in 1000 s of wall time: the resumed run adds to both.
+    saved.update(train_seconds=100.0, wall_seconds=1000.0)
+    Checkpoint(**saved).save(tmp_path)
+    metrics, _ = pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path}"), tmp_path)
+    assert 100 < metrics["train_seconds"] < 1000 < metrics["wall_seconds"] < 1100
+
+
+def test_federated_metrics_have_the_wall_seconds_of_the_rounds(tiny_config, tmp_path):
+    metrics, _ = pipeline.train(
+        tiny_config("federation=fedavg", "federation.clients=4", "federation.rounds=2", "train.batch_size=32",
+                    "privacy.target_epsilon=inf"),
+        tmp_path,
+    )  # fmt: skip
+    assert 0 < metrics["train_seconds"] <= metrics["wall_seconds"]

@@ -37,7 +37,7 @@ AGGREGATORS = (
 # IPM at the paper's epsilon = 0.1 stays close to the honest updates (aimed at robust rules);
 # at epsilon = 10 four Byzantine clients out of twenty reverse the mean's direction.
 ATTACKS = {
-    "none": ["attack=none"],
+    "none": ["attack=none", "attack.byzantine=0"],
     "sign_flip": ["attack=sign_flip"],
     "alie": ["attack=alie"],
     "ipm ε=0.1": ["attack=ipm"],

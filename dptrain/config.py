@@ -179,11 +179,22 @@ class CanaryAuditConfig:
 
 
 @dataclass
+class WhiteboxAuditConfig:
+    # The implementation audit: separate trainings of the target's DP-SGD mechanism with `canaries`
+    # Dirac gradient canaries each, `runs` of them, scored from every step, the final model, or both.
+    enabled: bool = False
+    canaries: int = 1000
+    runs: int = 1
+    setting: str = "all_iterates"
+
+
+@dataclass
 class AuditConfig:
     name: str = "standard"
     mia: MembershipAuditConfig = field(default_factory=MembershipAuditConfig)
     aia: AttributeAuditConfig = field(default_factory=AttributeAuditConfig)
     canaries: CanaryAuditConfig = field(default_factory=CanaryAuditConfig)
+    whitebox: WhiteboxAuditConfig = field(default_factory=WhiteboxAuditConfig)
     confidence: float = 0.95
     seed: int = 0
     # Processes that train reference models; null: one per two cores, at most one per model.
@@ -236,7 +247,8 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "step")
 FEDERATIONS = ("none", "fedavg")
-AUDIT_LEVELS = ("standard", "fast", "thorough", "none")
+AUDIT_LEVELS = ("standard", "fast", "thorough", "implementation", "none")
+WHITEBOX_SETTINGS = ("all_iterates", "final_model", "both")
 MIA_ATTACKS = ("loss", "rmia", "lira")
 AIA_RULES = ("imputation_prior", "loss", "confidence_prior")
 
@@ -493,6 +505,14 @@ def _validate_audit(audit: AuditConfig, population: int) -> None:
     _positive("audit.mia.bootstrap", audit.mia.bootstrap)
     if audit.workers is not None:
         _positive("audit.workers", audit.workers, "or null for one per two cores")
+    whitebox = audit.whitebox
+    _choice("audit.whitebox.setting", whitebox.setting, WHITEBOX_SETTINGS)
+    if whitebox.canaries < 2:
+        raise UserError(
+            f"audit.whitebox.canaries={whitebox.canaries} must be at least 2: the bound guesses on canaries, "
+            "use e.g. 1000"
+        )
+    _positive("audit.whitebox.runs", whitebox.runs, "the number of separate audit trainings, e.g. 1")
     if not 0 <= audit.canaries.count <= population // 2:
         raise UserError(
             f"audit.canaries.count={audit.canaries.count} must be between 0 and half the {population} population "

@@ -1,5 +1,6 @@
 """The post-training audit of a run: membership inference (LOSS, RMIA, LiRA), attribute inference
-against imputation, the one-run canary bound, sanity guards, and their TensorBoard panels."""
+against imputation, the one-run canary bound, the white-box implementation audit, sanity guards,
+and their TensorBoard panels."""
 
 from __future__ import annotations
 
@@ -15,14 +16,19 @@ from torch.utils.data import TensorDataset
 
 from dptrain.audit.attribute import attribute_inference_audit
 from dptrain.audit.canary import one_run_audit
+from dptrain.audit.canary_clients import CanaryClients
+from dptrain.audit.implementation import AuditedMechanism, implementation_audit
+from dptrain.audit.whitebox import implementation_results
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, membership_metrics, roc_curve
 from dptrain.audit.reference import ReferenceModels, default_workers, train_references
 from dptrain.data import Canaries, SplitData, population_without
 from dptrain.privacy import PrivacyPlan
 from dptrain.tracking.figures import roc_figure
+from dptrain.tracking.summary import format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
+from dptrain.training.distributed import parallel_mode, shard
 from dptrain.training.loop import predict
 
 log = logging.getLogger(__name__)
@@ -210,6 +216,57 @@ def _canary(target: AuditTarget, warnings: list[str]) -> dict | None:
     return result
 
 
+def _audited_mechanism(target: AuditTarget):
+    """The mechanism whose guarantee the run reports, as the implementation audit repeats it.
+
+    Federated sample level: the reported (worst) honest client's local DP-SGD, on records of its
+    count; user level: the DP-FedAvg server with canary clients. Robust data parallelism: one
+    worker's local DP-SGD on its shard's count, in this process. DPDDP: the multi-process
+    mechanism, run by every rank. The canaries' releases do not depend on which real records
+    train beside them, only on the mechanism.
+    """
+    cfg, plan, data = target.cfg, target.plan, target.data
+    shape, classes = data.input_shape, data.num_classes
+    if cfg.federation.name == "fedavg":
+        from dptrain.training.clients import clients_per_round
+        from dptrain.training.federated import dp_fedavg
+
+        if plan.dp_level == "user":
+            dimension = sum(p.numel() for p in target.model.parameters())
+            return CanaryClients(plan, dp_fedavg, clients_per_round(cfg), dimension)
+        client = plan.reported_client
+        records = TensorDataset(*(t[: plan.client_sizes[client]] for t in data.members.tensors))
+        return AuditedMechanism(
+            plan.client_plans[client], records, shape, classes, f"federated client {client}: local DP-SGD (sample level)"
+        )
+    mode = parallel_mode(cfg)
+    if mode == "robust":
+        world = ranks.world_size()
+        return AuditedMechanism(
+            plan, shard(data.members, 0, world), shape, classes, f"worker 0 of {world}: local DP-SGD (robust data parallelism)"
+        )
+    if mode == "dpddp":
+        return AuditedMechanism(plan, data.members, shape, classes, f"DPDDP over {ranks.world_size()} processes", True)
+    return AuditedMechanism(plan, data.members, shape, classes, "centralized DP-SGD")
+
+
+def _implementation(target: AuditTarget, warnings: list[str]) -> dict | None:
+    """The white-box implementation audit (``audit.whitebox``), or None when it is off.
+
+    Every rank calls this: under DPDDP the audit runs are collective; elsewhere rank 0 runs them
+    alone and the other ranks return at once.
+    """
+    if not target.cfg.audit.whitebox.enabled:
+        return None
+    mechanism = _audited_mechanism(target)
+    if not (mechanism.distributed or ranks.is_main()):
+        return None
+    result = implementation_audit(target.cfg, mechanism, target.epsilon, target.device)
+    for setting, record in implementation_results(result).items():
+        _guard(f"implementation ({setting})", None, record["epsilon_lower_bound"], target.epsilon, warnings)
+    return result
+
+
 def run_audit(target: AuditTarget, run_dir, tb: TensorBoardLog | None) -> dict | None:
     """Audit ``target`` as ``target.cfg.audit`` says; return ``audit.json``'s content and draw the TensorBoard panels.
 
@@ -238,6 +295,7 @@ def run_audit(target: AuditTarget, run_dir, tb: TensorBoardLog | None) -> dict |
         "mia": mia,
         "aia": _aia(target),
         "canary": _canary(target, warnings),
+        "implementation": _implementation(target, warnings),
         "reference_models": references,
         "warnings": warnings,
     }
@@ -266,6 +324,9 @@ def audit_scalars(report: dict) -> dict[str, float | None]:
         values["audit/aia/leakage"] = aia["leakage"]["accuracy"]
     if report["canary"] is not None:
         values["audit/canary/eps_lb"] = report["canary"]["epsilon_lower_bound"]
+    for setting, record in implementation_results(report.get("implementation")).items():
+        values[f"audit/implementation/{setting}/eps_lb"] = record["epsilon_lower_bound"]
+        values[f"audit/implementation/{setting}/eps_estimate"] = record["epsilon_estimate"]
     return values
 
 
@@ -298,6 +359,7 @@ def _tensorboard(tb: TensorBoardLog, report: dict, scores: dict) -> None:
     text = [summary_table(report)] if report["mia"] else []
     if "skipped" in report["aia"]:
         text.append(f"Attribute inference skipped: {report['aia']['skipped']}.")
+    text += format_implementation(report["implementation"])
     if report["warnings"]:
         text.append("**Warnings**: " + "; ".join(report["warnings"]))
     tb.text("audit/summary", "\n\n".join(text) or "no attacks were run")

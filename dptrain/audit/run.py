@@ -274,13 +274,15 @@ def run_audit(target: AuditTarget, run_dir, tb: TensorBoardLog | None) -> dict |
     same distribution); every number carries the counts it was measured on.
     A lower bound above the accountant's epsilon, or an AUC below 0.4, is
     logged at error level and listed under ``warnings``. In a multi-process
-    run every rank calls this: the reference models are trained across ranks
-    and only rank 0 attacks, writes and returns the report (others get None).
+    run every rank calls this: the reference models (and a DPDDP run's
+    implementation audit) are trained across ranks and only rank 0 attacks,
+    writes and returns the report (others get None).
     """
     if not ranks.is_main():
-        # Other ranks of a multi-process run only share the reference models' training.
+        # Other ranks of a multi-process run only share the reference models' and audit runs' training.
         if _needs_references(target.cfg.audit):
             _references(target, run_dir)
+        _implementation(target, [])
         return None
     started = time.perf_counter()
     warnings: list[str] = []

@@ -13,6 +13,7 @@ against the accountant's epsilon, for any statistic that does not look at the co
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from dptrain.training import ranks
 from dptrain.training.loop import train_epoch
 from dptrain.training.recipe import RANK_SEED_STRIDE, make_optimizer
 from dptrain.training.seeds import AUDIT_STREAM, derived_seed
+
+log = logging.getLogger(__name__)
 
 # Key of the audit runs' seeds under audit.seed's AUDIT_STREAM: run r draws from (seed, stream, key, r).
 WHITEBOX_KEY = 19
@@ -179,17 +182,19 @@ def implementation_audit(cfg, mechanism, epsilon: float | None, device: torch.de
     if not mechanism.plan.private:
         return {"skipped": "the non-private baseline has no clipping norm or noise to audit"}
     started = time.perf_counter()
-    runs = [
-        mechanism.run(
-            cfg,
-            canaries=whitebox.canaries,
-            seed=run_seed(cfg.audit.seed, r),
-            device=device,
-            tamper=tamper,
-            with_epsilon=r == 0,
+    runs = []
+    for r in range(whitebox.runs):
+        runs.append(
+            mechanism.run(
+                cfg,
+                canaries=whitebox.canaries,
+                seed=run_seed(cfg.audit.seed, r),
+                device=device,
+                tamper=tamper,
+                with_epsilon=r == 0,
+            )
         )
-        for r in range(whitebox.runs)
-    ]
+        log.info("implementation audit: run %d of %d done (%.0f s)", r + 1, whitebox.runs, time.perf_counter() - started)
     if mechanism.distributed and not ranks.is_main():
         return None
     settings = SETTINGS if whitebox.setting == "both" else (whitebox.setting,)

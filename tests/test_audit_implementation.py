@@ -303,6 +303,21 @@ def test_audit_json_summary_and_tensorboard_carry_both_settings(tiny_config, tmp
     assert "audit/implementation/all_iterates/eps_lb" in events.Tags()["scalars"]
 
 
+def test_a_white_box_bound_above_the_accountants_epsilon_is_listed_under_warnings(tiny_config, tmp_path, monkeypatch):
+    import dptrain.audit.run as audit_run
+
+    audit = audit_run.implementation_audit
+
+    def inflated(*args, **kwargs):
+        return {**audit(*args, **kwargs), "epsilon_lower_bound": 9.0}
+
+    monkeypatch.setattr(audit_run, "implementation_audit", inflated)
+    _, report = pipeline.train(tiny_config(*WHITEBOX_RUN, "audit.whitebox.runs=1"), tmp_path)
+    assert report["implementation"]["epsilon_lower_bound"] == 9.0
+    assert len(report["warnings"]) == 1 and report["warnings"][0].startswith("implementation (all_iterates): ")
+    assert "9.000 exceeds the accountant's epsilon" in report["warnings"][0]
+
+
 def test_the_non_private_baseline_skips_the_implementation_audit_with_a_note(tiny_config, tmp_path):
     _, report = pipeline.train(tiny_config(*WHITEBOX_RUN, "privacy.target_epsilon=inf"), tmp_path)
     assert report["implementation"] == {"skipped": "the non-private baseline has no clipping norm or noise to audit"}

@@ -84,16 +84,14 @@ def audit_batch_size(records: int, steps_per_epoch: int) -> int:
     return batch
 
 
-def canary_clip_norm(clipping: str, max_grad_norm: float, model: torch.nn.Module) -> float:
+def canary_clip_norm(clipping: str, max_grad_norm: float, layers: int) -> float:
     """The norm a canary's gradient is clipped to: C under flat clipping; under per-layer clipping
-    C / sqrt(L) (L trainable parameters, the probe's included), the share of the probe's layer.
+    C / sqrt(L) for L trainable parameter tensors (the probe's among them), the probe's share.
 
     A per-layer canary loads one layer only, so it reaches 1 / sqrt(L) of the sensitivity the
     accountant assumes: the bound stays sound but weaker.
     """
-    if clipping == "per_layer":
-        return max_grad_norm / math.sqrt(sum(1 for p in model.parameters() if p.requires_grad))
-    return max_grad_norm
+    return max_grad_norm / math.sqrt(layers) if clipping == "per_layer" else max_grad_norm
 
 
 def run_mechanism(
@@ -118,10 +116,10 @@ def run_mechanism(
     included = np.random.default_rng(seed).random(canaries) < 0.5
     torch.manual_seed(seed)
     model, _ = ensure_dp_compatible(build_model(cfg.model, mechanism.input_shape, mechanism.num_classes))
-    probe = CanaryProbe(model, mechanism.input_shape, canaries, magnitude=1.0)
-    clip = canary_clip_norm(cfg.privacy.clipping, plan.max_grad_norm, probe)
-    probe.magnitude = canary_magnitude(clip, mechanism.num_classes)
-    probe.to(device)
+    layers = sum(1 for p in model.parameters() if p.requires_grad) + 1
+    clip = canary_clip_norm(cfg.privacy.clipping, plan.max_grad_norm, layers)
+    magnitude = canary_magnitude(clip, mechanism.num_classes)
+    probe = CanaryProbe(model, mechanism.input_shape, canaries, magnitude).to(device)
     wrapped = DifferentiallyPrivateDistributedDataParallel(probe) if mechanism.distributed else probe
     dataset = probe_records(mechanism.records, included)
     batch_size = audit_batch_size(len(dataset), plan.steps_per_epoch)

@@ -25,7 +25,8 @@ from dptrain.audit.canary import (
     runs_epsilon,
     runs_p_value,
 )
-from dptrain.audit.implementation import AuditedMechanism, audit_batch_size, implementation_audit, run_mechanism
+from dptrain.audit.implementation import AuditedMechanism, implementation_audit, run_mechanism
+from dptrain.audit.probe import FILLER, REAL, probe_records
 from dptrain.audit.whitebox import (
     fixed_order_scores,
     gdp_epsilon,
@@ -168,10 +169,11 @@ def test_probe_releases_one_clipped_norm_per_sampled_canary_and_nothing_else(mod
     assert np.round(run.x[:, run.included]).mean() == pytest.approx(0.25, abs=0.08)
 
 
-def test_audit_batch_size_gives_the_plans_batches_per_epoch_or_refuses():
-    assert math.ceil(1075 / audit_batch_size(1075, 5)) == 5
-    with pytest.raises(UserError, match="audit.whitebox"):
-        audit_batch_size(9, 4)
+def test_probe_records_fill_every_slot_whatever_the_coins():
+    records = TensorDataset(torch.ones(3, 2), torch.tensor([4, 5, 6]))
+    inputs, labels = probe_records(records, np.array([True, False, True]), size=8).tensors
+    assert inputs[:, -1].tolist() == [REAL] * 3 + [0.0, FILLER, 2.0, FILLER, FILLER]
+    assert inputs[3:, :-1].abs().sum() == 0 and labels.tolist() == [4, 5, 6, 0, 0, 0, 0, 0]
 
 
 # --- the bug detector -------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from torch.utils.data import TensorDataset
 
 from dptrain.audit.probe import CanaryProbe, ProbeObserver, canary_magnitude, probe_records
 from dptrain.audit.whitebox import SETTINGS, canary_lower_bound, gdp_epsilon, gdp_mu_estimate, setting_scores
-from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, PrivateTraining, make_private, unwrap
 from dptrain.training import ranks
@@ -45,8 +44,9 @@ Tamper = Callable[[PrivateTraining], None]
 @dataclass(frozen=True)
 class AuditRun:
     """One audit run's releases: ``x[t, j]`` along canary j at step t in units of its clipped norm,
-    the canaries' coins, each canary's batch under fixed in-order batches, and the audit run's
-    accountant epsilon."""
+    the canaries' coins, each canary's batch under fixed in-order batches (None where batches have
+    no order), the noise standard deviation in the same units, and the audit run's accountant
+    epsilon (None where not computed)."""
 
     x: np.ndarray
     included: np.ndarray
@@ -69,19 +69,8 @@ class AuditedMechanism:
     distributed: bool = False
 
     def run(self, cfg, **kwargs) -> AuditRun:
+        """One audit run: ``run_mechanism``."""
         return run_mechanism(cfg, self, **kwargs)
-
-
-def audit_batch_size(records: int, steps_per_epoch: int) -> int:
-    """The loader batch size that gives ``steps_per_epoch`` batches over ``records``, so Opacus'
-    sample rate 1 / batches is the plan's."""
-    batch = math.ceil(records / steps_per_epoch)
-    if math.ceil(records / batch) != steps_per_epoch:
-        raise UserError(
-            f"audit.whitebox: no batch size splits {records} records into the plan's {steps_per_epoch} batches "
-            "per epoch; change audit.whitebox.canaries"
-        )
-    return batch
 
 
 def canary_clip_norm(clipping: str, max_grad_norm: float, layers: int) -> float:
@@ -121,8 +110,10 @@ def run_mechanism(
     magnitude = canary_magnitude(clip, mechanism.num_classes)
     probe = CanaryProbe(model, mechanism.input_shape, canaries, magnitude).to(device)
     wrapped = DifferentiallyPrivateDistributedDataParallel(probe) if mechanism.distributed else probe
-    dataset = probe_records(mechanism.records, included)
-    batch_size = audit_batch_size(len(dataset), plan.steps_per_epoch)
+    # Fillers round the records up to whole batches, so the loader has exactly the plan's batches
+    # per epoch (Opacus' sample rate is 1 / batches) whatever the counts.
+    batch_size = math.ceil((len(mechanism.records) + canaries) / plan.steps_per_epoch)
+    dataset = probe_records(mechanism.records, included, batch_size * plan.steps_per_epoch)
     training = make_private(
         model=wrapped,
         optimizer=make_optimizer(cfg.train, wrapped.parameters()),

@@ -67,21 +67,22 @@ def canary_magnitude(clip_norm: float, num_classes: int) -> float:
     return CANARY_NORM_RATIO * clip_norm / (1.0 - 1.0 / num_classes)
 
 
-def probe_records(records: TensorDataset, included: np.ndarray) -> TensorDataset:
-    """``records`` (code -1) followed by one slot per canary: canary j (code j, label 0) when
-    ``included[j]``, a filler otherwise; base inputs of the slots are zero.
+def probe_records(records: TensorDataset, included: np.ndarray, size: int) -> TensorDataset:
+    """``size`` records: ``records`` (code -1), then one slot per canary, canary j (code j, label 0)
+    when ``included[j]`` and a filler otherwise, then fillers; base inputs of the slots are zero.
 
     Every slot is filled whatever the coins say, so the record count and canary j's position
     (``len(records) + j``) are fixed before the coins are drawn: a statistic may use positions
-    without learning the coins.
+    without learning the coins. Precondition: ``size >= len(records) + len(included)``.
     """
     inputs, labels = records.tensors
     flat = inputs.reshape(len(inputs), -1)
-    slots = flat.new_zeros(len(included), flat.shape[1])
-    codes = torch.from_numpy(np.where(included, np.arange(len(included)), FILLER)).to(flat.dtype)
+    slots = size - len(flat)
+    codes = np.full(slots, FILLER)
+    codes[: len(included)] = np.where(included, np.arange(len(included)), FILLER)
     real = torch.cat([flat, flat.new_full((len(flat), 1), REAL)], dim=1)
-    canaries = torch.cat([slots, codes.unsqueeze(1)], dim=1)
-    return TensorDataset(torch.cat([real, canaries]), torch.cat([labels, labels.new_zeros(len(included))]))
+    canaries = torch.cat([flat.new_zeros(slots, flat.shape[1]), torch.from_numpy(codes).to(flat.dtype).unsqueeze(1)], dim=1)
+    return TensorDataset(torch.cat([real, canaries]), torch.cat([labels, labels.new_zeros(slots)]))
 
 
 class ProbeObserver:

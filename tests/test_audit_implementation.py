@@ -339,7 +339,7 @@ def test_a_bad_whitebox_setting_fails_before_training_with_one_line(override, me
 
 
 def test_federated_runs_audit_the_worst_clients_mechanism_or_the_dp_fedavg_server(tiny_config, tmp_path):
-    federated = ("federation=fedavg", "federation.clients=4", "federation.rounds=2", "train.batch_size=32")
+    federated = ("federation=fedavg", "federation.clients=4", "federation.rounds=1", "train.batch_size=32")
     _, sample = pipeline.train(tiny_config(*WHITEBOX_RUN, *federated), tmp_path / "sample")
     _, user = pipeline.train(
         tiny_config(*WHITEBOX_RUN, *federated, "federation.dp_level=user", "federation.clients_per_round=2"),

@@ -117,6 +117,8 @@ def test_poisson_statistic_is_the_log_likelihood_ratio_of_the_subsampled_gaussia
     included = (1 - q) * stats.norm.pdf(x, 0, sigma) + q * stats.norm.pdf(x, 1, sigma)
     expected = np.log(included / stats.norm.pdf(x, 0, sigma)).sum(axis=0)
     assert poisson_scores(x, q, sigma) == pytest.approx(expected, rel=1e-10)
+    full_batch = np.log(stats.norm.pdf(x, 1, sigma) / stats.norm.pdf(x, 0, sigma)).sum(axis=0)
+    assert poisson_scores(x, 1.0, sigma) == pytest.approx(full_batch, rel=1e-10)
 
 
 def test_fixed_order_statistic_sums_each_canary_over_its_own_batch_of_every_epoch():

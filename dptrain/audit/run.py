@@ -18,17 +18,19 @@ from dptrain.audit.attribute import attribute_inference_audit
 from dptrain.audit.canary import one_run_audit
 from dptrain.audit.canary_clients import CanaryClients
 from dptrain.audit.implementation import AuditedMechanism, implementation_audit
-from dptrain.audit.whitebox import implementation_results
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, membership_metrics, roc_curve
 from dptrain.audit.reference import ReferenceModels, default_workers, train_references
+from dptrain.audit.whitebox import implementation_results
 from dptrain.data import Canaries, SplitData, population_without
 from dptrain.privacy import PrivacyPlan
 from dptrain.tracking.figures import roc_figure
 from dptrain.tracking.summary import format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
+from dptrain.training.clients import clients_per_round
 from dptrain.training.distributed import parallel_mode, shard
+from dptrain.training.federated import dp_fedavg
 from dptrain.training.loop import predict
 
 log = logging.getLogger(__name__)
@@ -228,9 +230,6 @@ def _audited_mechanism(target: AuditTarget):
     cfg, plan, data = target.cfg, target.plan, target.data
     shape, classes = data.input_shape, data.num_classes
     if cfg.federation.name == "fedavg":
-        from dptrain.training.clients import clients_per_round
-        from dptrain.training.federated import dp_fedavg
-
         if plan.dp_level == "user":
             dimension = sum(p.numel() for p in target.model.parameters())
             return CanaryClients(plan, dp_fedavg, clients_per_round(cfg), dimension)

@@ -28,6 +28,9 @@ def poisson_scores(x: np.ndarray, sample_rate: float, noise: float) -> np.ndarra
     test of one canary's membership when every iterate is seen (Neyman-Pearson lemma).
     """
     steps = (x - 0.5) / noise**2
+    if sample_rate >= 1.0:
+        # Every record in every batch: the Gaussian's ratio, without the mixture (log(1 - q) = -inf).
+        return steps.sum(axis=0)
     return np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + steps).sum(axis=0)
 
 

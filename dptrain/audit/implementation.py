@@ -152,10 +152,13 @@ def run_mechanism(
 
 
 def run_seed(audit_seed: int, run: int) -> int:
+    """Audit run ``run``'s seed: its own stream of ``audit.seed``, apart from the target's and the audit's."""
     return derived_seed(audit_seed, AUDIT_STREAM, WHITEBOX_KEY, run)
 
 
-def implementation_audit(cfg, mechanism, epsilon: float | None, device: torch.device, *, tamper: Tamper | None = None) -> dict | None:
+def implementation_audit(
+    cfg, mechanism, epsilon: float | None, device: torch.device, *, tamper: Tamper | None = None
+) -> dict | None:
     """``audit.json``'s ``implementation``: the white-box lower bound and Gaussian-DP estimate of
     ``mechanism`` (an ``AuditedMechanism``, or any object with its ``plan``, ``scope``,
     ``distributed`` and ``run``) from ``audit.whitebox.runs`` audit runs of

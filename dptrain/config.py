@@ -188,11 +188,22 @@ class CanaryAuditConfig:
 
 
 @dataclass
+class WhiteboxAuditConfig:
+    # The implementation audit: separate trainings of the target's DP-SGD mechanism with `canaries`
+    # Dirac gradient canaries each, `runs` of them, scored from every step, the final model, or both.
+    enabled: bool = False
+    canaries: int = 1000
+    runs: int = 1
+    setting: str = "all_iterates"
+
+
+@dataclass
 class AuditConfig:
     name: str = "standard"
     mia: MembershipAuditConfig = field(default_factory=MembershipAuditConfig)
     aia: AttributeAuditConfig = field(default_factory=AttributeAuditConfig)
     canaries: CanaryAuditConfig = field(default_factory=CanaryAuditConfig)
+    whitebox: WhiteboxAuditConfig = field(default_factory=WhiteboxAuditConfig)
     confidence: float = 0.95
     seed: int = 0
     # Processes that train reference models; null: one per two cores, at most one per model.
@@ -247,7 +258,8 @@ GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "step")
 FEDERATIONS = ("none", "fedavg")
-AUDIT_LEVELS = ("standard", "fast", "thorough", "none")
+AUDIT_LEVELS = ("standard", "fast", "thorough", "implementation", "none")
+WHITEBOX_SETTINGS = ("all_iterates", "final_model", "both")
 MIA_ATTACKS = ("loss", "rmia", "lira")
 AIA_RULES = ("imputation_prior", "loss", "confidence_prior")
 
@@ -541,6 +553,8 @@ def _validate_audit(audit: AuditConfig, population: int) -> None:
     if "rmia" in audit.mia.attacks and references < 1:
         raise UserError(f"audit.mia.reference_models={references}: RMIA needs at least 1 reference model")
     _choice("audit.aia.rule", audit.aia.rule, AIA_RULES)
+    whitebox = audit.whitebox
+    _choice("audit.whitebox.setting", whitebox.setting, WHITEBOX_SETTINGS)
     if audit.canaries.count > population // 2:
         raise UserError(
             f"audit.canaries.count={audit.canaries.count} must be between 0 and half the {population} population "

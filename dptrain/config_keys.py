@@ -138,6 +138,8 @@ RANGES: dict[str, Range] = {
     "audit.mia.rmia_offline_a": within(0, 1),
     "audit.mia.bootstrap": at_least(1),
     "audit.canaries.count": at_least(0),
+    "audit.whitebox.canaries": at_least(2, "the bound guesses on canaries, e.g. 1000"),
+    "audit.whitebox.runs": at_least(1, "the number of separate audit trainings, e.g. 1"),
     "audit.confidence": within(0, 1, "()", "e.g. 0.95"),
     "audit.seed": SEED,
     "audit.workers": at_least(1, "or null for one per two cores"),

@@ -188,10 +188,10 @@ def test_a_membership_bound_above_epsilon_is_suspicious_but_only_the_canary_boun
     assert "replace-one" in warning and "no proof of a bug" in warning and "canary (one-run) bound" in warning
     assert "means a bug" not in warning
     canary: list[str] = []
-    _canary_guard(1.5, 1.0, canary)
-    _canary_guard(0.5, 1.0, canary)
-    _canary_guard(1.5, None, canary)
-    assert canary == ["canary: one-run epsilon lower bound 1.500 exceeds the accountant's epsilon 1.000; "
+    _canary_guard("canary", 1.5, 1.0, canary)
+    _canary_guard("canary", 0.5, 1.0, canary)
+    _canary_guard("canary", 1.5, None, canary)
+    assert canary == ["canary: epsilon lower bound 1.500 exceeds the accountant's epsilon 1.000; "
                       "this means a bug in training or in the audit"]
 
 

@@ -1,5 +1,6 @@
 """One-run canary audit (Steinke, Nasr & Jagielski 2023): membership guesses on canaries and the
-epsilon lower bound implied by the number of correct guesses.
+epsilon lower bound implied by the number of correct guesses, from one training run or pooled over
+several independent ones.
 
 The canaries themselves (which records, their random inclusion bits) belong to
 ``dptrain.data``; this module sees only their scores and inclusion bits.
@@ -23,7 +24,9 @@ class OneRunAudit:
     (``n_included`` trained on, ``n_excluded`` not), ``n_correct`` of them right.
     ``n_candidates`` (k_plus, k_minus) pairs were tried; the bound of each was taken
     at confidence 1 - (1 - confidence) / n_candidates, so the reported maximum
-    holds at ``confidence`` overall.
+    holds at ``confidence`` overall. With ``n_runs`` > 1 independent runs the
+    canaries, guesses and correct guesses are totals over the runs, each run
+    guessing k_plus IN and k_minus OUT among its own canaries.
     """
 
     epsilon_lower_bound: float
@@ -37,6 +40,7 @@ class OneRunAudit:
     k_plus: int
     k_minus: int
     n_candidates: int
+    n_runs: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,21 +91,99 @@ def one_run_epsilon(m: int, r: int, v: int, *, delta: float = 0.0, confidence: f
     every smaller epsilon is ruled out too.
     """
     _check_counts(m, r, v)
+    return _largest_rejected(lambda epsilon: one_run_p_value(m, r, v, epsilon, delta), confidence, tolerance=1e-9)
+
+
+def _largest_rejected(p_value, confidence: float, tolerance: float) -> float:
+    """The largest epsilon (bisection, from below) whose p-value is at most 1 - confidence, or 0."""
     alpha = 1.0 - confidence
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    if one_run_p_value(m, r, v, 0.0, delta) > alpha:
+    if p_value(0.0) > alpha:
         return 0.0
     low, high = 0.0, 1.0
-    while one_run_p_value(m, r, v, high, delta) <= alpha:
+    while p_value(high) <= alpha:
         low, high = high, 2.0 * high
-    while high - low > 1e-9:
+    while high - low > tolerance:
         middle = (low + high) / 2
-        if one_run_p_value(m, r, v, middle, delta) <= alpha:
+        if p_value(middle) <= alpha:
             low = middle
         else:
             high = middle
     return low
+
+
+def correct_guess_survival(m: int, r: int, epsilon: float, delta: float = 0.0) -> np.ndarray:
+    """``S[v]`` for v = 0..r+1: an upper bound on P[W >= v] for the correct guesses W of one run.
+
+    S[v] = min(1, min_{u <= v} one_run_p_value(m, r, u, epsilon, delta)), S[r+1] = 0: the
+    theorem of Steinke et al. (2023) bounds P[W >= u] for every u at once and P[W >= v] <=
+    P[W >= u] for u <= v, so W is stochastically dominated by the variable Y whose survival
+    function is S (non-increasing by construction).
+    """
+    _check_counts(m, r, r)
+    q = float(special.expit(epsilon))
+    correct = np.arange(r + 2)
+    bound = stats.binom.sf(correct - 1, r, q)
+    if delta > 0.0:
+        bound = bound + 2.0 * m * delta * _widest_window_means(stats.binom.pmf(np.arange(r + 1), r, q))
+    survival = np.minimum(1.0, np.minimum.accumulate(bound))
+    survival[0], survival[-1] = 1.0, 0.0
+    return survival
+
+
+def _widest_window_means(pmf: np.ndarray) -> np.ndarray:
+    """``g[v]`` = max over 1 <= i <= v of (pmf[v-i] + ... + pmf[v-1]) / i, for v = 0..len(pmf) (g[0] = 0).
+
+    The binomial pmf is unimodal, so the mean of a window ending at v - 1 and growing to the
+    left rises while the next value is at least the mean and falls from the first value below
+    it on (every later value is smaller still): the best width is found by bisecting on that
+    predicate, for all v at once, in O(r log r) instead of the O(r^2) of trying every width.
+    """
+    prefix = np.concatenate([[0.0], np.cumsum(pmf)])
+    ends = np.arange(len(pmf) + 1)  # v; the window is pmf[v - i .. v - 1]
+    low = np.ones_like(ends)  # widths known to be reached (the mean rose up to them)
+    high = np.maximum(ends, 1)  # no wider window exists
+    # Invariant: the best width lies in [low, high]; width w + 1 beats w iff pmf[v-1-w] >= mean(w).
+    while np.any(low < high):
+        middle = (low + high + 1) // 2
+        width = middle - 1
+        start = np.clip(ends - width, 0, None)
+        mean = (prefix[ends] - prefix[start]) / np.maximum(width, 1)
+        nxt = pmf[np.clip(ends - 1 - width, 0, len(pmf) - 1)]
+        grows = (ends - 1 - width >= 0) & (nxt >= mean)
+        low = np.where((low < high) & grows, middle, low)
+        high = np.where((low < high) & ~grows, middle - 1, high)
+    best = np.where(ends > 0, (prefix[ends] - prefix[np.clip(ends - low, 0, None)]) / low, 0.0)
+    return best
+
+
+def runs_p_value(m: int, r: int, correct: Sequence[int], epsilon: float, delta: float = 0.0) -> float:
+    """p-value of ``sum(correct)`` correct guesses over independent runs, each making r guesses among m canaries.
+
+    Under (epsilon, delta)-DP each run's count is dominated by an independent copy of the
+    variable of ``correct_guess_survival`` (the runs are separate trainings with separate
+    seeds and coins), so their total is dominated by the sum of the copies: the p-value is
+    that sum's upper tail. For one run it is ``one_run_p_value``. Pooling the canaries of R
+    runs into one audit of R m canaries would pay the delta term 2 (R m) delta once for
+    all of them; run by run it stays 2 m delta per run.
+    """
+    counts = [int(v) for v in correct]
+    for v in counts:
+        _check_counts(m, r, v)
+    if len(counts) == 1:
+        return one_run_p_value(m, r, counts[0], epsilon, delta)
+    survival = correct_guess_survival(m, r, epsilon, delta)
+    one_run = survival[:-1] - survival[1:]
+    size = len(counts) * r + 1
+    total = np.fft.irfft(np.fft.rfft(one_run, n=size) ** len(counts), n=size)
+    return float(min(1.0, max(0.0, np.clip(total, 0.0, None)[sum(counts) :].sum())))
+
+
+def runs_epsilon(m: int, r: int, correct: Sequence[int], *, delta: float = 0.0, confidence: float = 0.95) -> float:
+    """Largest epsilon that the correct guesses of independent runs rule out at ``confidence``
+    (``runs_p_value`` at most 1 - confidence), to bisection tolerance 1e-4 from below, or 0."""
+    return _largest_rejected(lambda epsilon: runs_p_value(m, r, correct, epsilon, delta), confidence, tolerance=1e-4)
 
 
 def one_run_guesses(scores: Sequence[float] | np.ndarray, k_plus: int, k_minus: int, *, seed: int = 0) -> np.ndarray:
@@ -144,6 +226,7 @@ def one_run_audit(
     k_plus: int | None = None,
     k_minus: int | None = None,
     seed: int = 0,
+    runs: Sequence[int] | np.ndarray | None = None,
 ) -> OneRunAudit:
     """One-run epsilon lower bound from canary scores (higher = "trained on") and inclusion bits.
 
@@ -152,8 +235,11 @@ def one_run_audit(
     and the largest bound is reported, each computed at confidence
     1 - (1 - confidence) / n_candidates (Bonferroni), so picking the best pair
     after seeing the inclusion bits keeps the overall level.
+    ``runs[i]`` names the independent training run canary i was in (every run
+    with the same number m of canaries): each run then guesses among its own
+    canaries and the bound is ``runs_epsilon`` of the counts.
     Precondition: each canary was included independently with probability 1/2,
-    and the scores depend only on the trained model.
+    and the scores of a run depend only on that run's trained model(s).
     """
     values = np.asarray(scores, dtype=np.float64)
     bits = np.asarray(included, dtype=bool)
@@ -161,31 +247,45 @@ def one_run_audit(
         raise ValueError(f"scores and included must be equal-length 1-D arrays, got {values.shape} and {bits.shape}")
     if (k_plus is None) != (k_minus is None):
         raise ValueError("give both k_plus and k_minus, or neither to sweep guess_count_candidates")
-    m = values.size
+    labels = np.zeros(values.size, dtype=np.int64) if runs is None else np.asarray(runs)
+    groups = [np.flatnonzero(labels == run) for run in np.unique(labels)]
+    m = len(groups[0])
+    if labels.shape != values.shape or any(len(group) != m for group in groups):
+        raise ValueError("runs must label every canary and give every run the same number of canaries")
     candidates = [(k_plus, k_minus)] if k_plus is not None else guess_count_candidates(m)
     if not candidates:
-        raise ValueError(f"{m} canaries are too few for a one-run audit (need at least 2)")
+        raise ValueError(f"{m} canaries per run are too few for a one-run audit (need at least 2)")
     per_candidate_confidence = 1.0 - (1.0 - confidence) / len(candidates)
 
     best: tuple[float, int, int, int, int] | None = None
     for plus, minus in candidates:
-        guesses = one_run_guesses(values, plus, minus, seed=seed)
-        n_correct = int(np.count_nonzero((guesses == 1) & bits) + np.count_nonzero((guesses == -1) & ~bits))
+        correct = []
+        for group in groups:
+            guesses = one_run_guesses(values[group], plus, minus, seed=seed)
+            run_bits = bits[group]
+            correct.append(int(np.count_nonzero((guesses == 1) & run_bits) + np.count_nonzero((guesses == -1) & ~run_bits)))
         n_guesses = plus + minus
-        bound = one_run_epsilon(m, n_guesses, n_correct, delta=delta, confidence=per_candidate_confidence)
+        if len(groups) == 1:
+            bound = one_run_epsilon(m, n_guesses, correct[0], delta=delta, confidence=per_candidate_confidence)
+        elif best is not None and runs_epsilon(m, n_guesses, correct, confidence=per_candidate_confidence) <= best[0]:
+            # The delta term only lowers a bound: a pair whose pure-DP bound is no better is skipped.
+            continue
+        else:
+            bound = runs_epsilon(m, n_guesses, correct, delta=delta, confidence=per_candidate_confidence)
         if best is None or bound > best[0]:
-            best = (bound, n_guesses, n_correct, plus, minus)
+            best = (bound, n_guesses * len(groups), sum(correct), plus, minus)
     bound, n_guesses, n_correct, plus, minus = best
     return OneRunAudit(
         epsilon_lower_bound=bound,
         confidence=confidence,
         delta=delta,
-        n_canaries=m,
+        n_canaries=values.size,
         n_included=int(bits.sum()),
-        n_excluded=int(m - bits.sum()),
+        n_excluded=int(values.size - bits.sum()),
         n_guesses=n_guesses,
         n_correct=n_correct,
         k_plus=plus,
         k_minus=minus,
         n_candidates=len(candidates),
+        n_runs=len(groups),
     )

@@ -1,5 +1,6 @@
 """The post-training audit of a run: membership inference (LOSS, RMIA, LiRA), attribute inference
-against imputation, the one-run canary bound, sanity guards, and their TensorBoard panels."""
+against imputation, the one-run canary bound, the white-box implementation audit, sanity guards,
+and their TensorBoard panels."""
 
 from __future__ import annotations
 
@@ -16,14 +17,21 @@ from torch.utils.data import TensorDataset
 
 from dptrain.audit.attribute import attribute_inference_audit
 from dptrain.audit.canary import one_run_audit
+from dptrain.audit.canary_clients import CanaryClients
+from dptrain.audit.implementation import AuditedMechanism, implementation_audit
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, membership_metrics, roc_curve
 from dptrain.audit.reference import ReferenceModels, default_workers, train_references
+from dptrain.audit.whitebox import implementation_results
 from dptrain.data import Canaries, SplitData, population_without
 from dptrain.privacy import PrivacyPlan
 from dptrain.tracking.figures import roc_figure, score_histograms_image
+from dptrain.tracking.summary import format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
+from dptrain.training.clients import clients_per_round
+from dptrain.training.distributed import parallel_mode, shard_positions
+from dptrain.training.federated import dp_fedavg
 from dptrain.training.loop import predict
 
 log = logging.getLogger(__name__)
@@ -231,19 +239,71 @@ def _canary(target: AuditTarget, requested: int, warnings: list[str]) -> dict | 
         confidence=target.cfg.audit.confidence,
         seed=target.cfg.audit.seed,
     ).to_dict()
-    _canary_guard(result["epsilon_lower_bound"], target.epsilon, warnings)
+    _canary_guard("canary", result["epsilon_lower_bound"], target.epsilon, warnings)
     return result
 
 
-def _canary_guard(epsilon_lb: float, epsilon: float | None, warnings: list[str]) -> None:
-    """Flag a one-run bound above the accountant's epsilon: each canary's inclusion is an independent
-    fair coin that adds or removes it (Steinke, Nasr & Jagielski 2023), so this contradicts the
-    guarantee at the audit's confidence."""
+def _canary_guard(name: str, epsilon_lb: float, epsilon: float | None, warnings: list[str]) -> None:
+    """Flag a canary bound (one-run black-box, or the white-box implementation audit's) above the
+    accountant's epsilon: each canary's inclusion is an independent fair coin that adds or removes it
+    (Steinke, Nasr & Jagielski 2023), so this contradicts the guarantee at the audit's confidence."""
     if epsilon is not None and epsilon_lb > epsilon:
         warnings.append(
-            f"canary: one-run epsilon lower bound {epsilon_lb:.3f} exceeds the accountant's epsilon {epsilon:.3f}; "
+            f"{name}: epsilon lower bound {epsilon_lb:.3f} exceeds the accountant's epsilon {epsilon:.3f}; "
             "this means a bug in training or in the audit"
         )
+
+
+def _audited_mechanism(target: AuditTarget):
+    """The mechanism whose guarantee the run reports, as the implementation audit repeats it.
+
+    Federated sample level: the reported (worst) honest client's local DP-SGD, on records of its
+    count; user level: the DP-FedAvg server with canary clients. Robust data parallelism: one
+    worker's local DP-SGD on its shard's count, in this process. DPDDP: the multi-process
+    mechanism, run by every rank. The canaries' releases do not depend on which real records
+    train beside them, only on the mechanism.
+    """
+    cfg, plan, data = target.cfg, target.plan, target.data
+    shape, classes = data.input_shape, data.num_classes
+    if cfg.federation.name == "fedavg":
+        if plan.dp_level == "user":
+            dimension = sum(p.numel() for p in target.model.parameters())
+            return CanaryClients(plan, dp_fedavg, clients_per_round(cfg), dimension)
+        client = plan.reported_client
+        records = TensorDataset(*(t[: plan.client_sizes[client]] for t in data.members.tensors))
+        return AuditedMechanism(
+            plan.client_plans[client], records, shape, classes, f"federated client {client}: local DP-SGD (sample level)"
+        )
+    mode = parallel_mode(cfg)
+    if mode == "robust":
+        world = ranks.world_size()
+        return AuditedMechanism(
+            plan,
+            TensorDataset(*(t[torch.from_numpy(shard_positions(len(data.members), 0, world))] for t in data.members.tensors)),
+            shape,
+            classes,
+            f"worker 0 of {world}: local DP-SGD (robust data parallelism)",
+        )
+    if mode == "dpddp":
+        return AuditedMechanism(plan, data.members, shape, classes, f"DPDDP over {ranks.world_size()} processes", True)
+    return AuditedMechanism(plan, data.members, shape, classes, "centralized DP-SGD")
+
+
+def _implementation(target: AuditTarget, warnings: list[str]) -> dict | None:
+    """The white-box implementation audit (``audit.whitebox``), or None when it is off.
+
+    Every rank calls this: under DPDDP the audit runs are collective; elsewhere rank 0 runs them
+    alone and the other ranks return at once.
+    """
+    if not target.cfg.audit.whitebox.enabled:
+        return None
+    mechanism = _audited_mechanism(target)
+    if not (mechanism.distributed or ranks.is_main()):
+        return None
+    result = implementation_audit(target.cfg, mechanism, target.epsilon, target.device)
+    for setting, record in implementation_results(result).items():
+        _canary_guard(f"implementation ({setting})", record["epsilon_lower_bound"], target.epsilon, warnings)
+    return result
 
 
 def run_audit(
@@ -257,8 +317,9 @@ def run_audit(
     accountant's epsilon (a bug for the canary bound, suspicious for the
     membership attacks' replace-one bounds), or an AUC below 0.4, is logged at
     error level and listed under ``warnings``. In a multi-process
-    run every rank calls this: the reference models are trained across ranks
-    and only rank 0 attacks, writes and returns the report (others get None).
+    run every rank calls this: the reference models (and a DPDDP run's
+    implementation audit) are trained across ranks and only rank 0 attacks,
+    writes and returns the report (others get None).
 
     ``step`` is the audit's number in the run's audit history (1: the first, usually at the end of
     training), the step its TensorBoard panels are logged at. ``canaries_requested`` is the canary count the
@@ -266,9 +327,10 @@ def run_audit(
     in training, ``target.canaries``.
     """
     if not ranks.is_main():
-        # Other ranks of a multi-process run only share the reference models' training.
+        # Other ranks of a multi-process run only share the reference models' and audit runs' training.
         if _needs_references(target.cfg.audit):
             _references(target, run_dir)
+        _implementation(target, [])
         return None
     started = time.perf_counter()
     if canaries_requested is None:
@@ -285,6 +347,7 @@ def run_audit(
         "mia": mia,
         "aia": _aia(target),
         "canary": _canary(target, canaries_requested, warnings),
+        "implementation": _implementation(target, warnings),
         "reference_models": references,
         "warnings": warnings,
     }
@@ -313,6 +376,9 @@ def headline_metrics(report: dict) -> dict[str, float | None]:
     canary = report["canary"]
     if canary is not None and "skipped" not in canary:
         values["canary/eps_lb"] = canary["epsilon_lower_bound"]
+    for setting, record in implementation_results(report.get("implementation")).items():
+        values[f"implementation/{setting}/eps_lb"] = record["epsilon_lower_bound"]
+        values[f"implementation/{setting}/eps_estimate"] = record["epsilon_estimate"]
     return values
 
 
@@ -363,6 +429,7 @@ def audit_text(report: dict, step: int) -> str:
             else f"Canaries: one-run epsilon lower bound {canary['epsilon_lower_bound']:.3f} "
             f"({canary['n_correct']} of {canary['n_guesses']} guesses right, {canary['n_canaries']} canaries)."
         )
+    parts += format_implementation(report.get("implementation"))
     if report["warnings"]:
         parts.append("**Warnings**: " + "; ".join(report["warnings"]))
     return "\n\n".join(parts)

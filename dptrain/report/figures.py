@@ -67,19 +67,21 @@ def _series(table: Table, column: str, name: str = "") -> dict[str, list[tuple[f
     return {label: sorted(points) for label, points in series.items()}
 
 
-def _plot(axis, eps_axis: EpsilonAxis, label: str, points: list[tuple[float, float]], level: bool = False) -> None:
+def _plot(
+    axis, eps_axis: EpsilonAxis, label: str, points: list[tuple[float, float]], level: bool = False, marker: str = "o"
+) -> None:
     """Finite epsilons joined by a line; the baseline as a hollow marker of the same colour, and with
     ``level`` also as a dashed horizontal line the private runs can be read against."""
     finite = [(e, v) for e, v in points if math.isfinite(e)]
     baseline = [(eps_axis.x(e), v) for e, v in points if math.isinf(e)]
-    (line,) = axis.plot([e for e, _ in finite], [v for _, v in finite], marker="o", label=label or None)
+    (line,) = axis.plot([e for e, _ in finite], [v for _, v in finite], marker=marker, label=label or None)
     if baseline and level:
         axis.axhline(baseline[0][1], color=line.get_color(), linestyle="--", linewidth=1, alpha=0.5)
     if baseline:
         axis.plot(
             [x for x, _ in baseline],
             [v for _, v in baseline],
-            marker="o",
+            marker=marker,
             linestyle="none",
             markerfacecolor="white",
             color=line.get_color(),
@@ -131,14 +133,24 @@ def draw_leakage(axis, table: Table, eps_axis: EpsilonAxis, metric: str) -> None
     _legend(axis)
 
 
+# The white-box implementation audit's series: its name in the legend and its marker.
+WHITEBOX_SERIES = {
+    "implementation.all_iterates.eps_lb": ("white-box, all iterates", "s"),
+    "implementation.final_model.eps_lb": ("white-box, final model", "D"),
+}
+
+
 def draw_lower_bound(axis, table: Table, eps_axis: EpsilonAxis) -> None:
-    """Empirical lower bounds per attack (and the canary audit) against the accountant's epsilon; a point
-    above y = x would contradict the accountant, i.e. a bug in training or in the audit."""
-    columns = [(attack, attack_column(attack, "eps_lb")) for attack in table.attacks] + [("canary", "canary.eps_lb")]
+    """Empirical lower bounds per attack (black-box), of the canary audit and of the white-box
+    implementation audit, against the accountant's epsilon; a point above y = x would contradict the
+    accountant, i.e. a bug in training or in the audit."""
+    columns = [(attack, attack_column(attack, "eps_lb"), "o") for attack in table.attacks]
+    columns += [("canary", "canary.eps_lb", "o")]
+    columns += [(name, column, marker) for column, (name, marker) in WHITEBOX_SERIES.items()]
     top = 0.0
-    for name, column in columns:
+    for name, column, marker in columns:
         for label, points in _series(table, column, name).items():
-            _plot(axis, eps_axis, label, points)
+            _plot(axis, eps_axis, label, points, marker=marker)
             top = max([top, *(v for _, v in points)])
     if eps_axis.finite:
         edge = eps_axis.finite[-1]

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from dptrain.audit.metrics import fpr_key
+from dptrain.audit.whitebox import implementation_results
 from dptrain.errors import UserError
 from dptrain.report.collect import RunRecord
 from dptrain.tracking.artifacts import AUDIT
@@ -21,7 +22,9 @@ LEADING = ("test_accuracy", "epsilon", "delta", "noise_multiplier")
 AUDIT_COLUMNS = ("audit_level", "audit_file")
 # Federated runs' robustness numbers (metrics.json), columns only when some run has them.
 FEDERATED = ("backdoor_success_rate", "byzantine_selected_fraction")
-TRAILING = ("canary.eps_lb", "aia.advantage", "aia.leakage", "train_seconds", "audit_seconds")
+# The white-box implementation audit's bound per setting (audit.json's "implementation").
+WHITEBOX = ("implementation.all_iterates.eps_lb", "implementation.final_model.eps_lb")
+TRAILING = ("canary.eps_lb", *WHITEBOX, "aia.advantage", "aia.leakage", "train_seconds", "audit_seconds")
 ATTACK_COLUMNS = ("auc", "tpr@1%fpr", "eps_lb")
 # audit.json's key of the TPR at 1% FPR (results schema: tpr_at_fpr keyed "0.001", "0.01", "0.1").
 LOW_FPR_KEY = fpr_key(0.01)
@@ -79,6 +82,8 @@ def _results(run: RunRecord, attacks: list[str], federated: list[str]) -> dict:
     canary = audit.get("canary")
     if canary is not None and "skipped" not in canary:
         row["canary.eps_lb"] = canary["epsilon_lower_bound"]
+    for setting, record in implementation_results(audit.get("implementation")).items():
+        row[f"implementation.{setting}.eps_lb"] = record["epsilon_lower_bound"]
     aia = audit.get("aia", {"skipped": "no audit"})
     if "skipped" not in aia:
         row["aia.advantage"] = aia["members"]["advantage"]["accuracy"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+from dptrain.audit.whitebox import implementation_results
+
 
 def format_summary(metrics: Mapping, report: Mapping | None, run_dir: str | Path) -> str:
     """A few aligned lines a person reads at the end of ``dptrain train``: utility, privacy, audit, artifacts."""
@@ -89,6 +91,24 @@ def format_federation(metrics: Mapping) -> list[str]:
     return lines
 
 
+def format_implementation(section: Mapping | None) -> list[str]:
+    """The white-box implementation audit's lines: per setting the lower bound with its confidence, the
+    Gaussian-DP estimate (not a bound) and the canaries, runs and time it took."""
+    if section is None:
+        return []
+    if "skipped" in section:
+        return [f"{'white-box':<13}skipped: {section['skipped']}"]
+    lines = []
+    for r in implementation_results(section).values():
+        estimate = "n/a" if r["epsilon_estimate"] is None else f"{r['epsilon_estimate']:.3f}"
+        lines.append(
+            f"{'white-box':<13}{r['setting'].replace('_', ' ')}: eps lower bound {r['epsilon_lower_bound']:.3f}"
+            f" ({r['confidence']:.0%}, {r['n_correct']} of {r['n_guesses']} guesses right), GDP estimate {estimate}"
+            f" (not a bound); {r['runs']} run(s) x {r['canaries']} canaries of {r['mechanism']}, {section['seconds']:.1f} s"
+        )
+    return lines
+
+
 def format_audit(report: Mapping) -> str:
     """The audit's lines of the summary: each attack's AUC with its interval, TPR at 1% FPR and epsilon lower bound."""
     lines = []
@@ -118,5 +138,6 @@ def format_audit(report: Mapping) -> str:
             f"{'canaries':<13}one-run eps lower bound {c['epsilon_lower_bound']:.3f}"
             f" ({c['n_correct']} of {c['n_guesses']} guesses right, {c['n_canaries']} canaries)"
         )
+    lines += format_implementation(report.get("implementation"))
     lines += [f"WARNING      {warning}" for warning in report["warnings"]]
     return "\n".join(f"{'audit' if i == 0 else '':<15}{line}" for i, line in enumerate(lines))

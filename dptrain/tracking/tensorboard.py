@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import time
 from pathlib import Path
 from typing import Mapping
 
@@ -70,6 +71,20 @@ def _hparam_value(value):
     if isinstance(value, (int, float)) and math.isfinite(value):
         return value
     return "null" if value is None else str(value)
+
+
+def _after_newest_event_file(directory: Path) -> None:
+    """Wait, if need be, until the clock's whole second is past that of the newest event file in ``directory``.
+
+    TensorBoard reads a run's event files in name order and an event file is named by the whole
+    second it was opened in, then the writing process's counter, as text: two records written in the
+    same second could be read newest first ("...pid.10" sorts before "...pid.9"), and the HParams
+    dashboard would show the older record's metrics as the latest. Costs up to a second, only when
+    two records of one run are written within the same second (repeated audits in one process).
+    """
+    seconds = [int(path.name.split(".")[3]) for path in directory.glob("events.out.tfevents.*")]
+    if seconds:
+        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
 
 
 class TensorBoardLog:
@@ -143,7 +158,9 @@ class TensorBoardLog:
         """
         logged = {f"{METRIC_PREFIX}{k}": float(v) for k, v in metrics.items() if v is not None}
         _, start, end = hparams_summary({k: _hparam_value(v) for k, v in hparams.items()}, logged)
-        with SummaryWriter(log_dir=str(self.log_dir / HPARAMS_RUN)) as writer:
+        record_dir = self.log_dir / HPARAMS_RUN
+        _after_newest_event_file(record_dir)
+        with SummaryWriter(log_dir=str(record_dir)) as writer:
             writer._get_file_writer().add_summary(start, step)
             for tag, value in logged.items():
                 writer.add_scalar(tag, value, step)

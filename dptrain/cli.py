@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dptrain import __version__
-from dptrain.config import Config, register_configs, validate
+from dptrain.config import Config, register_configs
 from dptrain.errors import UserError
 from dptrain.errors import fail as _fail
 from dptrain.tracking.artifacts import AUDIT
@@ -126,6 +126,7 @@ def train_app(cfg: DictConfig) -> float:
     from dptrain.tracking.summary import format_summary
 
     from dptrain.training import launch, ranks
+    from dptrain.validation import validate
 
     # The directory is claimed and locked by the Preflight callback before Hydra wrote into it.
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -142,7 +143,7 @@ def train_app(cfg: DictConfig) -> float:
                     return metrics["test_accuracy"]
         elif cfg.launcher.nproc_per_node > 1:
             validate(cfg)
-            metrics, report = launch.launch(cfg, run_dir)
+            metrics, report = launch.launch(cfg, run_dir, pipeline.train)
         else:
             metrics, report = pipeline.train(cfg, run_dir)
     except UserError as error:

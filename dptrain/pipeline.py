@@ -13,7 +13,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dptrain.config import _NOT_IN_RECIPE, Config, recipe_hash, validate
+from dptrain.config import NOT_IN_RECIPE, Config, recipe_hash
 from dptrain.errors import UserError
 from dptrain.tracking.artifacts import (
     audit_history,
@@ -26,6 +26,7 @@ from dptrain.tracking.tensorboard import TensorBoardLog, training_layout
 from dptrain.training import centralized, federated, ranks
 from dptrain.training.centralized import TargetRun, flat_config
 from dptrain.training.checkpoint import Checkpoint
+from dptrain.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def hparams_of(cfg: Config, run_dir: Path) -> dict:
     for override in recorded_overrides(run_dir):
         key, _, text = override.partition("=")
         key = key.lstrip("+~")
-        if key not in _NOT_IN_RECIPE:
+        if key not in NOT_IN_RECIPE:
             values[key] = flat.get(key, text)
     return values
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from dptrain.cli import config_error_line
-from dptrain.config import validate
+from dptrain.validation import validate
 from dptrain.errors import UserError, fail
 from dptrain.report.progress import sweep_points
 from dptrain.tracking.run_dir import RunLock, claim_fresh, discard_if_unstarted, refuse_started_run, restrict_umask

@@ -23,9 +23,10 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 from dptrain import pipeline
-from dptrain.config import register_configs, validate
+from dptrain.config import register_configs
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import centralized
+from dptrain.validation import validate
 
 LEVELS = ("fast", "standard", "thorough", "implementation")
 

@@ -16,13 +16,14 @@ from torch.utils.data import TensorDataset
 
 from conftest import TINY, make_config
 from dptrain import pipeline
-from dptrain.config import ModelConfig, PrivacyConfig, validate
+from dptrain.config import ModelConfig, PrivacyConfig
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, epsilon_spent, make_private
 from dptrain.privacy import crosscheck
 from dptrain.privacy.engine import PoissonBatches
 from dptrain.privacy.ledger import PrivacyLedger
+from dptrain.validation import validate
 
 DELTA = 1e-5
 

@@ -34,11 +34,11 @@ from dptrain.audit.whitebox import (
     implementation_results,
     poisson_scores,
 )
-from dptrain.config import validate
 from dptrain.data import load, make_split, prepare
 from dptrain.errors import UserError
 from dptrain.tracking.summary import format_summary
 from dptrain.training import centralized
+from dptrain.validation import validate
 
 CPU = torch.device("cpu")
 

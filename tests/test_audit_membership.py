@@ -9,8 +9,8 @@ from scipy import stats
 from conftest import make_config
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import auc, roc_curve
-from dptrain.config import validate
 from dptrain.errors import UserError
+from dptrain.validation import validate
 
 
 def _auc(scores: np.ndarray, is_member: np.ndarray) -> float:

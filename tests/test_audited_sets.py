@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from conftest import TINY, make_config
-from dptrain.config import PrivacyConfig, validate
+from dptrain.config import PrivacyConfig
+from dptrain.validation import validate
 from dptrain.data import stratified_pairs
 from dptrain.privacy import make_private, plan_privacy
 from dptrain.training import centralized, federated, ranks

@@ -14,8 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY, make_config
-from dptrain.config import validate
-from dptrain.config_keys import RANGES, check_known_keys, numeric_keys, schema_keys
+from dptrain.validation import validate
+from dptrain.validation.keys import RANGES, check_known_keys, numeric_keys, schema_keys
 from dptrain.errors import UserError
 from dptrain.privacy import plan_privacy
 from dptrain import pipeline

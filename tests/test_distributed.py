@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 
 from conftest import TINY, make_config
 from dptrain import pipeline
-from dptrain.config import recipe_hash, validate
+from dptrain.config import recipe_hash
+from dptrain.validation import validate
 from dptrain.data import Split, load
 from dptrain.errors import UserError
 from dptrain.training import centralized, distributed, launch, recipe

@@ -14,7 +14,6 @@ from torch.utils.data import TensorDataset
 
 from dptrain import pipeline
 from dptrain.audit import reference
-from dptrain.config import validate
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import epsilon_spent
@@ -22,6 +21,7 @@ from dptrain.privacy.crosscheck import pld_epsilon
 from dptrain.robust import build_attack, stamp_trigger
 from dptrain.tracking.artifacts import METRICS_KEYS
 from dptrain.training import centralized, clients, federated
+from dptrain.validation import validate
 
 # Ten clients, eight rounds of all of them, no DP: about a second on a 2-core CPU.
 FED = (

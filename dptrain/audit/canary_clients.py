@@ -21,6 +21,7 @@ from torch import Tensor
 
 from dptrain.audit.implementation import AuditRun
 from dptrain.privacy import PrivacyPlan
+from dptrain.seeds import Stream, derived_seed
 
 # dp_fedavg(updates, expected_clients, clip, noise_multiplier, generator) -> aggregate
 ServerStep = Callable[[Tensor, float, float, float, torch.Generator], Tensor]
@@ -50,11 +51,13 @@ class CanaryClients:
         if tamper is not None:
             raise ValueError("canary clients take no tamper")
         plan = self.plan
-        rng = np.random.default_rng(seed)
-        included = rng.random(canaries) < 0.5
-        directions = torch.randn(canaries, self.dimension, generator=torch.Generator().manual_seed(seed))
+        included = np.random.default_rng(derived_seed(seed, Stream.CANARY_COINS)).random(canaries) < 0.5
+        rng = np.random.default_rng(derived_seed(seed, Stream.SAMPLING))
+        directions = torch.randn(
+            canaries, self.dimension, generator=torch.Generator().manual_seed(derived_seed(seed, Stream.CANARY_RECORDS))
+        )
         directions = (directions / torch.linalg.vector_norm(directions, dim=1, keepdim=True)).to(device)
-        noise = torch.Generator(device=device).manual_seed(seed + 2)
+        noise = torch.Generator(device=device).manual_seed(derived_seed(seed, Stream.NOISE))
         releases = []
         for _ in range(plan.steps):
             sampled = torch.from_numpy(np.flatnonzero(included & (rng.random(canaries) < plan.sample_rate)))

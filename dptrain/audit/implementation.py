@@ -28,15 +28,13 @@ from dptrain.audit.probe import CanaryProbe, ProbeObserver, canary_magnitude, pr
 from dptrain.audit.whitebox import SETTINGS, canary_lower_bound, gdp_epsilon, gdp_mu_estimate, setting_scores
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, PrivateTraining, make_private, unwrap
+from dptrain.seeds import Stream, derived_seed
 from dptrain.training import ranks
 from dptrain.training.loop import train_epoch
-from dptrain.training.recipe import RANK_SEED_STRIDE, make_optimizer
-from dptrain.training.seeds import AUDIT_STREAM, derived_seed
+from dptrain.training.recipe import make_optimizer
 
 log = logging.getLogger(__name__)
 
-# Key of the audit runs' seeds under audit.seed's AUDIT_STREAM: run r draws from (seed, stream, key, r).
-WHITEBOX_KEY = 19
 
 Tamper = Callable[[PrivateTraining], None]
 
@@ -102,8 +100,8 @@ def run_mechanism(
     """
     plan = mechanism.plan
     rank = ranks.rank() if mechanism.distributed else 0
-    included = np.random.default_rng(seed).random(canaries) < 0.5
-    torch.manual_seed(seed)
+    included = np.random.default_rng(derived_seed(seed, Stream.CANARY_COINS)).random(canaries) < 0.5
+    torch.manual_seed(derived_seed(seed, Stream.MODEL))
     model, _ = ensure_dp_compatible(build_model(cfg.model, mechanism.input_shape, mechanism.num_classes))
     layers = sum(1 for p in model.parameters() if p.requires_grad) + 1
     clip = canary_clip_norm(cfg.privacy.clipping, plan.max_grad_norm, layers)
@@ -122,8 +120,8 @@ def run_mechanism(
         cfg=cfg.privacy,
         batch_size=batch_size,
         max_physical_batch_size=cfg.train.max_physical_batch_size,
-        sampling_generator=torch.Generator().manual_seed(seed + 1 + RANK_SEED_STRIDE * rank),
-        noise_generator=torch.Generator(device=device).manual_seed(seed + 2 + RANK_SEED_STRIDE * rank),
+        sampling_generator=torch.Generator().manual_seed(derived_seed(seed, Stream.SAMPLING, rank)),
+        noise_generator=torch.Generator(device=device).manual_seed(derived_seed(seed, Stream.NOISE, rank)),
     )
     if tamper is not None:
         tamper(training)
@@ -153,7 +151,7 @@ def run_mechanism(
 
 def run_seed(audit_seed: int, run: int) -> int:
     """Audit run ``run``'s seed: its own stream of ``audit.seed``, apart from the target's and the audit's."""
-    return derived_seed(audit_seed, AUDIT_STREAM, WHITEBOX_KEY, run)
+    return derived_seed(audit_seed, Stream.IMPLEMENTATION, run)
 
 
 def implementation_audit(

@@ -22,6 +22,7 @@ from dptrain.data import subset
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan
+from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.atomic import save_torch_atomic, write_json_atomic
 from dptrain.training import ranks
 from dptrain.training.lifetime import child_pool
@@ -173,14 +174,14 @@ def train_references(
     its attacks.
     """
     n = len(audited)
-    cfgs = [reference_config(cfg, plan, seed * 1000 + j + 1) for j in range(count)]
+    cfgs = [reference_config(cfg, plan, derived_seed(seed, Stream.REFERENCE, j)) for j in range(count)]
     plans: list = [None] * count
     if scheme == "population":
         audited_in = np.zeros((count, n), dtype=bool)
     elif _federated(cfg):
-        orders, plans, audited_in = federated_halves(cfgs, audited.tensors[1].numpy(), seed)
+        orders, plans, audited_in = federated_halves(cfgs, audited.tensors[1].numpy(), derived_seed(seed, Stream.REFERENCE))
     else:
-        audited_in = halves_assignment(count, n, seed)
+        audited_in = halves_assignment(count, n, derived_seed(seed, Stream.REFERENCE))
         orders = [np.flatnonzero(row) for row in audited_in]
     short = int((audited_in.sum(axis=0) < min_in).sum())
     if short:

@@ -25,6 +25,7 @@ from dptrain.audit.reference import ReferenceModels, default_workers, train_refe
 from dptrain.audit.whitebox import implementation_results
 from dptrain.data import Canaries, SplitData, population_without
 from dptrain.privacy import PrivacyPlan
+from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.figures import roc_figure, score_histograms_image
 from dptrain.tracking.summary import format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
@@ -141,7 +142,7 @@ def _mia(target: AuditTarget, run_dir, warnings: list[str]) -> tuple[dict, dict,
             delta=delta,
             confidence=cfg.confidence,
             n_bootstrap=cfg.mia.bootstrap,
-            seed=cfg.seed,
+            seed=derived_seed(cfg.seed, Stream.BOOTSTRAP),
         )
         results[name] = metrics.to_dict()
         _guard(name, metrics.auc, metrics.epsilon_lower_bound.value, target.epsilon, warnings)
@@ -211,7 +212,7 @@ def _aia(target: AuditTarget) -> dict:
         population=np.arange(n, len(records)),
         prior=prior,
         rule=target.cfg.audit.aia.rule,
-        seed=target.cfg.audit.seed,
+        seed=derived_seed(target.cfg.audit.seed, Stream.ATTRIBUTE),
     )
     return result.to_dict()
 
@@ -237,7 +238,7 @@ def _canary(target: AuditTarget, requested: int, warnings: list[str]) -> dict | 
         canaries.included,
         delta=target.plan.delta if target.plan.private else 0.0,
         confidence=target.cfg.audit.confidence,
-        seed=target.cfg.audit.seed,
+        seed=derived_seed(target.cfg.audit.seed, Stream.TIE_BREAK),
     ).to_dict()
     _canary_guard("canary", result["epsilon_lower_bound"], target.epsilon, warnings)
     return result

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from dptrain.data.splits import Split
+from dptrain.seeds import Stream, derived_seed
 
 
 @dataclass(eq=False)
@@ -33,7 +34,7 @@ def canary_inclusion(count: int, seed: int) -> np.ndarray:
     Needs no data, so the number included (and with it the training-set size
     the privacy plan needs) is known before any data is loaded.
     """
-    return np.random.default_rng(seed).random(count) < 0.5
+    return np.random.default_rng(derived_seed(seed, Stream.CANARY_COINS)).random(count) < 0.5
 
 
 def draw_canaries(split: Split, labels: torch.Tensor, num_classes: int, count: int, seed: int) -> Canaries:
@@ -45,7 +46,7 @@ def draw_canaries(split: Split, labels: torch.Tensor, num_classes: int, count: i
     audit must not train on these records (see ``population_without``).
     """
     included = canary_inclusion(count, seed)
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng(derived_seed(seed, Stream.CANARY_RECORDS))
     indices = np.sort(rng.choice(split.population, size=count, replace=False))
     shift = torch.from_numpy(rng.integers(1, num_classes, size=count))
     return Canaries(indices=indices, labels=(labels[torch.from_numpy(indices)] + shift) % num_classes, included=included)

@@ -45,7 +45,7 @@ from dptrain.training.distributed import (
 )
 from dptrain.training.loop import evaluate
 from dptrain.training.recipe import TrainedModel, resolve_device, train_model
-from dptrain.training.seeds import AUDIT_STREAM, POISON_STREAM, derived_seed
+from dptrain.seeds import Stream, derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> Te
         records = TensorDataset(*(torch.cat([a, b[keep]]) for a, b in zip(records.tensors, inserted.tensors)))
     if not robust:
         return records
-    attack = build_attack(cfg.attack, derived_seed(cfg.train.seed, POISON_STREAM))
+    attack = build_attack(cfg.attack, derived_seed(cfg.train.seed, Stream.POISON))
     if attack.poison is not None and rank in byzantine:
         records = TensorDataset(*attack.poison(*records.tensors, data.num_classes))
     return records
@@ -156,7 +156,7 @@ def audited_data(cfg: Config, data: SplitData, world: int) -> SplitData:
         return data
     byzantine = byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed)
     trained = honest_positions(len(data.members), world, byzantine)
-    return audited_split(data, trained, derived_seed(cfg.audit.seed, AUDIT_STREAM))
+    return audited_split(data, trained, derived_seed(cfg.audit.seed, Stream.AUDIT))
 
 
 def train_target(

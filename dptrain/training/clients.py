@@ -22,7 +22,7 @@ from dptrain.privacy import PrivacyPlan, make_private, plan_privacy
 from dptrain.privacy.ledger import PrivacyLedger
 from dptrain.training.loop import train_epoch
 from dptrain.training.recipe import make_optimizer
-from dptrain.training.seeds import BYZANTINE_STREAM, SCHEDULE_STREAM, derived_seed
+from dptrain.seeds import Stream, derived_seed
 
 
 def clients_per_round(cfg: Config) -> int:
@@ -33,7 +33,7 @@ def clients_per_round(cfg: Config) -> int:
 
 def byzantine_clients(cfg: Config) -> np.ndarray:
     """The sorted ids of the ``attack.byzantine`` Byzantine clients, drawn uniformly from train.seed."""
-    rng = np.random.default_rng(derived_seed(cfg.train.seed, BYZANTINE_STREAM))
+    rng = np.random.default_rng(derived_seed(cfg.train.seed, Stream.BYZANTINE))
     return np.sort(rng.choice(cfg.federation.clients, size=cfg.attack.byzantine, replace=False))
 
 
@@ -47,7 +47,7 @@ def participation(cfg: Config) -> np.ndarray:
     depends on no record, so a client's accountant only needs the rounds it trains in.
     """
     federation = cfg.federation
-    rng = np.random.default_rng(derived_seed(cfg.train.seed, SCHEDULE_STREAM))
+    rng = np.random.default_rng(derived_seed(cfg.train.seed, Stream.SCHEDULE))
     per_round = clients_per_round(cfg)
     if federation.dp_level == "user":
         return rng.random((federation.rounds, federation.clients)) < per_round / federation.clients
@@ -63,9 +63,10 @@ def partition_members(cfg: Config, members: int, labels: np.ndarray | None) -> l
     ``iid`` needs only the member count; ``dirichlet`` (Hsu et al. 2019) needs the members' labels.
     """
     federation = cfg.federation
+    seed = derived_seed(cfg.train.seed, Stream.PARTITION)
     if federation.partition == "iid":
-        return iid_partition(members, federation.clients, cfg.train.seed)
-    return dirichlet_partition(labels, federation.clients, federation.alpha, cfg.train.seed)
+        return iid_partition(members, federation.clients, seed)
+    return dirichlet_partition(labels, federation.clients, federation.alpha, seed)
 
 
 def _privacy_key(cfg: PrivacyConfig) -> tuple:

@@ -25,7 +25,7 @@ from torch import Tensor
 from dptrain.privacy.plan import is_private
 from dptrain.robust import build_aggregator, build_attack, tolerated_byzantine
 from dptrain.training import ranks
-from dptrain.training.seeds import AGGREGATOR_STREAM, ATTACK_STREAM, derived_seed
+from dptrain.seeds import Stream, derived_seed
 
 
 def parallel_mode(cfg, world: int | None = None) -> str | None:
@@ -48,8 +48,9 @@ def local_batch_size(cfg) -> int:
 
 
 def byzantine_ranks(count: int, world: int, seed: int) -> list[int]:
-    """The ``count`` ranks that play Byzantine, drawn by ``seed`` (the same on every rank)."""
-    generator = torch.Generator().manual_seed(seed)
+    """The ``count`` ranks that play Byzantine, drawn from the run ``seed``'s Byzantine stream (the
+    same on every rank)."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, Stream.BYZANTINE))
     return sorted(torch.randperm(world, generator=generator)[:count].tolist())
 
 
@@ -114,7 +115,7 @@ class GatheredAggregation:
         dist.all_gather(rows, flat)
         stack = torch.stack(rows)
         if self.byzantine:
-            attack = build_attack(self.attack_cfg, derived_seed(self.seed, ATTACK_STREAM, self.steps))
+            attack = build_attack(self.attack_cfg, derived_seed(self.seed, Stream.ATTACK, self.steps))
             honest = [r for r in range(world) if r not in self.byzantine]
             seen = stack[honest] if attack.omniscient else stack[self.byzantine]
             stack[self.byzantine] = attack(seen, world).to(stack.dtype)
@@ -151,7 +152,7 @@ def gather_updates(training, cfg) -> None:
     world, seed = ranks.world_size(), cfg.train.seed
     exchange = dict(
         aggregator=build_aggregator(
-            cfg.aggregator, tolerated_byzantine(cfg.aggregator, cfg.attack), derived_seed(seed, AGGREGATOR_STREAM)
+            cfg.aggregator, tolerated_byzantine(cfg.aggregator, cfg.attack), derived_seed(seed, Stream.AGGREGATOR)
         ),
         attack_cfg=cfg.attack,
         seed=seed,

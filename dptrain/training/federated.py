@@ -49,15 +49,7 @@ from dptrain.training.clients import (
 )
 from dptrain.training.loop import evaluate, predict
 from dptrain.training.recipe import resolve_device
-from dptrain.training.seeds import (
-    AGGREGATOR_STREAM,
-    ATTACK_STREAM,
-    AUDIT_STREAM,
-    NOISE_STREAM,
-    POISON_STREAM,
-    SAMPLING_STREAM,
-    derived_seed,
-)
+from dptrain.seeds import Stream, derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -220,10 +212,10 @@ class FederatedServer:
         self.cfg, self.plan, self.clients, self.model, self.device = cfg, plan, clients, model, device
         seed = cfg.train.seed
         f = tolerated_byzantine(cfg.aggregator, cfg.attack)
-        self.aggregator = build_aggregator(cfg.aggregator, f, derived_seed(seed, AGGREGATOR_STREAM))
+        self.aggregator = build_aggregator(cfg.aggregator, f, derived_seed(seed, Stream.AGGREGATOR))
         self.attack_cfg = _nominal_attack_config(cfg)
-        self.sampling = torch.Generator().manual_seed(derived_seed(seed, SAMPLING_STREAM))
-        self.noise = torch.Generator(device=device).manual_seed(derived_seed(seed, NOISE_STREAM))
+        self.sampling = torch.Generator().manual_seed(derived_seed(seed, Stream.SAMPLING))
+        self.noise = torch.Generator(device=device).manual_seed(derived_seed(seed, Stream.NOISE))
         self.user_level = plan.dp_level == "user"
         self.ledger = PrivacyLedger.for_plan(plan) if self.user_level and plan.private else None
         self.config_hash = recipe_hash(cfg)
@@ -231,7 +223,7 @@ class FederatedServer:
     def attack(self, round_index: int) -> Attack:
         # A fresh attack per round, seeded by the round: a resumed run draws what the uninterrupted
         # one would without checkpointing the attack's generator.
-        seed = derived_seed(self.cfg.train.seed, ATTACK_STREAM, round_index)
+        seed = derived_seed(self.cfg.train.seed, Stream.ATTACK, round_index)
         return build_attack(self.attack_cfg, seed, self.cfg.federation.server_lr)
 
     def run_round(self, round_index: int) -> RoundRecord:
@@ -393,7 +385,7 @@ def honest_trained(parts: list[np.ndarray], plan: FederatedPlan) -> np.ndarray:
 def audited_data(cfg: Config, data: SplitData, parts: list[np.ndarray], plan: FederatedPlan) -> SplitData:
     """The split the audit sees: the ``honest_trained`` members and as many non-members, with the
     same label histogram (``audited_split``, seeded by audit.seed)."""
-    return audited_split(data, honest_trained(parts, plan), derived_seed(cfg.audit.seed, AUDIT_STREAM))
+    return audited_split(data, honest_trained(parts, plan), derived_seed(cfg.audit.seed, Stream.AUDIT))
 
 
 def planned_federation(cfg: Config, labels: np.ndarray) -> tuple[FederatedPlan, np.ndarray]:
@@ -411,7 +403,7 @@ def planned_federation(cfg: Config, labels: np.ndarray) -> tuple[FederatedPlan, 
 def _global_model(
     cfg: Config, input_shape, num_classes: int, plan: FederatedPlan, device
 ) -> tuple[nn.Module, list[str]]:
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(derived_seed(cfg.train.seed, Stream.MODEL))
     model = build_model(cfg.model, input_shape, num_classes)
     replaced: list[str] = []
     if plan.private and plan.dp_level == "sample":
@@ -483,7 +475,7 @@ def train_federation(
     """
     parts = _partition(cfg, members, plan)
     model, replaced = _global_model(cfg, input_shape, num_classes, plan, device)
-    poisoning = build_attack(cfg.attack, derived_seed(cfg.train.seed, POISON_STREAM), cfg.federation.server_lr)
+    poisoning = build_attack(cfg.attack, derived_seed(cfg.train.seed, Stream.POISON), cfg.federation.server_lr)
     server = FederatedServer(cfg, plan, _clients(members, num_classes, parts, plan, poisoning), model, device)
     # The poisoning clients' own attack, for its trigger.
     backdoor = poisoning if poisoning.trigger is not None else None

@@ -10,7 +10,7 @@ import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,10 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=45)
 # for the run's log, while the console gets dptrain's one line (WorkerFailed).
 ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+# What every rank runs: (config, run directory) -> (metrics.json, audit.json or None).
+Job = Callable[[Config, Path], "tuple[dict, dict | None]"]
 
 
 class WorkerFailed(RuntimeError):
@@ -62,11 +66,10 @@ def _log_to(run_dir: str) -> None:
     logging.getLogger("opacus").setLevel(logging.WARNING)
 
 
-def _worker(config: dict, run_dir: str, launcher: int):
-    """One rank of a ``launcher.nproc_per_node`` run (module-level so that spawn can pickle it); it
-    ends with the ``launcher`` process, which holds the run directory's lock."""
-    from dptrain import pipeline
-
+def _worker(job: Job, config: dict, run_dir: str, launcher: int):
+    """One rank of a ``launcher.nproc_per_node`` run (module-level so that spawn can pickle it, as it
+    pickles ``job``, a module-level function, by name); it ends with the ``launcher`` process, which
+    holds the run directory's lock."""
     end_with_parent(launcher)
     _log_to(run_dir)
     cfg = OmegaConf.merge(OmegaConf.structured(Config), config)
@@ -74,7 +77,7 @@ def _worker(config: dict, run_dir: str, launcher: int):
         # The elastic launcher, unlike torchrun, leaves every worker all cores' threads.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.launcher.nproc_per_node))
     with process_group(cfg.launcher.backend):
-        metrics, report = pipeline.train(cfg, run_dir)
+        metrics, report = job(cfg, run_dir)
     return (metrics, report) if ranks.is_main() else None
 
 
@@ -114,8 +117,10 @@ def _elastic_logs_to(log_file: Path) -> Iterator[None]:
         handler.close()
 
 
-def launch(cfg: DictConfig, run_dir: Path) -> tuple[dict, dict | None]:
-    """Run ``cfg`` on ``cfg.launcher.nproc_per_node`` local worker processes; return rank 0's results.
+def launch(cfg: DictConfig, run_dir: Path, job: Job) -> tuple[dict, dict | None]:
+    """Run ``job(cfg, run_dir)`` on ``cfg.launcher.nproc_per_node`` local worker processes, each in the
+    process group; return rank 0's results. ``job`` is a module-level function (the pipeline's
+    ``train``), given by the caller so that launching knows nothing of what runs.
 
     Uses torch.distributed's elastic launcher (what ``torchrun`` runs) with no restarts: a worker
     that dies makes the launcher stop the others and raise ``WorkerFailed`` naming its rank; the
@@ -138,7 +143,7 @@ def launch(cfg: DictConfig, run_dir: Path) -> tuple[dict, dict | None]:
     try:
         with _elastic_logs_to(Path(run_dir) / "train.log"):
             results = elastic_launch(config, _worker)(
-                OmegaConf.to_container(cfg, resolve=True), str(run_dir), os.getpid()
+                job, OmegaConf.to_container(cfg, resolve=True), str(run_dir), os.getpid()
             )
     except ChildFailedError as error:
         raise WorkerFailed(_failure_message(error, nproc)) from None

@@ -22,6 +22,7 @@ from dptrain.config import Config, TrainConfig, recipe_hash
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, make_private, plan_privacy, unwrap
+from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
 from dptrain.training.checkpoint import Checkpoint
@@ -29,9 +30,6 @@ from dptrain.training.distributed import gather_updates, local_batch_size, paral
 from dptrain.training.loop import EpochStats, evaluate, train_epoch
 
 log = logging.getLogger(__name__)
-
-# Seed offset between ranks' sampling and noise generators (rank 0 keeps the single-process seeds).
-RANK_SEED_STRIDE = 1000
 
 
 @dataclass
@@ -126,7 +124,7 @@ def train_model(
     device = resolve_device(train.device)
     batch_size = local_batch_size(cfg) if mode == "robust" else train.batch_size
     plan = plan or plan_privacy(cfg.privacy, members=len(train_set), batch_size=batch_size, epochs=train.epochs)
-    torch.manual_seed(train.seed)
+    torch.manual_seed(derived_seed(train.seed, Stream.MODEL))
     model = build_model(cfg.model, input_shape, num_classes)
     replaced: list[str] = []
     if plan.private:
@@ -136,8 +134,8 @@ def train_model(
         model = DifferentiallyPrivateDistributedDataParallel(model)
     # Each rank draws its own batches and noise: shared streams would correlate the
     # inclusion of records on different ranks, which Poisson sampling's analysis forbids.
-    sampling = torch.Generator().manual_seed(train.seed + 1 + RANK_SEED_STRIDE * rank)
-    noise = torch.Generator(device=device).manual_seed(train.seed + 2 + RANK_SEED_STRIDE * rank)
+    sampling = torch.Generator().manual_seed(derived_seed(train.seed, Stream.SAMPLING, rank))
+    noise = torch.Generator(device=device).manual_seed(derived_seed(train.seed, Stream.NOISE, rank))
     training = make_private(
         model=model,
         optimizer=make_optimizer(train, model.parameters()),

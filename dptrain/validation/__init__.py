@@ -1,0 +1,338 @@
+"""Validation, the pipeline's first stage: the whole config checked before any data is loaded or model
+built, every failure one ``UserError`` line naming the key, the bad value and the fix.
+
+``keys`` checks every key against the schema (unknown keys, numeric ranges); this module checks
+choices and combinations, importing the registries and rules it checks against.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from dptrain.audit.membership import LIRA_VARIANCES
+from dptrain.config import AttackConfig, AuditConfig, Config, LauncherConfig
+from dptrain.data import DatasetInfo, SplitSizes, describe, split_sizes
+from dptrain.errors import UserError
+from dptrain.models import ACTIVATIONS, IMAGE_ONLY, MODELS
+from dptrain.privacy import ACCOUNTANTS
+from dptrain.privacy.crosscheck import pld_check_enabled
+from dptrain.privacy.plan import is_private
+from dptrain.robust import alie_z, build_aggregator, build_attack, tolerated_byzantine
+from dptrain.training import ranks
+from dptrain.training.distributed import parallel_mode
+from dptrain.validation.keys import check_known_keys, check_ranges
+
+PRIVACY_NAMES = ("dpsgd", "none")
+CLIPPING_MODES = ("flat", "per_layer")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine", "step")
+FEDERATIONS = ("none", "fedavg")
+AUDIT_LEVELS = ("standard", "fast", "thorough", "implementation", "none")
+WHITEBOX_SETTINGS = ("all_iterates", "final_model", "both")
+MIA_ATTACKS = ("loss", "rmia", "lira")
+AIA_RULES = ("imputation_prior", "loss", "confidence_prior")
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value} is unknown: choose one of {', '.join(map(str, choices))}")
+
+
+def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
+    """Check ``cfg`` before any data is loaded or model built; return the dataset's description and split sizes.
+
+    Every failure is one ``UserError`` line naming the key, the bad value and the fix.
+    """
+    check_known_keys(cfg)
+    check_ranges(cfg)
+    info = describe(cfg.dataset, progress=cfg.train.progress)
+    sizes = split_sizes(info, cfg.dataset)
+    members = sizes.members
+
+    model = cfg.model
+    _choice("model", model.name, tuple(MODELS))
+    _choice("model.activation", model.activation, tuple(ACTIVATIONS))
+    if model.name in IMAGE_ONLY and info.modality != "image":
+        raise UserError(
+            f"model={model.name} needs image input but dataset={info.name} is tabular: use model=mlp or model=logreg"
+        )
+
+    privacy = cfg.privacy
+    _choice("privacy", privacy.name, PRIVACY_NAMES)
+    if privacy.accountant == "gdp":
+        raise UserError(
+            "privacy.accountant=gdp (Dong et al. 2019's central-limit approximation) under-reports epsilon for the "
+            "step counts of a run, so dptrain does not report it: use privacy.accountant=prv (tight) or rdp; "
+            "noise calibration already starts from GDP, so prv plans as fast"
+        )
+    _choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
+    _choice("privacy.clipping", privacy.clipping, CLIPPING_MODES)
+    _choice("privacy.grad_sample_mode", privacy.grad_sample_mode, GRAD_SAMPLE_MODES)
+    target = privacy.target_epsilon
+    baseline = privacy.name == "none" or (target is not None and math.isinf(target))
+    if privacy.name == "none" and target is not None and math.isfinite(target):
+        raise UserError(
+            f"privacy=none trains without privacy but privacy.target_epsilon={target}: use privacy=dpsgd for a budget"
+        )
+    if privacy.noise_multiplier is not None:
+        if baseline:
+            raise UserError(
+                f"privacy.noise_multiplier={privacy.noise_multiplier} conflicts with the non-private baseline "
+                f"(privacy.target_epsilon=inf or privacy=none): drop the noise multiplier or set a finite target_epsilon"
+            )
+    elif target is None:
+        raise UserError("privacy.target_epsilon=null needs privacy.noise_multiplier: set one of the two")
+    if not baseline:
+        if not privacy.poisson_sampling:
+            raise UserError(
+                "privacy.poisson_sampling=false would train on shuffled fixed-size batches, which the subsampled "
+                "Gaussian accounting does not cover (Chua et al. 2024; without amplification the default job spends "
+                "about 6.85, not 3): use privacy.poisson_sampling=true"
+            )
+        if privacy.delta >= 1.0 / members:
+            raise UserError(
+                f"privacy.delta={privacy.delta} must be in (0, 1/n) = (0, {1.0 / members:.3g}) for n={members} "
+                f"training records: use e.g. privacy.delta={_suggest_delta(members)}"
+            )
+        pld_check_enabled(privacy.pld_check)
+        if privacy.grad_sample_mode == "ghost" and privacy.clipping != "flat":
+            raise UserError(
+                f"privacy.grad_sample_mode=ghost supports flat clipping only, not privacy.clipping={privacy.clipping}: "
+                "use privacy.clipping=flat or privacy.grad_sample_mode=hooks"
+            )
+
+    train = cfg.train
+    _choice("train.optimizer", train.optimizer, OPTIMIZERS)
+    _choice("train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+    if train.batch_size > members:
+        raise UserError(
+            f"train.batch_size={train.batch_size} must be between 1 and the {members} training records of "
+            f"dataset={info.name}: lower it"
+        )
+    _validate_device(train.device)
+    if train.resume is not None and not (Path(train.resume) / "checkpoint.pt").is_file():
+        raise UserError(
+            f"train.resume={train.resume} holds no checkpoint.pt, so there is nothing to resume: the run stopped "
+            "before its first checkpoint (start it again) or this is not a run directory"
+        )
+
+    _validate_attackers(cfg.attack)
+    _validate_launcher(cfg)
+    _validate_federation(cfg, sizes)
+    _validate_audit(cfg.audit, sizes.population)
+    # Last, so that a setup that is wrong on any machine says so before this machine's limits do.
+    _validate_process_count(cfg.launcher)
+    return info, sizes
+
+
+def _world_size(cfg: Config) -> int:
+    """Processes of the run: ``launcher.nproc_per_node``, or WORLD_SIZE under an outside torchrun."""
+    return max(cfg.launcher.nproc_per_node, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _validate_launcher(cfg: Config) -> None:
+    """Several processes: data parallelism (DPDDP) or robust aggregation of the workers' gradients."""
+    launcher, attack = cfg.launcher, cfg.attack
+    _choice("launcher.backend", launcher.backend, ("auto", "gloo", "nccl"))
+    world = _world_size(cfg)
+    if world == 1:
+        return
+    if cfg.federation.name != "none":
+        raise UserError(
+            f"federation={cfg.federation.name} simulates its clients in one process: use launcher.nproc_per_node=1"
+        )
+    if launcher.backend == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("launcher.backend=nccl needs CUDA GPUs: use launcher.backend=gloo (or auto) on CPU")
+
+    if parallel_mode(cfg, world) == "dpddp":
+        privacy = cfg.privacy
+        if privacy.clipping == "per_layer" and privacy.grad_sample_mode != "hooks":
+            # Opacus' distributed per-layer optimizer computes per-example gradients with hooks only.
+            raise UserError(
+                f"privacy.clipping=per_layer over {world} workers (DPDDP) needs privacy.grad_sample_mode=hooks, "
+                f"not {privacy.grad_sample_mode}: set privacy.grad_sample_mode=hooks or privacy.clipping=flat"
+            )
+        return
+    # Robust data parallelism: each rank sends one update per step, Byzantine ranks included.
+    if cfg.train.batch_size < world:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} is split over {world} workers: use at least {world}"
+        )
+    if not 0 <= attack.byzantine < world:
+        raise UserError(f"attack.byzantine={attack.byzantine} must be in [0, {world}) workers: lower it")
+    _validate_robust_step(cfg, world, f"over {world} workers")
+
+
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under taskset or a
+    container's cpuset), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _validate_process_count(launcher: LauncherConfig) -> None:
+    """At most as many worker processes as devices to run them: nccl gives each rank the GPU of its local
+    rank, so never more ranks than GPUs; gloo ranks at most one per usable CPU core unless
+    ``launcher.oversubscribe`` (more processes than cores multiplies memory and slows every step).
+    Checked where ``dptrain`` spawns the processes, not in a rank an outside launcher started."""
+
+    nproc = launcher.nproc_per_node
+    if nproc == 1 or ranks.launched_by_torchrun():
+        return
+    if ranks.backend(launcher.backend) == "nccl":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise UserError(
+                f"launcher.nproc_per_node={nproc} exceeds the {gpus} GPU(s) here: nccl runs one process per GPU, "
+                f"use launcher.nproc_per_node={gpus} (or launcher.backend=gloo for CPU processes)"
+            )
+        return
+    cores = _usable_cores()
+    if nproc > cores and not launcher.oversubscribe:
+        raise UserError(
+            f"launcher.nproc_per_node={nproc} exceeds the {cores} CPU cores available here: use at most "
+            f"{cores}, or launcher.oversubscribe=true to start {nproc} processes anyway"
+        )
+
+
+def _validate_robust_step(cfg: Config, n: int, where: str):
+    """The aggregator and the attack over the n updates of a step (workers) or round (clients): the
+    aggregator's precondition for n and its f, the attack's parameters and, for ALIE without
+    ``attack.z``, its z at (n, attack.byzantine). Returns the attack."""
+
+    aggregator, attack = cfg.aggregator, cfg.attack
+    f = tolerated_byzantine(aggregator, attack)
+    try:
+        build_aggregator(aggregator, f, cfg.train.seed).check(n)
+    except UserError as error:
+        raise UserError(f"aggregator={aggregator.name} {where} with f={f} Byzantine: {error}") from None
+    built = build_attack(attack, cfg.train.seed, cfg.federation.server_lr)
+    if attack.name == "alie" and attack.z is None:
+        alie_z(n, attack.byzantine)
+    return built
+
+
+def _validate_attackers(attack: AttackConfig) -> None:
+    """An attack needs attackers, and attackers need an attack."""
+    if attack.name != "none" and attack.byzantine == 0:
+        raise UserError(f"attack={attack.name} with attack.byzantine=0 attacks nothing: set attack.byzantine=<count>")
+    if attack.name == "none" and attack.byzantine:
+        raise UserError(
+            f"attack.byzantine={attack.byzantine} with attack=none: the Byzantine clients or workers would train "
+            "honestly yet be left out of the reported epsilon and the audit; choose an attack or attack.byzantine=0"
+        )
+
+
+def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
+    """Federation, aggregator, attack and launcher: the combinations of clients, rules and attackers.
+
+    The aggregator's precondition is checked for n = clients_per_round and f = aggregator.f (null:
+    attack.byzantine), the most Byzantine updates a round can hold.
+    """
+    federation, attack, aggregator = cfg.federation, cfg.attack, cfg.aggregator
+    _choice("federation", federation.name, FEDERATIONS)
+    if federation.name == "none":
+        if _world_size(cfg) == 1 and (aggregator.name != "mean" or attack.name != "none"):
+            raise UserError(
+                f"aggregator={aggregator.name} attack={attack.name} need several clients or workers: "
+                "one process has one update per step, use federation=fedavg, launcher.nproc_per_node>1, or "
+                "aggregator=mean attack=none"
+            )
+        return
+
+    if federation.clients > sizes.members:
+        raise UserError(
+            f"federation.clients={federation.clients} exceeds the {sizes.members} member records to partition: "
+            "lower federation.clients"
+        )
+    per_round = federation.clients if federation.clients_per_round is None else federation.clients_per_round
+    if per_round > federation.clients:
+        raise UserError(
+            f"federation.clients_per_round={federation.clients_per_round} must be between 1 and "
+            f"federation.clients={federation.clients}: lower it, or null for every client in every round"
+        )
+    _choice("federation.partition", federation.partition, ("iid", "dirichlet"))
+    _choice("federation.dp_level", federation.dp_level, ("sample", "user"))
+    if federation.dp_level == "user" and (aggregator.name != "mean" or aggregator.pre):
+        pre = f" with aggregator.pre={list(aggregator.pre)}" if aggregator.pre else ""
+        raise UserError(
+            f"federation.dp_level=user (DP-FedAvg) calibrates its noise to the mean of clipped updates, not to "
+            f"aggregator={aggregator.name}{pre}: use aggregator=mean without pre-aggregators, or "
+            "federation.dp_level=sample"
+        )
+    if not 0 <= attack.byzantine < per_round:
+        raise UserError(
+            f"attack.byzantine={attack.byzantine} must be in [0, federation.clients_per_round={per_round}): "
+            "a round needs an honest client, lower attack.byzantine"
+        )
+    if cfg.audit.canaries.count:
+        raise UserError(
+            f"audit.canaries.count={cfg.audit.canaries.count}: canaries are inserted into centralized training only, "
+            "set audit.canaries.count=0 with federation=fedavg"
+        )
+    mia = cfg.audit.mia
+    if "rmia" in mia.attacks and "lira" not in mia.attacks and sizes.population < federation.clients:
+        # RMIA's reference models are federations of the same clients over the population.
+        raise UserError(
+            f"audit.mia.attacks=[rmia] trains reference federations of federation.clients={federation.clients} "
+            f"clients on the {sizes.population} population records: lower federation.clients or raise "
+            "dataset.population_fraction"
+        )
+    built = _validate_robust_step(cfg, per_round, f"with federation.clients_per_round={per_round} updates per round")
+    if federation.dp_level == "user" and built.omniscient and is_private(cfg.privacy):
+        raise UserError(
+            f"attack={attack.name} crafts its updates from the honest clients' unclipped ones, so one client would "
+            f"move the DP-FedAvg mean by more than the clipping norm its noise is sized for: with "
+            "federation.dp_level=user use a non-omniscient attack (sign_flip, gaussian, label_flip, backdoor), or "
+            "federation.dp_level=sample"
+        )
+
+
+def _validate_audit(audit: AuditConfig, population: int) -> None:
+
+    _choice("audit", audit.name, AUDIT_LEVELS)
+    for attack in audit.mia.attacks:
+        _choice("audit.mia.attacks", attack, MIA_ATTACKS)
+    _choice("audit.mia.lira_variance", audit.mia.lira_variance, LIRA_VARIANCES)
+    references = audit.mia.reference_models
+    if "lira" in audit.mia.attacks and (references < 4 or references % 2):
+        raise UserError(
+            f"audit.mia.reference_models={references}: LiRA needs an even number of at least 4 reference models "
+            "(each record is IN for half of them): set audit.mia.reference_models=4 or more"
+        )
+    if "rmia" in audit.mia.attacks and references < 1:
+        raise UserError(f"audit.mia.reference_models={references}: RMIA needs at least 1 reference model")
+    _choice("audit.aia.rule", audit.aia.rule, AIA_RULES)
+    whitebox = audit.whitebox
+    _choice("audit.whitebox.setting", whitebox.setting, WHITEBOX_SETTINGS)
+    if audit.canaries.count > population // 2:
+        raise UserError(
+            f"audit.canaries.count={audit.canaries.count} must be between 0 and half the {population} population "
+            "records (canaries are drawn from the population): lower it or raise dataset.population_fraction"
+        )
+
+
+def _suggest_delta(members: int) -> str:
+    exponent = math.ceil(math.log10(members)) + 1
+    return f"1e-{exponent}"
+
+
+def _validate_device(device: str) -> None:
+    if device in ("auto", "cpu"):
+        return
+    if device == "cuda" or device.startswith("cuda:"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device={device} but CUDA is not available here: use train.device=cpu or auto")
+        return
+    raise UserError(f"train.device={device} is unknown: use auto, cpu, cuda or cuda:<index>")

@@ -34,8 +34,6 @@ COMPOSE_ONLY = {
 }
 # Hydra's joblib and submitit launchers (the `sweep` extra) decide where jobs run, not what they run.
 LAUNCHER = ("hydra/launcher=", "hydra.launcher.")
-# A sweep of more jobs than this is checked on a subset that holds every swept value at least once.
-ALL_POINTS = 12
 
 COMMAND = re.compile(r"^(?:.*&&\s*)?(?:torchrun\s.*?-m\s+|python3?\s+-m\s+)?dptrain(?:\s|$)")
 README_LINK = re.compile(r"\]\((?!https?:)([^)#\s]+)(?:#([^)\s]+))?\)")
@@ -77,6 +75,7 @@ def documented_commands() -> list[Command]:
         for number, line in shell_lines(page):
             if not (COMMAND.match(line) or SCRIPT.match(line)):
                 continue
+            # Quotes removed and $HOME expanded, as the shell does before dptrain sees the arguments.
             tokens = [os.path.expandvars(token) for token in shlex.split(line, comments=True)]
             segment: list[str] = []
             for token in [*tokens, "&&"]:
@@ -144,15 +143,7 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     sweep = OmegaConf.create({"hydra": {"sweeper": OmegaConf.to_container(hydra.sweeper), "overrides": {"task": task}}})
     points = sweep_points(sweep)
     assert points is not None, f"{overrides}: not a sweep the basic sweeper expands"
-    if len(points) <= ALL_POINTS:
-        return points
-    covered: set[str] = set()
-    chosen = []
-    for point in points:
-        if not set(point) <= covered:
-            chosen.append(point)
-            covered |= set(point)
-    return chosen
+    return points
 
 
 def check_train(command: Command, arguments: list[str]) -> None:

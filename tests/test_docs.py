@@ -77,16 +77,17 @@ def documented_commands() -> list[Command]:
                 continue
             # Quotes removed and $HOME expanded, as the shell does before dptrain sees the arguments.
             tokens = [os.path.expandvars(token) for token in shlex.split(line, comments=True)]
+            where = f"{page.relative_to(ROOT)}:{number}"
             segment: list[str] = []
             for token in [*tokens, "&&"]:
                 if token != "&&":
                     segment.append(token)
                     continue
                 if "dptrain" in segment and segment[0] in ("dptrain", "torchrun", "python", "python3"):
-                    commands.append(Command(f"{page.relative_to(ROOT)}:{number}", tuple(segment[segment.index("dptrain") :])))
+                    commands.append(Command(where, tuple(segment[segment.index("dptrain") :])))
                 elif SCRIPT.match(" ".join(segment)):
                     script = next(i for i, token in enumerate(segment) if token.startswith("scripts/"))
-                    commands.append(Command(f"{page.relative_to(ROOT)}:{number}", tuple(segment[script:])))
+                    commands.append(Command(where, tuple(segment[script:])))
                 segment = []
     return commands
 
@@ -100,7 +101,8 @@ def test_the_site_builds_strictly_with_an_api_reference_from_the_docstrings(tmp_
     pytest.importorskip("mkdocstrings_handlers.python")
     site = tmp_path / "site"
     built = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"), "--site-dir", str(site)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml")]
+        + ["--site-dir", str(site)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -123,7 +125,7 @@ def test_the_site_builds_strictly_with_an_api_reference_from_the_docstrings(tmp_
 
 def test_the_readme_and_the_docs_show_the_commands_this_file_checks():
     where = [command.where.split(":")[0] for command in COMMANDS]
-    programs = {command.argv[1] if len(command.argv) > 1 else "" for command in COMMANDS if command.argv[0] == "dptrain"}
+    programs = {command.argv[1] for command in COMMANDS if command.argv[0] == "dptrain" and len(command.argv) > 1}
     # The README's two quick-start commands and its tour, and the user guide's many more.
     assert where.count("README.md") >= 8 and len(COMMANDS) >= 40
     assert {"train", "audit", "report"} <= programs

@@ -1,4 +1,4 @@
-"""Byzantine-robust aggregation under attack, as a Markdown table for the README.
+"""Byzantine-robust aggregation under attack, as a Markdown table for docs/results.md.
 
 Rows are aggregators with and without NNM pre-aggregation, columns attacks; each cell is clean test
 accuracy of one federated run (20 clients, 4 of them Byzantine, Dirichlet(0.5) label skew on
@@ -6,7 +6,7 @@ digits), and for the backdoor also its attack success rate. The table is made on
 once with sample-level DP at epsilon 3. Every cell calls ``dptrain.pipeline.train`` in this process
 with ``audit=none``; a combination whose precondition fails is reported, not run.
 
-    python scripts/robust_matrix.py            # the README's table
+    python scripts/robust_matrix.py            # the table in docs/results.md
     python scripts/robust_matrix.py --quick    # three rules, four attacks, ten rounds: a smoke check
 """
 

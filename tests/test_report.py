@@ -30,6 +30,7 @@ from dptrain.report.tuning import (
     rdp_curve,
     truncated_negative_binomial_bound,
 )
+from dptrain.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("1", "4", "inf")
@@ -208,7 +209,13 @@ def test_experiment_recipes_are_sweeps_of_the_documented_size():
     epsilon = compose_with_hydra("experiment=epsilon_sweep")
     assert str(epsilon.hydra.mode) == "RunMode.MULTIRUN" and sweep_jobs(epsilon) == 6
     matrix = compose_with_hydra("experiment=robustness_matrix")
-    assert matrix.federation.name == "fedavg" and matrix.attack.byzantine == 4 and sweep_jobs(matrix) == 112
+    assert matrix.federation.name == "fedavg" and matrix.attack.byzantine == 4 and sweep_jobs(matrix) == 96
+    # Every attack of the sweep, private or not, is a run dptrain accepts (attack=none with Byzantine
+    # clients is refused, so the no-attack reference is its own sweep).
+    for attack in str(matrix.hydra.sweeper.params.attack).split(","):
+        for epsilon in str(matrix.hydra.sweeper.params["privacy.target_epsilon"]).split(","):
+            validate(compose_with_hydra("experiment=robustness_matrix", f"attack={attack}", f"privacy.target_epsilon={epsilon}"))
+    validate(compose_with_hydra("experiment=robustness_matrix", "attack=none", "attack.byzantine=0"))
 
 
 def test_sweep_size_counts_params_and_command_line_as_the_basic_sweeper_does():

@@ -102,6 +102,21 @@ def test_dpddp_ranks_take_every_step_end_identical_and_spend_the_single_process_
 ROBUST = (*TINY, "train.epochs=8", "privacy.target_epsilon=8")
 
 
+def test_three_robust_workers_with_a_byzantine_one_end_identical_within_their_budget(tmp_path):
+    # The small version of the two slow tests below: the gathered median over three ranks, one of them
+    # flipping its gradient's sign, every rank applying the same aggregate.
+    overrides = (
+        *TINY, "dataset.max_members=120", "train.batch_size=30", "aggregator=median", "attack=sign_flip",
+        "attack.byzantine=1",
+    )
+    ranks = _train_on_ranks(3, overrides, tmp_path)
+    assert all(torch.equal(ranks[0]["state"][k], r["state"][k]) for r in ranks for k in r["state"])
+    metrics = ranks[0]["metrics"]
+    assert metrics["parallel_mode"] == "robust" and metrics["world_size"] == 3
+    assert 0 < metrics["epsilon"] <= 3.0 and metrics["test_accuracy"] > 0.2
+
+
+@pytest.mark.slow
 def test_median_over_four_workers_survives_a_sign_flipping_worker_that_breaks_the_mean(tmp_path):
     def accuracy(name: str, *overrides: str) -> float:
         ranks = _train_on_ranks(4, (*ROBUST, *overrides), tmp_path / name)
@@ -118,6 +133,7 @@ def test_median_over_four_workers_survives_a_sign_flipping_worker_that_breaks_th
     assert mean < median - 0.3
 
 
+@pytest.mark.slow
 def test_a_resumed_robust_run_with_a_stateful_aggregator_and_a_random_attack_matches_the_uninterrupted_run(tmp_path):
     # Centered clipping carries its centre from step to step; the Gaussian attack draws every step.
     overrides = (*ROBUST, "train.epochs=4", "aggregator=centered_clipping", "attack=gaussian", "attack.byzantine=1")
@@ -173,6 +189,7 @@ def _workers_of(pid: int) -> list[int]:
     return children
 
 
+@pytest.mark.slow
 def test_a_killed_worker_stops_the_run_with_its_rank_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "run"
     command = [

@@ -12,13 +12,14 @@ from pathlib import Path
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dptrain import __version__
 from dptrain.config import Config, register_configs
 from dptrain.errors import UserError
+from dptrain.errors import config_error_line, first_line
 from dptrain.errors import fail as _fail
 from dptrain.tracking.artifacts import AUDIT
 from dptrain.tracking.run_dir import RunLock, restrict_umask, resume_hint
@@ -60,28 +61,6 @@ COMMANDS = ("train", "audit", "report")
 RESUME = "train.resume="
 
 register_configs()
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-def config_error_line(error: HydraException | OmegaConfBaseException) -> str:
-    """Hydra's or OmegaConf's report of a bad override or config, which spans several lines, as one line.
-
-    Hydra's advice to add an unknown key with ``+`` is dropped: dptrain refuses unknown keys either way.
-    """
-    if isinstance(error, OverrideParseException):
-        return (
-            f"cannot parse the override '{error.override}': {_first_line(error.message)} "
-            "(see https://hydra.cc/docs/advanced/override_grammar/basic)"
-        )
-    line = _first_line(str(error)).rstrip(".")
-    if isinstance(error, MissingConfigException) and error.options:
-        return f"{line}: choose one of {', '.join(error.options)}"
-    if isinstance(error.__cause__, OmegaConfBaseException):
-        line = f"{line}: {_first_line(str(error.__cause__))}"
-    return line
 
 
 def _hydra_app(app) -> None:
@@ -167,7 +146,7 @@ def _saved_config(run_dir: Path, key: str) -> DictConfig:
         # OmegaConf's errors say which key does not fit the schema (a run of an older dptrain may hold a
         # key since renamed, such as audit.mia.lira_fixed_variance).
         raise UserError(
-            f"{saved} is not a readable dptrain config ({_first_line(str(error))}): rename or remove that key "
+            f"{saved} is not a readable dptrain config ({first_line(str(error))}): rename or remove that key "
             "there, or restore the file from a copy of the run"
         ) from None
 

@@ -55,17 +55,19 @@ def audit_target(
     if cfg.audit.name == "none":
         return None
     from dptrain.audit.run import AuditTarget, run_audit
+    from dptrain.tracking.panels import draw_audit
 
-    report = run_audit(
+    result = run_audit(
         AuditTarget(cfg, target.model, target.data, target.plan, target.epsilon, target.canaries, target.device),
         run_dir,
-        tb,
-        step=len(audit_history(run_dir)) + 1,
         canaries_requested=canaries_requested,
     )
-    if report is not None:
-        record_audit(run_dir, report)
-    return report
+    if result is None:
+        return None
+    record_audit(run_dir, result.report)
+    if tb is not None:
+        draw_audit(tb, result.report, result.scores, step=len(audit_history(run_dir)))
+    return result.report
 
 
 def hparams_of(cfg: Config, run_dir: Path) -> dict:
@@ -90,7 +92,7 @@ def hparams_of(cfg: Config, run_dir: Path) -> dict:
 def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: dict, report: dict | None) -> None:
     """Write the run's HParams record; after the n-th audit at step n, so the latest audit's metrics are
     the ones the dashboard shows (step 0: a run not audited yet)."""
-    from dptrain.audit.run import headline_metrics
+    from dptrain.tracking.panels import headline_metrics
 
     final = {
         "accuracy/test": metrics["test_accuracy"],

@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from dptrain.cli import config_error_line
+from dptrain.errors import config_error_line
 from dptrain.validation import validate
 from dptrain.errors import UserError, fail
 from dptrain.report.progress import sweep_points

@@ -1,6 +1,6 @@
 """The post-training audit of a run: membership inference (LOSS, RMIA, LiRA), attribute inference
-against imputation, the one-run canary bound, the white-box implementation audit, sanity guards,
-and their TensorBoard panels."""
+against imputation, the one-run canary bound, the white-box implementation audit, and sanity guards
+(``dptrain.tracking.panels`` draws them in TensorBoard)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,12 @@ from dptrain.audit.canary import one_run_audit
 from dptrain.audit.canary_clients import CanaryClients
 from dptrain.audit.implementation import AuditedMechanism, implementation_audit
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
-from dptrain.audit.metrics import FPR_TARGETS, fpr_key, membership_metrics, roc_curve
+from dptrain.audit.metrics import membership_metrics
 from dptrain.audit.reference import ReferenceModels, default_workers, train_references
 from dptrain.audit.whitebox import implementation_results
 from dptrain.data import Canaries, SplitData, population_without
 from dptrain.privacy import PrivacyPlan
 from dptrain.seeds import Stream, derived_seed
-from dptrain.tracking.figures import roc_figure, score_histograms_image
-from dptrain.tracking.summary import format_implementation
-from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
 from dptrain.training.clients import clients_per_round
 from dptrain.training.distributed import parallel_mode, shard_positions
@@ -39,8 +36,14 @@ log = logging.getLogger(__name__)
 
 # An AUC this far below chance means the attack's scores are inverted: a bug, not privacy.
 AUC_FLOOR = 0.4
-# Bins of the member / non-member score histograms in TensorBoard.
-SCORE_BINS = 40
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """``audit.json``'s content and, per membership attack, its (member, non-member) scores."""
+
+    report: dict
+    scores: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -307,9 +310,7 @@ def _implementation(target: AuditTarget, warnings: list[str]) -> dict | None:
     return result
 
 
-def run_audit(
-    target: AuditTarget, run_dir, tb: TensorBoardLog | None, step: int = 1, canaries_requested: int | None = None
-) -> dict | None:
+def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = None) -> AuditResult | None:
     """Audit ``target`` as ``target.cfg.audit`` says; return ``audit.json``'s content and draw the TensorBoard panels.
 
     Members and non-members are ``target.data``'s (balanced, disjoint, same
@@ -322,10 +323,9 @@ def run_audit(
     implementation audit) are trained across ranks and only rank 0 attacks,
     writes and returns the report (others get None).
 
-    ``step`` is the audit's number in the run's audit history (1: the first, usually at the end of
-    training), the step its TensorBoard panels are logged at. ``canaries_requested`` is the canary count the
-    audit was asked for (default: the run's own); the canaries audited are always those inserted
-    in training, ``target.canaries``.
+    ``canaries_requested`` is the canary count the audit was asked for (default: the run's own); the
+    canaries audited are always those inserted in training, ``target.canaries``. The member and
+    non-member scores of every attack come back beside the report, for the TensorBoard panels.
     """
     if not ranks.is_main():
         # Other ranks of a multi-process run only share the reference models' and audit runs' training.
@@ -356,95 +356,4 @@ def run_audit(
     report["audited_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     for warning in warnings:
         log.error("audit: %s", warning)
-    if tb is not None:
-        _tensorboard(tb, report, scores, step)
-    return report
-
-
-def headline_metrics(report: dict) -> dict[str, float | None]:
-    """The audit's headline numbers, the metrics of the run's HParams record: per membership attack
-    AUC, TPR at 1% FPR and the epsilon lower bound; attribute inference's advantage on members and
-    leakage; the canary bound. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
-    values: dict[str, float | None] = {}
-    for name, metrics in report["mia"].items():
-        values[f"mia/{name}/auc"] = metrics["auc"]
-        values[f"mia/{name}/tpr@1%"] = metrics["tpr_at_fpr"][fpr_key(0.01)]
-        values[f"mia/{name}/eps_lb"] = metrics["epsilon_lower_bound"]["value"]
-    aia = report["aia"]
-    if "skipped" not in aia:
-        values["aia/advantage"] = aia["members"]["advantage"]["accuracy"]
-        values["aia/leakage"] = aia["leakage"]["accuracy"]
-    canary = report["canary"]
-    if canary is not None and "skipped" not in canary:
-        values["canary/eps_lb"] = canary["epsilon_lower_bound"]
-    for setting, record in implementation_results(report.get("implementation")).items():
-        values[f"implementation/{setting}/eps_lb"] = record["epsilon_lower_bound"]
-        values[f"implementation/{setting}/eps_estimate"] = record["epsilon_estimate"]
-    return values
-
-
-def _number(value: float | None, digits: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, digits)
-
-
-def summary_table(report: dict) -> str:
-    """Markdown table of the membership attacks, for TensorBoard's text tab and the console."""
-    rows = ["| attack | AUC [95% CI] | TPR@0.1% | TPR@1% | TPR@10% | eps lower bound | members / non-members |", "|---|---|---|---|---|---|---|"]
-    for name, m in report["mia"].items():
-        tprs = " | ".join(_number(m["tpr_at_fpr"][fpr_key(t)]) for t in FPR_TARGETS)
-        rows.append(
-            f"| {name} | {m['auc']:.3f} [{m['auc_ci']['low']:.3f}, {m['auc_ci']['high']:.3f}] | {tprs} | "
-            f"{m['epsilon_lower_bound']['value']:.3f} | {m['n_members']} / {m['n_nonmembers']} |"
-        )
-    return "\n".join(rows)
-
-
-def _aia_table(aia: dict) -> str:
-    rows = [
-        f"| attribute `{aia['attribute']}` | attack accuracy | imputation accuracy | advantage |",
-        "|---|---|---|---|",
-    ]
-    for group, label in (("members", "members"), ("nonmembers", "non-members")):
-        g = aia[group]
-        rows.append(
-            f"| {label} | {g['attack']['accuracy']:.3f} | {g['imputation']['accuracy']:.3f} | {g['advantage']['accuracy']:+.3f} |"
-        )
-    rows.append(f"| leakage (members - non-members) | | | {aia['leakage']['accuracy']:+.3f} |")
-    return "\n".join(rows)
-
-
-def audit_text(report: dict, step: int) -> str:
-    """The audit's TensorBoard text: which audit it is, every attack's numbers, attribute inference,
-    the canary bound (or why there is none) and the warnings."""
-    when = report["audited_at"].replace("T", " ").replace("+00:00", " UTC")
-    parts = [f"**Audit {step}** of this run: level `{report['level']}`, {when}."]
-    if report["mia"]:
-        parts.append(summary_table(report))
-    aia = report["aia"]
-    parts.append(f"Attribute inference skipped: {aia['skipped']}." if "skipped" in aia else _aia_table(aia))
-    canary = report["canary"]
-    if canary is not None:
-        parts.append(
-            f"Canaries skipped: {canary['skipped']}."
-            if "skipped" in canary
-            else f"Canaries: one-run epsilon lower bound {canary['epsilon_lower_bound']:.3f} "
-            f"({canary['n_correct']} of {canary['n_guesses']} guesses right, {canary['n_canaries']} canaries)."
-        )
-    parts += format_implementation(report.get("implementation"))
-    if report["warnings"]:
-        parts.append("**Warnings**: " + "; ".join(report["warnings"]))
-    return "\n\n".join(parts)
-
-
-def _tensorboard(tb: TensorBoardLog, report: dict, scores: dict, step: int) -> None:
-    """The audit's panels at ``step``: the ROC of every attack, the score histograms (one panel per
-    attack) and the text summary. Single numbers go to the text and to HParams, not to one-point charts."""
-    if scores:
-        curves = {}
-        for name, (member_scores, nonmember_scores) in scores.items():
-            roc = roc_curve(member_scores, nonmember_scores)
-            curves[name] = (roc.fpr, roc.tpr)
-        floor = 1.0 / max(len(s[1]) for s in scores.values())
-        tb.figure("audit/roc", roc_figure(curves, floor=min(floor, 1e-3)), step)
-        tb.image("audit/scores", score_histograms_image(scores, SCORE_BINS), step)
-    tb.text("audit/summary", audit_text(report, step), step)
+    return AuditResult(report, scores)

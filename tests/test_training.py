@@ -165,10 +165,25 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tiny_config,
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_resume_with_a_different_recipe_is_refused(tiny_config, tmp_path):
+@pytest.mark.parametrize(
+    "change",
+    # Another learning rate; another world size (1 process wrote the checkpoint); the non-private baseline
+    # resuming a private run's checkpoint (its spent budget would be forgotten).
+    ["train.lr=0.1", "launcher.nproc_per_node=2", "privacy.target_epsilon=inf"],
+)
+def test_resume_with_a_different_recipe_is_refused_before_training(tiny_config, tmp_path, change):
     pipeline.train(tiny_config(), tmp_path)
+    written = (tmp_path / "checkpoint.pt").read_bytes()
     with pytest.raises(UserError, match="different config"):
-        pipeline.train(tiny_config("train.lr=0.1", f"train.resume={tmp_path}"), tmp_path)
+        pipeline.train(tiny_config(change, f"train.resume={tmp_path}"), tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == written
+
+
+def test_per_layer_clipping_trains_within_the_budget(tiny_config, tmp_path):
+    metrics = pipeline.train(
+        tiny_config("privacy.clipping=per_layer", "privacy.grad_sample_mode=hooks", "train.epochs=4"), tmp_path
+    )[0]
+    assert 0.99 * 3.0 <= metrics["epsilon"] <= 3.0 and metrics["test_accuracy"] > 0.5
 
 
 def test_adam_with_a_cosine_schedule_logs_a_decaying_learning_rate(tiny_config, tmp_path):

@@ -1,6 +1,11 @@
-"""Shared helpers: compose a run config from overrides exactly as ``dptrain train`` would."""
+"""Shared helpers: compose a run config from overrides exactly as ``dptrain train`` would, and run the CLI."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -21,3 +26,11 @@ def make_config(*overrides: str):
 @pytest.fixture
 def tiny_config():
     return lambda *overrides: make_config(*TINY, *overrides)
+
+
+def run_dptrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``dptrain ARGS`` as a user runs it, in a fresh interpreter (Hydra's own short error reports)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "dptrain", *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
+    )

@@ -13,14 +13,8 @@ from pathlib import Path
 
 import pytest
 
-TINY = ["train.epochs=2", "train.progress=false", "audit=none"]
-
-
-def dptrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "dptrain", *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
-    )
+from conftest import TINY
+from conftest import run_dptrain as dptrain
 
 
 def test_console_script_is_installed_next_to_the_interpreter():

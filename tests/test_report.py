@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-from test_cli import TINY, dptrain
+from conftest import TINY
+from conftest import run_dptrain as dptrain
 
 from dptrain.config import register_configs
 from dptrain.report.collect import RunRecord, read_run

@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dptrain import pipeline
-from dptrain.audit.run import _canary_guard, _guard
+from dptrain.audit.run import canary_guard, membership_guard
 from dptrain.report.collect import read_run
 from dptrain.report.table import build_table
 from dptrain.tracking.summary import format_audit, format_summary
@@ -173,9 +173,9 @@ def test_canaries_enter_training_by_coin_flip_and_give_a_one_run_bound(tiny_conf
 
 def test_a_bound_above_the_accountant_epsilon_or_an_inverted_auc_is_flagged():
     warnings: list[str] = []
-    _guard("loss", 0.7, 2.5, 1.0, warnings)
-    _guard("rmia", 0.3, 0.0, 1.0, warnings)
-    _guard("lira", 0.6, 0.5, 1.0, warnings)
+    membership_guard("loss", 0.7, 2.5, 1.0, warnings)
+    membership_guard("rmia", 0.3, 0.0, 1.0, warnings)
+    membership_guard("lira", 0.6, 0.5, 1.0, warnings)
     assert len(warnings) == 2
     assert "exceeds the accountant's epsilon" in warnings[0] and "below 0.4" in warnings[1]
 
@@ -183,14 +183,14 @@ def test_a_bound_above_the_accountant_epsilon_or_an_inverted_auc_is_flagged():
 def test_a_membership_bound_above_epsilon_is_suspicious_but_only_the_canary_bound_claims_a_bug():
     # A fixed-size member / non-member split plays replace-one, which add/remove DP bounds by ~2 epsilon.
     membership: list[str] = []
-    _guard("loss", 0.7, 1.5, 1.0, membership)
+    membership_guard("loss", 0.7, 1.5, 1.0, membership)
     (warning,) = membership
     assert "replace-one" in warning and "no proof of a bug" in warning and "canary (one-run) bound" in warning
     assert "means a bug" not in warning
     canary: list[str] = []
-    _canary_guard("canary", 1.5, 1.0, canary)
-    _canary_guard("canary", 0.5, 1.0, canary)
-    _canary_guard("canary", 1.5, None, canary)
+    canary_guard("canary", 1.5, 1.0, canary)
+    canary_guard("canary", 0.5, 1.0, canary)
+    canary_guard("canary", 1.5, None, canary)
     assert canary == ["canary: epsilon lower bound 1.500 exceeds the accountant's epsilon 1.000; "
                       "this means a bug in training or in the audit"]
 

@@ -51,7 +51,7 @@ def _rank_training_sets(cfg, data, canaries, world: int, monkeypatch) -> list:
     for rank in range(world):
         monkeypatch.setattr(ranks, "rank", lambda rank=rank: rank)
         monkeypatch.setattr(ranks, "world_size", lambda: world)
-        sets.append(centralized._training_set(cfg, data, canaries))
+        sets.append(centralized.training_set(cfg, data, canaries))
     return sets
 
 
@@ -129,7 +129,7 @@ def test_federated_audit_non_members_match_the_trained_members_label_histogram_u
     )
     plan = federated.plan(cfg, validate(cfg)[1])
     data, _, _ = centralized.load_data(cfg, tmp_path, reuse_split=False)
-    parts = federated._partition(cfg, data.members, plan)
+    parts = federated.client_partition(cfg, data.members, plan)
     honest = federated.honest_trained(parts, plan)
     audited = federated.audited_data(cfg, data, parts, plan)
     members = audited.members.tensors[1].numpy()

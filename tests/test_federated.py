@@ -90,7 +90,7 @@ def test_the_clients_train_on_the_partition_of_the_members(fed_config, tmp_path)
     cfg = fed_config("federation.partition=dirichlet", "federation.rounds=1")
     metrics, _ = pipeline.train(cfg, tmp_path)
     _, sizes = validate(cfg)
-    labels = federated._member_labels(cfg)
+    labels = federated.member_labels(cfg)
     parts = clients.partition_members(cfg, sizes.members, labels)
     assert metrics["client_sizes"] == [len(p) for p in parts]
     assert sum(metrics["client_sizes"]) == metrics["members"] == metrics["honest_members"]
@@ -98,7 +98,7 @@ def test_the_clients_train_on_the_partition_of_the_members(fed_config, tmp_path)
     # Each client holds exactly the member records at its positions of the partition.
     data, _, _ = centralized.load_data(cfg, tmp_path, reuse_split=True)
     plan = federated.plan(cfg, sizes)
-    built = federated._clients(data.members, data.num_classes, parts, plan, build_attack(cfg.attack, cfg.train.seed))
+    built = federated.build_clients(data.members, data.num_classes, parts, plan, build_attack(cfg.attack, cfg.train.seed))
     for client, part in zip(built, parts):
         assert all(torch.equal(mine, whole[part]) for mine, whole in zip(client.data.tensors, data.members.tensors))
 
@@ -408,7 +408,7 @@ def test_lira_reference_federations_hold_each_record_in_half_their_sets_and_name
     audited_labels = torch.cat([data.members.tensors[1], data.non_members.tensors[1]])
     held = np.zeros(len(audited_labels), dtype=int)
     for j, (derived, plan, records) in enumerate(calls):
-        parts = federated._partition(derived, records, plan)
+        parts = federated.client_partition(derived, records, plan)
         honest = federated.honest_trained(parts, plan)
         order = records.tensors[0][:, 0, 0, 0].long().numpy()
         assert torch.equal(audited_labels[order], records.tensors[1])

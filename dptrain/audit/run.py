@@ -148,7 +148,7 @@ def _mia(target: AuditTarget, run_dir, warnings: list[str]) -> tuple[dict, dict,
             seed=derived_seed(cfg.seed, Stream.BOOTSTRAP),
         )
         results[name] = metrics.to_dict()
-        _guard(name, metrics.auc, metrics.epsilon_lower_bound.value, target.epsilon, warnings)
+        membership_guard(name, metrics.auc, metrics.epsilon_lower_bound.value, target.epsilon, warnings)
     reference_record = (
         None
         if references is None
@@ -162,7 +162,7 @@ def _mia(target: AuditTarget, run_dir, warnings: list[str]) -> tuple[dict, dict,
     return results, {name: (s[:members], s[members:]) for name, s in scores.items()}, reference_record
 
 
-def _guard(name: str, auc: float, epsilon_lb: float, epsilon: float | None, warnings: list[str]) -> None:
+def membership_guard(name: str, auc: float, epsilon_lb: float, epsilon: float | None, warnings: list[str]) -> None:
     """Flag a membership attack whose lower bound exceeds the accountant's epsilon (suspicious, not a
     proof: see the message) or whose AUC is below ``AUC_FLOOR`` (inverted scores, a bug)."""
     if epsilon is not None and epsilon_lb > epsilon:
@@ -243,11 +243,11 @@ def _canary(target: AuditTarget, requested: int, warnings: list[str]) -> dict | 
         confidence=target.cfg.audit.confidence,
         seed=derived_seed(target.cfg.audit.seed, Stream.TIE_BREAK),
     ).to_dict()
-    _canary_guard("canary", result["epsilon_lower_bound"], target.epsilon, warnings)
+    canary_guard("canary", result["epsilon_lower_bound"], target.epsilon, warnings)
     return result
 
 
-def _canary_guard(name: str, epsilon_lb: float, epsilon: float | None, warnings: list[str]) -> None:
+def canary_guard(name: str, epsilon_lb: float, epsilon: float | None, warnings: list[str]) -> None:
     """Flag a canary bound (one-run black-box, or the white-box implementation audit's) above the
     accountant's epsilon: each canary's inclusion is an independent fair coin that adds or removes it
     (Steinke, Nasr & Jagielski 2023), so this contradicts the guarantee at the audit's confidence."""
@@ -306,7 +306,7 @@ def _implementation(target: AuditTarget, warnings: list[str]) -> dict | None:
         return None
     result = implementation_audit(target.cfg, mechanism, target.epsilon, target.device)
     for setting, record in implementation_results(result).items():
-        _canary_guard(f"implementation ({setting})", record["epsilon_lower_bound"], target.epsilon, warnings)
+        canary_guard(f"implementation ({setting})", record["epsilon_lower_bound"], target.epsilon, warnings)
     return result
 
 

@@ -119,7 +119,7 @@ def load_data(cfg: Config, run_dir: Path, reuse_split: bool) -> tuple[SplitData,
     return prepare(data, split), canaries, data.fingerprint
 
 
-def _training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> TensorDataset:
+def training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> TensorDataset:
     """The records this process trains on: members and included canaries, or under robust data
     parallelism its shard of the members and the included canaries of its slot (``canary_ranks``),
     poisoned when this rank plays a data-poisoning attacker."""
@@ -171,7 +171,7 @@ def train_target(
     data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=checkpoint is not None)
     trained = train_model(
         cfg,
-        _training_set(cfg, data, canaries),
+        training_set(cfg, data, canaries),
         input_shape=data.input_shape,
         num_classes=data.num_classes,
         plan=plan,

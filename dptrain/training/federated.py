@@ -94,7 +94,7 @@ def _server_plan(cfg: Config) -> PrivacyPlan:
     )
 
 
-def _member_labels(cfg: Config) -> np.ndarray:
+def member_labels(cfg: Config) -> np.ndarray:
     data = load(cfg.dataset)
     return data.labels[torch.from_numpy(make_split(data, cfg.dataset).members)].numpy()
 
@@ -105,7 +105,7 @@ def plan(cfg: Config, sizes: SplitSizes) -> FederatedPlan:
 
     A Dirichlet partition needs the members' labels, the one thing read from the data here.
     """
-    labels = _member_labels(cfg) if cfg.federation.partition == "dirichlet" else None
+    labels = member_labels(cfg) if cfg.federation.partition == "dirichlet" else None
     return federation_plan(cfg, sizes.members, labels)
 
 
@@ -350,7 +350,7 @@ class FederatedServer:
         self.noise.set_state(checkpoint.rng["noise"])
 
 
-def _clients(
+def build_clients(
     members: TensorDataset, num_classes: int, parts: list[np.ndarray], plan: FederatedPlan, attack: Attack
 ) -> list[Client]:
     """The clients' datasets; a data-poisoning ``attack`` (label flip, backdoor) rewrites the Byzantine ones."""
@@ -364,7 +364,7 @@ def _clients(
     return clients
 
 
-def _partition(cfg: Config, members: TensorDataset, plan: FederatedPlan) -> list[np.ndarray]:
+def client_partition(cfg: Config, members: TensorDataset, plan: FederatedPlan) -> list[np.ndarray]:
     parts = partition_members(cfg, len(members), members.tensors[1].numpy())
     if tuple(len(part) for part in parts) != plan.client_sizes:
         raise RuntimeError("the clients' partition differs from the one the privacy plan was made for")
@@ -473,10 +473,10 @@ def train_federation(
     final parameters and epsilon are the uninterrupted run's. Each accountant charges exactly the
     planned steps within the target, checked again at the end.
     """
-    parts = _partition(cfg, members, plan)
+    parts = client_partition(cfg, members, plan)
     model, replaced = _global_model(cfg, input_shape, num_classes, plan, device)
     poisoning = build_attack(cfg.attack, derived_seed(cfg.train.seed, Stream.POISON), cfg.federation.server_lr)
-    server = FederatedServer(cfg, plan, _clients(members, num_classes, parts, plan, poisoning), model, device)
+    server = FederatedServer(cfg, plan, build_clients(members, num_classes, parts, plan, poisoning), model, device)
     # The poisoning clients' own attack, for its trigger.
     backdoor = poisoning if poisoning.trigger is not None else None
     start, train_seconds, wall_seconds = 0, 0.0, 0.0
@@ -645,5 +645,5 @@ def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     federated_plan = plan(cfg, split_sizes(describe(cfg.dataset), cfg.dataset))
     device = resolve_device(cfg.train.device)
     model = load_model(run_dir, build_model(cfg.model, data.input_shape, data.num_classes))
-    audited = audited_data(cfg, data, _partition(cfg, data.members, federated_plan), federated_plan)
+    audited = audited_data(cfg, data, client_partition(cfg, data.members, federated_plan), federated_plan)
     return TargetRun(model.to(device), audited, federated_plan, metrics["epsilon"], None, metrics, device, fingerprint)

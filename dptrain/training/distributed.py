@@ -124,7 +124,7 @@ class GatheredAggregation:
     def step(self, closure=None):
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        aggregate = self.aggregator(self._gathered(flat))
+        aggregate = self.aggregator(self._gathered(flat)).value
         self.steps += 1
         offset = 0
         for p in params:

@@ -272,7 +272,7 @@ class FederatedServer:
 
     def _aggregate(self, updates: Tensor) -> tuple[Tensor, Tensor | None]:
         if not self.user_level:
-            return self.aggregator.aggregate(updates)
+            return self.aggregator(updates)
         if self.ledger is not None:
             self.ledger.charge(self.plan.noise_multiplier, self.plan.sample_rate)
         return (

@@ -1,6 +1,7 @@
 """Byzantine robustness: aggregation rules, pre-aggregators and attacks as functions over an (n, d)
 tensor of client updates; the rules and pre-aggregators as objects with one call signature, composed
-by the builder Hydra's ``aggregator`` group selects; and the attack ``attack=...`` selects."""
+by the builder Hydra's ``aggregator`` group selects; the attack ``attack=...`` selects and the one
+adversary that crafts the Byzantine rows with it."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dptrain.robust.attacks import (
     alie,
     alie_z,
     build_attack,
+    byzantine_rows,
     gaussian,
     ipm,
     mimic,
@@ -86,6 +88,7 @@ __all__ = [
     "build_attack",
     "bulyan",
     "bulyan_select",
+    "byzantine_rows",
     "centered_clipping",
     "gaussian",
     "geometric_median",

@@ -15,8 +15,12 @@ from dptrain.config import AggregatorConfig, recipe_hash
 from dptrain.errors import UserError
 from dptrain.robust import (
     AGGREGATORS,
+    NNM,
+    PRE_AGGREGATORS,
     AggregationFailed,
+    Bucketing,
     CenteredClipping,
+    StaticClipping,
     bucketing,
     build_aggregator,
     bulyan,
@@ -124,17 +128,17 @@ def test_centered_clipping_clips_each_difference_to_tau():
 
 def test_centered_clipping_recentres_on_its_previous_aggregate_and_checkpoints_it():
     first, second = torch.tensor([[3.0, 4.0]]), torch.tensor([[6.0, 8.0]])
-    rule = CenteredClipping(tau=1.0)
-    assert torch.allclose(rule(first), torch.tensor([0.6, 0.8]))
-    resumed = CenteredClipping(tau=1.0)
+    rule = CenteredClipping(f=0, tau=1.0)
+    assert torch.allclose(rule(first).value, torch.tensor([0.6, 0.8]))
+    resumed = CenteredClipping(f=0, tau=1.0)
     resumed.load_state_dict(rule.state_dict())
-    assert torch.allclose(rule(second), torch.tensor([1.2, 1.6]))
-    assert torch.allclose(resumed(second), torch.tensor([1.2, 1.6]))
+    assert torch.allclose(rule(second).value, torch.tensor([1.2, 1.6]))
+    assert torch.allclose(resumed(second).value, torch.tensor([1.2, 1.6]))
 
 
 def test_centered_clipping_state_rejects_what_it_did_not_write():
-    with pytest.raises(ValueError, match="exactly the key 'centre'"):
-        CenteredClipping(tau=1.0).load_state_dict({"momentum": torch.zeros(2)})
+    with pytest.raises(UserError, match=r"^centered_clipping state must have exactly the keys \['centre'\]"):
+        CenteredClipping(f=0, tau=1.0).load_state_dict({"momentum": torch.zeros(2)})
 
 
 def test_nnm_mixes_each_update_with_its_n_minus_f_nearest_neighbours():
@@ -324,6 +328,107 @@ def test_registry_holds_the_rules_design_names():
     }
 
 
+# Each rule's config, with non-default parameters that change its answer here, and the pure function
+# it must equal, with f = 2 (the geometric median's tol and max_iter cannot both bind in one case).
+RULE_CASES = [
+    ("mean", {}, lambda x: (mean(x), None)),
+    ("median", {}, lambda x: (median(x), None)),
+    ("trimmed_mean", {}, lambda x: (trimmed_mean(x, 2), None)),
+    ("krum", {}, lambda x: (krum(x, 2), krum_select(x, 2))),
+    ("multi_krum", {"m": 3}, lambda x: (multi_krum(x, 2, m=3), krum_select(x, 2, m=3))),
+    ("geometric_median", {"nu": 2.0, "tol": 0.05}, lambda x: (geometric_median(x, nu=2.0, tol=0.05), None)),
+    ("geometric_median", {"max_iter": 2}, lambda x: (geometric_median(x, max_iter=2), None)),
+    ("bulyan", {}, lambda x: (bulyan(x, 2), bulyan_select(x, 2))),
+    (
+        "centered_clipping",
+        {"tau": 0.3, "iterations": 2},
+        lambda x: (centered_clipping(x, torch.zeros_like(x[0]), tau=0.3, iterations=2), None),
+    ),
+]
+
+
+def test_every_rule_has_a_case_for_its_object():
+    assert {name for name, _, _ in RULE_CASES} == set(AGGREGATORS)
+
+
+@pytest.mark.parametrize("name, fields, reference", RULE_CASES, ids=[f"{n}-{'-'.join(f)}" for n, f, _ in RULE_CASES])
+def test_each_rule_object_returns_its_pure_functions_aggregate_and_selection(name, fields, reference):
+    updates = torch.randn(11, 6, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    rule = AGGREGATORS[name].from_config(config(name, **fields), f=2)
+    assert rule.name == name and rule.f == 2
+    value, selected = rule(updates)
+    expected_value, expected_selected = reference(updates)
+    assert torch.equal(value, expected_value)
+    assert (selected is None) == (expected_selected is None)
+    if selected is not None:
+        assert torch.equal(selected, expected_selected)
+
+
+def test_each_pre_aggregator_object_returns_its_pure_functions_rows_and_their_members():
+    updates = torch.randn(9, 4, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+    assert set(PRE_AGGREGATORS) == {"nnm", "bucketing", "clipping"}
+    mixed, members = NNM(f=2)(updates)
+    assert torch.equal(mixed, nnm(updates, f=2)) and members is None
+    clipped, members = StaticClipping(threshold=0.5)(updates)
+    assert torch.equal(clipped, static_clipping(updates, 0.5)) and members is None
+    buckets, members = Bucketing(bucket_size=2, generator=torch.Generator().manual_seed(4))(updates)
+    mixing = bucketing_matrix(9, 2, torch.Generator().manual_seed(4), updates.dtype)
+    assert torch.equal(buckets, bucketing(updates, 2, torch.Generator().manual_seed(4)))
+    assert torch.equal(members, mixing > 0) and Bucketing(2, torch.Generator()).rows_out(9) == 5
+
+
+def test_a_rule_refuses_on_call_the_n_its_f_does_not_allow():
+    # Checked on every call, not only by check(n) before training: 4 updates cannot outvote f = 2.
+    with pytest.raises(UserError, match=r"^median needs n > 2f \(n=4, f=2\)"):
+        build_aggregator(config("median"), f=2, seed=0)(torch.randn(4, 3))
+
+
+def test_a_resumed_bucketing_draws_the_buckets_the_uninterrupted_one_would():
+    updates = torch.randn(10, 3, generator=torch.Generator().manual_seed(18))
+    uninterrupted = Bucketing(2, torch.Generator().manual_seed(5))
+    uninterrupted(updates)
+    resumed, fresh = Bucketing(2, torch.Generator().manual_seed(6)), Bucketing(2, torch.Generator().manual_seed(6))
+    resumed.load_state_dict(uninterrupted.state_dict())
+    expected = uninterrupted(updates)
+    assert torch.equal(resumed(updates).members, expected.members)
+    assert not torch.equal(fresh(updates).members, expected.members)
+
+
+@pytest.mark.parametrize(
+    "make, state, message",
+    [
+        (lambda: AGGREGATORS["median"](f=1), {"centre": None}, r"^median state must have exactly the keys \[\]"),
+        (
+            lambda: CenteredClipping(f=1, tau=1.0),
+            {"centre": torch.zeros(2, 2)},
+            r"^centered_clipping state 'centre' must be None or a 1-D floating tensor",
+        ),
+        (
+            lambda: Bucketing(2, torch.Generator()),
+            {"generator": torch.zeros(3, dtype=torch.uint8)},
+            r"^bucketing state 'generator' must be a CPU generator's state",
+        ),
+        (lambda: NNM(f=1), [], r"^nnm state must have exactly the keys \[\], got list"),
+        (
+            lambda: build_aggregator(config("krum"), f=1, seed=0),
+            build_aggregator(config("median"), f=1, seed=0).state_dict(),
+            r"^aggregator state is for \['median'\], not \['krum'\]",
+        ),
+        (
+            # The layout before rules were objects: one generator beside the rule's state.
+            lambda: build_aggregator(config("median", pre=["bucketing"]), f=1, seed=0),
+            {"name": "median", "rule": {}, "generator": torch.Generator().get_state()},
+            r"^aggregator state must have exactly the keys \['pipeline', 'pre', 'rule'\]",
+        ),
+    ],
+    ids=["stateless", "centre", "generator", "not-a-dict", "other-rule", "old-layout"],
+)
+def test_loading_a_state_the_object_did_not_write_is_refused_in_one_line(make, state, message):
+    with pytest.raises(UserError, match=message) as failure:
+        make().load_state_dict(state)
+    assert "\n" not in str(failure.value) and "start the run again" in str(failure.value)
+
+
 def test_unknown_names_list_the_choices():
     with pytest.raises(UserError, match="unknown aggregator 'krumm'; choose one of: mean, median"):
         build_aggregator(config("krumm"), f=1, seed=0)
@@ -356,18 +461,18 @@ def test_check_reports_the_rule_precondition_after_bucketing():
 def test_pipeline_applies_pre_aggregators_in_order_then_the_rule():
     updates = torch.randn(10, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     aggregator = build_aggregator(config("median", pre=["clipping", "nnm"], clip_threshold=0.5), f=2, seed=0)
-    assert torch.allclose(aggregator(updates), median(nnm(static_clipping(updates, 0.5), f=2)))
+    assert torch.allclose(aggregator(updates).value, median(nnm(static_clipping(updates, 0.5), f=2)))
 
 
 def test_krum_after_nnm_reports_the_selected_client():
     updates = torch.cat([torch.randn(8, 4, generator=torch.Generator().manual_seed(9)), torch.full((2, 4), 1e6)])
-    result = build_aggregator(config("krum", pre=["nnm"]), f=2, seed=0).aggregate(updates)
+    result = build_aggregator(config("krum", pre=["nnm"]), f=2, seed=0)(updates)
     assert result.selected.numel() == 1 and result.selected.item() < 8
 
 
 def test_multi_krum_after_bucketing_reports_the_members_of_the_selected_buckets():
     updates = torch.randn(12, 4, generator=torch.Generator().manual_seed(10))
-    result = build_aggregator(config("multi_krum", pre=["bucketing"], m=2), f=1, seed=0).aggregate(updates)
+    result = build_aggregator(config("multi_krum", pre=["bucketing"], m=2), f=1, seed=0)(updates)
     # The same seed draws the same buckets: recompute them and the two Multi-Krum picks among them.
     buckets = bucketing_matrix(12, 2, torch.Generator().manual_seed(0), updates.dtype)
     picked = krum_select(buckets @ updates, 1, 2)
@@ -386,9 +491,9 @@ def test_non_finite_rows_are_dropped_and_the_rest_aggregated_with_the_same_f(nam
     honest = torch.randn(13, 4, generator=torch.Generator().manual_seed(12))
     poisoned = torch.cat([honest[:4], torch.full((1, 4), float("inf")), honest[4:], torch.full((1, 4), float("nan"))])
     pre = ["nnm"] if name == "median" else []
-    result = build_aggregator(config(name, pre=pre), f=2, seed=0).aggregate(poisoned)
+    result = build_aggregator(config(name, pre=pre), f=2, seed=0)(poisoned)
     # A dropped row may have been honest: the 13 finite rows may still hold 2 Byzantine ones.
-    reference = build_aggregator(config(name, pre=pre), f=2, seed=0).aggregate(honest)
+    reference = build_aggregator(config(name, pre=pre), f=2, seed=0)(honest)
     assert torch.isfinite(result.value).all()
     assert torch.allclose(result.value, reference.value)
     if result.selected is not None:
@@ -402,7 +507,7 @@ def test_an_honest_nan_row_does_not_lower_f_for_the_byzantine_rows():
     # NaN row against f trimmed one value per side and returned about 2.5e5 per coordinate.
     honest = torch.randn(4, 3, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
     updates = torch.cat([honest, torch.full((1, 3), float("nan")), torch.full((2, 3), 1e6)])
-    aggregate = build_aggregator(config("trimmed_mean"), f=2, seed=0)(updates)
+    aggregate = build_aggregator(config("trimmed_mean"), f=2, seed=0)(updates).value
     assert (aggregate >= honest.min(dim=0).values).all() and (aggregate <= honest.max(dim=0).values).all()
 
 
@@ -419,7 +524,7 @@ def test_too_few_finite_rows_for_the_precondition_fail_the_round_with_one_line(n
     updates = torch.randn(n, 3, generator=torch.Generator().manual_seed(15))
     updates[:non_finite] = float("nan")
     with pytest.raises(AggregationFailed) as failure:
-        build_aggregator(config(name), f=2, seed=0).aggregate(updates)
+        build_aggregator(config(name), f=2, seed=0)(updates)
     message = str(failure.value)
     assert isinstance(failure.value, UserError) and "\n" not in message
     assert f"{non_finite} of {n} updates had non-finite entries" in message and condition in message
@@ -478,7 +583,7 @@ def test_pipeline_state_resumes_buckets_and_centre():
     original(updates)
     resumed = build_aggregator(cfg, f=1, seed=99)
     resumed.load_state_dict(original.state_dict())
-    assert torch.equal(resumed(updates), original(updates))
+    assert torch.equal(resumed(updates).value, original(updates).value)
 
 
 @pytest.mark.parametrize("path", sorted((CONF / "aggregator").glob("*.yaml")), ids=lambda p: p.stem)
@@ -486,7 +591,7 @@ def test_each_aggregator_config_merges_into_the_schema_and_builds(path):
     cfg = OmegaConf.merge(OmegaConf.structured(AggregatorConfig), OmegaConf.load(path))
     assert cfg.name == path.stem
     aggregator = build_aggregator(cfg, f=1, seed=0)
-    assert aggregator(torch.randn(9, 3)).shape == (3,)
+    assert aggregator(torch.randn(9, 3)).value.shape == (3,)
 
 
 def test_every_rule_has_a_config_file():

@@ -17,6 +17,7 @@ from dptrain.robust import (
     alie_z,
     backdoor,
     build_attack,
+    byzantine_rows,
     gaussian,
     ipm,
     label_flip,
@@ -153,6 +154,35 @@ def test_other_attacks_transform_the_byzantine_clients_own_updates(name):
         assert torch.equal(crafted, -own)
     else:
         assert not torch.allclose(crafted, own)
+
+
+# The one adversary: the Byzantine rows of a round (federated) or step (robust data parallelism).
+
+
+def test_an_omniscient_adversary_crafts_the_byzantine_rows_from_the_honest_ones():
+    honest = honest_updates(12)
+    rows = byzantine_rows(build_attack(config("ipm", ipm_epsilon=0.5), seed=0), honest, None, n=15)
+    assert torch.equal(rows, (-0.5 * honest.mean(dim=0)).expand(3, -1))
+
+
+def test_an_omniscient_adversary_without_honest_rows_sends_zeros():
+    nothing = torch.zeros(0, 30, dtype=torch.float64)
+    rows = byzantine_rows(build_attack(config("alie"), seed=0), nothing, None, n=4)
+    assert rows.dtype == torch.float64 and torch.equal(rows, torch.zeros(4, 30, dtype=torch.float64))
+
+
+def test_any_other_adversary_transforms_the_byzantine_clients_own_rows():
+    honest, own = honest_updates(12), honest_updates(3, seed=1)
+    rows = byzantine_rows(build_attack(config("sign_flip", scale=2.0), seed=0), honest, own, n=15)
+    assert torch.equal(rows, -2.0 * own)
+    with pytest.raises(ValueError, match=r"own \(3, 30\) updates, got \(2, 30\)"):
+        byzantine_rows(build_attack(config("sign_flip"), seed=0), honest, own[:2], n=15)
+
+
+def test_a_round_without_byzantine_rows_gets_none_from_either_adversary():
+    honest = honest_updates(12)
+    for name, own in (("mimic", None), ("gaussian", honest[:0])):
+        assert byzantine_rows(build_attack(config(name), seed=0), honest, own, n=12).shape == (0, 30)
 
 
 def test_only_data_attacks_poison_records_and_only_backdoor_has_a_trigger():

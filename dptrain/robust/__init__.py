@@ -1,10 +1,11 @@
-"""Byzantine robustness: aggregation rules, pre-aggregators and attacks, as functions over an
-(n, d) tensor of client updates, and the builders Hydra's ``aggregator`` and ``attack`` groups select."""
+"""Byzantine robustness: aggregation rules, pre-aggregators and attacks as functions over an (n, d)
+tensor of client updates; the rules and pre-aggregators as objects with one call signature, composed
+by the builder Hydra's ``aggregator`` group selects; the attack ``attack=...`` selects and the one
+adversary that crafts the Byzantine rows with it."""
 
 from __future__ import annotations
 
 from dptrain.robust.aggregators import (
-    CenteredClipping,
     bulyan,
     bulyan_select,
     centered_clipping,
@@ -23,6 +24,7 @@ from dptrain.robust.attacks import (
     alie,
     alie_z,
     build_attack,
+    byzantine_rows,
     gaussian,
     ipm,
     mimic,
@@ -30,28 +32,54 @@ from dptrain.robust.attacks import (
     min_sum,
     sign_flip,
 )
-from dptrain.robust.pipeline import (
-    AGGREGATORS,
-    PRE_AGGREGATORS,
-    Aggregation,
-    AggregationFailed,
-    RobustAggregator,
-    build_aggregator,
-    tolerated_byzantine,
-)
+from dptrain.robust.pipeline import AggregationFailed, RobustAggregator, build_aggregator, tolerated_byzantine
 from dptrain.robust.poisoning import backdoor, label_flip, model_replacement_scale, stamp_trigger
+from dptrain.robust.pre_aggregation import (
+    NNM,
+    PRE_AGGREGATORS,
+    Bucketing,
+    PreAggregation,
+    PreAggregator,
+    StaticClipping,
+)
 from dptrain.robust.preaggregators import bucketing, nnm, static_clipping
 from dptrain.robust.primitives import pairwise_sq_distances
+from dptrain.robust.rules import (
+    AGGREGATORS,
+    Aggregation,
+    AggregationRule,
+    Bulyan,
+    CenteredClipping,
+    GeometricMedian,
+    Krum,
+    Mean,
+    Median,
+    MultiKrum,
+    TrimmedMean,
+)
 
 __all__ = [
     "AGGREGATORS",
     "ATTACKS",
+    "NNM",
     "PRE_AGGREGATORS",
     "Aggregation",
     "AggregationFailed",
+    "AggregationRule",
     "Attack",
+    "Bucketing",
+    "Bulyan",
     "CenteredClipping",
+    "GeometricMedian",
+    "Krum",
+    "Mean",
+    "Median",
+    "MultiKrum",
+    "PreAggregation",
+    "PreAggregator",
     "RobustAggregator",
+    "StaticClipping",
+    "TrimmedMean",
     "alie",
     "alie_z",
     "backdoor",
@@ -60,6 +88,7 @@ __all__ = [
     "build_attack",
     "bulyan",
     "bulyan_select",
+    "byzantine_rows",
     "centered_clipping",
     "gaussian",
     "geometric_median",

@@ -1,7 +1,8 @@
 """Robust aggregation rules: each maps an (n, d) tensor of client updates to one (d,) update.
 
-Pure functions over float32/float64 tensors on any device (centered clipping keeps its centre in
-a small class). A precondition on n and f raises a one-line ``UserError``.
+Pure functions over float32/float64 tensors on any device, the numerical core of the rule objects
+in ``rules`` (where centered clipping keeps its centre). A precondition on n and f raises a
+one-line ``UserError``.
 
 Conventions against Flower (``flwr.server.strategy``) and ByzFL (``byzfl.aggregators``):
 
@@ -287,35 +288,3 @@ def centered_clipping(updates: Tensor, centre: Tensor, tau: float, iterations: i
         keep = (tau / distance).clamp(max=1.0)
         estimate = estimate * (1.0 - keep.sum() / n) + (keep / n) @ updates
     return estimate
-
-
-class CenteredClipping:
-    """Centered clipping with its state: the centre is the previous call's aggregate (zero at first).
-
-    The one stateful rule: ``state_dict`` / ``load_state_dict`` carry the centre across a
-    checkpoint, so a resumed run clips around the same point.
-    """
-
-    def __init__(self, tau: float, iterations: int = 1) -> None:
-        check_centered_clipping(tau, iterations)
-        self.tau = tau
-        self.iterations = iterations
-        self.centre: Tensor | None = None
-
-    def __call__(self, updates: Tensor) -> Tensor:
-        check_updates(updates, "centered_clipping")
-        centre = self.centre if self.centre is not None else updates.new_zeros(updates.shape[1])
-        self.centre = centered_clipping(updates, centre, self.tau, self.iterations)
-        return self.centre.clone()
-
-    def state_dict(self) -> dict[str, Tensor | None]:
-        return {"centre": None if self.centre is None else self.centre.clone()}
-
-    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
-        if set(state) != {"centre"}:
-            raise ValueError(f"centered_clipping state must have exactly the key 'centre', got {sorted(state)}")
-        centre = state["centre"]
-        valid = centre is None or (isinstance(centre, Tensor) and centre.ndim == 1 and centre.is_floating_point())
-        if not valid:
-            raise ValueError("centered_clipping state 'centre' must be None or a 1-D floating tensor")
-        self.centre = None if centre is None else centre.clone()

@@ -223,6 +223,27 @@ class Attack:
         return self.craft(seen, f, n)
 
 
+def byzantine_rows(attack: Attack, honest: Tensor, own: Tensor | None, n: int) -> Tensor:
+    """The (n - h, d) updates the Byzantine clients (or ranks) send in a round (or step) of n updates,
+    h of them the (h, d) ``honest`` ones; the one adversary of federated and robust data-parallel runs.
+
+    An omniscient attack crafts them from the honest updates; in a round without any it has nothing
+    to craft from and sends zero updates. Any other attack transforms ``own``, the Byzantine
+    clients' own (n - h, d) updates (None for an omniscient attack: its clients need not train).
+    Zero and empty (n = h) results take the dtype and device of ``honest``.
+    """
+    h, d = honest.shape
+    require(h <= n, f"{attack.name} saw {h} honest updates in a round of n={n} updates")
+    if h == n:
+        return honest.new_empty(0, d)
+    if attack.omniscient:
+        return attack(honest, n) if h else honest.new_zeros(n - h, d)
+    if own is None or own.shape != (n - h, d):
+        shape = None if own is None else tuple(own.shape)
+        raise ValueError(f"{attack.name} transforms the Byzantine clients' own ({n - h}, {d}) updates, got {shape}")
+    return attack(own, n)
+
+
 def _own(seen: Tensor, f: int, n: int) -> Tensor:
     return seen
 

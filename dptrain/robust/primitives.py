@@ -1,7 +1,10 @@
-"""Tensor primitives the robust rules share: input checks, one-line preconditions, pairwise squared
-distances (and the Gram matrix they come from), and a fast sort of each coordinate across updates."""
+"""Tensor primitives the robust rules share: input checks, one-line preconditions and state checks,
+pairwise squared distances (and the Gram matrix they come from), and a fast sort of each coordinate
+across updates."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,6 +45,24 @@ def require_honest_majority(n: int, f: int, rule: str) -> None:
     to f needs at least this."""
     require_f(f, rule)
     require(n > 2 * f, f"{rule} needs n > 2f (n={n}, f={f}): add clients or lower aggregator.f")
+
+
+def state_error(owner: str, problem: str) -> str:
+    """The one line refusing a state that ``owner``'s ``state_dict`` did not write."""
+    return (
+        f"{owner} state {problem}; it was not written by this aggregator: resume with the dptrain version "
+        "that wrote the checkpoint, or start the run again in a new directory"
+    )
+
+
+def require_state(owner: str, state: Any, keys: tuple[str, ...]) -> None:
+    """Raise ``UserError`` unless ``state`` is a dict with exactly ``keys`` (as the privacy ledger
+    refuses a malformed checkpoint, in one line rather than a KeyError on resume)."""
+    found = sorted(state) if isinstance(state, dict) else type(state).__name__
+    require(
+        isinstance(state, dict) and set(state) == set(keys),
+        state_error(owner, f"must have exactly the keys {list(keys)}, got {found}"),
+    )
 
 
 def _gram_sq_distances(updates: Tensor) -> tuple[Tensor, Tensor]:

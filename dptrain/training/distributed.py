@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dptrain.privacy.plan import is_private
-from dptrain.robust import build_aggregator, build_attack, tolerated_byzantine
+from dptrain.robust import build_aggregator, build_attack, byzantine_rows, tolerated_byzantine
 from dptrain.training import ranks
 from dptrain.seeds import Stream, derived_seed
 
@@ -117,14 +117,13 @@ class GatheredAggregation:
         if self.byzantine:
             attack = build_attack(self.attack_cfg, derived_seed(self.seed, Stream.ATTACK, self.steps))
             honest = [r for r in range(world) if r not in self.byzantine]
-            seen = stack[honest] if attack.omniscient else stack[self.byzantine]
-            stack[self.byzantine] = attack(seen, world).to(stack.dtype)
+            stack[self.byzantine] = byzantine_rows(attack, stack[honest], stack[self.byzantine], world).to(stack.dtype)
         return stack
 
     def step(self, closure=None):
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        aggregate = self.aggregator(self._gathered(flat))
+        aggregate = self.aggregator(self._gathered(flat)).value
         self.steps += 1
         offset = 0
         for p in params:

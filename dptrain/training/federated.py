@@ -33,7 +33,15 @@ from dptrain.privacy import PrivacyPlan
 from dptrain.privacy.ledger import PrivacyLedger
 from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.privacy.plan import plan_mechanism
-from dptrain.robust import Attack, alie_z, build_aggregator, build_attack, static_clipping, tolerated_byzantine
+from dptrain.robust import (
+    Attack,
+    alie_z,
+    build_aggregator,
+    build_attack,
+    byzantine_rows,
+    static_clipping,
+    tolerated_byzantine,
+)
 from dptrain.tracking.artifacts import load_model, read_metrics, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.centralized import TargetRun, load_data
@@ -240,15 +248,8 @@ class FederatedServer:
         dimension = sum(p.numel() for p in self.model.parameters())
         empty = torch.zeros(0, dimension, device=self.device)
         honest_updates = torch.stack([local[i].delta for i in honest]) if honest else empty
-        crafted = empty
-        if byzantine:
-            if not attack.omniscient:
-                crafted = attack(torch.stack([local[i].delta for i in byzantine]), len(sampled))
-            elif honest:
-                crafted = attack(honest_updates, len(sampled))
-            else:
-                # An omniscient attacker in a round without honest clients has nothing to mimic.
-                crafted = torch.zeros(len(byzantine), dimension, device=self.device)
+        own = torch.stack([local[i].delta for i in byzantine]) if byzantine and not attack.omniscient else None
+        crafted = byzantine_rows(attack, honest_updates, own, len(sampled))
         rows = np.array(honest + byzantine, dtype=np.int64)
         order = np.argsort(rows)
         updates = torch.cat([honest_updates, crafted])[torch.from_numpy(order).to(self.device)]
@@ -272,7 +273,7 @@ class FederatedServer:
 
     def _aggregate(self, updates: Tensor) -> tuple[Tensor, Tensor | None]:
         if not self.user_level:
-            return self.aggregator.aggregate(updates)
+            return self.aggregator(updates)
         if self.ledger is not None:
             self.ledger.charge(self.plan.noise_multiplier, self.plan.sample_rate)
         return (

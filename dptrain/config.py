@@ -239,6 +239,24 @@ def recipe_hash(cfg) -> str:
     return hashlib.sha256(OmegaConf.to_yaml(plain, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def flat_config(cfg: Config) -> dict:
+    """The config as ``{"group.key": value}``, the form HParams and reports use."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    flat: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = node
+
+    walk("", container)
+    return flat
+
+
 def register_configs() -> None:
     """Store the root schema under the name ``conf/config.yaml`` lists first in its defaults."""
     ConfigStore.instance().store(name="dptrain_schema", node=Config)

@@ -13,7 +13,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dptrain.config import NOT_IN_RECIPE, Config, recipe_hash
+from dptrain.config import NOT_IN_RECIPE, Config, flat_config, recipe_hash
 from dptrain.errors import UserError
 from dptrain.tracking.artifacts import (
     audit_history,
@@ -23,9 +23,10 @@ from dptrain.tracking.artifacts import (
     write_manifest,
 )
 from dptrain.tracking.tensorboard import TensorBoardLog, training_layout
-from dptrain.training import centralized, federated, ranks
-from dptrain.training.centralized import TargetRun, flat_config
+from dptrain.training import ranks
 from dptrain.training.checkpoint import Checkpoint
+from dptrain.training.recipes import recipe_for
+from dptrain.training.target import TargetRun
 from dptrain.validation import validate
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,6 @@ log = logging.getLogger(__name__)
 HPARAMS_KEYS = ("privacy.target_epsilon", "model.name", "dataset.name")
 # metrics.json's numbers of federated runs under attack that the HParams record carries when present.
 FEDERATED_METRICS = ("backdoor_success_rate", "byzantine_selected_fraction")
-
-
-def _recipe(cfg: Config):
-    """The training recipe module for ``cfg``: each has ``plan(cfg, sizes)``, ``train_target(...)``,
-    ``load_target(cfg, run_dir)`` and ``resumed_step(plan, checkpoint)``."""
-    return federated if cfg.federation.name == "fedavg" else centralized
 
 
 def audit_target(
@@ -124,7 +119,7 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
     started = datetime.now(timezone.utc)
     run_dir = Path(run_dir)
     info, sizes = validate(cfg)
-    recipe = _recipe(cfg)
+    recipe = recipe_for(cfg)
     plan = recipe.plan(cfg, sizes)
     log.info("%s: %s", info.name, sizes)
     log.info("privacy plan: %s", plan)
@@ -135,7 +130,7 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
     main = ranks.is_main()
     tb = TensorBoardLog(run_dir, purge_step=purge_step) if main else None
     if tb is not None:
-        tb.layout(training_layout(federated=recipe is federated))
+        tb.layout(training_layout(federated=cfg.federation.name == "fedavg"))
     try:
         target = recipe.train_target(cfg, run_dir, plan, tb, checkpoint)
         report = audit_target(cfg, target, run_dir, tb)
@@ -190,7 +185,7 @@ def audit(cfg: Config, run_dir: str | Path, requested=None) -> dict:
         raise UserError("dptrain audit with audit=none runs no audit: choose audit=fast, standard or thorough")
     audited = _audit_config(cfg, requested)
     validate(audited)
-    target = _recipe(audited).load_target(audited, run_dir)
+    target = recipe_for(audited).load_target(audited, run_dir)
     tb = TensorBoardLog(run_dir)
     try:
         report = audit_target(audited, target, run_dir, tb, canaries_requested=requested.canaries.count)

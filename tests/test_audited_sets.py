@@ -17,6 +17,7 @@ from dptrain.privacy import make_private, plan_privacy
 from dptrain.training import centralized, federated, ranks
 from dptrain.training.distributed import canary_ranks, honest_positions, shard_positions
 from dptrain.training.loop import train_epoch
+from dptrain.training.target import load_data
 
 
 def test_honest_positions_are_the_honest_ranks_shards_without_the_byzantine_shard_or_the_leftovers():
@@ -62,7 +63,7 @@ def test_each_canary_coin_adds_or_removes_exactly_that_canary_on_one_honest_rank
         "attack.byzantine=1",
         "audit.canaries.count=12",
     )
-    data, canaries, _ = centralized.load_data(cfg, tmp_path, reuse_split=False)
+    data, canaries, _ = load_data(cfg, tmp_path, reuse_split=False)
     byzantine = centralized.byzantine_ranks(1, 3, cfg.train.seed)
     before = _rank_training_sets(cfg, data, canaries, 3, monkeypatch)
     shard = len(shard_positions(len(data.members), 0, 3))
@@ -128,7 +129,7 @@ def test_federated_audit_non_members_match_the_trained_members_label_histogram_u
         "attack.byzantine=4", "aggregator=median",
     )
     plan = federated.plan(cfg, validate(cfg)[1])
-    data, _, _ = centralized.load_data(cfg, tmp_path, reuse_split=False)
+    data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
     parts = federated.client_partition(cfg, data.members, plan)
     honest = federated.honest_trained(parts, plan)
     audited = federated.audited_data(cfg, data, parts, plan)

@@ -20,8 +20,9 @@ from dptrain.privacy import epsilon_spent
 from dptrain.privacy.crosscheck import pld_epsilon
 from dptrain.robust import build_attack, stamp_trigger
 from dptrain.tracking.artifacts import METRICS_KEYS
-from dptrain.training import centralized, clients, federated
+from dptrain.training import clients, federated
 from dptrain.validation import validate
+from dptrain.training.target import load_data
 
 # Ten clients, eight rounds of all of them, no DP: about a second on a 2-core CPU.
 FED = (
@@ -96,7 +97,7 @@ def test_the_clients_train_on_the_partition_of_the_members(fed_config, tmp_path)
     assert sum(metrics["client_sizes"]) == metrics["members"] == metrics["honest_members"]
     assert metrics["audited_members"] <= metrics["honest_members"]
     # Each client holds exactly the member records at its positions of the partition.
-    data, _, _ = centralized.load_data(cfg, tmp_path, reuse_split=True)
+    data, _, _ = load_data(cfg, tmp_path, reuse_split=True)
     plan = federated.plan(cfg, sizes)
     built = federated.build_clients(data.members, data.num_classes, parts, plan, build_attack(cfg.attack, cfg.train.seed))
     for client, part in zip(built, parts):
@@ -345,7 +346,7 @@ def _reference_calls(cfg, tmp_path, monkeypatch, scheme: str, count: int, min_in
     """Train ``count`` reference models of ``cfg``'s federated target in this process and return
     every ``train_federation`` call they made: (derived config, plan, records), with the target's plan."""
     target_plan = federated.plan(cfg, validate(cfg)[1])
-    data, _, _ = centralized.load_data(cfg, tmp_path, reuse_split=False)
+    data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
     calls, real = [], federated.train_federation
 
     def spy(derived, plan, records, **kwargs):

@@ -4,7 +4,6 @@ cores allow, cached in the run directory."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.atomic import save_torch_atomic, write_json_atomic
 from dptrain.training import ranks
 from dptrain.training.lifetime import child_pool
+from dptrain.training.recipes import recipe_for
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +49,6 @@ class ReferenceModels:
 
 def _federated(cfg) -> bool:
     return cfg.federation.name == "fedavg"
-
-
-def reference_config(cfg, plan: PrivacyPlan, seed: int):
-    """The target's recipe for a reference model, with another seed.
-
-    Centralized: same model, batch, epochs and clipping, and the target's noise multiplier (not
-    re-calibrated to the reference data's size), so each step is the mechanism the target ran.
-    Federated: the same federation (clients, rounds, clients per round, local epochs, partition
-    rule, dp_level, aggregator, attack) and privacy config; at user level the server's noise is the
-    target's (it depends on no record), at sample level each client's local plan is calibrated as
-    the target's clients' were, for the records it holds.
-    """
-    derived = copy.deepcopy(cfg)
-    derived.train.seed = seed
-    derived.train.resume = None
-    derived.train.checkpoint = False
-    derived.train.progress = False
-    if plan.private and not (_federated(cfg) and cfg.federation.dp_level == "sample"):
-        derived.privacy.noise_multiplier = plan.noise_multiplier
-        derived.privacy.target_epsilon = None
-    return derived
 
 
 def halves_assignment(count: int, audited: int, seed: int) -> np.ndarray:
@@ -121,21 +100,18 @@ def federated_halves(cfgs: list, labels: np.ndarray, seed: int) -> tuple[list[np
 def _train_one(
     cfg, train_set: TensorDataset, input_shape, num_classes, plan, threads: int, gpu: int | None = None
 ) -> dict:
-    """One reference model's state dict: ``train_model`` on ``train_set``, or for a federated target
-    ``train_federation`` under its ``plan`` with ``train_set`` as the federation's records."""
-    from dptrain.training.federated import train_federation
-    from dptrain.training.recipe import resolve_device, train_model
+    """One reference model's state dict: the target's recipe (``train_reference``) on ``train_set``, under
+    ``plan`` for a federated target."""
+    from dptrain.training.recipe import resolve_device
 
     torch.set_num_threads(threads)
     if gpu is not None:
         # A spawned process starts on GPU 0; it trains on its parent rank's GPU.
         torch.cuda.set_device(gpu)
-    if _federated(cfg):
-        device = resolve_device(cfg.train.device)
-        shape = dict(input_shape=input_shape, num_classes=num_classes, device=device)
-        model = train_federation(cfg, plan, train_set, **shape).server.model
-    else:
-        model = train_model(cfg, train_set, input_shape=input_shape, num_classes=num_classes).model
+    device = resolve_device(cfg.train.device)
+    model = recipe_for(cfg).train_reference(
+        cfg, plan, train_set, input_shape=input_shape, num_classes=num_classes, device=device
+    )
     return {key: value.cpu() for key, value in model.state_dict().items()}
 
 
@@ -162,7 +138,7 @@ def train_references(
     """Train (or load from ``cache_dir``) ``count`` reference models under ``scheme``.
 
     A federated target's reference models are federations of the same recipe
-    (``reference_config``, ``train_federation``) over the population or, for
+    (the recipe's ``reference_config`` and ``train_reference``) over the population or, for
     "halves", ``federated_halves``. Unless every audited record is IN for at least
     ``min_in`` models, a UserError says so before any model trains.
     Precondition: ``population`` excludes canaries and every record of the
@@ -174,7 +150,8 @@ def train_references(
     its attacks.
     """
     n = len(audited)
-    cfgs = [reference_config(cfg, plan, derived_seed(seed, Stream.REFERENCE, j)) for j in range(count)]
+    recipe = recipe_for(cfg)
+    cfgs = [recipe.reference_config(cfg, plan, derived_seed(seed, Stream.REFERENCE, j)) for j in range(count)]
     plans: list = [None] * count
     if scheme == "population":
         audited_in = np.zeros((count, n), dtype=bool)

@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from dptrain.config import Config
-from dptrain.data import (
-    Canaries,
-    Split,
-    SplitData,
-    SplitSizes,
-    audited_split,
-    canary_inclusion,
-    draw_canaries,
-    load,
-    make_split,
-    prepare,
-    subset,
-)
-from dptrain.models import build_model
+from dptrain.data import Canaries, SplitData, SplitSizes, audited_split, canary_inclusion, subset
 from dptrain.privacy import PrivacyPlan, plan_privacy
-from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.robust import build_attack
-from dptrain.tracking.artifacts import SPLIT, load_model, read_metrics, save_model, write_metrics
+from dptrain.seeds import Stream, derived_seed
+from dptrain.tracking.artifacts import read_metrics, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
 from dptrain.training.checkpoint import Checkpoint
@@ -43,41 +28,17 @@ from dptrain.training.distributed import (
     shard_positions,
     shard_size,
 )
-from dptrain.training.loop import evaluate
-from dptrain.training.recipe import TrainedModel, resolve_device, train_model
-from dptrain.seeds import Stream, derived_seed
+from dptrain.training.recipe import resolve_device, train_model
+from dptrain.training.target import (
+    TargetRun,
+    common_metrics,
+    independent_epsilon,
+    load_data,
+    reference_base,
+    trained_model,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TargetRun:
-    """The trained target model with the data and privacy plan it was trained under."""
-
-    model: nn.Module
-    data: SplitData
-    plan: PrivacyPlan
-    epsilon: float | None
-    canaries: Canaries | None
-    metrics: dict
-    device: torch.device
-    fingerprint: str
-
-
-def flat_config(cfg: Config) -> dict:
-    """The config as ``{"group.key": value}``, the form HParams and reports use."""
-    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    flat: dict = {}
-
-    def walk(prefix: str, node) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else key, value)
-        else:
-            flat[prefix] = node
-
-    walk("", container)
-    return flat
 
 
 def training_size(cfg: Config, members: int) -> int:
@@ -106,19 +67,6 @@ def resumed_step(plan: PrivacyPlan, checkpoint: Checkpoint) -> int:
     return checkpoint.epochs_done * plan.steps_per_epoch + 1
 
 
-def load_data(cfg: Config, run_dir: Path, reuse_split: bool) -> tuple[SplitData, Canaries | None, str]:
-    data = load(cfg.dataset)
-    if reuse_split:
-        split = Split.load(run_dir / SPLIT, expected_fingerprint=data.fingerprint)
-    else:
-        split = make_split(data, cfg.dataset)
-        if ranks.is_main():
-            split.save(run_dir / SPLIT)
-    count = cfg.audit.canaries.count
-    canaries = draw_canaries(split, data.labels, data.num_classes, count, cfg.audit.seed) if count else None
-    return prepare(data, split), canaries, data.fingerprint
-
-
 def training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> TensorDataset:
     """The records this process trains on: members and included canaries, or under robust data
     parallelism its shard of the members and the included canaries of its slot (``canary_ranks``),
@@ -143,11 +91,6 @@ def training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> Ten
     return records
 
 
-def _independent_epsilon(cfg: Config, trained: TrainedModel) -> float | None:
-    """dp-accounting's PLD epsilon of the steps the ledger charged (``privacy.pld_check``), else None."""
-    if trained.epsilon is None or not pld_check_enabled(cfg.privacy.pld_check):
-        return None
-    return cross_check(trained.epsilon, pld_epsilon(trained.mechanisms, trained.plan.delta), "training")
 def audited_data(cfg: Config, data: SplitData, world: int) -> SplitData:
     """The split the membership audit sees: the recorded split, or under robust data parallelism
     over ``world`` ranks the honest ranks' shards (``honest_positions``) and as many label-stratified
@@ -183,30 +126,10 @@ def train_target(
     )
     device = resolve_device(cfg.train.device)
     audited = audited_data(cfg, data, ranks.world_size())
-    train_loss, train_accuracy = evaluate(trained.model, audited.members, device)
-    test_loss, test_accuracy = evaluate(trained.model, data.test, device)
-    sizes = data.split.sizes
+    epsilon_pld = independent_epsilon(cfg, trained.epsilon, [trained.mechanisms], plan.delta)
     metrics = {
-        "test_accuracy": test_accuracy,
-        "train_accuracy": train_accuracy,
-        "test_loss": test_loss,
-        "train_loss": train_loss,
-        "epsilon": trained.epsilon,
-        "delta": plan.delta if plan.private else None,
-        "target_epsilon": plan.target_epsilon,
-        "noise_multiplier": plan.noise_multiplier,
-        "sample_rate": plan.sample_rate,
-        "steps": trained.steps,
+        **common_metrics(trained.model, plan, trained.epsilon, epsilon_pld, data, audited, device),
         "epochs": cfg.train.epochs,
-        "accountant": plan.accountant if plan.private else None,
-        "max_grad_norm": plan.max_grad_norm,
-        "private": plan.private,
-        "members": sizes.members,
-        "non_members": sizes.non_members,
-        "population": sizes.population,
-        "test_size": sizes.test,
-        "epsilon_pld": _independent_epsilon(cfg, trained),
-        "audited_members": len(audited.members),
         "canaries_included": 0 if canaries is None else int(canaries.included.sum()),
         "train_seconds": trained.train_seconds,
         "wall_seconds": trained.wall_seconds,
@@ -225,7 +148,6 @@ def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     metrics = read_metrics(run_dir)
     data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=True)
     device = resolve_device(cfg.train.device)
-    model = load_model(run_dir, build_model(cfg.model, data.input_shape, data.num_classes))
     plan = PrivacyPlan(
         private=metrics["private"],
         accountant=cfg.privacy.accountant,
@@ -239,4 +161,24 @@ def load_target(cfg: Config, run_dir: Path) -> TargetRun:
         planned_epsilon=metrics["epsilon"],
     )
     audited = audited_data(cfg, data, metrics["world_size"])
-    return TargetRun(model.to(device), audited, plan, metrics["epsilon"], canaries, metrics, device, fingerprint)
+    model = trained_model(cfg, run_dir, data, device)
+    return TargetRun(model, audited, plan, metrics["epsilon"], canaries, metrics, device, fingerprint)
+
+
+def reference_config(cfg: Config, plan: PrivacyPlan, seed: int) -> Config:
+    """The target's recipe for a reference model, with another seed: same model, batch, epochs and
+    clipping, and the target's noise multiplier (not re-calibrated to the reference data's size), so
+    each step is the mechanism the target ran."""
+    derived = reference_base(cfg, seed)
+    if plan.private:
+        derived.privacy.noise_multiplier = plan.noise_multiplier
+        derived.privacy.target_epsilon = None
+    return derived
+
+
+def train_reference(
+    cfg: Config, plan: PrivacyPlan | None, records: TensorDataset, *, input_shape, num_classes: int,
+    device: torch.device,
+) -> nn.Module:
+    """A reference model: ``train_model`` on ``records`` (its own plan, at ``cfg``'s fixed noise)."""
+    return train_model(cfg, records, input_shape=input_shape, num_classes=num_classes).model

@@ -31,7 +31,6 @@ from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan
 from dptrain.privacy.ledger import PrivacyLedger
-from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.privacy.plan import plan_mechanism
 from dptrain.robust import (
     Attack,
@@ -42,9 +41,9 @@ from dptrain.robust import (
     static_clipping,
     tolerated_byzantine,
 )
-from dptrain.tracking.artifacts import load_model, read_metrics, save_model, write_metrics
+from dptrain.seeds import Stream, derived_seed
+from dptrain.tracking.artifacts import read_metrics, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
-from dptrain.training.centralized import TargetRun, load_data
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.clients import (
     Client,
@@ -57,7 +56,14 @@ from dptrain.training.clients import (
 )
 from dptrain.training.loop import evaluate, predict
 from dptrain.training.recipe import resolve_device
-from dptrain.seeds import Stream, derived_seed
+from dptrain.training.target import (
+    TargetRun,
+    common_metrics,
+    independent_epsilon,
+    load_data,
+    reference_base,
+    trained_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -549,7 +555,11 @@ def train_target(
     server, backdoor, fractions = federation.server, federation.backdoor, federation.byzantine_fractions
     epsilon = server.epsilon()
     audited = audited_data(cfg, data, federation.parts, plan)
-    metrics = _metrics(cfg, plan, server, data, audited, epsilon, device)
+    epsilon_pld = independent_epsilon(cfg, epsilon, _reported_mechanisms(plan), plan.delta)
+    metrics = {
+        **common_metrics(server.model, plan, epsilon, epsilon_pld, data, audited, device),
+        **_federation_metrics(cfg, plan, server),
+    }
     metrics.update(
         honest_members=len(honest_trained(federation.parts, plan)),
         train_seconds=federation.train_seconds,
@@ -579,41 +589,11 @@ def _client_mechanisms(plan: FederatedPlan) -> list[dict | None]:
     ]
 
 
-def _independent_epsilon(cfg: Config, plan: FederatedPlan, epsilon: float | None) -> float | None:
-    """dp-accounting's PLD epsilon of the reported guarantee (``privacy.pld_check``): the DP-FedAvg
-    server's rounds, or the largest over the honest clients' local mechanisms; else None."""
-    if epsilon is None or not pld_check_enabled(cfg.privacy.pld_check):
-        return None
-    if plan.dp_level == "user":
-        mechanisms = [{"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps}]
-    else:
-        mechanisms = [m for m in _client_mechanisms(plan) if m is not None]
-    # Clients with equal plans share one recomputation.
-    distinct = {tuple(sorted(m.items())) for m in mechanisms}
-    independent = max(pld_epsilon([dict(m)], plan.delta) for m in distinct)
-    return cross_check(epsilon, independent, "federated training")
-
-
-def _metrics(
-    cfg: Config, plan: FederatedPlan, server: FederatedServer, data: SplitData, audited: SplitData, epsilon, device
-) -> dict:
-    train_loss, train_accuracy = evaluate(server.model, audited.members, device)
-    test_loss, test_accuracy = evaluate(server.model, data.test, device)
-    sizes = data.split.sizes
+def _federation_metrics(cfg: Config, plan: FederatedPlan, server: FederatedServer) -> dict:
+    """The ``metrics.json`` fields of a federated run beside the common ones: the federation, its
+    attack and rule, whose guarantee is reported, and (sample level) every client's spend and mechanism."""
+    sample_level = plan.private and plan.dp_level == "sample"
     return {
-        "test_accuracy": test_accuracy,
-        "train_accuracy": train_accuracy,
-        "test_loss": test_loss,
-        "train_loss": train_loss,
-        "epsilon": epsilon,
-        "delta": plan.delta if plan.private else None,
-        "target_epsilon": plan.target_epsilon,
-        "noise_multiplier": plan.noise_multiplier,
-        "sample_rate": plan.sample_rate,
-        "steps": plan.steps,
-        "accountant": plan.accountant if plan.private else None,
-        "max_grad_norm": plan.max_grad_norm,
-        "private": plan.private,
         "rounds": cfg.federation.rounds,
         "clients": cfg.federation.clients,
         "clients_per_round": clients_per_round(cfg),
@@ -626,16 +606,18 @@ def _metrics(
         "byzantine": len(plan.byzantine),
         "byzantine_clients": list(plan.byzantine),
         "reported_client": plan.reported_client,
-        "client_epsilons": server.client_epsilons() if plan.private and plan.dp_level == "sample" else None,
-        "client_mechanisms": _client_mechanisms(plan) if plan.private and plan.dp_level == "sample" else None,
-        "epsilon_pld": _independent_epsilon(cfg, plan, epsilon),
+        "client_epsilons": server.client_epsilons() if sample_level else None,
+        "client_mechanisms": _client_mechanisms(plan) if sample_level else None,
         "client_sizes": list(plan.client_sizes),
-        "members": sizes.members,
-        "audited_members": len(audited.members),
-        "non_members": sizes.non_members,
-        "population": sizes.population,
-        "test_size": sizes.test,
     }
+
+
+def _reported_mechanisms(plan: FederatedPlan) -> list[list[dict]]:
+    """The mechanisms behind the reported epsilon: the DP-FedAvg server's rounds (user level), or each
+    honest client's local DP-SGD (sample level, the largest epsilon is reported)."""
+    if plan.dp_level == "user":
+        return [[{"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps}]]
+    return [[m] for m in _client_mechanisms(plan) if m is not None]
 
 
 def load_target(cfg: Config, run_dir: Path) -> TargetRun:
@@ -645,6 +627,25 @@ def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     data, _, fingerprint = load_data(cfg, run_dir, reuse_split=True)
     federated_plan = plan(cfg, split_sizes(describe(cfg.dataset), cfg.dataset))
     device = resolve_device(cfg.train.device)
-    model = load_model(run_dir, build_model(cfg.model, data.input_shape, data.num_classes))
     audited = audited_data(cfg, data, client_partition(cfg, data.members, federated_plan), federated_plan)
-    return TargetRun(model.to(device), audited, federated_plan, metrics["epsilon"], None, metrics, device, fingerprint)
+    model = trained_model(cfg, run_dir, data, device)
+    return TargetRun(model, audited, federated_plan, metrics["epsilon"], None, metrics, device, fingerprint)
+
+
+def reference_config(cfg: Config, plan: FederatedPlan, seed: int) -> Config:
+    """The target's federation for a reference model, with another seed: the same clients, rounds,
+    clients per round, local epochs, partition rule, dp_level, aggregator, attack and privacy config;
+    at user level the server's noise is the target's (it depends on no record), at sample level each
+    client's local plan is calibrated as the target's clients' were, for the records it holds."""
+    derived = reference_base(cfg, seed)
+    if plan.private and plan.dp_level == "user":
+        derived.privacy.noise_multiplier = plan.noise_multiplier
+        derived.privacy.target_epsilon = None
+    return derived
+
+
+def train_reference(
+    cfg: Config, plan: FederatedPlan, records: TensorDataset, *, input_shape, num_classes: int, device: torch.device
+) -> nn.Module:
+    """A reference model: ``train_federation`` under ``plan`` with ``records`` as the federation's members."""
+    return train_federation(cfg, plan, records, input_shape=input_shape, num_classes=num_classes, device=device).server.model

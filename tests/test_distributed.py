@@ -140,7 +140,7 @@ def test_a_resumed_robust_run_with_a_stateful_aggregator_and_a_random_attack_mat
     uninterrupted = _train_on_ranks(3, overrides, tmp_path / "a")[0]
     _train_on_ranks(3, overrides, tmp_path / "b", epochs=2)
     assert not (tmp_path / "b" / "out" / "rank0.pt").exists()
-    assert torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["epochs_done"] == 2
+    assert torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["completed"] == 2
     resumed = _train_on_ranks(3, overrides, tmp_path / "b", resume=True)[0]
     for key, value in uninterrupted["state"].items():
         assert torch.equal(value, resumed["state"][key]), key

@@ -564,7 +564,7 @@ def test_a_federated_round_left_without_enough_finite_updates_stops_the_run_afte
     monkeypatch.setattr(federated, "local_update", diverging_in_round_two)
     with pytest.raises(AggregationFailed, match=r"^2 of 4 updates had non-finite entries .* median needs n > 2f \(n=2, f=1\)"):
         pipeline.train(cfg, tmp_path)
-    assert Checkpoint.load(tmp_path, recipe_hash(cfg)).epochs_done == 1
+    assert Checkpoint.load(tmp_path, recipe_hash(cfg)).completed == 1
     assert not (tmp_path / "metrics.json").exists()
 
 

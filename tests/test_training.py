@@ -192,3 +192,17 @@ def test_adam_with_a_cosine_schedule_logs_a_decaying_learning_rate(tiny_config, 
     events.Reload()
     rates = [e.value for e in events.Scalars("train/lr")]
     assert rates[0] == pytest.approx(0.01) and all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_a_checkpoint_is_read_only_as_the_state_of_the_recipe_that_wrote_it():
+    from dptrain.training.checkpoint import Checkpoint
+    from dptrain.training.federated import FederatedState
+    from dptrain.training.recipe import CentralizedState
+
+    federated = Checkpoint.of(3, "hash", {}, FederatedState(aggregator={}, ledgers=None, rng={}), 1.0, 2.0)
+    assert federated.state_as(FederatedState) == FederatedState(aggregator={}, ledgers=None, rng={})
+    with pytest.raises(UserError, match="holds FederatedState state, not CentralizedState"):
+        federated.state_as(CentralizedState)
+    federated.state["extra"] = 1
+    with pytest.raises(UserError, match="not FederatedState"):
+        federated.state_as(FederatedState)

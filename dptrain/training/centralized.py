@@ -64,7 +64,7 @@ def plan(cfg: Config, sizes: SplitSizes) -> PrivacyPlan:
 
 def resumed_step(plan: PrivacyPlan, checkpoint: Checkpoint) -> int:
     """The first TensorBoard step after ``checkpoint`` (steps count optimizer steps)."""
-    return checkpoint.epochs_done * plan.steps_per_epoch + 1
+    return checkpoint.completed * plan.steps_per_epoch + 1
 
 
 def training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> TensorDataset:

@@ -1,9 +1,11 @@
-"""Per-epoch checkpoints: model, optimizer, scheduler, accountant and RNG state, so a resumed run spends no fresh budget."""
+"""Checkpoints after every epoch or round: the model and the recipe's typed state (optimizer, ledgers, RNG),
+so a resumed run spends no fresh budget and draws what the uninterrupted run would."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 from dptrain.errors import UserError
 from dptrain.tracking.artifacts import CHECKPOINT, read_torch
@@ -11,29 +13,44 @@ from dptrain.tracking.atomic import save_torch_atomic
 from dptrain.tracking.run_dir import resume_hint
 
 
+State = TypeVar("State")
+
+
 @dataclass
 class Checkpoint:
-    """State after ``epochs_done`` complete epochs.
+    """A run's state after ``completed`` epochs (centralized) or rounds (federated).
 
-    ``accountant`` is the privacy ledger's state (its history of noise, sample
-    rate and steps); restoring it is what keeps a resumed run from starting a
-    fresh budget. ``rng`` holds the global torch RNG and the sampling and
-    noise generators (centralized: a list with one entry per rank; federated:
-    the server's), so the resumed epochs draw what the uninterrupted run would.
-    ``train_seconds`` and ``wall_seconds`` are the time spent so far in optimizer
-    steps (rounds) and in the whole loop; the wall clock defaults to 0 for a
-    checkpoint written before it was recorded.
+    ``state`` is the recipe's own typed state (``CentralizedState``, ``FederatedState``) as plain
+    containers, read back with ``state_as``; ``recipe`` names it, so a checkpoint of one recipe is never
+    read as the other's. It holds the privacy ledgers (restoring them is what keeps a resumed run from
+    starting a fresh budget) and the RNG states, so the resumed run draws what the uninterrupted one
+    would. ``train_seconds`` and ``wall_seconds`` are the time so far in optimizer steps (rounds) and in
+    the whole loop.
     """
 
-    epochs_done: int
+    completed: int
     config_hash: str
     model: dict
-    optimizer: dict
-    scheduler: dict | None
-    accountant: dict | None
-    rng: list | dict
+    recipe: str
+    state: dict
     train_seconds: float
-    wall_seconds: float = 0.0
+    wall_seconds: float
+
+    def state_as(self, kind: type[State]) -> State:
+        """``state`` as the recipe's dataclass ``kind``; a checkpoint of another recipe, or whose state
+        lacks or adds fields, is refused with one line."""
+        names = {field.name for field in fields(kind)}
+        if self.recipe != kind.__name__ or not isinstance(self.state, dict) or set(self.state) != names:
+            raise UserError(
+                f"train.resume: the checkpoint holds {self.recipe} state, not {kind.__name__}: resume with the "
+                "config the run was started with"
+            )
+        return kind(**self.state)
+
+    @classmethod
+    def of(cls, completed: int, config_hash: str, model: dict, state, train_seconds: float, wall_seconds: float):
+        """A checkpoint of the recipe state ``state`` (a dataclass)."""
+        return cls(completed, config_hash, model, type(state).__name__, asdict(state), train_seconds, wall_seconds)
 
     def save(self, run_dir: str | Path) -> Path:
         return save_torch_atomic(Path(run_dir) / CHECKPOINT, asdict(self))

@@ -158,7 +158,7 @@ def federation_plan(cfg: Config, members: int, labels: np.ndarray | None) -> Fed
 
 def resumed_step(plan: FederatedPlan, checkpoint: Checkpoint) -> int:
     """The first TensorBoard step after ``checkpoint`` (steps count rounds)."""
-    return checkpoint.epochs_done + 1
+    return checkpoint.completed + 1
 
 
 def dp_fedavg(
@@ -216,6 +216,17 @@ class RoundRecord:
 
 def _mean_norm(updates: Tensor) -> float | None:
     return torch.linalg.vector_norm(updates, dim=1).mean().item() if len(updates) else None
+
+
+@dataclass
+class FederatedState:
+    """What a federated run's checkpoint holds beside the global model: the aggregator's state (centered
+    clipping's centre, bucketing's generator), the ledgers (the DP-FedAvg server's, or each private
+    client's; None for the baseline) and the server's RNG states."""
+
+    aggregator: dict
+    ledgers: dict | None
+    rng: dict
 
 
 class FederatedServer:
@@ -312,49 +323,40 @@ class FederatedServer:
         return max((c.ledger.check_spent(f"federated client {c.id}") for c in honest), default=0.0)
 
     def checkpoint(self, rounds_done: int, train_seconds: float, wall_seconds: float) -> Checkpoint:
-        """The state after ``rounds_done`` rounds in the recipe's ``Checkpoint``: the global model, the
-        aggregator's state as the server's optimizer, every ledger, and the RNG state."""
+        """The checkpoint after ``rounds_done`` rounds: the global model and the ``FederatedState``."""
         if self.ledger is not None:
-            accountants = {"server": self.ledger.state_dict()}
+            ledgers = {"server": self.ledger.state_dict()}
         elif self.plan.private:
-            accountants = {"clients": {c.id: c.ledger.state_dict() for c in self.clients if c.ledger is not None}}
+            ledgers = {"clients": {c.id: c.ledger.state_dict() for c in self.clients if c.ledger is not None}}
         else:
-            accountants = None
-        return Checkpoint(
-            epochs_done=rounds_done,
-            config_hash=self.config_hash,
-            model=self.model.state_dict(),
-            optimizer={"aggregator": self.aggregator.state_dict()},
-            scheduler=None,
-            accountant=accountants,
-            rng={
-                "torch": torch.get_rng_state(),
-                "sampling": self.sampling.get_state(),
-                "noise": self.noise.get_state(),
-            },
-            train_seconds=train_seconds,
-            wall_seconds=wall_seconds,
+            ledgers = None
+        state = FederatedState(
+            aggregator=self.aggregator.state_dict(),
+            ledgers=ledgers,
+            rng={"torch": torch.get_rng_state(), "sampling": self.sampling.get_state(), "noise": self.noise.get_state()},
         )
+        return Checkpoint.of(rounds_done, self.config_hash, self.model.state_dict(), state, train_seconds, wall_seconds)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from ``checkpoint``: nothing spent before it is forgotten or charged again."""
+        state = checkpoint.state_as(FederatedState)
         expected = {"server"} if self.ledger is not None else {"clients"} if self.plan.private else None
-        found = None if checkpoint.accountant is None else set(checkpoint.accountant)
+        found = None if state.ledgers is None else set(state.ledgers)
         if found != expected:
             raise UserError(
                 "train.resume: the checkpoint's privacy accounting differs from this run's; "
                 "resume with the config the run was started with"
             )
         self.model.load_state_dict(checkpoint.model)
-        self.aggregator.load_state_dict(checkpoint.optimizer["aggregator"])
+        self.aggregator.load_state_dict(state.aggregator)
         if self.ledger is not None:
-            self.ledger.load_state_dict(checkpoint.accountant["server"])
+            self.ledger.load_state_dict(state.ledgers["server"])
         elif self.plan.private:
-            for client_id, state in checkpoint.accountant["clients"].items():
-                self.clients[client_id].ledger.load_state_dict(state)
-        torch.set_rng_state(checkpoint.rng["torch"])
-        self.sampling.set_state(checkpoint.rng["sampling"])
-        self.noise.set_state(checkpoint.rng["noise"])
+            for client_id, ledger in state.ledgers["clients"].items():
+                self.clients[client_id].ledger.load_state_dict(ledger)
+        torch.set_rng_state(state.rng["torch"])
+        self.sampling.set_state(state.rng["sampling"])
+        self.noise.set_state(state.rng["noise"])
 
 
 def build_clients(
@@ -489,7 +491,7 @@ def train_federation(
     start, train_seconds, wall_seconds = 0, 0.0, 0.0
     if checkpoint is not None:
         server.restore(checkpoint)
-        start, train_seconds, wall_seconds = checkpoint.epochs_done, checkpoint.train_seconds, checkpoint.wall_seconds
+        start, train_seconds, wall_seconds = checkpoint.completed, checkpoint.train_seconds, checkpoint.wall_seconds
         log.info("resuming after round %d of %d", start, cfg.federation.rounds)
 
     fractions, aggregation_seconds = [], 0.0

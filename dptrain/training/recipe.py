@@ -50,6 +50,18 @@ class TrainedModel:
     mechanisms: list[dict]
 
 
+@dataclass
+class CentralizedState:
+    """What a centralized run's checkpoint holds beside the model: the optimizer (and the robust
+    exchange's aggregator state), the learning-rate schedule, the privacy ledger (None for the
+    baseline) and every rank's RNG states (torch's, sampling's, noise's), one entry per rank."""
+
+    optimizer: dict
+    scheduler: dict | None
+    ledger: dict | None
+    rng: list
+
+
 def resolve_device(name: str) -> torch.device:
     """``train.device``; ``cuda`` is the current CUDA device, which ``launch.process_group`` sets to
     the rank's own GPU (LOCAL_RANK) under nccl."""
@@ -153,13 +165,14 @@ def train_model(
     config_hash = recipe_hash(cfg)
     start_epoch, train_seconds, wall_seconds = 0, 0.0, 0.0
     if checkpoint is not None:
+        state = checkpoint.state_as(CentralizedState)
         unwrap(training.model).load_state_dict(checkpoint.model)
-        training.optimizer.load_state_dict(checkpoint.optimizer)
+        training.optimizer.load_state_dict(state.optimizer)
         if scheduler is not None:
-            scheduler.load_state_dict(checkpoint.scheduler)
-        training.load_ledger_state(checkpoint.accountant)
-        _restore_rng(checkpoint.rng, sampling, noise, data_parallel=mode is not None)
-        start_epoch, train_seconds = checkpoint.epochs_done, checkpoint.train_seconds
+            scheduler.load_state_dict(state.scheduler)
+        training.load_ledger_state(state.ledger)
+        _restore_rng(state.rng, sampling, noise, data_parallel=mode is not None)
+        start_epoch, train_seconds = checkpoint.completed, checkpoint.train_seconds
         wall_seconds = checkpoint.wall_seconds
         log.info("resuming after epoch %d of %d", start_epoch, train.epochs)
 
@@ -204,16 +217,19 @@ def train_model(
             # Every rank of a data-parallel run gets here together: the RNG gather is collective.
             rng_states = _rng_states(sampling, noise, data_parallel=mode is not None)
         if run_dir is not None and train.checkpoint and ranks.is_main():
-            Checkpoint(
-                epochs_done=epoch + 1,
-                config_hash=config_hash,
-                model=unwrap(training.model).state_dict(),
+            state = CentralizedState(
                 optimizer=training.optimizer.state_dict(),
                 scheduler=None if scheduler is None else scheduler.state_dict(),
-                accountant=training.ledger_state(),
+                ledger=training.ledger_state(),
                 rng=rng_states,
-                train_seconds=train_seconds,
-                wall_seconds=time.perf_counter() - loop_started,
+            )
+            Checkpoint.of(
+                epoch + 1,
+                config_hash,
+                unwrap(training.model).state_dict(),
+                state,
+                train_seconds,
+                time.perf_counter() - loop_started,
             ).save(run_dir)
     bar.close()
     wall_seconds = time.perf_counter() - loop_started

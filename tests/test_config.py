@@ -19,7 +19,7 @@ from dptrain.validation.keys import RANGES, check_known_keys, numeric_keys, sche
 from dptrain.errors import UserError
 from dptrain.privacy import plan_privacy
 from dptrain import pipeline
-from dptrain.training import centralized
+from dptrain.training import target
 
 
 def _error(cfg) -> str:
@@ -108,7 +108,7 @@ def test_validation_fails_before_any_data_is_loaded(tiny_config, tmp_path, monke
     def no_loading(*args, **kwargs):
         raise AssertionError("data was loaded before the config was validated")
 
-    monkeypatch.setattr(centralized, "load", no_loading)
+    monkeypatch.setattr(target, "load", no_loading)
     with pytest.raises(UserError, match="privacy.max_grad_norm"):
         pipeline.train(tiny_config("privacy.max_grad_norm=0"), tmp_path)
     with pytest.raises(UserError, match="privacy.noise_multiplier"):

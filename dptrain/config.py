@@ -192,7 +192,7 @@ class WhiteboxAuditConfig:
     # The implementation audit: separate trainings of the target's DP-SGD mechanism with `canaries`
     # Dirac gradient canaries each, `runs` of them, scored from every step, the final model, or both.
     enabled: bool = False
-    canaries: int = 1000
+    canaries: int = 100000
     runs: int = 1
     setting: str = "all_iterates"
 
@@ -539,6 +539,7 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
 
 def _validate_audit(audit: AuditConfig, population: int) -> None:
     from dptrain.audit.membership import LIRA_VARIANCES
+    from dptrain.privacy import crosscheck
 
     _choice("audit", audit.name, AUDIT_LEVELS)
     for attack in audit.mia.attacks:
@@ -555,6 +556,11 @@ def _validate_audit(audit: AuditConfig, population: int) -> None:
     _choice("audit.aia.rule", audit.aia.rule, AIA_RULES)
     whitebox = audit.whitebox
     _choice("audit.whitebox.setting", whitebox.setting, WHITEBOX_SETTINGS)
+    if whitebox.enabled and not crosscheck.available():
+        raise UserError(
+            'audit.whitebox needs the dp-accounting package for its f-DP bound (the accountant\'s curves): '
+            'pip install "dptrain[accounting]"'
+        )
     if audit.canaries.count > population // 2:
         raise UserError(
             f"audit.canaries.count={audit.canaries.count} must be between 0 and half the {population} population "

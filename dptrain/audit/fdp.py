@@ -315,7 +315,9 @@ def fdp_audit(
     groups = [np.flatnonzero(labels == run) for run in np.unique(labels)]
     m = len(groups[0])
     if bits.ndim != 1 or bits.size < 2 or labels.shape != bits.shape or any(len(group) != m for group in groups):
-        raise ValueError("included must be 1-D with 2 or more canaries, runs must label each and give every run as many")
+        raise ValueError(
+            "included must be 1-D with 2 or more canaries, and runs must label each and give every run as many"
+        )
     tests = []
     for name, scores in statistics.items():
         values = np.asarray(scores, dtype=np.float64)

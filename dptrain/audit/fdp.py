@@ -147,9 +147,9 @@ def gaussian_least_false_positive_rate(mu: float) -> LeastFalsePositiveRate:
 
 # dp-accounting's privacy-loss discretization: pessimistic (losses are rounded up, so hockey-stick
 # divergences are over-estimated and curves under-estimated). The curves the tests use are coarse
-# (cheap, and within 0.3% of the 1e-3 ones on the default job: the same members are rejected); a
-# rejected member's epsilon is read finer, so that it is not inflated (1e-3 is within 1e-5 of 1e-4's
-# on the default job, at a tenth of the time).
+# (cheap, and within 0.4% of the 1e-3 ones on the default job, whose 100 000-canary run rejects the
+# same member with either); a rejected member's epsilon is read finer, so that it is not inflated
+# (1e-3 is within 1e-5 of 1e-4's on the default job, at a tenth of the time).
 CURVE_DISCRETIZATION = 1e-2
 EPSILON_DISCRETIZATION = 1e-3
 # Epsilons at which a member's hockey-stick divergence is read: fine where curves bend, up to where
@@ -241,8 +241,8 @@ def fdp_guess_counts(m: int) -> list[tuple[int, int]]:
     alone, and k IN plus k OUT on the lowest, k = max(1, m // 100).
 
     Two rules fixed in advance, not a sweep: with the f-DP analysis the best number of guesses is
-    about 1% of the canaries either way (a NumPy simulation of the default job's releases, 10^4 to
-    10^5 canaries), and each rule tried costs a Bonferroni factor. IN-only wins where included
+    about 1% to 3% of the canaries (a NumPy simulation of the default job's releases, 10^4 to 10^5
+    canaries), and each rule tried costs a Bonferroni factor. IN-only wins where included
     canaries can go unsampled in every step (they look excluded); both sides win where the noise
     is large.
     """

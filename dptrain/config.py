@@ -184,7 +184,7 @@ class WhiteboxAuditConfig:
     # The implementation audit: separate trainings of the target's DP-SGD mechanism with `canaries`
     # Dirac gradient canaries each, `runs` of them, scored from every step, the final model, or both.
     enabled: bool = False
-    canaries: int = 1000
+    canaries: int = 100000
     runs: int = 1
     setting: str = "all_iterates"
 

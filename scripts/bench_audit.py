@@ -5,8 +5,8 @@
 For audit=fast, standard, thorough and implementation, trains the default job's
 target and audits it, printing the wall time of each stage and the audit /
 training ratio. The implementation audit trains audit.whitebox.runs separate
-audit runs of the target's mechanism (100 of 2000 canaries as shipped), so it
-costs minutes where the others cost seconds; ``--levels`` picks levels.
+audit runs of the target's mechanism (one of 100 000 canaries as shipped), so it
+costs about a minute where the others cost seconds; ``--levels`` picks levels.
 Training time is the whole training stage a user waits for (data loading,
 noise calibration, the epochs, per-epoch evaluation and checkpoints). One
 untimed ``audit=fast`` run goes first, so that the one-time imports of a

@@ -144,8 +144,8 @@ def test_gdp_estimate_recovers_mu_and_converts_it_by_dong_roth_su():
 SMALL = ("train.progress=false", "audit=none", "dataset.max_members=200")
 
 
-def _mechanism(*overrides: str):
-    cfg = make_config(*SMALL, *overrides)
+def _mechanism(*overrides: str, job: tuple[str, ...] = SMALL):
+    cfg = make_config(*job, *overrides)
     _, sizes = validate(cfg)
     raw = load(cfg.dataset)
     data = prepare(raw, make_split(raw, cfg.dataset))
@@ -169,6 +169,26 @@ def test_probe_releases_one_clipped_norm_per_sampled_canary_and_nothing_else(mod
     assert np.all(np.round(run.x[:, ~run.included]) == 0)
     # Poisson sampling at q = 1/4: each included canary is in about a quarter of the 12 steps.
     assert np.round(run.x[:, run.included]).mean() == pytest.approx(0.25, abs=0.08)
+
+
+def test_probe_gradients_of_many_canaries_under_hooks_are_computed_in_physical_batches(monkeypatch):
+    import dptrain.audit.implementation as implementation
+
+    # A budget of 41 x 7 floats: physical batches of 7 rows for 40 canaries, the logical ones unchanged.
+    monkeypatch.setattr(implementation, "PROBE_GRADIENT_FLOATS", 41 * 7)
+    physical = []
+    make_private = implementation.make_private
+    monkeypatch.setattr(
+        implementation, "make_private", lambda **kw: physical.append(kw["max_physical_batch_size"]) or make_private(**kw)
+    )
+    cfg, mechanism = _mechanism(
+        "privacy.grad_sample_mode=hooks", "privacy.accountant=rdp", "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1e-4", "train.batch_size=50", "train.epochs=3",
+    )
+    run = run_mechanism(cfg, mechanism, canaries=40, seed=1, device=CPU)
+    assert run.x.shape == (mechanism.plan.steps, 40) and np.abs(run.x - np.round(run.x)).max() < 0.01
+    assert np.all(np.round(run.x[:, ~run.included]) == 0) and np.round(run.x[:, run.included]).max() == 1
+    assert physical == [7]
 
 
 def test_probe_records_fill_every_slot_whatever_the_coins():
@@ -228,19 +248,19 @@ def _bound(tamper, *overrides):
     return result["epsilon_lower_bound"], result["accountant_epsilon"], result
 
 
-SKIP_CLIPPING_JOB = ("train.batch_size=20", "train.epochs=1", "privacy.target_epsilon=1", "audit.whitebox.canaries=1000")
+SKIP_CLIPPING_JOB = ("train.batch_size=20", "train.epochs=1", "privacy.target_epsilon=1", "audit.whitebox.canaries=5000")
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_skipped_clipping_is_flagged(mode):
     bound, epsilon, result = _bound(skip_clipping, *SKIP_CLIPPING_JOB, f"privacy.grad_sample_mode={mode}")
-    assert bound > 2 * epsilon
+    assert bound > 2 * epsilon and result["accountant_curve_rejected"]
     assert result["n_correct"] == result["n_guesses"]
 
 
 def test_the_correct_mechanism_is_not_flagged_where_skipped_clipping_is():
     bound, epsilon, result = _bound(None, *SKIP_CLIPPING_JOB)
-    assert bound < epsilon
+    assert bound < epsilon and not result["accountant_curve_rejected"]
     assert result["audit_run_epsilon"] == pytest.approx(epsilon)
 
 
@@ -261,24 +281,37 @@ def test_the_correct_mechanism_is_not_flagged_where_fixed_batches_are():
     assert bound < epsilon
 
 
-# 25 runs of 2000 canaries: halving the noise at epsilon 2 takes about 50 000 canaries to see.
+# One run of 20 000 canaries: the f-DP bound sees noise halved at epsilon 2 (Steinke et al.'s needed
+# 25 runs of 2000, its 2 m delta term growing with the canaries of a run).
 HALVED_NOISE_JOB = (
     "dataset.max_members=100", "train.batch_size=10", "train.epochs=1", "privacy.target_epsilon=2",
-    "audit.whitebox.canaries=2000", "audit.whitebox.runs=25",
+    "audit.whitebox.canaries=20000",
 )
 
 
-@pytest.mark.slow
-def test_noise_halved_behind_the_accountants_back_is_flagged():
+def test_noise_halved_behind_the_accountants_back_is_flagged_in_one_run():
     bound, epsilon, result = _bound(halve_noise, *HALVED_NOISE_JOB)
-    assert bound > epsilon
-    assert result["runs"] == 25 and result["accountant_epsilon"] == pytest.approx(2.0, rel=0.01)
+    assert bound > epsilon and result["accountant_curve_rejected"]
+    assert result["runs"] == 1 and result["accountant_epsilon"] == pytest.approx(2.0, rel=0.01)
+    # The noise the guesses rule out lies between the accountant's and the half that ran.
+    assert result["noise_multiplier"] / 2 < result["rejected_noise_multiplier"] < result["noise_multiplier"]
+
+
+def test_the_correct_mechanism_is_not_flagged_where_halved_noise_is():
+    bound, epsilon, result = _bound(None, *HALVED_NOISE_JOB)
+    assert bound < epsilon and not result["accountant_curve_rejected"]
 
 
 @pytest.mark.slow
-def test_the_correct_mechanism_is_not_flagged_where_halved_noise_is():
-    bound, epsilon, _ = _bound(None, *HALVED_NOISE_JOB)
-    assert bound < epsilon
+@pytest.mark.parametrize("target", [1, 4, 8])
+def test_one_run_of_the_shipped_audit_bounds_at_least_half_the_default_jobs_epsilon_and_never_above_it(target):
+    # Issue 19's acceptance: digits, logistic regression, delta 1e-5, all iterates, one run.
+    cfg, mechanism = _mechanism(
+        "audit=implementation", f"privacy.target_epsilon={target}", job=("train.progress=false",)
+    )
+    result = implementation_audit(cfg, mechanism, mechanism.plan.planned_epsilon, CPU)
+    assert result["runs"] == 1 and result["canaries"] == 100_000
+    assert 0.5 * result["accountant_epsilon"] <= result["epsilon_lower_bound"] <= result["accountant_epsilon"]
 
 
 # --- the audit as a run stage ------------------------------------------------------------------------
@@ -298,15 +331,25 @@ def test_audit_json_summary_and_tensorboard_carry_both_settings(tiny_config, tmp
         assert 0 <= record["epsilon_lower_bound"] <= metrics["epsilon"]
         assert record["accountant_epsilon"] == record["audit_run_epsilon"] == pytest.approx(metrics["epsilon"])
         assert record["mechanism"] == "centralized DP-SGD" and record["gdp_mu_estimate"] >= 0
+        # The f-DP bound is the headline; Steinke et al.'s is beside it, on the same guesses' canaries.
+        assert record["accountant_curve_rejected"] is False and record["n_tests"] == 2 * len(record["statistics"])
+        assert 0 <= record["steinke"]["epsilon_lower_bound"] <= metrics["epsilon"]
+        assert record["n_guesses"] == 2 * (record["k_plus"] + record["k_minus"]) and record["k_plus"] == 2
     assert implementation_results(section)["all_iterates"]["statistics"] == ["poisson", "fixed_order"]
     summary = format_summary(metrics, report, tmp_path)
     assert "white-box    all iterates: eps lower bound" in summary and "final model" in summary
+    assert "the accountant's curve not rejected), Steinke et al. " in summary
     assert "(not a bound); 2 run(s) x 200 canaries of centralized DP-SGD" in summary
     # Single numbers are HParams metrics (the run's tb/hparams record), not one-point charts.
     events = EventAccumulator(str(tmp_path / "tb" / "hparams"))
     events.Reload()
-    logged = events.Scalars("trial/implementation/all_iterates/eps_lb")
-    assert logged[-1].value == pytest.approx(implementation_results(section)["all_iterates"]["epsilon_lower_bound"])
+    all_iterates = implementation_results(section)["all_iterates"]
+    assert events.Scalars("trial/implementation/all_iterates/eps_lb")[-1].value == pytest.approx(
+        all_iterates["epsilon_lower_bound"]
+    )
+    assert events.Scalars("trial/implementation/all_iterates/steinke_eps_lb")[-1].value == pytest.approx(
+        all_iterates["steinke"]["epsilon_lower_bound"]
+    )
 
 
 def test_a_white_box_bound_above_the_accountants_epsilon_is_listed_under_warnings(tiny_config, tmp_path, monkeypatch):
@@ -327,6 +370,21 @@ def test_a_white_box_bound_above_the_accountants_epsilon_is_listed_under_warning
 def test_the_non_private_baseline_skips_the_implementation_audit_with_a_note(tiny_config, tmp_path):
     _, report = pipeline.train(tiny_config(*WHITEBOX_RUN, "privacy.target_epsilon=inf"), tmp_path)
     assert report["implementation"] == {"skipped": "the non-private baseline has no clipping norm or noise to audit"}
+
+
+def test_the_shipped_implementation_audit_is_one_run_of_100000_canaries_also_beside_any_level():
+    for level in ("audit=implementation", "audit.whitebox.enabled=true"):
+        whitebox = make_config(level).audit.whitebox
+        assert (whitebox.runs, whitebox.canaries, whitebox.setting) == (1, 100_000, "all_iterates")
+
+
+def test_the_white_box_audit_without_dp_accounting_fails_before_training_with_one_line(monkeypatch):
+    from dptrain.privacy import crosscheck
+
+    monkeypatch.setattr(crosscheck, "available", lambda: False)
+    message = r'audit.whitebox needs the dp-accounting package .*: pip install "dptrain\[accounting\]"$'
+    with pytest.raises(UserError, match=message):
+        validate(make_config(*SMALL, "audit=implementation"))
 
 
 @pytest.mark.parametrize(

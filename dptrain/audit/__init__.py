@@ -3,5 +3,6 @@
 ``metrics`` turns attack scores into ROC, AUC, TPR at low FPR, advantage and
 empirical epsilon lower bounds; ``membership`` scores records with LOSS, LiRA
 and RMIA; ``attribute`` runs attribute inference against an imputation
-baseline; ``canary`` computes the one-run (canary) epsilon lower bound.
+baseline; ``canary`` computes the one-run (canary) epsilon lower bound, ``fdp`` its f-DP
+counterpart against a family of trade-off curves.
 """

@@ -2,12 +2,16 @@
 "One-shot Empirical Privacy Estimation for Federated Learning"): clients whose update is a random
 direction of the clipping norm, sampled like every client, seen through the real server step.
 
-Canary j's update is C c_j with c_j uniform on the unit sphere of the model's dimension; it joins
-each round independently with the client sampling rate q (Poisson, as DP-FedAvg's accounting
+Canary j's update is C c_j with c_j a uniformly random unit vector of the model's dimension D; it
+joins each round independently with the client sampling rate q (Poisson, as DP-FedAvg's accounting
 assumes) when its coin says it is included. Each round's aggregate comes from the recipe's own
 server step (``dp_fedavg``: clip, sum, Gaussian noise, fixed denominator); the auditor projects it
-on every canary direction, in units of one client's contribution C / (q N). An excluded canary is
-a fresh random direction, Andrew et al.'s null.
+on every canary direction, in units of one client's contribution C / (q N). An excluded canary's
+direction is never sent: its projection is noise alone, Andrew et al.'s null.
+Random directions in a small model are far from orthogonal (the other canaries of a round would
+add about q m / (2 D) to each projection's variance), so the canaries run in groups of at most D,
+each group an orthonormal set with its own server steps: a canary's coin still changes only its
+own group's releases, and the projections carry no other canary.
 """
 
 from __future__ import annotations
@@ -46,30 +50,29 @@ class CanaryClients:
         Real clients' updates are left out: they are independent of the canaries, so they only add
         to the projections what the noise already dominates in a high dimension (Andrew et al.
         insert canaries in the real run; this is the same mechanism run on its own). ``tamper`` is
-        not supported here. x[t, j] = <aggregate_t, c_j> q N / C.
+        not supported here. x[t, j] = <aggregate_t of j's group, c_j> q N / C.
         """
         if tamper is not None:
             raise ValueError("canary clients take no tamper")
         plan = self.plan
         included = np.random.default_rng(derived_seed(seed, Stream.CANARY_COINS)).random(canaries) < 0.5
         rng = np.random.default_rng(derived_seed(seed, Stream.SAMPLING))
-        directions = torch.randn(
-            canaries, self.dimension, generator=torch.Generator().manual_seed(derived_seed(seed, Stream.CANARY_RECORDS))
-        )
-        directions = (directions / torch.linalg.vector_norm(directions, dim=1, keepdim=True)).to(device)
+        directions = torch.Generator().manual_seed(derived_seed(seed, Stream.CANARY_RECORDS))
         noise = torch.Generator(device=device).manual_seed(derived_seed(seed, Stream.NOISE))
-        releases = []
-        for _ in range(plan.steps):
-            sampled = torch.from_numpy(np.flatnonzero(included & (rng.random(canaries) < plan.sample_rate)))
-            updates = directions[sampled.to(device)] * plan.max_grad_norm
-            aggregate = self.server_step(
-                updates, self.expected_clients, plan.max_grad_norm, plan.noise_multiplier, noise
-            )
-            releases.append((directions @ aggregate * (self.expected_clients / plan.max_grad_norm)).cpu().numpy())
-        return AuditRun(
-            x=np.stack(releases).astype(np.float64),
-            included=included,
-            batch_of=None,
-            noise=plan.noise_multiplier,
-            accountant_epsilon=None,
-        )
+        x = np.zeros((plan.steps, canaries))
+        for start in range(0, canaries, self.dimension):
+            group = np.arange(start, min(start + self.dimension, canaries))
+            # Orthonormal columns of a Gaussian matrix (QR): uniformly random and exactly orthogonal.
+            basis, _ = torch.linalg.qr(torch.randn(self.dimension, len(group), generator=directions, dtype=torch.float64))
+            basis = basis.T.to(device)
+            for t in range(plan.steps):
+                sampled = torch.from_numpy(np.flatnonzero(included[group] & (rng.random(len(group)) < plan.sample_rate)))
+                aggregate = self.server_step(
+                    basis[sampled.to(device)] * plan.max_grad_norm,
+                    self.expected_clients,
+                    plan.max_grad_norm,
+                    plan.noise_multiplier,
+                    noise,
+                )
+                x[t, group] = (basis @ aggregate * (self.expected_clients / plan.max_grad_norm)).cpu().numpy()
+        return AuditRun(x=x, included=included, batch_of=None, noise=plan.noise_multiplier, accountant_epsilon=None)

@@ -8,7 +8,9 @@ multiplier, sample rate, steps, clipping, grad-sample mode, accountant) on recor
 size plus one slot per canary, each canary included with probability 1/2. The auditor reads the
 released gradient along every canary at every step: these releases are exactly what DP-SGD's
 accounting covers (the adaptive composition of every step), so a lower bound from them is sound
-against the accountant's epsilon, for any statistic that does not look at the coins.
+against the accountant's epsilon, for any statistic that does not look at the coins. The reported
+bound is the f-DP one (Mahloujifar, Melis & Chaudhuri 2025) against the accountant's own family of
+curves; Steinke, Nasr & Jagielski's (epsilon, delta) bound is reported beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from torch.utils.data import TensorDataset
 
 from dptrain.audit.probe import CanaryProbe, ProbeObserver, canary_magnitude, probe_records
-from dptrain.audit.whitebox import SETTINGS, canary_lower_bound, gdp_epsilon, gdp_mu_estimate, setting_scores
+from dptrain.audit.fdp import SubsampledGaussianFamily
+from dptrain.audit.whitebox import SETTINGS, canary_lower_bounds, gdp_epsilon, gdp_mu_estimate, setting_scores
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, PrivateTraining, make_private, unwrap
 from dptrain.seeds import Stream, derived_seed
@@ -37,6 +40,10 @@ log = logging.getLogger(__name__)
 
 
 Tamper = Callable[[PrivateTraining], None]
+
+# Hooks and functorch hold every example's gradient of the probe, batch x canaries floats: physical
+# batches keep one step's within this many (2^25 floats, 128 MiB).
+PROBE_GRADIENT_FLOATS = 2**25
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,11 @@ def run_mechanism(
     # per epoch (Opacus' sample rate is 1 / batches) whatever the counts.
     batch_size = math.ceil((len(mechanism.records) + canaries) / plan.steps_per_epoch)
     dataset = probe_records(mechanism.records, included, batch_size * plan.steps_per_epoch)
+    physical = cfg.train.max_physical_batch_size
+    if cfg.privacy.grad_sample_mode != "ghost" and batch_size * (canaries + 1) > PROBE_GRADIENT_FLOATS:
+        # Opacus' BatchMemoryManager splits only the computation: the logical batches, the
+        # mechanism, are the same. Ghost clipping never holds per-example gradients.
+        physical = min(physical or batch_size, max(1, PROBE_GRADIENT_FLOATS // (canaries + 1)))
     training = make_private(
         model=wrapped,
         optimizer=make_optimizer(cfg.train, wrapped.parameters()),
@@ -119,7 +131,7 @@ def run_mechanism(
         plan=plan,
         cfg=cfg.privacy,
         batch_size=batch_size,
-        max_physical_batch_size=cfg.train.max_physical_batch_size,
+        max_physical_batch_size=physical,
         sampling_generator=torch.Generator().manual_seed(derived_seed(seed, Stream.SAMPLING, rank)),
         noise_generator=torch.Generator(device=device).manual_seed(derived_seed(seed, Stream.NOISE, rank)),
     )
@@ -162,10 +174,14 @@ def implementation_audit(
     ``distributed`` and ``run``) from ``audit.whitebox.runs`` audit runs of
     ``audit.whitebox.canaries`` canaries.
 
-    Per setting: ``epsilon_lower_bound`` holds at ``confidence`` (Steinke et al. 2023, the runs'
-    counts combined as independent, Bonferroni over guess counts and statistics), for
-    ``delta`` = the plan's; ``gdp_mu_estimate`` and ``epsilon_estimate`` are an estimate (Nasr
-    et al. 2023), not a bound. A single setting gives its record; ``both`` gives one per setting.
+    Per setting, at ``confidence`` for ``delta`` = the plan's (Bonferroni over guess rules and
+    statistics): ``epsilon_lower_bound`` is the f-DP bound (``dptrain.audit.fdp``: the epsilon of the
+    weakest Poisson-subsampled Gaussian curve of the plan's sample rate and steps that the guesses
+    reject, ``rejected_noise_multiplier`` its noise; ``accountant_curve_rejected`` when the plan's
+    own curve is rejected, which proves the mechanism is not the one charged for); ``steinke``
+    holds Steinke et al. 2023's bound (the runs' counts combined as independent), which assumes
+    nothing about the curve's shape. ``gdp_mu_estimate`` and ``epsilon_estimate`` are an estimate
+    (Nasr et al. 2023), not a bound. A single setting gives its record; ``both`` gives one per setting.
     Every rank calls this under ``mechanism.distributed``; ranks other than 0 get None.
     """
     whitebox = cfg.audit.whitebox
@@ -215,8 +231,14 @@ def _setting_result(setting: str, runs: list[AuditRun], mechanism, epsilon, conf
     pooled = {name: np.concatenate(values) for name, values in statistics.items()}
     included = np.concatenate([run.included for run in runs])
     labels = np.repeat(np.arange(len(runs)), len(runs[0].included))
-    statistic, bound = canary_lower_bound(
-        pooled, included, labels, delta=plan.delta, confidence=confidence, seed=seed
+    fdp, (steinke_statistic, steinke) = canary_lower_bounds(
+        pooled,
+        included,
+        labels,
+        family=SubsampledGaussianFamily(plan.sample_rate, plan.steps, plan.delta),
+        claimed_noise=plan.noise_multiplier,
+        confidence=confidence,
+        seed=seed,
     )
     # The estimate uses the statistic the mechanism's claim is about (the first).
     claimed = next(iter(pooled.values()))
@@ -224,7 +246,7 @@ def _setting_result(setting: str, runs: list[AuditRun], mechanism, epsilon, conf
     estimate = gdp_epsilon(mu, plan.delta)
     return {
         "setting": setting,
-        "epsilon_lower_bound": bound.epsilon_lower_bound,
+        "epsilon_lower_bound": fdp.epsilon_lower_bound,
         "confidence": confidence,
         "delta": plan.delta,
         "accountant_epsilon": epsilon,
@@ -232,13 +254,24 @@ def _setting_result(setting: str, runs: list[AuditRun], mechanism, epsilon, conf
         "canaries": len(runs[0].included),
         "runs": len(runs),
         "included": int(included.sum()),
-        "statistic": statistic,
+        "rejected_noise_multiplier": fdp.rejected_noise,
+        "accountant_curve_rejected": fdp.claimed_rejected,
+        "statistic": fdp.statistic,
         "statistics": list(pooled),
-        "n_guesses": bound.n_guesses,
-        "n_correct": bound.n_correct,
-        "k_plus": bound.k_plus,
-        "k_minus": bound.k_minus,
-        "n_candidates": bound.n_candidates,
+        "n_guesses": fdp.n_guesses,
+        "n_correct": fdp.n_correct,
+        "k_plus": fdp.k_plus,
+        "k_minus": fdp.k_minus,
+        "n_tests": fdp.n_tests,
+        "steinke": {
+            "epsilon_lower_bound": steinke.epsilon_lower_bound,
+            "statistic": steinke_statistic,
+            "n_guesses": steinke.n_guesses,
+            "n_correct": steinke.n_correct,
+            "k_plus": steinke.k_plus,
+            "k_minus": steinke.k_minus,
+            "n_candidates": steinke.n_candidates,
+        },
         "gdp_mu_estimate": None if math.isnan(mu) else mu,
         "epsilon_estimate": None if not math.isfinite(estimate) else estimate,
         "mechanism": mechanism.scope,

@@ -1,11 +1,12 @@
 """Dirac gradient canaries that go through the real DP-SGD implementation: the probe model that
 carries them, their records, and the observer of what each step releases along them.
 
-The audited model is wrapped with a canary probe, a bias-free ``nn.Linear(m, 1)`` fed by z. A real
-record has z = 0, so the probe's per-example gradient is zero for it and its clipping is unchanged;
-canary j has a zero base input and z = M e_j (built inside the model from the canary's index, so the
-records stay narrow), its base logits are masked to zero (no gradient on the real parameters) and
-the probe's output s is added to logit 0 under label 0.
+The audited model is wrapped with a canary probe, an ``nn.Embedding(m + 1, 1)`` of one weight per
+canary and a last, unused one: canary j reads w_j, scaled by M, and every other row reads the last
+weight multiplied by zero, so the probe's per-example gradient is zero for a real record and its
+clipping is unchanged. Canary j has a zero base input, its base logits are masked to zero (no
+gradient on the real parameters) and s = M w_j is added to logit 0 under label 0. An embedding (not
+a linear layer on one-hot inputs) lets ghost clipping handle m canaries in O(batch + m) per step.
 With the probe held at zero, canary j's per-example gradient is M (1/K - 1) e_j for K classes: a
 constant direction of norm ``CANARY_NORM_RATIO`` times the clipping norm, which the implementation's
 clipping must cut to the clipping norm (a clipping bug shows up as a ten times larger signal).
@@ -35,9 +36,10 @@ class CanaryProbe(nn.Module):
     """``model`` on inputs of ``input_shape`` flattened and followed by one code column.
 
     Real records (code -1) get ``model``'s logits. Canary j (code j) gets the probe's output s =
-    w . z with z = ``magnitude`` e_j added to logit 0 and its base logits multiplied by zero, so its
-    only gradient is on ``probe.weight``. Fillers (code -2) get constant zero logits: no
-    gradient at all, so a filler's presence changes no released gradient.
+    ``magnitude`` w_j added to logit 0 and its base logits multiplied by zero, so its only gradient
+    is on ``probe.weight[j]``. Fillers (code -2) get constant zero logits: no gradient at all, so a
+    filler's presence changes no released gradient. ``probe.weight[m]`` is the slot every row that
+    is not a canary reads, times zero.
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], canaries: int, magnitude: float):
@@ -46,7 +48,7 @@ class CanaryProbe(nn.Module):
         self.input_shape = tuple(input_shape)
         self.input_size = math.prod(self.input_shape)
         self.magnitude = magnitude
-        self.probe = nn.Linear(canaries, 1, bias=False)
+        self.probe = nn.Embedding(canaries + 1, 1)
         nn.init.zeros_(self.probe.weight)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -54,8 +56,8 @@ class CanaryProbe(nn.Module):
         real = (code == REAL).to(x.dtype).unsqueeze(1)
         canary = (code >= 0).to(x.dtype).unsqueeze(1)
         logits = self.model(base.reshape(-1, *self.input_shape)) * real
-        z = nn.functional.one_hot(code.clamp(min=0).long(), self.probe.in_features).to(x.dtype)
-        s = self.probe(z * canary * self.magnitude)
+        slot = torch.where(code >= 0, code, torch.full_like(code, self.probe.num_embeddings - 1)).long()
+        s = self.probe(slot) * canary * self.magnitude
         return torch.cat([logits[:, :1] + s, logits[:, 1:]], dim=1)
 
 
@@ -88,8 +90,8 @@ def probe_records(records: TensorDataset, included: np.ndarray, size: int) -> Te
 class ProbeObserver:
     """Wraps the optimizer that applies the released gradient (Opacus' ``original_optimizer``).
 
-    ``step()`` records the probe's released gradient in units of a canary's clipped norm,
-    ``x_t = -grad * scale``, then steps the wrapped optimizer and resets the probe to zero, so
+    ``step()`` records the probe's released gradient of the m canaries' weights in units of a
+    canary's clipped norm, ``x_t = -grad * scale``, then steps the wrapped optimizer and resets the probe to zero, so
     every canary's gradient stays the same constant direction and the probe never reaches the
     real records' logits. With ``scale`` = the implementation's divisor (expected batch size)
     over the canary's clipped norm, x_t[j] = b_j(t) + noise, b_j(t) = 1 when canary j was in
@@ -108,7 +110,7 @@ class ProbeObserver:
     def step(self, closure=None):
         grad = self.probe.weight.grad
         released = torch.zeros_like(self.probe.weight) if grad is None else grad
-        self.releases.append((-released.detach().reshape(-1) * self.scale).double().cpu().numpy())
+        self.releases.append((-released.detach().reshape(-1)[:-1] * self.scale).double().cpu().numpy())
         result = self.optimizer.step(closure)
         with torch.no_grad():
             self.probe.weight.zero_()
@@ -116,4 +118,4 @@ class ProbeObserver:
 
     def observations(self) -> np.ndarray:
         """(steps, canaries) array of the recorded x_t."""
-        return np.stack(self.releases) if self.releases else np.zeros((0, self.probe.in_features))
+        return np.stack(self.releases) if self.releases else np.zeros((0, self.probe.num_embeddings - 1))

@@ -1,6 +1,7 @@
 """Scores of white-box gradient canaries and what they say about epsilon: the auditor's statistics of
-the released gradients, the lower bound (Steinke, Nasr & Jagielski 2023) and the Gaussian-DP
-estimate (Nasr et al. 2023).
+the released gradients, the lower bounds (the f-DP one of Mahloujifar, Melis & Chaudhuri 2025 against
+the accountant's family of curves, and Steinke, Nasr & Jagielski 2023's (epsilon, delta) one) and the
+Gaussian-DP estimate (Nasr et al. 2023).
 
 Observations are ``x[t, j]``, the released gradient of step t along canary j in units of the
 canary's clipped norm: x = b + sigma N(0, 1), b = 1 when canary j was in step t's batch. Every
@@ -14,6 +15,7 @@ import math
 import numpy as np
 
 from dptrain.audit.canary import OneRunAudit, one_run_audit
+from dptrain.audit.fdp import FdpAudit, SubsampledGaussianFamily, fdp_audit
 
 SETTINGS = ("all_iterates", "final_model")
 
@@ -75,28 +77,34 @@ def setting_scores(
     raise ValueError(f"unknown white-box setting {setting!r}: choose one of {', '.join(SETTINGS)}")
 
 
-def canary_lower_bound(
+def canary_lower_bounds(
     statistics: dict[str, np.ndarray],
     included: np.ndarray,
     runs: np.ndarray,
     *,
-    delta: float,
+    family: SubsampledGaussianFamily,
+    claimed_noise: float,
     confidence: float,
     seed: int,
-) -> tuple[str, OneRunAudit]:
-    """The best epsilon lower bound over the auditor's ``statistics``, and which one gave it.
-
-    Each statistic's bound (``one_run_audit`` over the runs) is taken at confidence
-    1 - (1 - confidence) / len(statistics), so the reported maximum holds at ``confidence``
-    (Bonferroni over the statistics on top of the one over guess counts).
+) -> tuple[FdpAudit, tuple[str, OneRunAudit]]:
+    """Both lower bounds over the auditor's ``statistics``, each holding at ``confidence``: the f-DP one
+    (``fdp_audit``, the family's curves tested, ``claimed_noise`` being the accountant's), and
+    Steinke et al.'s (epsilon, delta) one at the family's delta with the statistic that gave it,
+    which assumes nothing about the curve's shape. For the latter each statistic's bound
+    (``one_run_audit``) is taken at confidence 1 - (1 - confidence) / len(statistics), so the
+    maximum holds at ``confidence`` (Bonferroni over the statistics on top of the one over guess
+    counts); ``fdp_audit`` does the same over statistics and guess rules.
     """
+    fdp = fdp_audit(
+        statistics, included, family, claimed_noise=claimed_noise, confidence=confidence, seed=seed, runs=runs
+    )
     each = 1.0 - (1.0 - confidence) / len(statistics)
-    results = {
-        name: one_run_audit(scores, included, delta=delta, confidence=each, seed=seed, runs=runs)
+    steinke = {
+        name: one_run_audit(scores, included, delta=family.delta, confidence=each, seed=seed, runs=runs)
         for name, scores in statistics.items()
     }
-    name = max(results, key=lambda key: results[key].epsilon_lower_bound)
-    return name, results[name]
+    name = max(steinke, key=lambda key: steinke[key].epsilon_lower_bound)
+    return fdp, (name, steinke[name])
 
 
 def gdp_mu_estimate(included_scores: np.ndarray, excluded_scores: np.ndarray) -> float:

@@ -31,6 +31,8 @@ def headline_metrics(report: dict) -> dict[str, float | None]:
         values["canary/eps_lb"] = canary["epsilon_lower_bound"]
     for setting, record in implementation_results(report.get("implementation")).items():
         values[f"implementation/{setting}/eps_lb"] = record["epsilon_lower_bound"]
+        if "steinke" in record:  # audits before the f-DP bound have one bound only
+            values[f"implementation/{setting}/steinke_eps_lb"] = record["steinke"]["epsilon_lower_bound"]
         values[f"implementation/{setting}/eps_estimate"] = record["epsilon_estimate"]
     return values
 

@@ -92,7 +92,8 @@ def format_federation(metrics: Mapping) -> list[str]:
 
 
 def format_implementation(section: Mapping | None) -> list[str]:
-    """The white-box implementation audit's lines: per setting the lower bound with its confidence, the
+    """The white-box implementation audit's lines: per setting the f-DP lower bound with its confidence
+    and whether the accountant's own curve was rejected, Steinke et al.'s bound beside it, the
     Gaussian-DP estimate (not a bound) and the canaries, runs and time it took."""
     if section is None:
         return []
@@ -101,10 +102,13 @@ def format_implementation(section: Mapping | None) -> list[str]:
     lines = []
     for r in implementation_results(section).values():
         estimate = "n/a" if r["epsilon_estimate"] is None else f"{r['epsilon_estimate']:.3f}"
+        verdict = "REJECTED" if r["accountant_curve_rejected"] else "not rejected"
         lines.append(
             f"{'white-box':<13}{r['setting'].replace('_', ' ')}: eps lower bound {r['epsilon_lower_bound']:.3f}"
-            f" ({r['confidence']:.0%}, {r['n_correct']} of {r['n_guesses']} guesses right), GDP estimate {estimate}"
-            f" (not a bound); {r['runs']} run(s) x {r['canaries']} canaries of {r['mechanism']}, {section['seconds']:.1f} s"
+            f" (f-DP, {r['confidence']:.0%}, {r['n_correct']} of {r['n_guesses']} guesses right; the accountant's"
+            f" curve {verdict}), Steinke et al. {r['steinke']['epsilon_lower_bound']:.3f}, GDP estimate {estimate}"
+            f" (not a bound); {r['runs']} run(s) x {r['canaries']} canaries of {r['mechanism']},"
+            f" {section['seconds']:.1f} s"
         )
     return lines
 

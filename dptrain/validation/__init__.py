@@ -17,7 +17,7 @@ from dptrain.data import DatasetInfo, SplitSizes, describe, split_sizes
 from dptrain.errors import UserError
 from dptrain.models import ACTIVATIONS, IMAGE_ONLY, MODELS
 from dptrain.privacy import ACCOUNTANTS
-from dptrain.privacy.crosscheck import pld_check_enabled
+from dptrain.privacy import crosscheck
 from dptrain.privacy.plan import is_private
 from dptrain.robust import alie_z, build_aggregator, build_attack, tolerated_byzantine
 from dptrain.training import ranks
@@ -97,7 +97,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
                 f"privacy.delta={privacy.delta} must be in (0, 1/n) = (0, {1.0 / members:.3g}) for n={members} "
                 f"training records: use e.g. privacy.delta={_suggest_delta(members)}"
             )
-        pld_check_enabled(privacy.pld_check)
+        crosscheck.pld_check_enabled(privacy.pld_check)
         if privacy.grad_sample_mode == "ghost" and privacy.clipping != "flat":
             raise UserError(
                 f"privacy.grad_sample_mode=ghost supports flat clipping only, not privacy.clipping={privacy.clipping}: "
@@ -314,6 +314,11 @@ def _validate_audit(audit: AuditConfig, population: int) -> None:
     _choice("audit.aia.rule", audit.aia.rule, AIA_RULES)
     whitebox = audit.whitebox
     _choice("audit.whitebox.setting", whitebox.setting, WHITEBOX_SETTINGS)
+    if whitebox.enabled and not crosscheck.available():
+        raise UserError(
+            'audit.whitebox needs the dp-accounting package for its f-DP bound (the accountant\'s curves): '
+            'pip install "dptrain[accounting]"'
+        )
     if audit.canaries.count > population // 2:
         raise UserError(
             f"audit.canaries.count={audit.canaries.count} must be between 0 and half the {population} population "

@@ -73,7 +73,7 @@ def within(low: float, high: float, ends: str = "[]", fix: str = "") -> Range:
 
 ANY_FINITE = Range()
 # Seeds feed NumPy's default_rng / SeedSequence (non-negative only), torch.manual_seed and the 32-bit
-# derived streams of training/seeds.py: [0, 2**32) is what all of them accept.
+# derived streams of dptrain/seeds.py: [0, 2**32) is what all of them accept.
 SEED = within(0, 2**32, "[)", "use a seed from 0 to 4294967295")
 
 # One entry per int / float key of ``Config``: ``check_ranges`` walks the schema and raises for a
@@ -138,7 +138,7 @@ RANGES: dict[str, Range] = {
     "audit.mia.rmia_offline_a": within(0, 1),
     "audit.mia.bootstrap": at_least(1),
     "audit.canaries.count": at_least(0),
-    "audit.whitebox.canaries": at_least(2, "the bound guesses on canaries, e.g. 1000"),
+    "audit.whitebox.canaries": at_least(2, "the bound guesses on canaries, e.g. 100000"),
     "audit.whitebox.runs": at_least(1, "the number of separate audit trainings, e.g. 1"),
     "audit.confidence": within(0, 1, "()", "e.g. 0.95"),
     "audit.seed": SEED,

@@ -53,7 +53,9 @@ def audit_target(
     from dptrain.tracking.panels import draw_audit
 
     result = run_audit(
-        AuditTarget(cfg, target.model, target.data, target.plan, target.epsilon, target.canaries, target.device),
+        AuditTarget(
+            cfg, target.model, target.data, target.plan, target.guarantee, target.epsilon, target.canaries, target.device
+        ),
         run_dir,
         canaries_requested=canaries_requested,
     )
@@ -122,7 +124,7 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
     recipe = recipe_for(cfg)
     plan = recipe.plan(cfg, sizes)
     log.info("%s: %s", info.name, sizes)
-    log.info("privacy plan: %s", plan)
+    log.info("plan: %s", plan)
     checkpoint = Checkpoint.load(run_dir, recipe_hash(cfg)) if cfg.train.resume is not None else None
     # Events a crashed run logged after its last checkpoint are dropped on resume.
     purge_step = recipe.resumed_step(plan, checkpoint) if checkpoint else None

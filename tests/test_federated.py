@@ -377,7 +377,8 @@ def test_a_user_level_targets_reference_is_a_dp_fedavg_federation_at_the_servers
     assert derived.federation == cfg.federation and derived.train.seed != cfg.train.seed
     # The server's DP-FedAvg step, one per round at q = 5 / 10, with the target's noise; clients train without.
     assert plan.dp_level == "user" and plan.private
-    assert (plan.noise_multiplier, plan.sample_rate, plan.steps) == (target.noise_multiplier, 0.5, 3) == (1.5, 0.5, 3)
+    server, target_server = plan.guarantee, target.guarantee
+    assert (server.noise_multiplier, server.sample_rate, server.steps) == (target_server.noise_multiplier, 0.5, 3) == (1.5, 0.5, 3)
     assert all(local is None or not local.private for local in plan.client_plans)
     assert torch.equal(records.tensors[0], data.population.tensors[0])
 

@@ -20,7 +20,6 @@ from dptrain.config import recipe_hash
 from dptrain.data import subset
 from dptrain.errors import UserError
 from dptrain.models import build_model
-from dptrain.privacy import PrivacyPlan
 from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.atomic import save_torch_atomic, write_json_atomic
 from dptrain.training import ranks
@@ -122,7 +121,7 @@ def default_workers(count: int) -> int:
 
 def train_references(
     cfg,
-    plan: PrivacyPlan,
+    plan,
     *,
     audited: TensorDataset,
     population: TensorDataset,
@@ -135,7 +134,8 @@ def train_references(
     cache_dir: Path | None,
     min_in: int = 0,
 ) -> ReferenceModels:
-    """Train (or load from ``cache_dir``) ``count`` reference models under ``scheme``.
+    """Train (or load from ``cache_dir``) ``count`` reference models under ``scheme``; ``plan`` is the
+    target's recipe plan (``dptrain.training.recipes``), handed back to the recipe.
 
     A federated target's reference models are federations of the same recipe
     (the recipe's ``reference_config`` and ``train_reference``) over the population or, for

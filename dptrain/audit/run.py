@@ -48,12 +48,14 @@ class AuditResult:
 
 @dataclass
 class AuditTarget:
-    """What the audit reads from a trained run; it never trains the target itself."""
+    """What the audit reads from a trained run; it never trains the target itself. ``plan`` is the
+    recipe's (handed back to it for reference models), ``guarantee`` the privacy plan the run reports."""
 
     cfg: object
     model: nn.Module
     data: SplitData
-    plan: PrivacyPlan
+    plan: object
+    guarantee: PrivacyPlan
     epsilon: float | None
     canaries: Canaries | None
     device: torch.device
@@ -136,7 +138,7 @@ def _mia(target: AuditTarget, run_dir, warnings: list[str]) -> tuple[dict, dict,
                     online=online,
                     variance=cfg.mia.lira_variance,
                 )
-    delta = target.plan.delta if target.plan.private else 0.0
+    delta = target.guarantee.delta if target.guarantee.private else 0.0
     results = {}
     for name, score in scores.items():
         metrics = membership_metrics(
@@ -239,7 +241,7 @@ def _canary(target: AuditTarget, requested: int, warnings: list[str]) -> dict | 
     result = one_run_audit(
         scores,
         canaries.included,
-        delta=target.plan.delta if target.plan.private else 0.0,
+        delta=target.guarantee.delta if target.guarantee.private else 0.0,
         confidence=target.cfg.audit.confidence,
         seed=derived_seed(target.cfg.audit.seed, Stream.TIE_BREAK),
     ).to_dict()
@@ -272,7 +274,7 @@ def _audited_mechanism(target: AuditTarget):
     if cfg.federation.name == "fedavg":
         if plan.dp_level == "user":
             dimension = sum(p.numel() for p in target.model.parameters())
-            return CanaryClients(plan, dp_fedavg, clients_per_round(cfg), dimension)
+            return CanaryClients(plan.guarantee, dp_fedavg, clients_per_round(cfg), dimension)
         client = plan.reported_client
         records = TensorDataset(*(t[: plan.client_sizes[client]] for t in data.members.tensors))
         return AuditedMechanism(
@@ -282,15 +284,15 @@ def _audited_mechanism(target: AuditTarget):
     if mode == "robust":
         world = ranks.world_size()
         return AuditedMechanism(
-            plan,
+            target.guarantee,
             TensorDataset(*(t[torch.from_numpy(shard_positions(len(data.members), 0, world))] for t in data.members.tensors)),
             shape,
             classes,
             f"worker 0 of {world}: local DP-SGD (robust data parallelism)",
         )
     if mode == "dpddp":
-        return AuditedMechanism(plan, data.members, shape, classes, f"DPDDP over {ranks.world_size()} processes", True)
-    return AuditedMechanism(plan, data.members, shape, classes, "centralized DP-SGD")
+        return AuditedMechanism(target.guarantee, data.members, shape, classes, f"DPDDP over {ranks.world_size()} processes", True)
+    return AuditedMechanism(target.guarantee, data.members, shape, classes, "centralized DP-SGD")
 
 
 def _implementation(target: AuditTarget, warnings: list[str]) -> dict | None:
@@ -341,7 +343,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     report = {
         "level": target.cfg.audit.name,
         "accountant_epsilon": target.epsilon,
-        "delta": target.plan.delta if target.plan.private else None,
+        "delta": target.guarantee.delta if target.guarantee.private else None,
         "confidence": target.cfg.audit.confidence,
         "members": len(target.data.members),
         "non_members": len(target.data.non_members),

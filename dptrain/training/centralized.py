@@ -140,7 +140,7 @@ def train_target(
     if ranks.is_main():
         save_model(run_dir, trained.model.state_dict())
         write_metrics(run_dir, metrics)
-    return TargetRun(trained.model, audited, plan, trained.epsilon, canaries, metrics, device, fingerprint)
+    return TargetRun(trained.model, audited, plan, plan, trained.epsilon, canaries, metrics, device, fingerprint)
 
 
 def load_target(cfg: Config, run_dir: Path) -> TargetRun:
@@ -162,7 +162,7 @@ def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     )
     audited = audited_data(cfg, data, metrics["world_size"])
     model = trained_model(cfg, run_dir, data, device)
-    return TargetRun(model, audited, plan, metrics["epsilon"], canaries, metrics, device, fingerprint)
+    return TargetRun(model, audited, plan, plan, metrics["epsilon"], canaries, metrics, device, fingerprint)
 
 
 def reference_config(cfg: Config, plan: PrivacyPlan, seed: int) -> Config:

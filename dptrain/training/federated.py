@@ -69,24 +69,29 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
-class FederatedPlan(PrivacyPlan):
-    """The privacy plan of a federated run, fixed before training from the seed alone (and, for a
-    Dirichlet partition, the members' labels).
+class FederatedPlan:
+    """The plan of a federated run, fixed before training from the seed alone (and, for a Dirichlet
+    partition, the members' labels): the federation and the guarantee it reports.
 
-    The inherited fields are the reported guarantee. ``dp_level=user``: the server's DP-FedAvg
-    mechanism, one subsampled Gaussian step per round (``steps = rounds``, ``sample_rate`` = q,
+    ``guarantee`` is the reported privacy plan. ``dp_level=user``: the server's DP-FedAvg mechanism,
+    one subsampled Gaussian step per round (``steps = rounds``, ``sample_rate`` = q,
     ``steps_per_epoch = 1``). ``dp_level=sample``: the local plan of ``reported_client``, the honest
     client whose planned epsilon is largest (the most local steps for a non-private run).
     ``participation[r, i]`` says whether client i trains in round r; ``client_plans[i]`` is its
     local plan (None if it never trains).
     """
 
+    guarantee: PrivacyPlan
     dp_level: str
     byzantine: tuple[int, ...]
     reported_client: int | None
     client_sizes: tuple[int, ...] = field(repr=False)
     participation: np.ndarray = field(repr=False)
     client_plans: tuple[PrivacyPlan | None, ...] = field(repr=False)
+
+    @property
+    def private(self) -> bool:
+        return self.guarantee.private
 
 
 def _server_plan(cfg: Config) -> PrivacyPlan:
@@ -146,7 +151,7 @@ def federation_plan(cfg: Config, members: int, labels: np.ndarray | None) -> Fed
         reported = max(honest, key=key)
         base = plans[reported]
     return FederatedPlan(
-        **base.to_dict(),
+        guarantee=base,
         dp_level=cfg.federation.dp_level,
         byzantine=tuple(int(i) for i in byzantine),
         reported_client=reported,
@@ -242,7 +247,7 @@ class FederatedServer:
         self.sampling = torch.Generator().manual_seed(derived_seed(seed, Stream.SAMPLING))
         self.noise = torch.Generator(device=device).manual_seed(derived_seed(seed, Stream.NOISE))
         self.user_level = plan.dp_level == "user"
-        self.ledger = PrivacyLedger.for_plan(plan) if self.user_level and plan.private else None
+        self.ledger = PrivacyLedger.for_plan(plan.guarantee) if self.user_level and plan.private else None
         self.config_hash = recipe_hash(cfg)
 
     def attack(self, round_index: int) -> Attack:
@@ -292,11 +297,10 @@ class FederatedServer:
         if not self.user_level:
             return self.aggregator(updates)
         if self.ledger is not None:
-            self.ledger.charge(self.plan.noise_multiplier, self.plan.sample_rate)
+            self.ledger.charge(self.plan.guarantee.noise_multiplier, self.plan.guarantee.sample_rate)
+        server = self.plan.guarantee
         return (
-            dp_fedavg(
-                updates, clients_per_round(self.cfg), self.plan.max_grad_norm, self.plan.noise_multiplier, self.noise
-            ),
+            dp_fedavg(updates, clients_per_round(self.cfg), server.max_grad_norm, server.noise_multiplier, self.noise),
             None,
         )
 
@@ -557,9 +561,9 @@ def train_target(
     server, backdoor, fractions = federation.server, federation.backdoor, federation.byzantine_fractions
     epsilon = server.epsilon()
     audited = audited_data(cfg, data, federation.parts, plan)
-    epsilon_pld = independent_epsilon(cfg, epsilon, _reported_mechanisms(plan), plan.delta)
+    epsilon_pld = independent_epsilon(cfg, epsilon, _reported_mechanisms(plan), plan.guarantee.delta)
     metrics = {
-        **common_metrics(server.model, plan, epsilon, epsilon_pld, data, audited, device),
+        **common_metrics(server.model, plan.guarantee, epsilon, epsilon_pld, data, audited, device),
         **_federation_metrics(cfg, plan, server),
     }
     metrics.update(
@@ -576,7 +580,7 @@ def train_target(
         )
     save_model(run_dir, server.model.state_dict())
     write_metrics(run_dir, metrics)
-    return TargetRun(server.model, audited, plan, epsilon, None, metrics, device, fingerprint)
+    return TargetRun(server.model, audited, plan, plan.guarantee, epsilon, None, metrics, device, fingerprint)
 
 
 def _client_mechanisms(plan: FederatedPlan) -> list[dict | None]:
@@ -618,7 +622,8 @@ def _reported_mechanisms(plan: FederatedPlan) -> list[list[dict]]:
     """The mechanisms behind the reported epsilon: the DP-FedAvg server's rounds (user level), or each
     honest client's local DP-SGD (sample level, the largest epsilon is reported)."""
     if plan.dp_level == "user":
-        return [[{"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps}]]
+        server = plan.guarantee
+        return [[{"noise_multiplier": server.noise_multiplier, "sample_rate": server.sample_rate, "steps": server.steps}]]
     return [[m] for m in _client_mechanisms(plan) if m is not None]
 
 
@@ -631,7 +636,9 @@ def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     device = resolve_device(cfg.train.device)
     audited = audited_data(cfg, data, client_partition(cfg, data.members, federated_plan), federated_plan)
     model = trained_model(cfg, run_dir, data, device)
-    return TargetRun(model, audited, federated_plan, metrics["epsilon"], None, metrics, device, fingerprint)
+    return TargetRun(
+        model, audited, federated_plan, federated_plan.guarantee, metrics["epsilon"], None, metrics, device, fingerprint
+    )
 
 
 def reference_config(cfg: Config, plan: FederatedPlan, seed: int) -> Config:
@@ -641,7 +648,7 @@ def reference_config(cfg: Config, plan: FederatedPlan, seed: int) -> Config:
     client's local plan is calibrated as the target's clients' were, for the records it holds."""
     derived = reference_base(cfg, seed)
     if plan.private and plan.dp_level == "user":
-        derived.privacy.noise_multiplier = plan.noise_multiplier
+        derived.privacy.noise_multiplier = plan.guarantee.noise_multiplier
         derived.privacy.target_epsilon = None
     return derived
 

@@ -4,7 +4,7 @@ recipe (one data holder, or several processes over its data) or the federated on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -12,35 +12,39 @@ from torch.utils.data import TensorDataset
 
 from dptrain.config import Config
 from dptrain.data import SplitSizes
-from dptrain.privacy import PrivacyPlan
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import centralized, federated
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.target import TargetRun
 
 
-class Recipe(Protocol):
+# A recipe's plan: centralized, the PrivacyPlan itself; federated, a FederatedPlan that holds the
+# reported guarantee beside the federation. Only the recipe that made a plan reads it.
+RecipePlan = TypeVar("RecipePlan")
+
+
+class Recipe(Protocol[RecipePlan]):
     """What a recipe offers the pipeline and the audit (each recipe is a module with these functions)."""
 
-    def plan(self, cfg: Config, sizes: SplitSizes) -> PrivacyPlan:
-        """The privacy plan (and, federated, the federation) fixed before any data is loaded."""
+    def plan(self, cfg: Config, sizes: SplitSizes) -> RecipePlan:
+        """The recipe's plan (the privacy plan and, federated, the federation), fixed before any data is loaded."""
 
     def train_target(
-        self, cfg: Config, run_dir: Path, plan: PrivacyPlan, tb: TensorBoardLog | None, checkpoint: Checkpoint | None
+        self, cfg: Config, run_dir: Path, plan: RecipePlan, tb: TensorBoardLog | None, checkpoint: Checkpoint | None
     ) -> TargetRun:
         """Train the target under ``plan`` (continuing ``checkpoint``); write split.json, model.pt, metrics.json."""
 
     def load_target(self, cfg: Config, run_dir: Path) -> TargetRun:
         """A finished run's target, read back from its artifacts."""
 
-    def resumed_step(self, plan: PrivacyPlan, checkpoint: Checkpoint) -> int:
+    def resumed_step(self, plan: RecipePlan, checkpoint: Checkpoint) -> int:
         """The first TensorBoard step after ``checkpoint``."""
 
-    def reference_config(self, cfg: Config, plan: PrivacyPlan, seed: int) -> Config:
+    def reference_config(self, cfg: Config, plan: RecipePlan, seed: int) -> Config:
         """The config of a reference model imitating the target's mechanism, with its own seed."""
 
     def train_reference(
-        self, cfg: Config, plan: PrivacyPlan | None, records: TensorDataset, *, input_shape, num_classes: int,
+        self, cfg: Config, plan: RecipePlan | None, records: TensorDataset, *, input_shape, num_classes: int,
         device: torch.device,
     ) -> nn.Module:
         """A reference model trained by the recipe's own loop on ``records`` under ``reference_config``'s ``cfg``."""

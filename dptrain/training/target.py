@@ -24,11 +24,13 @@ from dptrain.training.loop import evaluate
 @dataclass
 class TargetRun:
     """The trained target model with the data the audit sees (members: exactly the records that trained
-    it), the privacy plan of the guarantee the run reports, and what it spent."""
+    it), the recipe's plan, the privacy plan of the guarantee the run reports (centralized: the
+    plan itself), and what it spent."""
 
     model: nn.Module
     data: SplitData
-    plan: PrivacyPlan
+    plan: object
+    guarantee: PrivacyPlan
     epsilon: float | None
     canaries: Canaries | None
     metrics: dict

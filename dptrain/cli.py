@@ -119,7 +119,7 @@ def train_app(cfg: DictConfig) -> float:
                 run_dir = Path(ranks.broadcast_object(str(run_dir)))
                 metrics, report = pipeline.train(cfg, run_dir)
                 if not ranks.is_main():
-                    return metrics["test_accuracy"]
+                    return metrics.test_accuracy
         elif cfg.launcher.nproc_per_node > 1:
             validate(cfg)
             metrics, report = launch.launch(cfg, run_dir, pipeline.train)
@@ -133,7 +133,7 @@ def train_app(cfg: DictConfig) -> float:
     except KeyboardInterrupt:
         _fail(f"interrupted; {resume_hint(run_dir)}", 130)
     print(format_summary(metrics, report, run_dir))
-    return metrics["test_accuracy"]
+    return metrics.test_accuracy
 
 
 def _saved_config(run_dir: Path, key: str) -> DictConfig:

@@ -25,6 +25,7 @@ from dptrain.tracking.artifacts import (
 from dptrain.tracking.tensorboard import TensorBoardLog, training_layout
 from dptrain.training import ranks
 from dptrain.training.checkpoint import Checkpoint
+from dptrain.training.metrics import RunMetrics
 from dptrain.training.recipes import recipe_for
 from dptrain.training.target import TargetRun
 from dptrain.validation import validate
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Config keys every run's HParams record carries beside its own overrides: what runs are told apart by.
 HPARAMS_KEYS = ("privacy.target_epsilon", "model.name", "dataset.name")
-# metrics.json's numbers of federated runs under attack that the HParams record carries when present.
+# A federated run's numbers under attack that the HParams record carries when present.
 FEDERATED_METRICS = ("backdoor_success_rate", "byzantine_selected_fraction")
 
 
@@ -86,16 +87,17 @@ def hparams_of(cfg: Config, run_dir: Path) -> dict:
     return values
 
 
-def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: dict, report: dict | None) -> None:
+def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: RunMetrics, report: dict | None) -> None:
     """Write the run's HParams record; after the n-th audit at step n, so the latest audit's metrics are
     the ones the dashboard shows (step 0: a run not audited yet)."""
     from dptrain.tracking.panels import headline_metrics
 
+    federation = metrics.federation
     final = {
-        "accuracy/test": metrics["test_accuracy"],
-        "accuracy/train": metrics["train_accuracy"],
-        "epsilon": metrics["epsilon"],
-        **{key: metrics.get(key) for key in FEDERATED_METRICS},
+        "accuracy/test": metrics.test_accuracy,
+        "accuracy/train": metrics.train_accuracy,
+        "epsilon": metrics.epsilon,
+        **{key: None if federation is None else getattr(federation, key) for key in FEDERATED_METRICS},
     }
     history = audit_history(run_dir)
     # What an earlier audit measured and the latest did not (RMIA after a re-audit with audit=fast) is
@@ -111,8 +113,9 @@ def _seeds(cfg: Config) -> dict:
     return {"train": cfg.train.seed, "dataset": cfg.dataset.seed, "audit": cfg.audit.seed}
 
 
-def train(cfg: Config, run_dir: str | Path) -> tuple[dict, dict | None]:
-    """Train and audit the run ``cfg`` describes in ``run_dir``; return ``metrics.json`` and ``audit.json``.
+def train(cfg: Config, run_dir: str | Path) -> tuple[RunMetrics, dict | None]:
+    """Train and audit the run ``cfg`` describes in ``run_dir``; return its metrics (``metrics.json``) and
+    ``audit.json``.
 
     Validation and the privacy plan (noise calibration included) run before
     any data is loaded. With ``cfg.train.resume`` the run continues from

@@ -69,9 +69,10 @@ def run_cell(overrides: list[str]) -> str:
             metrics, _ = pipeline.train(cfg, run_dir)
         except UserError as error:
             return f"skipped: {error}"
-    cell = f"{metrics['test_accuracy']:.3f}"
-    if "backdoor_success_rate" in metrics:
-        cell += f" / {metrics['backdoor_success_rate']:.3f}"
+    cell = f"{metrics.test_accuracy:.3f}"
+    backdoor = metrics.federation.backdoor_success_rate
+    if backdoor is not None:
+        cell += f" / {backdoor:.3f}"
     return cell
 
 

@@ -91,12 +91,12 @@ def test_a_run_whose_batch_count_opacus_truncates_spends_exactly_its_plan(tmp_pa
     metrics = pipeline.train(
         make_config(*TINY, "dataset.max_members=372", "train.batch_size=4", "train.epochs=1"), tmp_path
     )[0]
-    assert metrics["steps"] == 93 and metrics["sample_rate"] == 1 / 93
-    assert metrics["epsilon"] == epsilon_spent(
-        accountant="prv", noise_multiplier=metrics["noise_multiplier"], sample_rate=1 / 93, steps=93, delta=DELTA
+    assert metrics.steps == 93 and metrics.sample_rate == 1 / 93
+    assert metrics.epsilon == epsilon_spent(
+        accountant="prv", noise_multiplier=metrics.noise_multiplier, sample_rate=1 / 93, steps=93, delta=DELTA
     )
-    assert metrics["epsilon"] >= (1 - crosscheck.TOLERANCE) * metrics["epsilon_pld"]
-    assert metrics["epsilon_pld"] == pytest.approx(_pld(metrics["noise_multiplier"], 1 / 93, 93), rel=1e-9)
+    assert metrics.epsilon >= (1 - crosscheck.TOLERANCE) * metrics.epsilon_pld
+    assert metrics.epsilon_pld == pytest.approx(_pld(metrics.noise_multiplier, 1 / 93, 93), rel=1e-9)
 
 
 def test_dpddp_ranks_share_the_records_and_yield_every_step_empty_or_not():

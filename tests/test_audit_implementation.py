@@ -327,13 +327,13 @@ def test_audit_json_summary_and_tensorboard_carry_both_settings(tiny_config, tmp
     assert section == report["implementation"] and section["setting"] == "both"
     for setting, record in implementation_results(section).items():
         assert record["setting"] == setting and record["canaries"] == 200 and record["runs"] == 2
-        assert record["confidence"] == 0.95 and record["delta"] == metrics["delta"]
-        assert 0 <= record["epsilon_lower_bound"] <= metrics["epsilon"]
-        assert record["accountant_epsilon"] == record["audit_run_epsilon"] == pytest.approx(metrics["epsilon"])
+        assert record["confidence"] == 0.95 and record["delta"] == metrics.delta
+        assert 0 <= record["epsilon_lower_bound"] <= metrics.epsilon
+        assert record["accountant_epsilon"] == record["audit_run_epsilon"] == pytest.approx(metrics.epsilon)
         assert record["mechanism"] == "centralized DP-SGD" and record["gdp_mu_estimate"] >= 0
         # The f-DP bound is the headline; Steinke et al.'s is beside it, on the same guesses' canaries.
         assert record["accountant_curve_rejected"] is False and record["n_tests"] == 2 * len(record["statistics"])
-        assert 0 <= record["steinke"]["epsilon_lower_bound"] <= metrics["epsilon"]
+        assert 0 <= record["steinke"]["epsilon_lower_bound"] <= metrics.epsilon
         assert record["n_guesses"] == 2 * (record["k_plus"] + record["k_minus"]) and record["k_plus"] == 2
     assert implementation_results(section)["all_iterates"]["statistics"] == ["poisson", "fixed_order"]
     summary = format_summary(metrics, report, tmp_path)

@@ -40,11 +40,11 @@ def test_audit_json_has_each_attack_with_counts_and_intervals(standard_run):
     assert set(report["mia"]) == {"loss", "rmia"}
     for attack in report["mia"].values():
         assert set(attack["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
-        assert attack["n_members"] == attack["n_nonmembers"] == metrics["members"]
+        assert attack["n_members"] == attack["n_nonmembers"] == metrics.members
         assert attack["auc_ci"]["low"] <= attack["auc"] <= attack["auc_ci"]["high"]
         bound = attack["epsilon_lower_bound"]
-        assert bound["confidence"] == 0.95 and 0 <= bound["value"] <= metrics["epsilon"]
-        assert bound["n_members"] + bound["n_calibration_members"] == metrics["members"]
+        assert bound["confidence"] == 0.95 and 0 <= bound["value"] <= metrics.epsilon
+        assert bound["n_members"] + bound["n_calibration_members"] == metrics.members
     assert report["reference_models"]["count"] == 2 and report["reference_models"]["scheme"] == "population"
     assert report["aia"] == {"skipped": "dataset digits has no sensitive attribute"}
     assert report["warnings"] == []
@@ -74,7 +74,7 @@ def test_audit_lands_in_tensorboard_as_figures_text_and_hparams_metrics_not_one_
             (point,) = hparams.Scalars(f"trial/mia/{attack}/{metric}")
             assert point.step == 1
         assert hparams.Scalars(f"trial/mia/{attack}/auc")[0].value == pytest.approx(report["mia"][attack]["auc"])
-    assert hparams.Scalars("trial/accuracy/test")[0].value == pytest.approx(metrics["test_accuracy"])
+    assert hparams.Scalars("trial/accuracy/test")[0].value == pytest.approx(metrics.test_accuracy)
 
 
 def test_reaudit_reuses_cached_reference_models_and_reproduces_the_numbers(standard_run):
@@ -110,7 +110,7 @@ def test_on_an_overfit_baseline_loss_leaks_and_rmia_and_lira_find_at_least_as_mu
     from conftest import make_config
 
     metrics, report = pipeline.train(make_config(*OVERFIT, "privacy.target_epsilon=inf"), tmp_path)
-    assert metrics["train_accuracy"] == 1.0
+    assert metrics.train_accuracy == 1.0
     mia = report["mia"]
     assert mia["loss"]["auc"] >= 0.6
     for attack in ("rmia", "lira_online", "lira_offline"):
@@ -121,10 +121,10 @@ def test_at_epsilon_one_every_attack_is_near_chance_and_every_bound_below_epsilo
     from conftest import make_config
 
     metrics, report = pipeline.train(make_config(*OVERFIT, "privacy.target_epsilon=1"), tmp_path)
-    assert metrics["epsilon"] <= 1.0
+    assert metrics.epsilon <= 1.0
     for attack, result in report["mia"].items():
         assert 0.4 <= result["auc"] <= 0.6, attack
-        assert result["epsilon_lower_bound"]["value"] <= metrics["epsilon"], attack
+        assert result["epsilon_lower_bound"]["value"] <= metrics.epsilon, attack
     assert report["warnings"] == []
 
 
@@ -164,11 +164,11 @@ def test_attribute_inference_runs_against_imputation_on_synthetic_data(tiny_conf
 def test_canaries_enter_training_by_coin_flip_and_give_a_one_run_bound(tiny_config, tmp_path):
     metrics, report = pipeline.train(tiny_config("audit=fast", "audit.canaries.count=40"), tmp_path)
     canary = report["canary"]
-    assert canary["n_canaries"] == 40 and canary["n_included"] == metrics["canaries_included"]
-    assert 0 < metrics["canaries_included"] < 40
-    assert 0.0 <= canary["epsilon_lower_bound"] <= metrics["epsilon"]
+    assert canary["n_canaries"] == 40 and canary["n_included"] == metrics.centralized.canaries_included
+    assert 0 < metrics.centralized.canaries_included < 40
+    assert 0.0 <= canary["epsilon_lower_bound"] <= metrics.epsilon
     # The privacy plan counted the inserted canaries as training records.
-    assert metrics["sample_rate"] == pytest.approx(1 / -(-(metrics["members"] + metrics["canaries_included"]) // 128))
+    assert metrics.sample_rate == pytest.approx(1 / -(-(metrics.members + metrics.centralized.canaries_included) // 128))
 
 
 def test_a_bound_above_the_accountant_epsilon_or_an_inverted_auc_is_flagged():

@@ -63,7 +63,7 @@ def _rank(
         {
             "state": target.model.state_dict(),
             "epsilon": target.epsilon,
-            "metrics": target.metrics,
+            "metrics": target.metrics.to_dict(),
             "audited": {"members": audited.members, "non_members": audited.non_members},
         },
         Path(out_dir) / f"rank{rank}.pt",
@@ -90,7 +90,7 @@ def test_dpddp_ranks_take_every_step_end_identical_and_spend_the_single_process_
     ranks = _train_on_ranks(2, overrides, tmp_path / "two")
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
-    single = pipeline.train(make_config(*overrides), tmp_path / "one")[0]
+    single = pipeline.train(make_config(*overrides), tmp_path / "one")[0].to_dict()
     assert single["steps"] == 30
     metrics = ranks[0]["metrics"]
     assert metrics["parallel_mode"] == "dpddp" and metrics["world_size"] == 2

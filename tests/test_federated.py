@@ -20,6 +20,7 @@ from dptrain.privacy import epsilon_spent
 from dptrain.privacy.crosscheck import pld_epsilon
 from dptrain.robust import build_attack, stamp_trigger
 from dptrain.tracking.artifacts import METRICS_KEYS
+from dptrain.training.metrics import RunMetrics
 from dptrain.training import clients, federated
 from dptrain.validation import validate
 from dptrain.training.target import load_data
@@ -69,7 +70,7 @@ def clean_run(tmp_path_factory):
 
     torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("fedavg")
-    metrics, _ = pipeline.train(make_config(*TINY, *FED), run_dir)
+    metrics = pipeline.train(make_config(*TINY, *FED), run_dir)[0].to_dict()
     return run_dir, metrics
 
 
@@ -89,7 +90,7 @@ def test_iid_and_dirichlet_partitions_give_every_member_to_exactly_one_client(fe
 
 def test_the_clients_train_on_the_partition_of_the_members(fed_config, tmp_path):
     cfg = fed_config("federation.partition=dirichlet", "federation.rounds=1")
-    metrics, _ = pipeline.train(cfg, tmp_path)
+    metrics = pipeline.train(cfg, tmp_path)[0].to_dict()
     _, sizes = validate(cfg)
     labels = federated.member_labels(cfg)
     parts = clients.partition_members(cfg, sizes.members, labels)
@@ -111,7 +112,7 @@ def test_fedavg_without_attack_reaches_the_centralized_accuracy_range_on_digits(
 
 def test_metrics_json_keeps_the_results_schema_and_adds_the_federated_fields(clean_run):
     run_dir, metrics = clean_run
-    assert _metrics(run_dir) == metrics
+    assert _metrics(run_dir) == metrics == RunMetrics.from_dict(metrics).to_dict()
     assert set(METRICS_KEYS) <= set(metrics)
     assert (metrics["rounds"], metrics["clients"], metrics["byzantine"]) == (8, 10, 0)
     assert (metrics["aggregator"], metrics["pre"], metrics["dp_level"]) == ("mean", [], "sample")
@@ -127,7 +128,8 @@ def test_tensorboard_has_a_point_per_round_for_each_federated_scalar(clean_run):
 @pytest.mark.parametrize("attack", [("attack=gaussian", "attack.noise_std=1e6"), ("attack=sign_flip", "attack.scale=1e6")])
 @pytest.mark.parametrize("aggregator", ["mean", "median", "trimmed_mean"])
 def test_huge_attackers_collapse_the_mean_while_median_and_trimmed_mean_hold(fed_config, tmp_path, aggregator, attack):
-    metrics, _ = pipeline.train(fed_config(f"aggregator={aggregator}", *attack, "attack.byzantine=3"), tmp_path)
+    cfg = fed_config(f"aggregator={aggregator}", *attack, "attack.byzantine=3")
+    metrics = pipeline.train(cfg, tmp_path)[0].to_dict()
     if aggregator == "mean":
         assert metrics["test_accuracy"] < 0.3
     else:
@@ -138,7 +140,8 @@ def test_huge_attackers_collapse_the_mean_while_median_and_trimmed_mean_hold(fed
 
 
 def test_multi_krum_logs_whom_it_selected_and_the_byzantine_share_of_them(fed_config, tmp_path):
-    metrics, _ = pipeline.train(fed_config("aggregator=multi_krum", "attack=alie", "attack.byzantine=2"), tmp_path)
+    cfg = fed_config("aggregator=multi_krum", "attack=alie", "attack.byzantine=2")
+    metrics = pipeline.train(cfg, tmp_path)[0].to_dict()
     events = _events(tmp_path)
     fractions = _scalars(events, "fed/byzantine_selected_fraction")
     texts = [event.tensor_proto.string_val[0].decode() for event in events.Tensors("fed/selected/text_summary")]
@@ -153,7 +156,7 @@ def test_multi_krum_logs_whom_it_selected_and_the_byzantine_share_of_them(fed_co
 
 def test_krum_never_selects_a_huge_outlier(fed_config, tmp_path):
     cfg = fed_config("aggregator=krum", "attack=gaussian", "attack.noise_std=1e6", "attack.byzantine=3")
-    metrics, _ = pipeline.train(cfg, tmp_path)
+    metrics = pipeline.train(cfg, tmp_path)[0].to_dict()
     assert metrics["byzantine_selected_fraction"] == 0.0 and metrics["test_accuracy"] > 0.6
 
 
@@ -205,7 +208,7 @@ def test_dp_fedavg_clips_each_update_and_divides_by_the_expected_client_count():
 
 def test_user_level_epsilon_is_the_accountants_over_rounds_at_the_client_sampling_rate(fed_config, tmp_path):
     cfg = fed_config("federation.dp_level=user", "federation.clients_per_round=5", "privacy.target_epsilon=3")
-    metrics, _ = pipeline.train(cfg, tmp_path)
+    metrics = pipeline.train(cfg, tmp_path)[0].to_dict()
     assert (metrics["sample_rate"], metrics["steps"], metrics["max_grad_norm"]) == (0.5, 8, 1.0)
     expected = epsilon_spent(
         accountant="prv", noise_multiplier=metrics["noise_multiplier"], sample_rate=0.5, steps=8, delta=1e-5
@@ -237,7 +240,7 @@ def test_sample_level_reports_the_largest_honest_client_epsilon_within_the_targe
         "attack.byzantine=2",
         "aggregator=trimmed_mean",
     )
-    metrics, _ = pipeline.train(cfg, tmp_path)
+    metrics = pipeline.train(cfg, tmp_path)[0].to_dict()
     epsilons = metrics["client_epsilons"]
     honest = [e for i, e in enumerate(epsilons) if i not in metrics["byzantine_clients"] and e is not None]
     assert metrics["epsilon"] == max(honest) == metrics["client_epsilons"][metrics["reported_client"]]
@@ -261,7 +264,7 @@ def test_sample_level_reports_the_largest_honest_client_epsilon_within_the_targe
 
 def test_backdoor_reports_the_success_rate_on_triggered_inputs_of_other_classes(fed_config, tmp_path):
     cfg = fed_config("attack=backdoor", "attack.byzantine=3", "attack.target_label=0")
-    metrics, _ = pipeline.train(cfg, tmp_path)
+    metrics = pipeline.train(cfg, tmp_path)[0].to_dict()
     model = build_model(cfg.model, (1, 8, 8), 10)
     model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     test = federated.load_target(cfg, tmp_path).data.test
@@ -301,8 +304,8 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(fed_config, 
     monkeypatch.setattr(federated.FederatedServer, "run_round", real_round)
 
     resumed = pipeline.train(fed_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")[0]
-    assert resumed["epsilon"] == uninterrupted["epsilon"]
-    assert resumed["client_epsilons"] == uninterrupted["client_epsilons"]
+    assert resumed.epsilon == uninterrupted.epsilon
+    assert resumed.federation.client_epsilons == uninterrupted.federation.client_epsilons
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
     assert all(torch.equal(a[key], b[key]) for key in a)
@@ -311,6 +314,7 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(fed_config, 
 def test_audit_of_the_federated_model_takes_the_honest_records_as_members(fed_config, tmp_path):
     cfg = fed_config("audit=fast", "attack=sign_flip", "attack.byzantine=3", "aggregator=median")
     metrics, report = pipeline.train(cfg, tmp_path)
+    metrics = metrics.to_dict()
     byzantine_records = sum(metrics["client_sizes"][i] for i in metrics["byzantine_clients"])
     assert metrics["honest_members"] == 575 - byzantine_records
     # Label stratification may leave out a few honest records, never add others.
@@ -325,7 +329,7 @@ def test_clients_the_schedule_never_picked_are_no_members_of_the_audit(fed_confi
     plan = federated.plan(cfg, validate(cfg)[1])
     idle = np.flatnonzero(~plan.participation.any(axis=0))
     assert len(idle) > 0  # 2 rounds at rate 0.2 leave most of the 10 clients out
-    metrics, _ = pipeline.train(cfg, tmp_path)
+    metrics = pipeline.train(cfg, tmp_path)[0].to_dict()
     trained = sum(size for i, size in enumerate(metrics["client_sizes"]) if i not in idle)
     assert trained < metrics["members"]
     assert trained == metrics["honest_members"]

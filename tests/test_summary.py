@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,32 +11,58 @@ from dptrain import pipeline
 from dptrain.tracking.summary import format_summary
 from dptrain.training import loop
 from dptrain.training.checkpoint import Checkpoint
+from dptrain.training.metrics import CentralizedMetrics, FederationMetrics, RunMetrics
 
-CENTRALIZED = {
-    "private": False,
-    "test_accuracy": 0.9,
-    "train_accuracy": 0.95,
-    "members": 575,
-    "train_seconds": 1.21,
-    "wall_seconds": 2.04,
-}
+CENTRALIZED = RunMetrics(
+    test_accuracy=0.9,
+    train_accuracy=0.95,
+    test_loss=0.3,
+    train_loss=0.2,
+    epsilon=None,
+    delta=None,
+    target_epsilon=None,
+    noise_multiplier=0.0,
+    sample_rate=0.2,
+    steps=75,
+    accountant=None,
+    max_grad_norm=None,
+    private=False,
+    members=575,
+    non_members=575,
+    population=288,
+    test_size=359,
+    train_seconds=1.21,
+    wall_seconds=2.04,
+    centralized=CentralizedMetrics(epochs=15, canaries_included=0),
+)
 
-FEDERATED = {
-    **CENTRALIZED,
-    "rounds": 8,
-    "clients": 10,
-    "clients_per_round": 10,
-    "byzantine": 2,
-    "attack": "sign_flip",
-    "aggregator": "median",
-    "pre": [],
-    "partition": "iid",
-    "dp_level": "sample",
-    "honest_members": 461,
-}
+FEDERATED = dataclasses.replace(
+    CENTRALIZED,
+    centralized=None,
+    federation=FederationMetrics(
+        rounds=8,
+        clients=10,
+        clients_per_round=10,
+        local_epochs=1,
+        partition="iid",
+        dp_level="sample",
+        aggregator="median",
+        pre=[],
+        attack="sign_flip",
+        byzantine=2,
+        byzantine_clients=[3, 7],
+        reported_client=None,
+        client_epsilons=None,
+        client_mechanisms=None,
+        client_sizes=[57] * 10,
+        honest_members=461,
+        aggregation_seconds=0.01,
+        byzantine_selected_fraction=None,
+    ),
+)
 
 
-def _lines(metrics: dict) -> list[str]:
+def _lines(metrics: RunMetrics) -> list[str]:
     return format_summary(metrics, None, "outputs/run").splitlines()
 
 
@@ -75,7 +103,7 @@ def test_wall_seconds_cover_the_steps_and_add_up_over_a_resume(tiny_config, tmp_
     saved.update(train_seconds=100.0, wall_seconds=1000.0)
     Checkpoint(**saved).save(tmp_path)
     metrics, _ = pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path}"), tmp_path)
-    assert 100 < metrics["train_seconds"] < 1000 < metrics["wall_seconds"] < 1100
+    assert 100 < metrics.train_seconds < 1000 < metrics.wall_seconds < 1100
 
 
 def test_federated_metrics_have_the_wall_seconds_of_the_rounds(tiny_config, tmp_path):
@@ -84,4 +112,4 @@ def test_federated_metrics_have_the_wall_seconds_of_the_rounds(tiny_config, tmp_
                     "privacy.target_epsilon=inf"),
         tmp_path,
     )  # fmt: skip
-    assert 0 < metrics["train_seconds"] <= metrics["wall_seconds"]
+    assert 0 < metrics.train_seconds <= metrics.wall_seconds

@@ -36,7 +36,7 @@ def sweep(tmp_path_factory):
         run_dir = root / str(job)
         (run_dir / ".hydra").mkdir(parents=True)
         OmegaConf.save(OmegaConf.create(_overrides(target)), run_dir / ".hydra" / "overrides.yaml")
-        metrics[str(job)] = pipeline.train(make_config(*_overrides(target)), run_dir)[0]
+        metrics[str(job)] = pipeline.train(make_config(*_overrides(target)), run_dir)[0].to_dict()
     return root, metrics
 
 

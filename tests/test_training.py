@@ -14,6 +14,7 @@ from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import epsilon_spent, make_private, plan_privacy
 from dptrain.tracking.artifacts import METRICS_KEYS
+from dptrain.training.metrics import RunMetrics
 from dptrain import pipeline
 from dptrain.training import loop
 
@@ -35,9 +36,37 @@ def default_run(tmp_path_factory):
 def test_metrics_json_has_the_results_schema(default_run):
     _, run_dir, metrics = default_run
     on_disk = _metrics(run_dir)
-    assert on_disk == metrics
+    assert on_disk == metrics.to_dict()
     assert set(METRICS_KEYS) <= set(on_disk)
     assert on_disk["accountant"] == "prv" and on_disk["delta"] == 1e-5 and on_disk["target_epsilon"] == 3.0
+
+
+# metrics.json's layout (docs/guide/outputs.md): a renamed or dropped field breaks readers of old runs.
+CENTRALIZED_METRICS = {
+    "test_accuracy", "train_accuracy", "test_loss", "train_loss", "epsilon", "delta", "target_epsilon",
+    "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm", "private", "epsilon_pld", "members",
+    "audited_members", "non_members", "population", "test_size", "train_seconds", "wall_seconds",
+    "replaced_modules", "epochs", "canaries_included", "world_size", "parallel_mode",
+}  # fmt: skip
+
+
+def test_metrics_json_has_exactly_the_documented_fields_and_reads_back_as_the_same_metrics(default_run):
+    _, run_dir, metrics = default_run
+    on_disk = _metrics(run_dir)
+    assert set(on_disk) == CENTRALIZED_METRICS
+    assert RunMetrics.from_dict(on_disk) == metrics and metrics.federation is None
+
+
+def test_a_run_written_before_the_newer_metrics_fields_is_audited_again(tiny_config, tmp_path):
+    cfg = tiny_config("audit=none")
+    pipeline.train(cfg, tmp_path)
+    newer = ("epsilon_pld", "audited_members", "wall_seconds", "replaced_modules", "parallel_mode")
+    older = {key: value for key, value in _metrics(tmp_path).items() if key not in newer}
+    (tmp_path / "metrics.json").write_text(json.dumps(older))
+    read = RunMetrics.from_dict(older)
+    assert read.epsilon_pld is None and read.centralized.world_size == 1 and read.centralized.parallel_mode is None
+    report = pipeline.audit(cfg, tmp_path, tiny_config("audit=fast").audit)
+    assert report["mia"]["loss"]["n_members"] == read.members
 
 
 def test_epsilon_is_within_ninety_to_hundred_percent_of_the_target(default_run):
@@ -78,7 +107,7 @@ def test_split_is_recorded_disjoint_and_matches_the_member_count(default_run):
     split = Split.load(run_dir / "split.json")
     parts = [split.members, split.non_members, split.population, split.test]
     assert sum(len(p) for p in parts) == len(np.unique(np.concatenate(parts)))
-    assert len(split.members) == len(split.non_members) == metrics["members"]
+    assert len(split.members) == len(split.non_members) == metrics.members
 
 
 def test_tensorboard_has_the_training_tags_and_an_hparams_record(default_run):
@@ -97,8 +126,8 @@ def test_tensorboard_has_the_training_tags_and_an_hparams_record(default_run):
 
 def test_non_private_baseline_uses_no_noise_and_no_clipping(tiny_config, tmp_path):
     metrics = pipeline.train(tiny_config("privacy.target_epsilon=inf"), tmp_path)[0]
-    assert metrics["private"] is False and metrics["epsilon"] is None
-    assert metrics["noise_multiplier"] == 0.0 and metrics["max_grad_norm"] is None
+    assert metrics.private is False and metrics.epsilon is None
+    assert metrics.noise_multiplier == 0.0 and metrics.max_grad_norm is None
 
 
 def test_baseline_training_objects_are_plain_torch(tiny_config):
@@ -123,20 +152,20 @@ def test_baseline_training_objects_are_plain_torch(tiny_config):
 def test_epsilon_never_exceeds_the_target_for_each_accountant(tiny_config, tmp_path):
     for accountant in ("prv", "rdp"):
         metrics = pipeline.train(tiny_config(f"privacy.accountant={accountant}", "privacy.target_epsilon=1"), tmp_path / accountant)[0]
-        assert 0.9 <= metrics["epsilon"] <= 1.0, accountant
+        assert 0.9 <= metrics.epsilon <= 1.0, accountant
 
 
 def test_physical_batches_charge_the_same_steps_and_epsilon(tiny_config, tmp_path):
     whole = pipeline.train(tiny_config(), tmp_path / "whole")[0]
     split = pipeline.train(tiny_config("train.max_physical_batch_size=32"), tmp_path / "split")[0]
-    assert split["steps"] == whole["steps"] and split["epsilon"] == pytest.approx(whole["epsilon"])
-    assert split["test_accuracy"] > 0.5
+    assert split.steps == whole.steps and split.epsilon == pytest.approx(whole.epsilon)
+    assert split.test_accuracy > 0.5
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
 def test_each_grad_sample_mode_trains_the_cnn(tiny_config, tmp_path, mode):
     metrics = pipeline.train(tiny_config("model=cnn", f"privacy.grad_sample_mode={mode}", "train.lr=0.5"), tmp_path)[0]
-    assert metrics["epsilon"] <= 3.0 and metrics["test_accuracy"] > 0.3
+    assert metrics.epsilon <= 3.0 and metrics.test_accuracy > 0.3
 
 
 def test_resume_after_an_interruption_matches_the_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
@@ -158,8 +187,8 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tiny_config,
     monkeypatch.setattr("dptrain.training.recipe.train_epoch", real_epoch)
 
     resumed = pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")[0]
-    assert resumed["steps"] == uninterrupted["steps"]
-    assert resumed["epsilon"] == pytest.approx(uninterrupted["epsilon"], rel=1e-9)
+    assert resumed.steps == uninterrupted.steps
+    assert resumed.epsilon == pytest.approx(uninterrupted.epsilon, rel=1e-9)
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
     assert all(torch.equal(a[key], b[key]) for key in a)
@@ -183,7 +212,7 @@ def test_per_layer_clipping_trains_within_the_budget(tiny_config, tmp_path):
     metrics = pipeline.train(
         tiny_config("privacy.clipping=per_layer", "privacy.grad_sample_mode=hooks", "train.epochs=4"), tmp_path
     )[0]
-    assert 0.99 * 3.0 <= metrics["epsilon"] <= 3.0 and metrics["test_accuracy"] > 0.5
+    assert 0.99 * 3.0 <= metrics.epsilon <= 3.0 and metrics.test_accuracy > 0.5
 
 
 def test_adam_with_a_cosine_schedule_logs_a_decaying_learning_rate(tiny_config, tmp_path):

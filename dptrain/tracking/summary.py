@@ -6,37 +6,38 @@ from pathlib import Path
 from typing import Mapping
 
 from dptrain.audit.whitebox import implementation_results
+from dptrain.training.metrics import FederationMetrics, RunMetrics
 
 
-def format_summary(metrics: Mapping, report: Mapping | None, run_dir: str | Path) -> str:
+def format_summary(metrics: RunMetrics, report: Mapping | None, run_dir: str | Path) -> str:
     """A few aligned lines a person reads at the end of ``dptrain train``: utility, privacy, audit, artifacts."""
-    if metrics["private"]:
-        target = metrics["target_epsilon"]
+    if metrics.private:
+        target = metrics.target_epsilon
         privacy = (
-            f"epsilon {metrics['epsilon']:.3f} at delta {metrics['delta']:.0e}"
-            f" ({'no target' if target is None else f'target {target:g}'}, {metrics['accountant']} accountant,"
-            f" noise multiplier {metrics['noise_multiplier']:.3f}, clipping norm {metrics['max_grad_norm']:g},"
-            f" {metrics['steps']} steps at sample rate {metrics['sample_rate']:.4f})"
+            f"epsilon {metrics.epsilon:.3f} at delta {metrics.delta:.0e}"
+            f" ({'no target' if target is None else f'target {target:g}'}, {metrics.accountant} accountant,"
+            f" noise multiplier {metrics.noise_multiplier:.3f}, clipping norm {metrics.max_grad_norm:g},"
+            f" {metrics.steps} steps at sample rate {metrics.sample_rate:.4f})"
         )
     else:
         privacy = "none: non-private baseline (no clipping, no noise, epsilon = inf)"
-    federated = "rounds" in metrics
+    federation, centralized = metrics.federation, metrics.centralized
     # A federated run's train accuracy is measured on the records the audit treats as members.
-    records = f"{metrics['honest_members']} audited" if federated else str(metrics["members"])
+    records = f"{federation.honest_members} audited" if federation is not None else str(metrics.members)
     lines = [
-        f"test accuracy  {metrics['test_accuracy']:.4f}   (train {metrics['train_accuracy']:.4f}"
+        f"test accuracy  {metrics.test_accuracy:.4f}   (train {metrics.train_accuracy:.4f}"
         f" on {records} member records)",
         f"training       {format_training_time(metrics)}",
         f"privacy        {privacy}",
     ]
-    if federated:
-        lines += format_federation(metrics)
-    if metrics.get("world_size", 1) > 1:
+    if federation is not None:
+        lines += format_federation(metrics, federation)
+    if centralized is not None and centralized.world_size > 1:
         how = {
             "dpddp": "DP data parallelism (DPDDP), one noise draw per step",
             "robust": "robust aggregation of the workers' gradients, each clipped and noised locally when private",
-        }[metrics["parallel_mode"]]
-        lines.append(f"parallel       {metrics['world_size']} processes: {how}")
+        }[centralized.parallel_mode]
+        lines.append(f"parallel       {centralized.world_size} processes: {how}")
     if report is not None:
         lines.append(format_audit(report))
     files = "metrics.json, audit.json" if report is not None else "metrics.json"
@@ -47,46 +48,47 @@ def format_summary(metrics: Mapping, report: Mapping | None, run_dir: str | Path
     return "\n".join(lines)
 
 
-def format_training_time(metrics: Mapping) -> str:
+def format_training_time(metrics: RunMetrics) -> str:
     """What the training stage took: ``train_seconds`` counts only optimizer steps (federated: the
     rounds' local training and aggregation); ``wall_seconds``, what the progress bar shows, adds
     the per-epoch (per-round) evaluation, accounting, TensorBoard and checkpoints."""
-    if "rounds" in metrics:
+    if metrics.federation is not None:
         measured, unit = "rounds (local training and aggregation)", "round"
     else:
         measured, unit = "optimizer steps", "epoch"
     return (
-        f"{metrics['train_seconds']:.1f} s in {measured}, {metrics['wall_seconds']:.1f} s wall incl. per-{unit}"
+        f"{metrics.train_seconds:.1f} s in {measured}, {metrics.wall_seconds:.1f} s wall incl. per-{unit}"
         " evaluation, accounting, TensorBoard, checkpoints"
     )
 
 
-def format_federation(metrics: Mapping) -> list[str]:
+def format_federation(metrics: RunMetrics, federation: FederationMetrics) -> list[str]:
     """The federated run's lines: clients, rounds, attack and aggregator, whose epsilon the privacy line
     reports, and the backdoor's success rate next to clean accuracy."""
-    pre = "".join(f"{name} -> " for name in metrics["pre"])
+    pre = "".join(f"{name} -> " for name in federation.pre)
     # DP-FedAvg samples each client with probability clients_per_round / clients.
-    per_round = f"~{metrics['clients_per_round']} expected" if metrics["dp_level"] == "user" else metrics["clients_per_round"]
+    user_level = federation.dp_level == "user"
+    per_round = f"~{federation.clients_per_round} expected" if user_level else federation.clients_per_round
     lines = [
-        f"federation     {metrics['clients']} clients ({metrics['byzantine']} Byzantine, attack {metrics['attack']}),"
-        f" {metrics['rounds']} rounds of {per_round}, aggregator {pre}{metrics['aggregator']},"
-        f" {metrics['partition']} partition, {metrics['members']} member records, {metrics['honest_members']}"
+        f"federation     {federation.clients} clients ({federation.byzantine} Byzantine, attack {federation.attack}),"
+        f" {federation.rounds} rounds of {per_round}, aggregator {pre}{federation.aggregator},"
+        f" {federation.partition} partition, {metrics.members} member records, {federation.honest_members}"
         " of them on honest clients that trained (audited)"
     ]
-    if metrics["private"]:
+    if metrics.private:
         whose = (
             "DP-FedAvg, per client"
-            if metrics["dp_level"] == "user"
-            else f"local DP-SGD, per record; the privacy line is honest client {metrics['reported_client']}, the worst"
+            if user_level
+            else f"local DP-SGD, per record; the privacy line is honest client {federation.reported_client}, the worst"
         )
-        lines.append(f"dp level       {metrics['dp_level']}: {whose}")
-    if metrics.get("byzantine_selected_fraction") is not None:
-        share = metrics["byzantine_selected_fraction"]
+        lines.append(f"dp level       {federation.dp_level}: {whose}")
+    if federation.byzantine_selected_fraction is not None:
+        share = federation.byzantine_selected_fraction
         lines.append(f"selection      {share:.3f} of the updates the rule selected were Byzantine")
-    if "backdoor_success_rate" in metrics:
+    if federation.backdoor_success_rate is not None:
         lines.append(
-            f"backdoor       attack success rate {metrics['backdoor_success_rate']:.4f} on triggered test inputs"
-            f" (clean test accuracy {metrics['test_accuracy']:.4f})"
+            f"backdoor       attack success rate {federation.backdoor_success_rate:.4f} on triggered test inputs"
+            f" (clean test accuracy {metrics.test_accuracy:.4f})"
         )
     return lines
 

@@ -28,13 +28,14 @@ from dptrain.training.distributed import (
     shard_positions,
     shard_size,
 )
+from dptrain.training.metrics import CentralizedMetrics, RunMetrics
 from dptrain.training.recipe import resolve_device, train_model
 from dptrain.training.target import (
     TargetRun,
-    common_metrics,
     independent_epsilon,
     load_data,
     reference_base,
+    run_metrics,
     trained_model,
 )
 
@@ -127,42 +128,50 @@ def train_target(
     device = resolve_device(cfg.train.device)
     audited = audited_data(cfg, data, ranks.world_size())
     epsilon_pld = independent_epsilon(cfg, trained.epsilon, [trained.mechanisms], plan.delta)
-    metrics = {
-        **common_metrics(trained.model, plan, trained.epsilon, epsilon_pld, data, audited, device),
-        "epochs": cfg.train.epochs,
-        "canaries_included": 0 if canaries is None else int(canaries.included.sum()),
-        "train_seconds": trained.train_seconds,
-        "wall_seconds": trained.wall_seconds,
-        "replaced_modules": trained.replaced_modules,
-        "world_size": ranks.world_size(),
-        "parallel_mode": parallel_mode(cfg),
-    }
+    metrics = run_metrics(
+        trained.model,
+        plan,
+        trained.epsilon,
+        epsilon_pld,
+        data,
+        audited,
+        device,
+        train_seconds=trained.train_seconds,
+        wall_seconds=trained.wall_seconds,
+        replaced_modules=trained.replaced_modules,
+        centralized=CentralizedMetrics(
+            epochs=cfg.train.epochs,
+            canaries_included=0 if canaries is None else int(canaries.included.sum()),
+            world_size=ranks.world_size(),
+            parallel_mode=parallel_mode(cfg),
+        ),
+    )
     if ranks.is_main():
         save_model(run_dir, trained.model.state_dict())
-        write_metrics(run_dir, metrics)
+        write_metrics(run_dir, metrics.to_dict())
     return TargetRun(trained.model, audited, plan, plan, trained.epsilon, canaries, metrics, device, fingerprint)
 
 
 def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     """A finished run's target model, data (its recorded split) and plan, read back from its artifacts."""
-    metrics = read_metrics(run_dir)
+    metrics = RunMetrics.from_dict(read_metrics(run_dir))
     data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=True)
     device = resolve_device(cfg.train.device)
     plan = PrivacyPlan(
-        private=metrics["private"],
+        private=metrics.private,
         accountant=cfg.privacy.accountant,
         delta=cfg.privacy.delta,
-        target_epsilon=metrics["target_epsilon"],
-        noise_multiplier=metrics["noise_multiplier"],
-        max_grad_norm=metrics["max_grad_norm"],
-        sample_rate=metrics["sample_rate"],
-        steps_per_epoch=metrics["steps"] // metrics["epochs"],
-        steps=metrics["steps"],
-        planned_epsilon=metrics["epsilon"],
+        target_epsilon=metrics.target_epsilon,
+        noise_multiplier=metrics.noise_multiplier,
+        max_grad_norm=metrics.max_grad_norm,
+        sample_rate=metrics.sample_rate,
+        steps_per_epoch=metrics.steps // metrics.centralized.epochs,
+        steps=metrics.steps,
+        planned_epsilon=metrics.epsilon,
     )
-    audited = audited_data(cfg, data, metrics["world_size"])
+    audited = audited_data(cfg, data, metrics.centralized.world_size)
     model = trained_model(cfg, run_dir, data, device)
-    return TargetRun(model, audited, plan, plan, metrics["epsilon"], canaries, metrics, device, fingerprint)
+    return TargetRun(model, audited, plan, plan, metrics.epsilon, canaries, metrics, device, fingerprint)
 
 
 def reference_config(cfg: Config, plan: PrivacyPlan, seed: int) -> Config:

@@ -55,13 +55,14 @@ from dptrain.training.clients import (
     partition_members,
 )
 from dptrain.training.loop import evaluate, predict
+from dptrain.training.metrics import FederationMetrics, RunMetrics
 from dptrain.training.recipe import resolve_device
 from dptrain.training.target import (
     TargetRun,
-    common_metrics,
     independent_epsilon,
     load_data,
     reference_base,
+    run_metrics,
     trained_model,
 )
 
@@ -558,28 +559,25 @@ def train_target(
         run_dir=run_dir,
         checkpoint=checkpoint,
     )
-    server, backdoor, fractions = federation.server, federation.backdoor, federation.byzantine_fractions
+    server = federation.server
     epsilon = server.epsilon()
     audited = audited_data(cfg, data, federation.parts, plan)
     epsilon_pld = independent_epsilon(cfg, epsilon, _reported_mechanisms(plan), plan.guarantee.delta)
-    metrics = {
-        **common_metrics(server.model, plan.guarantee, epsilon, epsilon_pld, data, audited, device),
-        **_federation_metrics(cfg, plan, server),
-    }
-    metrics.update(
-        honest_members=len(honest_trained(federation.parts, plan)),
+    metrics = run_metrics(
+        server.model,
+        plan.guarantee,
+        epsilon,
+        epsilon_pld,
+        data,
+        audited,
+        device,
         train_seconds=federation.train_seconds,
         wall_seconds=federation.wall_seconds,
-        aggregation_seconds=federation.aggregation_seconds,
         replaced_modules=federation.replaced_modules,
-        byzantine_selected_fraction=float(np.mean(fractions)) if fractions else None,
+        federation=_federation_metrics(cfg, plan, federation, data.test, device),
     )
-    if backdoor is not None:
-        metrics["backdoor_success_rate"] = backdoor_success_rate(
-            server.model, data.test, backdoor, cfg.attack.target_label, device
-        )
     save_model(run_dir, server.model.state_dict())
-    write_metrics(run_dir, metrics)
+    write_metrics(run_dir, metrics.to_dict())
     return TargetRun(server.model, audited, plan, plan.guarantee, epsilon, None, metrics, device, fingerprint)
 
 
@@ -595,27 +593,36 @@ def _client_mechanisms(plan: FederatedPlan) -> list[dict | None]:
     ]
 
 
-def _federation_metrics(cfg: Config, plan: FederatedPlan, server: FederatedServer) -> dict:
-    """The ``metrics.json`` fields of a federated run beside the common ones: the federation, its
-    attack and rule, whose guarantee is reported, and (sample level) every client's spend and mechanism."""
+def _federation_metrics(
+    cfg: Config, plan: FederatedPlan, federation: Federation, test: TensorDataset, device
+) -> FederationMetrics:
+    """A federated run's own metrics: the federation, its attack and rule, whose guarantee is reported,
+    (sample level) every client's spend and mechanism, the honest members, and what the attack achieved."""
     sample_level = plan.private and plan.dp_level == "sample"
-    return {
-        "rounds": cfg.federation.rounds,
-        "clients": cfg.federation.clients,
-        "clients_per_round": clients_per_round(cfg),
-        "local_epochs": cfg.federation.local_epochs,
-        "partition": cfg.federation.partition,
-        "dp_level": plan.dp_level,
-        "aggregator": cfg.aggregator.name,
-        "pre": list(cfg.aggregator.pre),
-        "attack": cfg.attack.name,
-        "byzantine": len(plan.byzantine),
-        "byzantine_clients": list(plan.byzantine),
-        "reported_client": plan.reported_client,
-        "client_epsilons": server.client_epsilons() if sample_level else None,
-        "client_mechanisms": _client_mechanisms(plan) if sample_level else None,
-        "client_sizes": list(plan.client_sizes),
-    }
+    server, backdoor, fractions = federation.server, federation.backdoor, federation.byzantine_fractions
+    return FederationMetrics(
+        rounds=cfg.federation.rounds,
+        clients=cfg.federation.clients,
+        clients_per_round=clients_per_round(cfg),
+        local_epochs=cfg.federation.local_epochs,
+        partition=cfg.federation.partition,
+        dp_level=plan.dp_level,
+        aggregator=cfg.aggregator.name,
+        pre=list(cfg.aggregator.pre),
+        attack=cfg.attack.name,
+        byzantine=len(plan.byzantine),
+        byzantine_clients=list(plan.byzantine),
+        reported_client=plan.reported_client,
+        client_epsilons=server.client_epsilons() if sample_level else None,
+        client_mechanisms=_client_mechanisms(plan) if sample_level else None,
+        client_sizes=list(plan.client_sizes),
+        honest_members=len(honest_trained(federation.parts, plan)),
+        aggregation_seconds=federation.aggregation_seconds,
+        byzantine_selected_fraction=float(np.mean(fractions)) if fractions else None,
+        backdoor_success_rate=None
+        if backdoor is None
+        else backdoor_success_rate(server.model, test, backdoor, cfg.attack.target_label, device),
+    )
 
 
 def _reported_mechanisms(plan: FederatedPlan) -> list[list[dict]]:
@@ -630,14 +637,14 @@ def _reported_mechanisms(plan: FederatedPlan) -> list[list[dict]]:
 def load_target(cfg: Config, run_dir: Path) -> TargetRun:
     """A finished federated run's global model, its audited split (honest clients' records as
     members) and its plan, rebuilt from the config and the recorded split."""
-    metrics = read_metrics(run_dir)
+    metrics = RunMetrics.from_dict(read_metrics(run_dir))
     data, _, fingerprint = load_data(cfg, run_dir, reuse_split=True)
     federated_plan = plan(cfg, split_sizes(describe(cfg.dataset), cfg.dataset))
     device = resolve_device(cfg.train.device)
     audited = audited_data(cfg, data, client_partition(cfg, data.members, federated_plan), federated_plan)
     model = trained_model(cfg, run_dir, data, device)
     return TargetRun(
-        model, audited, federated_plan, federated_plan.guarantee, metrics["epsilon"], None, metrics, device, fingerprint
+        model, audited, federated_plan, federated_plan.guarantee, metrics.epsilon, None, metrics, device, fingerprint
     )
 
 

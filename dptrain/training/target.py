@@ -19,6 +19,7 @@ from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsil
 from dptrain.tracking.artifacts import SPLIT, load_model
 from dptrain.training import ranks
 from dptrain.training.loop import evaluate
+from dptrain.training.metrics import CentralizedMetrics, FederationMetrics, RunMetrics
 
 
 @dataclass
@@ -33,7 +34,7 @@ class TargetRun:
     guarantee: PrivacyPlan
     epsilon: float | None
     canaries: Canaries | None
-    metrics: dict
+    metrics: RunMetrics
     device: torch.device
     fingerprint: str
 
@@ -64,37 +65,54 @@ def independent_epsilon(cfg: Config, epsilon: float | None, mechanisms: list[dic
     return cross_check(epsilon, independent, "training")
 
 
-def common_metrics(
-    model: nn.Module, plan: PrivacyPlan, epsilon: float | None, epsilon_pld: float | None, data: SplitData,
-    audited: SplitData, device: torch.device,
-) -> dict:
-    """The ``metrics.json`` fields every recipe writes: accuracy and loss on the audited members and the
-    test split, the reported guarantee (``plan``'s noise, rate, steps, accountant, clipping norm and the
-    epsilon spent, with PLD's beside it), and the split's sizes."""
+def run_metrics(
+    model: nn.Module,
+    guarantee: PrivacyPlan,
+    epsilon: float | None,
+    epsilon_pld: float | None,
+    data: SplitData,
+    audited: SplitData,
+    device: torch.device,
+    *,
+    train_seconds: float,
+    wall_seconds: float,
+    replaced_modules: list[str],
+    centralized: CentralizedMetrics | None = None,
+    federation: FederationMetrics | None = None,
+) -> RunMetrics:
+    """The run's metrics, the one builder every recipe uses: accuracy and loss of ``model`` on the audited
+    members and the test split, the reported ``guarantee`` (noise, rate, steps, accountant, clipping
+    norm and the ``epsilon`` spent, with PLD's beside it), the split's sizes, the training time and
+    the recipe's own fields."""
     train_loss, train_accuracy = evaluate(model, audited.members, device)
     test_loss, test_accuracy = evaluate(model, data.test, device)
     sizes = data.split.sizes
-    return {
-        "test_accuracy": test_accuracy,
-        "train_accuracy": train_accuracy,
-        "test_loss": test_loss,
-        "train_loss": train_loss,
-        "epsilon": epsilon,
-        "delta": plan.delta if plan.private else None,
-        "target_epsilon": plan.target_epsilon,
-        "noise_multiplier": plan.noise_multiplier,
-        "sample_rate": plan.sample_rate,
-        "steps": plan.steps,
-        "accountant": plan.accountant if plan.private else None,
-        "max_grad_norm": plan.max_grad_norm,
-        "private": plan.private,
-        "epsilon_pld": epsilon_pld,
-        "members": sizes.members,
-        "audited_members": len(audited.members),
-        "non_members": sizes.non_members,
-        "population": sizes.population,
-        "test_size": sizes.test,
-    }
+    return RunMetrics(
+        test_accuracy=test_accuracy,
+        train_accuracy=train_accuracy,
+        test_loss=test_loss,
+        train_loss=train_loss,
+        epsilon=epsilon,
+        delta=guarantee.delta if guarantee.private else None,
+        target_epsilon=guarantee.target_epsilon,
+        noise_multiplier=guarantee.noise_multiplier,
+        sample_rate=guarantee.sample_rate,
+        steps=guarantee.steps,
+        accountant=guarantee.accountant if guarantee.private else None,
+        max_grad_norm=guarantee.max_grad_norm,
+        private=guarantee.private,
+        epsilon_pld=epsilon_pld,
+        members=sizes.members,
+        audited_members=len(audited.members),
+        non_members=sizes.non_members,
+        population=sizes.population,
+        test_size=sizes.test,
+        train_seconds=train_seconds,
+        wall_seconds=wall_seconds,
+        replaced_modules=replaced_modules,
+        centralized=centralized,
+        federation=federation,
+    )
 
 
 def trained_model(cfg: Config, run_dir: Path, data: SplitData, device: torch.device) -> nn.Module:

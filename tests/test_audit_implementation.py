@@ -36,6 +36,7 @@ from dptrain.audit.whitebox import (
 )
 from dptrain.data import load, make_split, prepare
 from dptrain.errors import UserError
+from dptrain.privacy import ACCOUNTANTS
 from dptrain.tracking.summary import format_summary
 from dptrain.training import centralized
 from dptrain.validation import validate
@@ -457,7 +458,6 @@ def test_lower_bound_panel_draws_the_white_box_bound_beside_the_black_box_ones()
 
 # --- every accountant and parallel mode (slow) --------------------------------------------------------
 
-ACCOUNTANTS = ("prv", "rdp", "gdp")
 
 
 def _federated_client_mechanism(cfg):
@@ -492,7 +492,7 @@ def _ddp_rank(rank: int, world: int, port: int, overrides: tuple, out: str) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accountant", ACCOUNTANTS)
+@pytest.mark.parametrize("accountant", ACCOUNTANTS)  # every accountant dptrain reports
 def test_every_mode_flags_skipped_clipping_and_passes_the_correct_mechanism(accountant, tmp_path):
     import torch.multiprocessing as mp
 
@@ -522,7 +522,7 @@ def test_every_mode_flags_skipped_clipping_and_passes_the_correct_mechanism(acco
         "federation.rounds=10", "federation.dp_level=user",
     )
     _, sizes = validate(user)
-    plan = federated.plan(user, sizes)
+    plan = federated.plan(user, sizes).guarantee
 
     def noiseless(updates, expected, clip, noise, generator):
         return federated.dp_fedavg(updates, expected, clip, 0.0, generator)

@@ -409,10 +409,12 @@ def test_federated_runs_audit_the_worst_clients_mechanism_or_the_dp_fedavg_serve
         tiny_config(*WHITEBOX_RUN, *federated, "federation.dp_level=user", "federation.clients_per_round=2"),
         tmp_path / "user",
     )
-    assert sample["implementation"]["mechanism"].endswith("local DP-SGD (sample level)")
-    assert user["implementation"]["mechanism"] == "DP-FedAvg server (user level)"
-    for report in (sample, user):
-        assert report["implementation"]["epsilon_lower_bound"] <= report["accountant_epsilon"]
+    (sample_record,) = sample.implementation.records.values()
+    (user_record,) = user.implementation.records.values()
+    assert sample_record.mechanism.endswith("local DP-SGD (sample level)")
+    assert user_record.mechanism == "DP-FedAvg server (user level)"
+    for report, record in ((sample, sample_record), (user, user_record)):
+        assert record.epsilon_lower_bound <= report.accountant_epsilon
 
 
 def test_canary_clients_release_one_client_contribution_through_dp_fedavg_when_sampled():
@@ -434,6 +436,10 @@ def test_canary_clients_release_one_client_contribution_through_dp_fedavg_when_s
 def test_lower_bound_panel_draws_the_white_box_bound_beside_the_black_box_ones():
     import matplotlib.pyplot as plt
 
+    from conftest import make_audit_report
+
+    from dptrain.audit.metrics import membership_metrics
+    from dptrain.audit.results import ImplementationAudit, ImplementationRecord
     from dptrain.report.collect import RunRecord
     from dptrain.report.figures import EpsilonAxis, draw_lower_bound
     from dptrain.report.table import build_table
@@ -441,9 +447,17 @@ def test_lower_bound_panel_draws_the_white_box_bound_beside_the_black_box_ones()
     def run(epsilon, bound):
         metrics = {"private": True, "test_accuracy": 0.9, "epsilon": epsilon, "delta": 1e-5, "noise_multiplier": 1.0,
                    "train_seconds": 1.0}
-        mia = {"auc": 0.5, "tpr_at_fpr": {"0.01": 0.01}, "epsilon_lower_bound": {"value": 0.0}}
-        audit = {"mia": {"loss": mia}, "aia": {"skipped": "-"}, "canary": None, "audit_seconds": 1.0, "level": "implementation",
-                 "implementation": {"setting": "all_iterates", "epsilon_lower_bound": bound}}
+        record = ImplementationRecord(
+            setting="all_iterates", epsilon_lower_bound=bound, confidence=0.95, delta=1e-5, accountant_epsilon=epsilon,
+            audit_run_epsilon=epsilon, canaries=100, runs=1, included=50, statistic="poisson", statistics=["poisson"],
+            n_guesses=2, n_correct=2, k_plus=1, k_minus=1, gdp_mu_estimate=None, epsilon_estimate=None,
+            mechanism="centralized DP-SGD", noise_multiplier=1.0, sample_rate=0.1, steps=10,
+        )
+        audit = make_audit_report(
+            level="implementation", accountant_epsilon=epsilon,
+            mia={"loss": membership_metrics(np.arange(10.0), np.arange(10.0), n_bootstrap=10)},
+            implementation=ImplementationAudit({"all_iterates": record}, seconds=1.0),
+        )
         return RunRecord(None, f"{epsilon}", [f"privacy.target_epsilon={epsilon}"], metrics, audit)
 
     table = build_table([run(1.0, 0.57), run(4.0, 2.53)])

@@ -98,11 +98,11 @@ def test_audit_json_keeps_its_documented_key_names(audited):
 
 
 def test_parts_that_did_not_run_are_null_or_skipped_with_the_reason():
-    report = AuditReport(
-        level="fast", accountant_epsilon=None, delta=None, confidence=0.95, members=3, non_members=3, mia={},
-        aia=Skipped("dataset digits has no sensitive attribute"), canary=Skipped("no canaries"),
-        implementation=Skipped("the non-private baseline has no clipping norm or noise to audit"),
-        reference_models=None, warnings=[], audit_seconds=0.5, audited_at="2025-01-01T00:00:00.000+00:00",
+    from conftest import make_audit_report
+
+    report = make_audit_report(
+        accountant_epsilon=None, delta=None, aia=Skipped("dataset digits has no sensitive attribute"),
+        canary=Skipped("no canaries"), implementation=Skipped("the non-private baseline has no clipping norm or noise to audit"),
     )  # fmt: skip
     written = report.to_dict()
     assert written["aia"] == {"skipped": "dataset digits has no sensitive attribute"}

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-from conftest import TINY
+from conftest import TINY, make_audit_report
 from conftest import run_dptrain as dptrain
 
-from dptrain.audit.results import AuditReport, Skipped
 from dptrain.config import register_configs
 from dptrain.report.collect import RunRecord, read_run
 from dptrain.report.progress import BASIC_SWEEPER, sweep_jobs
@@ -239,11 +238,7 @@ def test_a_run_trained_without_audit_but_audited_later_reports_its_audit(tmp_pat
     for name in ("metrics.json", "manifest.json"):
         (tmp_path / name).write_text("{}")
     assert read_run(tmp_path, "run").complete and read_run(tmp_path, "run").audit is None
-    audit = AuditReport(
-        level="fast", accountant_epsilon=1.0, delta=1e-5, confidence=0.95, members=10, non_members=10, mia={},
-        aia=Skipped("audit.aia.enabled=false"), canary=None, implementation=None, reference_models=None, warnings=[],
-        audit_seconds=0.1, audited_at="2025-01-01T00:00:00.000+00:00", history_file="audits/20250101T000000.000Z-fast.json",
-    )  # fmt: skip
+    audit = make_audit_report(history_file="audits/20250101T000000.000Z-fast.json")
     (tmp_path / "audit.json").write_text(json.dumps(audit.to_dict()))
     assert read_run(tmp_path, "run").audit == audit
     (tmp_path / "metrics.json").write_text("{trunc")

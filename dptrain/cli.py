@@ -182,7 +182,7 @@ def audit_command(args: list[str]) -> None:
     except UserError as error:
         _fail(str(error))
     print(format_audit(report))
-    print(f"{'artifacts':<15}{run_dir / AUDIT} (kept as {report['history_file']}), {run_dir / 'tb'}")
+    print(f"{'artifacts':<15}{run_dir / AUDIT} (kept as {report.history_file}), {run_dir / 'tb'}")
 
 
 class _ReportArguments(argparse.ArgumentParser):

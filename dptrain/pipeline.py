@@ -13,6 +13,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dptrain.audit.results import AuditReport
 from dptrain.config import NOT_IN_RECIPE, Config, flat_config, recipe_hash
 from dptrain.errors import UserError
 from dptrain.tracking.artifacts import (
@@ -40,7 +41,7 @@ FEDERATED_METRICS = ("backdoor_success_rate", "byzantine_selected_fraction")
 
 def audit_target(
     cfg: Config, target: TargetRun, run_dir: Path, tb: TensorBoardLog | None, canaries_requested: int | None = None
-) -> dict | None:
+) -> AuditReport | None:
     """Run the audit stage on a trained target and record it: ``audit.json`` (the latest audit) and
     ``audits/<UTC time>-<level>.json`` (the history, never overwritten). Its TensorBoard panels go
     at step n for the run's n-th audit.
@@ -62,10 +63,10 @@ def audit_target(
     )
     if result is None:
         return None
-    record_audit(run_dir, result.report)
+    report = record_audit(run_dir, result.report)
     if tb is not None:
-        draw_audit(tb, result.report, result.scores, step=len(audit_history(run_dir)))
-    return result.report
+        draw_audit(tb, report, result.scores, step=len(audit_history(run_dir)))
+    return report
 
 
 def hparams_of(cfg: Config, run_dir: Path) -> dict:
@@ -87,7 +88,7 @@ def hparams_of(cfg: Config, run_dir: Path) -> dict:
     return values
 
 
-def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: RunMetrics, report: dict | None) -> None:
+def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: RunMetrics, report: AuditReport | None) -> None:
     """Write the run's HParams record; after the n-th audit at step n, so the latest audit's metrics are
     the ones the dashboard shows (step 0: a run not audited yet)."""
     from dptrain.tracking.panels import headline_metrics
@@ -103,7 +104,8 @@ def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: RunMetrics
     # What an earlier audit measured and the latest did not (RMIA after a re-audit with audit=fast) is
     # NaN: the dashboard shows each metric's last value, so it would show the earlier audit's beside the latest's.
     for earlier in history[:-1]:
-        final.update(dict.fromkeys(headline_metrics(json.loads((run_dir / earlier).read_text())), math.nan))
+        recorded = AuditReport.from_dict(json.loads((run_dir / earlier).read_text()))
+        final.update(dict.fromkeys(headline_metrics(recorded), math.nan))
     if report is not None:
         final.update(headline_metrics(report))
     tb.hparams(hparams_of(cfg, run_dir), final, step=len(history))
@@ -113,9 +115,9 @@ def _seeds(cfg: Config) -> dict:
     return {"train": cfg.train.seed, "dataset": cfg.dataset.seed, "audit": cfg.audit.seed}
 
 
-def train(cfg: Config, run_dir: str | Path) -> tuple[RunMetrics, dict | None]:
+def train(cfg: Config, run_dir: str | Path) -> tuple[RunMetrics, AuditReport | None]:
     """Train and audit the run ``cfg`` describes in ``run_dir``; return its metrics (``metrics.json``) and
-    ``audit.json``.
+    the audit's report (``audit.json``; None without an audit).
 
     Validation and the privacy plan (noise calibration included) run before
     any data is loaded. With ``cfg.train.resume`` the run continues from
@@ -175,9 +177,9 @@ def _audit_config(cfg: Config, requested) -> Config:
     return audited
 
 
-def audit(cfg: Config, run_dir: str | Path, requested=None) -> dict:
+def audit(cfg: Config, run_dir: str | Path, requested=None) -> AuditReport:
     """Audit a finished run again, from its saved model and recorded split, with the audit config
-    ``requested`` (default: the run's own); return the new ``audit.json``.
+    ``requested`` (default: the run's own); return the new audit's report (``audit.json``).
 
     ``cfg`` is the run's recorded config. The audit is kept beside the earlier ones
     (``audit_target``), the HParams record is brought up to it, and ``manifest.json`` gets the audit

@@ -143,6 +143,7 @@ def test_overlapping_record_sets_are_rejected():
 
 def test_a_sensitive_column_with_one_value_is_skipped_with_a_note(tiny_config, tmp_path):
     from dptrain import pipeline
+    from dptrain.audit.results import Skipped
     from dptrain.tracking.summary import format_audit
 
     table = tmp_path / "one_site.csv"
@@ -152,8 +153,8 @@ def test_a_sensitive_column_with_one_value_is_skipped_with_a_note(tiny_config, t
         "train.batch_size=32", "train.epochs=1",
     )  # fmt: skip
     _, report = pipeline.train(cfg, tmp_path / "run")
-    assert report["aia"] == {
-        "skipped": "dataset.sensitive=site has the single value 'lyon' on the members, non-members and population: "
+    assert report.aia == Skipped(
+        "dataset.sensitive=site has the single value 'lyon' on the members, non-members and population: "
         "nothing to infer"
-    }
+    )
     assert "attribute    skipped: dataset.sensitive=site has the single value 'lyon'" in format_audit(report)

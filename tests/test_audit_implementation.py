@@ -5,6 +5,7 @@ order) must be flagged with a lower bound above the reported epsilon, the correc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -27,13 +28,8 @@ from dptrain.audit.canary import (
 )
 from dptrain.audit.implementation import AuditedMechanism, implementation_audit, run_mechanism
 from dptrain.audit.probe import FILLER, REAL, probe_records
-from dptrain.audit.whitebox import (
-    fixed_order_scores,
-    gdp_epsilon,
-    gdp_mu_estimate,
-    implementation_results,
-    poisson_scores,
-)
+from dptrain.audit.results import Skipped
+from dptrain.audit.whitebox import fixed_order_scores, gdp_epsilon, gdp_mu_estimate, poisson_scores
 from dptrain.data import load, make_split, prepare
 from dptrain.errors import UserError
 from dptrain.privacy import ACCOUNTANTS
@@ -245,8 +241,9 @@ def fixed_batches(training):
 
 def _bound(tamper, *overrides):
     cfg, mechanism = _mechanism(*overrides)
-    result = implementation_audit(cfg, mechanism, mechanism.plan.planned_epsilon, CPU, tamper=tamper)
-    return result["epsilon_lower_bound"], result["accountant_epsilon"], result
+    audit = implementation_audit(cfg, mechanism, mechanism.plan.planned_epsilon, CPU, tamper=tamper)
+    (record,) = audit.records.values()
+    return record.epsilon_lower_bound, record.accountant_epsilon, record
 
 
 SKIP_CLIPPING_JOB = ("train.batch_size=20", "train.epochs=1", "privacy.target_epsilon=1", "audit.whitebox.canaries=5000")
@@ -255,14 +252,14 @@ SKIP_CLIPPING_JOB = ("train.batch_size=20", "train.epochs=1", "privacy.target_ep
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_skipped_clipping_is_flagged(mode):
     bound, epsilon, result = _bound(skip_clipping, *SKIP_CLIPPING_JOB, f"privacy.grad_sample_mode={mode}")
-    assert bound > 2 * epsilon and result["accountant_curve_rejected"]
-    assert result["n_correct"] == result["n_guesses"]
+    assert bound > 2 * epsilon and result.accountant_curve_rejected
+    assert result.n_correct == result.n_guesses
 
 
 def test_the_correct_mechanism_is_not_flagged_where_skipped_clipping_is():
     bound, epsilon, result = _bound(None, *SKIP_CLIPPING_JOB)
-    assert bound < epsilon and not result["accountant_curve_rejected"]
-    assert result["audit_run_epsilon"] == pytest.approx(epsilon)
+    assert bound < epsilon and not result.accountant_curve_rejected
+    assert result.audit_run_epsilon == pytest.approx(epsilon)
 
 
 FIXED_BATCHES_JOB = (
@@ -274,7 +271,7 @@ FIXED_BATCHES_JOB = (
 def test_fixed_batches_in_record_order_are_flagged_by_the_fixed_order_statistic():
     bound, epsilon, result = _bound(fixed_batches, *FIXED_BATCHES_JOB)
     assert bound > epsilon
-    assert result["statistic"] == "fixed_order"
+    assert result.statistic == "fixed_order"
 
 
 def test_the_correct_mechanism_is_not_flagged_where_fixed_batches_are():
@@ -292,15 +289,15 @@ HALVED_NOISE_JOB = (
 
 def test_noise_halved_behind_the_accountants_back_is_flagged_in_one_run():
     bound, epsilon, result = _bound(halve_noise, *HALVED_NOISE_JOB)
-    assert bound > epsilon and result["accountant_curve_rejected"]
-    assert result["runs"] == 1 and result["accountant_epsilon"] == pytest.approx(2.0, rel=0.01)
+    assert bound > epsilon and result.accountant_curve_rejected
+    assert result.runs == 1 and result.accountant_epsilon == pytest.approx(2.0, rel=0.01)
     # The noise the guesses rule out lies between the accountant's and the half that ran.
-    assert result["noise_multiplier"] / 2 < result["rejected_noise_multiplier"] < result["noise_multiplier"]
+    assert result.noise_multiplier / 2 < result.rejected_noise_multiplier < result.noise_multiplier
 
 
 def test_the_correct_mechanism_is_not_flagged_where_halved_noise_is():
     bound, epsilon, result = _bound(None, *HALVED_NOISE_JOB)
-    assert bound < epsilon and not result["accountant_curve_rejected"]
+    assert bound < epsilon and not result.accountant_curve_rejected
 
 
 @pytest.mark.slow
@@ -310,9 +307,9 @@ def test_one_run_of_the_shipped_audit_bounds_at_least_half_the_default_jobs_epsi
     cfg, mechanism = _mechanism(
         "audit=implementation", f"privacy.target_epsilon={target}", job=("train.progress=false",)
     )
-    result = implementation_audit(cfg, mechanism, mechanism.plan.planned_epsilon, CPU)
-    assert result["runs"] == 1 and result["canaries"] == 100_000
-    assert 0.5 * result["accountant_epsilon"] <= result["epsilon_lower_bound"] <= result["accountant_epsilon"]
+    (result,) = implementation_audit(cfg, mechanism, mechanism.plan.planned_epsilon, CPU).records.values()
+    assert result.runs == 1 and result.canaries == 100_000
+    assert 0.5 * result.accountant_epsilon <= result.epsilon_lower_bound <= result.accountant_epsilon
 
 
 # --- the audit as a run stage ------------------------------------------------------------------------
@@ -325,18 +322,21 @@ def test_audit_json_summary_and_tensorboard_carry_both_settings(tiny_config, tmp
 
     metrics, report = pipeline.train(tiny_config(*WHITEBOX_RUN, "audit.whitebox.setting=both"), tmp_path)
     section = json.loads((tmp_path / "audit.json").read_text())["implementation"]
-    assert section == report["implementation"] and section["setting"] == "both"
-    for setting, record in implementation_results(section).items():
-        assert record["setting"] == setting and record["canaries"] == 200 and record["runs"] == 2
-        assert record["confidence"] == 0.95 and record["delta"] == metrics.delta
-        assert 0 <= record["epsilon_lower_bound"] <= metrics.epsilon
-        assert record["accountant_epsilon"] == record["audit_run_epsilon"] == pytest.approx(metrics.epsilon)
-        assert record["mechanism"] == "centralized DP-SGD" and record["gdp_mu_estimate"] >= 0
+    assert section == report.implementation.to_dict() and section["setting"] == "both"
+    assert set(section) == {"all_iterates", "final_model", "setting", "seconds"}
+    records = report.implementation.records
+    assert list(records) == ["all_iterates", "final_model"]
+    for setting, record in records.items():
+        assert record.setting == setting and record.canaries == 200 and record.runs == 2
+        assert record.confidence == 0.95 and record.delta == metrics.delta
+        assert 0 <= record.epsilon_lower_bound <= metrics.epsilon
+        assert record.accountant_epsilon == record.audit_run_epsilon == pytest.approx(metrics.epsilon)
+        assert record.mechanism == "centralized DP-SGD" and record.gdp_mu_estimate >= 0
         # The f-DP bound is the headline; Steinke et al.'s is beside it, on the same guesses' canaries.
-        assert record["accountant_curve_rejected"] is False and record["n_tests"] == 2 * len(record["statistics"])
-        assert 0 <= record["steinke"]["epsilon_lower_bound"] <= metrics.epsilon
-        assert record["n_guesses"] == 2 * (record["k_plus"] + record["k_minus"]) and record["k_plus"] == 2
-    assert implementation_results(section)["all_iterates"]["statistics"] == ["poisson", "fixed_order"]
+        assert record.accountant_curve_rejected is False and record.n_tests == 2 * len(record.statistics)
+        assert 0 <= record.steinke.epsilon_lower_bound <= metrics.epsilon
+        assert record.n_guesses == 2 * (record.k_plus + record.k_minus) and record.k_plus == 2
+    assert records["all_iterates"].statistics == ["poisson", "fixed_order"]
     summary = format_summary(metrics, report, tmp_path)
     assert "white-box    all iterates: eps lower bound" in summary and "final model" in summary
     assert "the accountant's curve not rejected), Steinke et al. " in summary
@@ -344,12 +344,12 @@ def test_audit_json_summary_and_tensorboard_carry_both_settings(tiny_config, tmp
     # Single numbers are HParams metrics (the run's tb/hparams record), not one-point charts.
     events = EventAccumulator(str(tmp_path / "tb" / "hparams"))
     events.Reload()
-    all_iterates = implementation_results(section)["all_iterates"]
+    all_iterates = records["all_iterates"]
     assert events.Scalars("trial/implementation/all_iterates/eps_lb")[-1].value == pytest.approx(
-        all_iterates["epsilon_lower_bound"]
+        all_iterates.epsilon_lower_bound
     )
     assert events.Scalars("trial/implementation/all_iterates/steinke_eps_lb")[-1].value == pytest.approx(
-        all_iterates["steinke"]["epsilon_lower_bound"]
+        all_iterates.steinke.epsilon_lower_bound
     )
 
 
@@ -359,18 +359,20 @@ def test_a_white_box_bound_above_the_accountants_epsilon_is_listed_under_warning
     audit = audit_run.implementation_audit
 
     def inflated(*args, **kwargs):
-        return {**audit(*args, **kwargs), "epsilon_lower_bound": 9.0}
+        result = audit(*args, **kwargs)
+        records = {setting: dataclasses.replace(r, epsilon_lower_bound=9.0) for setting, r in result.records.items()}
+        return dataclasses.replace(result, records=records)
 
     monkeypatch.setattr(audit_run, "implementation_audit", inflated)
     _, report = pipeline.train(tiny_config(*WHITEBOX_RUN, "audit.whitebox.runs=1"), tmp_path)
-    assert report["implementation"]["epsilon_lower_bound"] == 9.0
-    assert len(report["warnings"]) == 1 and report["warnings"][0].startswith("implementation (all_iterates): ")
-    assert "9.000 exceeds the accountant's epsilon" in report["warnings"][0]
+    assert report.implementation.records["all_iterates"].epsilon_lower_bound == 9.0
+    assert len(report.warnings) == 1 and report.warnings[0].startswith("implementation (all_iterates): ")
+    assert "9.000 exceeds the accountant's epsilon" in report.warnings[0]
 
 
 def test_the_non_private_baseline_skips_the_implementation_audit_with_a_note(tiny_config, tmp_path):
     _, report = pipeline.train(tiny_config(*WHITEBOX_RUN, "privacy.target_epsilon=inf"), tmp_path)
-    assert report["implementation"] == {"skipped": "the non-private baseline has no clipping norm or noise to audit"}
+    assert report.implementation == Skipped("the non-private baseline has no clipping norm or noise to audit")
 
 
 def test_the_shipped_implementation_audit_is_one_run_of_100000_canaries_also_beside_any_level():
@@ -408,10 +410,12 @@ def test_federated_runs_audit_the_worst_clients_mechanism_or_the_dp_fedavg_serve
         tiny_config(*WHITEBOX_RUN, *federated, "federation.dp_level=user", "federation.clients_per_round=2"),
         tmp_path / "user",
     )
-    assert sample["implementation"]["mechanism"].endswith("local DP-SGD (sample level)")
-    assert user["implementation"]["mechanism"] == "DP-FedAvg server (user level)"
-    for report in (sample, user):
-        assert report["implementation"]["epsilon_lower_bound"] <= report["accountant_epsilon"]
+    (sample_record,) = sample.implementation.records.values()
+    (user_record,) = user.implementation.records.values()
+    assert sample_record.mechanism.endswith("local DP-SGD (sample level)")
+    assert user_record.mechanism == "DP-FedAvg server (user level)"
+    for report, record in ((sample, sample_record), (user, user_record)):
+        assert record.epsilon_lower_bound <= report.accountant_epsilon
 
 
 def test_canary_clients_release_one_client_contribution_through_dp_fedavg_when_sampled():
@@ -433,6 +437,10 @@ def test_canary_clients_release_one_client_contribution_through_dp_fedavg_when_s
 def test_lower_bound_panel_draws_the_white_box_bound_beside_the_black_box_ones():
     import matplotlib.pyplot as plt
 
+    from conftest import make_audit_report
+
+    from dptrain.audit.metrics import membership_metrics
+    from dptrain.audit.results import ImplementationAudit, ImplementationRecord
     from dptrain.report.collect import RunRecord
     from dptrain.report.figures import EpsilonAxis, draw_lower_bound
     from dptrain.report.table import build_table
@@ -440,9 +448,17 @@ def test_lower_bound_panel_draws_the_white_box_bound_beside_the_black_box_ones()
     def run(epsilon, bound):
         metrics = {"private": True, "test_accuracy": 0.9, "epsilon": epsilon, "delta": 1e-5, "noise_multiplier": 1.0,
                    "train_seconds": 1.0}
-        mia = {"auc": 0.5, "tpr_at_fpr": {"0.01": 0.01}, "epsilon_lower_bound": {"value": 0.0}}
-        audit = {"mia": {"loss": mia}, "aia": {"skipped": "-"}, "canary": None, "audit_seconds": 1.0, "level": "implementation",
-                 "implementation": {"setting": "all_iterates", "epsilon_lower_bound": bound}}
+        record = ImplementationRecord(
+            setting="all_iterates", epsilon_lower_bound=bound, confidence=0.95, delta=1e-5, accountant_epsilon=epsilon,
+            audit_run_epsilon=epsilon, canaries=100, runs=1, included=50, statistic="poisson", statistics=["poisson"],
+            n_guesses=2, n_correct=2, k_plus=1, k_minus=1, gdp_mu_estimate=None, epsilon_estimate=None,
+            mechanism="centralized DP-SGD", noise_multiplier=1.0, sample_rate=0.1, steps=10,
+        )
+        audit = make_audit_report(
+            level="implementation", accountant_epsilon=epsilon,
+            mia={"loss": membership_metrics(np.arange(10.0), np.arange(10.0), n_bootstrap=10)},
+            implementation=ImplementationAudit({"all_iterates": record}, seconds=1.0),
+        )
         return RunRecord(None, f"{epsilon}", [f"privacy.target_epsilon={epsilon}"], metrics, audit)
 
     table = build_table([run(1.0, 0.57), run(4.0, 2.53)])

@@ -35,8 +35,9 @@ def standard_run(tmp_path_factory):
 
 
 def test_audit_json_has_each_attack_with_counts_and_intervals(standard_run):
-    run_dir, metrics, report = standard_run
-    assert _report(run_dir) == report
+    run_dir, metrics, typed = standard_run
+    report = _report(run_dir)
+    assert report == typed.to_dict()
     assert set(report["mia"]) == {"loss", "rmia"}
     for attack in report["mia"].values():
         assert set(attack["tpr_at_fpr"]) == {"0.001", "0.01", "0.1"}
@@ -69,11 +70,11 @@ def test_audit_lands_in_tensorboard_as_figures_text_and_hparams_metrics_not_one_
     hparams.Reload()
     for attack in ("loss", "rmia"):
         # 575 non-members cannot measure TPR at FPR 0.1%: audit.json says null and no metric is logged.
-        assert report["mia"][attack]["tpr_at_fpr"]["0.001"] is None
+        assert report.mia[attack].tpr_at_fpr["0.001"] is None
         for metric in ("auc", "tpr@1%", "eps_lb"):
             (point,) = hparams.Scalars(f"trial/mia/{attack}/{metric}")
             assert point.step == 1
-        assert hparams.Scalars(f"trial/mia/{attack}/auc")[0].value == pytest.approx(report["mia"][attack]["auc"])
+        assert hparams.Scalars(f"trial/mia/{attack}/auc")[0].value == pytest.approx(report.mia[attack].auc)
     assert hparams.Scalars("trial/accuracy/test")[0].value == pytest.approx(metrics.test_accuracy)
 
 
@@ -82,8 +83,8 @@ def test_reaudit_reuses_cached_reference_models_and_reproduces_the_numbers(stand
 
     run_dir, _, first = standard_run
     again = pipeline.audit(make_config("train.progress=false", *AUDITED), run_dir)
-    assert again["reference_models"]["reused_from_cache"] is True
-    assert again["mia"]["rmia"]["auc"] == pytest.approx(first["mia"]["rmia"]["auc"])
+    assert again.reference_models.reused_from_cache is True
+    assert again.mia["rmia"].auc == pytest.approx(first.mia["rmia"].auc)
 
 
 def test_lira_online_and_offline_with_reference_models_trained_in_two_processes(tiny_config, tmp_path):
@@ -91,11 +92,10 @@ def test_lira_online_and_offline_with_reference_models_trained_in_two_processes(
         tiny_config("audit=thorough", "audit.mia.reference_models=4", "audit.canaries.count=0", "audit.workers=2"),
         tmp_path,
     )
-    assert {"loss", "rmia", "lira_online", "lira_offline"} == set(report["mia"])
-    assert report["reference_models"] == {
-        "count": 4, "scheme": "halves", "train_seconds": report["reference_models"]["train_seconds"], "reused_from_cache": False,
-    }
-    assert all(0.0 <= m["auc"] <= 1.0 for m in report["mia"].values())
+    assert {"loss", "rmia", "lira_online", "lira_offline"} == set(report.mia)
+    references = report.reference_models
+    assert (references.count, references.scheme, references.reused_from_cache) == (4, "halves", False)
+    assert all(0.0 <= m.auc <= 1.0 for m in report.mia.values())
 
 
 # Few members, a wide MLP and many epochs: the non-private model memorises its members.
@@ -111,10 +111,10 @@ def test_on_an_overfit_baseline_loss_leaks_and_rmia_and_lira_find_at_least_as_mu
 
     metrics, report = pipeline.train(make_config(*OVERFIT, "privacy.target_epsilon=inf"), tmp_path)
     assert metrics.train_accuracy == 1.0
-    mia = report["mia"]
-    assert mia["loss"]["auc"] >= 0.6
+    mia = report.mia
+    assert mia["loss"].auc >= 0.6
     for attack in ("rmia", "lira_online", "lira_offline"):
-        assert mia[attack]["tpr_at_fpr"]["0.01"] >= mia["loss"]["tpr_at_fpr"]["0.01"], attack
+        assert mia[attack].tpr_at_fpr["0.01"] >= mia["loss"].tpr_at_fpr["0.01"], attack
 
 
 def test_at_epsilon_one_every_attack_is_near_chance_and_every_bound_below_epsilon(tmp_path):
@@ -122,10 +122,10 @@ def test_at_epsilon_one_every_attack_is_near_chance_and_every_bound_below_epsilo
 
     metrics, report = pipeline.train(make_config(*OVERFIT, "privacy.target_epsilon=1"), tmp_path)
     assert metrics.epsilon <= 1.0
-    for attack, result in report["mia"].items():
-        assert 0.4 <= result["auc"] <= 0.6, attack
-        assert result["epsilon_lower_bound"]["value"] <= metrics.epsilon, attack
-    assert report["warnings"] == []
+    for attack, result in report.mia.items():
+        assert 0.4 <= result.auc <= 0.6, attack
+        assert result.epsilon_lower_bound.value <= metrics.epsilon, attack
+    assert report.warnings == []
 
 
 # A table where the group barely shows in the other features (imputation ~0.6): what an
@@ -142,31 +142,31 @@ def test_overfit_model_leaks_the_attribute_of_members_and_dp_shrinks_it(tmp_path
 
     _, leaky = pipeline.train(make_config(*AIA, "privacy.target_epsilon=inf"), tmp_path / "baseline")
     _, private = pipeline.train(make_config(*AIA, "privacy.target_epsilon=1"), tmp_path / "dp")
-    advantage = {name: r["aia"]["members"]["advantage"]["accuracy"] for name, r in (("leaky", leaky), ("dp", private))}
-    assert advantage["leaky"] > leaky["aia"]["nonmembers"]["advantage"]["accuracy"]
-    assert leaky["aia"]["leakage"]["accuracy"] > 0.02
-    assert advantage["dp"] < advantage["leaky"] and private["aia"]["leakage"]["accuracy"] < leaky["aia"]["leakage"]["accuracy"]
+    advantage = {name: r.aia.members.advantage["accuracy"] for name, r in (("leaky", leaky), ("dp", private))}
+    assert advantage["leaky"] > leaky.aia.nonmembers.advantage["accuracy"]
+    assert leaky.aia.leakage["accuracy"] > 0.02
+    assert advantage["dp"] < advantage["leaky"] and private.aia.leakage["accuracy"] < leaky.aia.leakage["accuracy"]
 
 
 def test_attribute_inference_runs_against_imputation_on_synthetic_data(tiny_config, tmp_path):
     _, report = pipeline.train(tiny_config("dataset=synthetic", "dataset.n_samples=1000", "audit=fast"), tmp_path)
-    aia = report["aia"]
-    assert aia["attribute"] == "group"
-    for group in ("members", "nonmembers"):
-        for method in ("attack", "imputation"):
-            assert 0.0 <= aia[group][method]["accuracy"] <= 1.0
-    assert aia["n_members"] == aia["n_nonmembers"] > 0
-    assert aia["leakage"]["accuracy"] == pytest.approx(
-        aia["members"]["advantage"]["accuracy"] - aia["nonmembers"]["advantage"]["accuracy"]
+    aia = report.aia
+    assert aia.attribute == "group"
+    for group in (aia.members, aia.nonmembers):
+        for method in (group.attack, group.imputation):
+            assert 0.0 <= method.accuracy <= 1.0
+    assert aia.n_members == aia.n_nonmembers > 0
+    assert aia.leakage["accuracy"] == pytest.approx(
+        aia.members.advantage["accuracy"] - aia.nonmembers.advantage["accuracy"]
     )
 
 
 def test_canaries_enter_training_by_coin_flip_and_give_a_one_run_bound(tiny_config, tmp_path):
     metrics, report = pipeline.train(tiny_config("audit=fast", "audit.canaries.count=40"), tmp_path)
-    canary = report["canary"]
-    assert canary["n_canaries"] == 40 and canary["n_included"] == metrics.centralized.canaries_included
+    canary = report.canary
+    assert canary.n_canaries == 40 and canary.n_included == metrics.centralized.canaries_included
     assert 0 < metrics.centralized.canaries_included < 40
-    assert 0.0 <= canary["epsilon_lower_bound"] <= metrics.epsilon
+    assert 0.0 <= canary.epsilon_lower_bound <= metrics.epsilon
     # The privacy plan counted the inserted canaries as training records.
     assert metrics.sample_rate == pytest.approx(1 / -(-(metrics.members + metrics.centralized.canaries_included) // 128))
 
@@ -249,8 +249,8 @@ def test_an_audit_after_an_interrupted_one_completes_the_run_and_its_manifest(tm
     report = pipeline.audit(cfg, tmp_path)
     assert read_run(tmp_path, "run").complete
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["audits"] == [report["history_file"]] and manifest["written_after_interruption"] is True
-    artifacts = {"audit.json", report["history_file"], "metrics.json", "model.pt", "split.json", "checkpoint.pt"}
+    assert manifest["audits"] == [report.history_file] and manifest["written_after_interruption"] is True
+    artifacts = {"audit.json", report.history_file, "metrics.json", "model.pt", "split.json", "checkpoint.pt"}
     assert artifacts <= set(manifest["digests"])
     for name, digest in manifest["digests"].items():
         assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest, name
@@ -266,7 +266,7 @@ def test_reauditing_updates_the_manifest_of_a_complete_run(fast_run, tmp_path):
     assert {k: after[k] for k in ("started_at", "finished_at", "config_hash", "data_fingerprint")} == {
         k: before[k] for k in ("started_at", "finished_at", "config_hash", "data_fingerprint")
     }
-    assert after["audits"] == [*before["audits"], report["history_file"]] and "written_after_interruption" not in after
+    assert after["audits"] == [*before["audits"], report.history_file] and "written_after_interruption" not in after
     assert after["digests"]["audit.json"] == hashlib.sha256((run_dir / "audit.json").read_bytes()).hexdigest()
 
 
@@ -274,13 +274,13 @@ def test_a_canary_audit_of_a_run_trained_without_canaries_says_why_it_has_no_bou
     cfg, trained = fast_run
     run_dir = shutil.copytree(trained, tmp_path / "run")
     report = pipeline.audit(cfg, run_dir, _audit_request("audit=fast", "audit.canaries.count=10"))
-    reason = report["canary"]["skipped"]
+    reason = report.canary.reason
     assert "trained with audit.canaries.count=0" in reason and "inserted at training time" in reason
     assert f"canaries     skipped: {reason}" in format_audit(report)
     (row,) = build_table([read_run(run_dir, "run")]).rows
     assert row["canary.eps_lb"] is None
     # A run trained with no canaries and an audit that asks for none: nothing is missing, nothing to say.
-    assert pipeline.audit(cfg, run_dir)["canary"] is None
+    assert pipeline.audit(cfg, run_dir).canary is None
 
 
 def test_reauditing_with_no_audit_is_refused(fast_run):

@@ -237,7 +237,7 @@ def test_two_process_audit_trains_reference_models_on_both_ranks(tmp_path):
     assert "[rank 0]" in log and "rank 0 trains population reference models [0]" in log
     assert "[rank 1]" in log and "rank 1 trains population reference models [1]" in log
     report = json.loads((run_dir / "audit.json").read_text())
-    single = pipeline.train(make_config("train.epochs=2", "train.progress=false"), tmp_path / "single")[1]
+    single = pipeline.train(make_config("train.epochs=2", "train.progress=false"), tmp_path / "single")[1].to_dict()
     assert set(report) == set(single) and set(report["mia"]) == set(single["mia"]) == {"loss", "rmia"}
     assert set(report["mia"]["rmia"]) == set(single["mia"]["rmia"])
 

@@ -318,10 +318,10 @@ def test_audit_of_the_federated_model_takes_the_honest_records_as_members(fed_co
     byzantine_records = sum(metrics["client_sizes"][i] for i in metrics["byzantine_clients"])
     assert metrics["honest_members"] == 575 - byzantine_records
     # Label stratification may leave out a few honest records, never add others.
-    assert report["members"] == report["non_members"] == metrics["audited_members"] <= metrics["honest_members"]
-    assert report["mia"]["loss"]["n_members"] == metrics["audited_members"]
+    assert report.members == report.non_members == metrics["audited_members"] <= metrics["honest_members"]
+    assert report.mia["loss"].n_members == metrics["audited_members"]
     assert json.loads((tmp_path / "audit.json").read_text())["members"] == metrics["audited_members"]
-    assert pipeline.audit(cfg, tmp_path)["members"] == metrics["audited_members"]
+    assert pipeline.audit(cfg, tmp_path).members == metrics["audited_members"]
 
 
 def test_clients_the_schedule_never_picked_are_no_members_of_the_audit(fed_config, tmp_path):

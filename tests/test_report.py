@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-from conftest import TINY
+from conftest import TINY, make_audit_report
 from conftest import run_dptrain as dptrain
 
 from dptrain.config import register_configs
@@ -238,8 +238,9 @@ def test_a_run_trained_without_audit_but_audited_later_reports_its_audit(tmp_pat
     for name in ("metrics.json", "manifest.json"):
         (tmp_path / name).write_text("{}")
     assert read_run(tmp_path, "run").complete and read_run(tmp_path, "run").audit is None
-    (tmp_path / "audit.json").write_text('{"level": "fast"}')
-    assert read_run(tmp_path, "run").audit == {"level": "fast"}
+    audit = make_audit_report(history_file="audits/20250101T000000.000Z-fast.json")
+    (tmp_path / "audit.json").write_text(json.dumps(audit.to_dict()))
+    assert read_run(tmp_path, "run").audit == audit
     (tmp_path / "metrics.json").write_text("{trunc")
     assert read_run(tmp_path, "run").missing == ["metrics.json (unreadable)"]
 

@@ -141,8 +141,8 @@ def test_a_reaudit_brings_the_hparams_metrics_to_the_latest_audit(sweep, tmp_pat
     assert "trial/mia/rmia/auc" in {m.name.tag for m in experiment.metric_infos}
     row = rows["0/tb/hparams"]
     # The second audit's numbers, at step 2.
-    assert row["trial/mia/rmia/auc"] == (pytest.approx(report["mia"]["rmia"]["auc"]), 2)
-    assert row["trial/mia/loss/auc"] == (pytest.approx(report["mia"]["loss"]["auc"]), 2)
+    assert row["trial/mia/rmia/auc"] == (pytest.approx(report.mia["rmia"].auc), 2)
+    assert row["trial/mia/loss/auc"] == (pytest.approx(report.mia["loss"].auc), 2)
     events = _events(run_dir / "tb")
     assert [image.step for image in events.Images("audit/scores")] == [1, 2]
     # A third audit without RMIA: its RMIA cells say "not measured", not the second audit's numbers.

@@ -66,7 +66,7 @@ def test_a_run_written_before_the_newer_metrics_fields_is_audited_again(tiny_con
     read = RunMetrics.from_dict(older)
     assert read.epsilon_pld is None and read.centralized.world_size == 1 and read.centralized.parallel_mode is None
     report = pipeline.audit(cfg, tmp_path, tiny_config("audit=fast").audit)
-    assert report["mia"]["loss"]["n_members"] == read.members
+    assert report.mia["loss"].n_members == read.members
 
 
 def test_epsilon_is_within_ninety_to_hundred_percent_of_the_target(default_run):

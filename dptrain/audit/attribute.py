@@ -9,8 +9,7 @@ on members than on non-members.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from dptrain.audit.membership import compute_signals
+from dptrain.audit.results import AttributeGroup, AttributeInferenceResult, AttributeScores
 
 RULES = ("loss", "confidence_prior", "imputation_prior")
 
@@ -37,43 +37,6 @@ class SensitiveAttributeLike(Protocol):
     values: torch.Tensor
     value_names: Sequence[str]
     codes: torch.Tensor | np.ndarray
-
-
-@dataclass(frozen=True)
-class AttributeScores:
-    """Accuracy, balanced accuracy and Matthews correlation of predicted codes on ``n`` records."""
-
-    accuracy: float
-    balanced_accuracy: float
-    mcc: float
-    n: int
-
-
-@dataclass(frozen=True)
-class AttributeGroup:
-    """Attack and imputation on one group of records; ``advantage`` = attack - imputation per metric."""
-
-    attack: AttributeScores
-    imputation: AttributeScores
-    advantage: dict[str, float]
-
-
-@dataclass(frozen=True)
-class AttributeInferenceResult:
-    """Attribute inference on members and non-members; ``leakage`` = member advantage - non-member advantage."""
-
-    attribute: str
-    value_names: list[str]
-    rule: str
-    members: AttributeGroup
-    nonmembers: AttributeGroup
-    leakage: dict[str, float]
-    n_members: int
-    n_nonmembers: int
-    n_population: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _columns(attribute: SensitiveAttributeLike) -> torch.Tensor:

@@ -9,41 +9,12 @@ The canaries themselves (which records, their random inclusion bits) belong to
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy import special, stats
 
-
-@dataclass(frozen=True)
-class OneRunAudit:
-    """The one-run epsilon lower bound and the guesses it was computed from.
-
-    ``n_guesses`` = k_plus + k_minus guesses were made among ``n_canaries`` canaries
-    (``n_included`` trained on, ``n_excluded`` not), ``n_correct`` of them right.
-    ``n_candidates`` (k_plus, k_minus) pairs were tried; the bound of each was taken
-    at confidence 1 - (1 - confidence) / n_candidates, so the reported maximum
-    holds at ``confidence`` overall. With ``n_runs`` > 1 independent runs the
-    canaries, guesses and correct guesses are totals over the runs, each run
-    guessing k_plus IN and k_minus OUT among its own canaries.
-    """
-
-    epsilon_lower_bound: float
-    confidence: float
-    delta: float
-    n_canaries: int
-    n_included: int
-    n_excluded: int
-    n_guesses: int
-    n_correct: int
-    k_plus: int
-    k_minus: int
-    n_candidates: int
-    n_runs: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from dptrain.audit.results import OneRunAudit
 
 
 def _check_counts(m: int, r: int, v: int) -> None:

@@ -28,6 +28,7 @@ from torch.utils.data import TensorDataset
 
 from dptrain.audit.probe import CanaryProbe, ProbeObserver, canary_magnitude, probe_records
 from dptrain.audit.fdp import SubsampledGaussianFamily
+from dptrain.audit.results import ImplementationAudit, ImplementationRecord, Skipped, SteinkeBound
 from dptrain.audit.whitebox import SETTINGS, canary_lower_bounds, gdp_epsilon, gdp_mu_estimate, setting_scores
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, PrivateTraining, make_private, unwrap
@@ -168,8 +169,8 @@ def run_seed(audit_seed: int, run: int) -> int:
 
 def implementation_audit(
     cfg, mechanism, epsilon: float | None, device: torch.device, *, tamper: Tamper | None = None
-) -> dict | None:
-    """``audit.json``'s ``implementation``: the white-box lower bound and Gaussian-DP estimate of
+) -> ImplementationAudit | Skipped | None:
+    """The white-box lower bound and Gaussian-DP estimate of
     ``mechanism`` (an ``AuditedMechanism``, or any object with its ``plan``, ``scope``,
     ``distributed`` and ``run``) from ``audit.whitebox.runs`` audit runs of
     ``audit.whitebox.canaries`` canaries.
@@ -181,12 +182,13 @@ def implementation_audit(
     own curve is rejected, which proves the mechanism is not the one charged for); ``steinke``
     holds Steinke et al. 2023's bound (the runs' counts combined as independent), which assumes
     nothing about the curve's shape. ``gdp_mu_estimate`` and ``epsilon_estimate`` are an estimate
-    (Nasr et al. 2023), not a bound. A single setting gives its record; ``both`` gives one per setting.
-    Every rank calls this under ``mechanism.distributed``; ranks other than 0 get None.
+    (Nasr et al. 2023), not a bound. One record per setting run (``both``: every one of ``SETTINGS``);
+    ``Skipped`` for the non-private baseline. Every rank calls this under ``mechanism.distributed``;
+    ranks other than 0 get None.
     """
     whitebox = cfg.audit.whitebox
     if not mechanism.plan.private:
-        return {"skipped": "the non-private baseline has no clipping norm or noise to audit"}
+        return Skipped("the non-private baseline has no clipping norm or noise to audit")
     started = time.perf_counter()
     runs = []
     for r in range(whitebox.runs):
@@ -204,17 +206,16 @@ def implementation_audit(
     if mechanism.distributed and not ranks.is_main():
         return None
     settings = SETTINGS if whitebox.setting == "both" else (whitebox.setting,)
-    results = {
-        setting: _setting_result(setting, runs, mechanism, epsilon, cfg.audit.confidence, cfg.audit.seed)
+    records = {
+        setting: _setting_record(setting, runs, mechanism, epsilon, cfg.audit.confidence, cfg.audit.seed)
         for setting in settings
     }
-    seconds = time.perf_counter() - started
-    if len(results) == 1:
-        return {**results[settings[0]], "seconds": seconds}
-    return {**results, "setting": "both", "seconds": seconds}
+    return ImplementationAudit(records, seconds=time.perf_counter() - started)
 
 
-def _setting_result(setting: str, runs: list[AuditRun], mechanism, epsilon, confidence: float, seed: int) -> dict:
+def _setting_record(
+    setting: str, runs: list[AuditRun], mechanism, epsilon, confidence: float, seed: int
+) -> ImplementationRecord:
     plan = mechanism.plan
     statistics: dict[str, list[np.ndarray]] = {}
     for run in runs:
@@ -244,38 +245,38 @@ def _setting_result(setting: str, runs: list[AuditRun], mechanism, epsilon, conf
     claimed = next(iter(pooled.values()))
     mu = gdp_mu_estimate(claimed[included], claimed[~included])
     estimate = gdp_epsilon(mu, plan.delta)
-    return {
-        "setting": setting,
-        "epsilon_lower_bound": fdp.epsilon_lower_bound,
-        "confidence": confidence,
-        "delta": plan.delta,
-        "accountant_epsilon": epsilon,
-        "audit_run_epsilon": runs[0].accountant_epsilon,
-        "canaries": len(runs[0].included),
-        "runs": len(runs),
-        "included": int(included.sum()),
-        "rejected_noise_multiplier": fdp.rejected_noise,
-        "accountant_curve_rejected": fdp.claimed_rejected,
-        "statistic": fdp.statistic,
-        "statistics": list(pooled),
-        "n_guesses": fdp.n_guesses,
-        "n_correct": fdp.n_correct,
-        "k_plus": fdp.k_plus,
-        "k_minus": fdp.k_minus,
-        "n_tests": fdp.n_tests,
-        "steinke": {
-            "epsilon_lower_bound": steinke.epsilon_lower_bound,
-            "statistic": steinke_statistic,
-            "n_guesses": steinke.n_guesses,
-            "n_correct": steinke.n_correct,
-            "k_plus": steinke.k_plus,
-            "k_minus": steinke.k_minus,
-            "n_candidates": steinke.n_candidates,
-        },
-        "gdp_mu_estimate": None if math.isnan(mu) else mu,
-        "epsilon_estimate": None if not math.isfinite(estimate) else estimate,
-        "mechanism": mechanism.scope,
-        "noise_multiplier": plan.noise_multiplier,
-        "sample_rate": plan.sample_rate,
-        "steps": plan.steps,
-    }
+    return ImplementationRecord(
+        setting=setting,
+        epsilon_lower_bound=fdp.epsilon_lower_bound,
+        confidence=confidence,
+        delta=plan.delta,
+        accountant_epsilon=epsilon,
+        audit_run_epsilon=runs[0].accountant_epsilon,
+        canaries=len(runs[0].included),
+        runs=len(runs),
+        included=int(included.sum()),
+        rejected_noise_multiplier=fdp.rejected_noise,
+        accountant_curve_rejected=fdp.claimed_rejected,
+        statistic=fdp.statistic,
+        statistics=list(pooled),
+        n_guesses=fdp.n_guesses,
+        n_correct=fdp.n_correct,
+        k_plus=fdp.k_plus,
+        k_minus=fdp.k_minus,
+        n_tests=fdp.n_tests,
+        steinke=SteinkeBound(
+            epsilon_lower_bound=steinke.epsilon_lower_bound,
+            statistic=steinke_statistic,
+            n_guesses=steinke.n_guesses,
+            n_correct=steinke.n_correct,
+            k_plus=steinke.k_plus,
+            k_minus=steinke.k_minus,
+            n_candidates=steinke.n_candidates,
+        ),
+        gdp_mu_estimate=None if math.isnan(mu) else mu,
+        epsilon_estimate=None if not math.isfinite(estimate) else estimate,
+        mechanism=mechanism.scope,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+    )

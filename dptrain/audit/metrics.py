@@ -2,19 +2,21 @@
 bootstrap confidence intervals, Clopper-Pearson bounds and the empirical epsilon lower bound.
 
 Every function takes the scores of members and of non-members separately; a higher
-score means "more likely a member". Results are plain dataclasses whose ``to_dict``
-is strict JSON (no NaN or Infinity; an undefined value is ``None``) and every result
-carries the member / non-member counts it was measured on.
+score means "more likely a member". Results are the dataclasses of ``dptrain.audit.results``,
+whose ``to_dict`` is strict JSON (no NaN or Infinity; an undefined value is ``None``), and every
+result carries the member / non-member counts it was measured on.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import stats
+
+from dptrain.audit.results import EpsilonLowerBound, Interval, MembershipMetrics
 
 FPR_TARGETS: tuple[float, ...] = (0.001, 0.01, 0.1)
 
@@ -22,15 +24,6 @@ FPR_TARGETS: tuple[float, ...] = (0.001, 0.01, 0.1)
 def fpr_key(target: float) -> str:
     """The JSON key of a TPR-at-FPR target: ``0.001 -> "0.001"``, ``0.1 -> "0.1"``."""
     return f"{target:g}"
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A confidence interval ``[low, high]`` at level ``confidence``."""
-
-    low: float
-    high: float
-    confidence: float
 
 
 @dataclass(frozen=True)
@@ -55,58 +48,6 @@ class RocCurve:
     @property
     def fpr(self) -> np.ndarray:
         return self.false_positives / self.n_nonmembers
-
-
-@dataclass(frozen=True)
-class EpsilonLowerBound:
-    """An empirical epsilon lower bound with everything needed to check it.
-
-    ``value`` holds with probability at least ``confidence`` over the records, given
-    the threshold chosen on the calibration half (see ``epsilon_lower_bound``).
-    ``true_positives`` / ``false_positives`` are counted on the evaluation half, of
-    ``n_members`` members and ``n_nonmembers`` non-members; ``threshold`` is ``None``
-    when the chosen rule calls no record a member.
-    """
-
-    value: float
-    confidence: float
-    delta: float
-    threshold: float | None
-    true_positives: int
-    false_positives: int
-    n_members: int
-    n_nonmembers: int
-    tpr_lower: float
-    fpr_upper: float
-    n_calibration_members: int
-    n_calibration_nonmembers: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class MembershipMetrics:
-    """The audit numbers of one membership-inference attack.
-
-    ``tpr_at_fpr`` and ``tpr_at_fpr_ci`` are keyed ``"0.001"``, ``"0.01"``, ``"0.1"``;
-    a value is ``None`` where there are fewer than ``1 / target`` non-members (the
-    only FPR at or below the target is then 0, so the number would not measure what
-    its name says).
-    """
-
-    auc: float
-    auc_ci: Interval
-    tpr_at_fpr: dict[str, float | None]
-    tpr_at_fpr_ci: dict[str, Interval | None]
-    advantage: float
-    epsilon_lower_bound: EpsilonLowerBound
-    n_members: int
-    n_nonmembers: int
-    n_bootstrap: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _scores(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:

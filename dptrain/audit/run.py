@@ -22,7 +22,15 @@ from dptrain.audit.implementation import AuditedMechanism, implementation_audit
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import membership_metrics
 from dptrain.audit.reference import ReferenceModels, default_workers, train_references
-from dptrain.audit.whitebox import implementation_results
+from dptrain.audit.results import (
+    AttributeInferenceResult,
+    AuditReport,
+    ImplementationAudit,
+    MembershipMetrics,
+    OneRunAudit,
+    ReferenceModelsRecord,
+    Skipped,
+)
 from dptrain.data import Canaries, SplitData, population_without
 from dptrain.privacy import PrivacyPlan
 from dptrain.seeds import Stream, derived_seed
@@ -40,9 +48,9 @@ AUC_FLOOR = 0.4
 
 @dataclass(frozen=True)
 class AuditResult:
-    """``audit.json``'s content and, per membership attack, its (member, non-member) scores."""
+    """The audit's report (``audit.json``) and, per membership attack, its (member, non-member) scores."""
 
-    report: dict
+    report: AuditReport
     scores: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
@@ -101,7 +109,9 @@ def _references(target: AuditTarget, run_dir) -> ReferenceModels:
     )
 
 
-def _mia(target: AuditTarget, run_dir, warnings: list[str]) -> tuple[dict, dict, dict]:
+def _mia(
+    target: AuditTarget, run_dir, warnings: list[str]
+) -> tuple[dict[str, MembershipMetrics], dict, ReferenceModelsRecord | None]:
     """Scores and metrics of every requested membership attack on the balanced members / non-members."""
     cfg = target.cfg.audit
     audited = _audited(target)
@@ -149,17 +159,17 @@ def _mia(target: AuditTarget, run_dir, warnings: list[str]) -> tuple[dict, dict,
             n_bootstrap=cfg.mia.bootstrap,
             seed=derived_seed(cfg.seed, Stream.BOOTSTRAP),
         )
-        results[name] = metrics.to_dict()
+        results[name] = metrics
         membership_guard(name, metrics.auc, metrics.epsilon_lower_bound.value, target.epsilon, warnings)
     reference_record = (
         None
         if references is None
-        else {
-            "count": len(references.models),
-            "scheme": references.scheme,
-            "train_seconds": references.seconds,
-            "reused_from_cache": references.cached,
-        }
+        else ReferenceModelsRecord(
+            count=len(references.models),
+            scheme=references.scheme,
+            train_seconds=references.seconds,
+            reused_from_cache=references.cached,
+        )
     )
     return results, {name: (s[:members], s[members:]) for name, s in scores.items()}, reference_record
 
@@ -178,12 +188,12 @@ def membership_guard(name: str, auc: float, epsilon_lb: float, epsilon: float | 
         warnings.append(f"{name}: AUC {auc:.3f} is below {AUC_FLOOR}: the attack's scores look inverted (a bug)")
 
 
-def _aia(target: AuditTarget) -> dict:
+def _aia(target: AuditTarget) -> AttributeInferenceResult | Skipped:
     sensitive = target.data.sensitive
     if sensitive is None:
-        return {"skipped": f"dataset {target.cfg.dataset.name} has no sensitive attribute"}
+        return Skipped(f"dataset {target.cfg.dataset.name} has no sensitive attribute")
     if not target.cfg.audit.aia.enabled:
-        return {"skipped": "audit.aia.enabled=false"}
+        return Skipped("audit.aia.enabled=false")
     data, split = target.data, target.data.split
     keep = population_without(split, target.canaries)
     population = TensorDataset(*(t[torch.from_numpy(keep)] for t in data.population.tensors))
@@ -194,10 +204,10 @@ def _aia(target: AuditTarget) -> dict:
     if len(values) < 2:
         # Attack and imputation would both be right every time: 1.000 vs 1.000 measures nothing.
         only = sensitive.value_names[int(values[0])]
-        return {
-            "skipped": f"dataset.sensitive={sensitive.name} has the single value {only!r} on the members, "
+        return Skipped(
+            f"dataset.sensitive={sensitive.name} has the single value {only!r} on the members, "
             "non-members and population: nothing to infer"
-        }
+        )
     attribute = dataclasses.replace(sensitive, codes=codes)
     m, n = len(data.members), len(data.members) + len(data.non_members)
     prior = np.bincount(codes[n:].numpy(), minlength=len(sensitive.value_names)) / (len(records) - n)
@@ -207,7 +217,7 @@ def _aia(target: AuditTarget) -> dict:
         with torch.no_grad():
             return model(inputs.to(target.device)).cpu()
 
-    result = attribute_inference_audit(
+    return attribute_inference_audit(
         logits_fn,
         x,
         y,
@@ -219,22 +229,21 @@ def _aia(target: AuditTarget) -> dict:
         rule=target.cfg.audit.aia.rule,
         seed=derived_seed(target.cfg.audit.seed, Stream.ATTRIBUTE),
     )
-    return result.to_dict()
 
 
-def _canary(target: AuditTarget, requested: int, warnings: list[str]) -> dict | None:
-    """The one-run canary audit; None when no canaries were asked for, ``{"skipped": why}`` when they
-    were asked for but the run has none (they must be inserted before training)."""
+def _canary(target: AuditTarget, requested: int, warnings: list[str]) -> OneRunAudit | Skipped | None:
+    """The one-run canary audit; None when no canaries were asked for, ``Skipped`` when they were
+    asked for but the run has none (they must be inserted before training)."""
     canaries = target.canaries
     if canaries is None:
         if not requested:
             return None
         if target.cfg.federation.name == "fedavg":
-            return {"skipped": "canaries are inserted into centralized training only, not with federation=fedavg"}
-        return {
-            "skipped": "the run was trained with audit.canaries.count=0; canaries must be inserted at training "
+            return Skipped("canaries are inserted into centralized training only, not with federation=fedavg")
+        return Skipped(
+            "the run was trained with audit.canaries.count=0; canaries must be inserted at training "
             "time: retrain with audit=thorough (or audit.canaries.count>0)"
-        }
+        )
     population = target.data.population.tensors[0]
     dataset = canaries.dataset(population, target.data.split.population)
     scores = loss_scores(_signals(target.model, dataset, target.device).loss)
@@ -244,8 +253,8 @@ def _canary(target: AuditTarget, requested: int, warnings: list[str]) -> dict | 
         delta=target.guarantee.delta if target.guarantee.private else 0.0,
         confidence=target.cfg.audit.confidence,
         seed=derived_seed(target.cfg.audit.seed, Stream.TIE_BREAK),
-    ).to_dict()
-    canary_guard("canary", result["epsilon_lower_bound"], target.epsilon, warnings)
+    )
+    canary_guard("canary", result.epsilon_lower_bound, target.epsilon, warnings)
     return result
 
 
@@ -295,7 +304,7 @@ def _audited_mechanism(target: AuditTarget):
     return AuditedMechanism(target.guarantee, data.members, shape, classes, "centralized DP-SGD")
 
 
-def _implementation(target: AuditTarget, warnings: list[str]) -> dict | None:
+def _implementation(target: AuditTarget, warnings: list[str]) -> ImplementationAudit | Skipped | None:
     """The white-box implementation audit (``audit.whitebox``), or None when it is off.
 
     Every rank calls this: under DPDDP the audit runs are collective; elsewhere rank 0 runs them
@@ -307,13 +316,14 @@ def _implementation(target: AuditTarget, warnings: list[str]) -> dict | None:
     if not (mechanism.distributed or ranks.is_main()):
         return None
     result = implementation_audit(target.cfg, mechanism, target.epsilon, target.device)
-    for setting, record in implementation_results(result).items():
-        canary_guard(f"implementation ({setting})", record["epsilon_lower_bound"], target.epsilon, warnings)
+    if isinstance(result, ImplementationAudit):
+        for setting, record in result.records.items():
+            canary_guard(f"implementation ({setting})", record.epsilon_lower_bound, target.epsilon, warnings)
     return result
 
 
 def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = None) -> AuditResult | None:
-    """Audit ``target`` as ``target.cfg.audit`` says; return ``audit.json``'s content and draw the TensorBoard panels.
+    """Audit ``target`` as ``target.cfg.audit`` says; return its report (``audit.json``) and the attacks' scores.
 
     Members and non-members are ``target.data``'s (balanced, disjoint, same
     distribution; only records that trained the model are members); every
@@ -340,22 +350,25 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
         canaries_requested = target.cfg.audit.canaries.count
     warnings: list[str] = []
     mia, scores, references = _mia(target, run_dir, warnings)
-    report = {
-        "level": target.cfg.audit.name,
-        "accountant_epsilon": target.epsilon,
-        "delta": target.guarantee.delta if target.guarantee.private else None,
-        "confidence": target.cfg.audit.confidence,
-        "members": len(target.data.members),
-        "non_members": len(target.data.non_members),
-        "mia": mia,
-        "aia": _aia(target),
-        "canary": _canary(target, canaries_requested, warnings),
-        "implementation": _implementation(target, warnings),
-        "reference_models": references,
-        "warnings": warnings,
-    }
-    report["audit_seconds"] = time.perf_counter() - started
-    report["audited_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    aia = _aia(target)
+    canary = _canary(target, canaries_requested, warnings)
+    implementation = _implementation(target, warnings)
+    report = AuditReport(
+        level=target.cfg.audit.name,
+        accountant_epsilon=target.epsilon,
+        delta=target.guarantee.delta if target.guarantee.private else None,
+        confidence=target.cfg.audit.confidence,
+        members=len(target.data.members),
+        non_members=len(target.data.non_members),
+        mia=mia,
+        aia=aia,
+        canary=canary,
+        implementation=implementation,
+        reference_models=references,
+        warnings=warnings,
+        audit_seconds=time.perf_counter() - started,
+        audited_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+    )
     for warning in warnings:
         log.error("audit: %s", warning)
     return AuditResult(report, scores)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from opacus.accountants.analysis.gdp import eps_from_mu
 
-from dptrain.audit.canary import OneRunAudit, one_run_audit
+from dptrain.audit.canary import one_run_audit
 from dptrain.audit.fdp import FdpAudit, SubsampledGaussianFamily, fdp_audit
+from dptrain.audit.results import OneRunAudit
 
 SETTINGS = ("all_iterates", "final_model")
 
@@ -128,20 +130,8 @@ def gdp_epsilon(mu: float, delta: float) -> float:
         return float("nan")
     if mu == 0.0:
         return 0.0
-    # Imported here: the report reads audit.json through this module without loading torch.
-    from opacus.accountants.analysis.gdp import eps_from_mu
-
     try:
         return float(eps_from_mu(mu=mu, delta=delta))
     except ValueError:
         # Beyond Opacus' bracket [0, 500]: no finite epsilon worth reporting.
         return float("inf")
-
-
-def implementation_results(section: dict | None) -> dict[str, dict]:
-    """``audit.json``'s ``implementation`` by setting (empty when it was off or skipped)."""
-    if section is None or "skipped" in section:
-        return {}
-    if section["setting"] == "both":
-        return {setting: section[setting] for setting in SETTINGS}
-    return {section["setting"]: section}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from dptrain.audit.results import AuditReport
 from dptrain.errors import UserError
 from dptrain.report.progress import sweep_jobs
 from dptrain.tracking.artifacts import AUDIT, HYDRA_DIR, MANIFEST, METRICS, recorded_overrides
@@ -26,7 +27,7 @@ class RunRecord:
     name: str
     overrides: list[str]
     metrics: dict | None
-    audit: dict | None
+    audit: AuditReport | None
     missing: list[str] = field(default_factory=list)
 
     @property
@@ -51,6 +52,15 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _read_audit(path: Path) -> AuditReport | None:
+    """``audit.json`` at ``path``, None when it is absent, does not parse or is not an audit report."""
+    content = _read_json(path)
+    try:
+        return None if content is None else AuditReport.from_dict(content)
+    except ValueError:
+        return None
+
+
 def _audited(run_dir: Path) -> bool:
     """Whether the run's config asked for an audit, i.e. whether a finished run has ``audit.json``."""
     config = run_dir / HYDRA_DIR / "config.yaml"
@@ -66,11 +76,11 @@ def read_run(run_dir: Path, name: str) -> RunRecord:
     contents = {}
     missing = []
     for file in required:
-        contents[file] = _read_json(run_dir / file)
+        contents[file] = (_read_audit if file == AUDIT else _read_json)(run_dir / file)
         if contents[file] is None:
             missing.append(file if not (run_dir / file).exists() else f"{file} (unreadable)")
     # A run trained with audit=none may have been audited since (``dptrain audit``).
-    audit = contents[AUDIT] if AUDIT in contents else _read_json(run_dir / AUDIT)
+    audit = contents[AUDIT] if AUDIT in contents else _read_audit(run_dir / AUDIT)
     return RunRecord(run_dir, name, recorded_overrides(run_dir), contents[METRICS], audit, missing)
 
 

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from dptrain.audit.metrics import fpr_key
-from dptrain.audit.whitebox import implementation_results
+from dptrain.audit.results import AttributeInferenceResult, OneRunAudit
 from dptrain.errors import UserError
 from dptrain.report.collect import RunRecord
 from dptrain.tracking.artifacts import AUDIT
@@ -59,7 +59,7 @@ def attack_column(attack: str, metric: str) -> str:
 
 
 def _results(run: RunRecord, attacks: list[str], federated: list[str]) -> dict:
-    metrics, audit = run.metrics or {}, run.audit or {}
+    metrics, audit = run.metrics or {}, run.audit
     columns = [
         *LEADING, *federated, *AUDIT_COLUMNS, *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS), *TRAILING
     ]
@@ -75,24 +75,23 @@ def _results(run: RunRecord, attacks: list[str], federated: list[str]) -> dict:
             noise_multiplier=metrics["noise_multiplier"],
             train_seconds=metrics["train_seconds"],
         )
-    for attack, result in audit.get("mia", {}).items():
-        row[attack_column(attack, "auc")] = result["auc"]
-        row[attack_column(attack, "tpr@1%fpr")] = result["tpr_at_fpr"][LOW_FPR_KEY]
-        row[attack_column(attack, "eps_lb")] = result["epsilon_lower_bound"]["value"]
-    canary = audit.get("canary")
-    if canary is not None and "skipped" not in canary:
-        row["canary.eps_lb"] = canary["epsilon_lower_bound"]
-    for setting, record in implementation_results(audit.get("implementation")).items():
-        row[f"implementation.{setting}.eps_lb"] = record["epsilon_lower_bound"]
-    aia = audit.get("aia", {"skipped": "no audit"})
-    if "skipped" not in aia:
-        row["aia.advantage"] = aia["members"]["advantage"]["accuracy"]
-        row["aia.leakage"] = aia["leakage"]["accuracy"]
-    if audit:
-        row["audit_seconds"] = audit["audit_seconds"]
-        row["audit_level"] = audit["level"]
-        # Audits written before the history was kept do not name a history file.
-        row["audit_file"] = audit.get("history_file", AUDIT)
+    if audit is None:
+        return row
+    for attack, result in audit.mia.items():
+        row[attack_column(attack, "auc")] = result.auc
+        row[attack_column(attack, "tpr@1%fpr")] = result.tpr_at_fpr[LOW_FPR_KEY]
+        row[attack_column(attack, "eps_lb")] = result.epsilon_lower_bound.value
+    if isinstance(audit.canary, OneRunAudit):
+        row["canary.eps_lb"] = audit.canary.epsilon_lower_bound
+    for setting, record in audit.implementation_records.items():
+        row[f"implementation.{setting}.eps_lb"] = record.epsilon_lower_bound
+    if isinstance(audit.aia, AttributeInferenceResult):
+        row["aia.advantage"] = audit.aia.members.advantage["accuracy"]
+        row["aia.leakage"] = audit.aia.leakage["accuracy"]
+    row["audit_seconds"] = audit.audit_seconds
+    row["audit_level"] = audit.level
+    # Audits written before the history was kept do not name a history file.
+    row["audit_file"] = audit.history_file or AUDIT
     return row
 
 
@@ -103,7 +102,7 @@ def build_table(runs: list[RunRecord]) -> Table:
     empirical epsilon lower bound, the canary bound, attribute-inference advantage and leakage, seconds;
     federated runs add the backdoor's success rate and the share of Byzantine updates selected."""
     override_keys = differing_overrides(runs)
-    attacks = list(dict.fromkeys(a for run in runs if run.audit for a in run.audit.get("mia", {})))
+    attacks = list(dict.fromkeys(a for run in runs if run.audit for a in run.audit.mia))
     federated = [key for key in FEDERATED if any(run.metrics and run.metrics.get(key) is not None for run in runs)]
     rows = []
     for run in runs:

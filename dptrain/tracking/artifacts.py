@@ -3,6 +3,7 @@ history in audits/, manifest.json, and the overrides Hydra recorded in .hydra/."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -130,24 +131,25 @@ def load_model(run_dir: str | Path, model):
     return model
 
 
-def record_audit(run_dir: str | Path, report: dict) -> str:
-    """Write the audit ``report`` as ``audits/<UTC time>-<level>.json``, which no later audit overwrites,
-    and as ``audit.json``, the latest; both atomically, the history first. Returns the history file's path
-    relative to ``run_dir``, which the report also records as ``history_file``.
+def record_audit(run_dir: str | Path, report):
+    """Write the audit ``report`` (a ``dptrain.audit.results.AuditReport``, ``to_dict`` its JSON) as
+    ``audits/<UTC time>-<level>.json``, which no later audit overwrites, and as ``audit.json``, the
+    latest; both atomically, the history first. Returns the report as recorded: with ``history_file``,
+    the history file's path relative to ``run_dir``.
 
     The times have millisecond digits, so the names sort in the order the audits finished.
     """
     run_dir = Path(run_dir)
-    stamp = datetime.fromisoformat(report["audited_at"]).strftime("%Y%m%dT%H%M%S.%f")[:-3]
-    name = f"{stamp}Z-{report['level']}"
+    stamp = datetime.fromisoformat(report.audited_at).strftime("%Y%m%dT%H%M%S.%f")[:-3]
+    name = f"{stamp}Z-{report.level}"
     path, copy = run_dir / AUDITS / f"{name}.json", 1
     while path.exists():
         copy += 1
         path = run_dir / AUDITS / f"{name}-{copy}.json"
-    report["history_file"] = path.relative_to(run_dir).as_posix()
-    write_json_atomic(path, report)
-    write_json_atomic(run_dir / AUDIT, report)
-    return report["history_file"]
+    recorded = dataclasses.replace(report, history_file=path.relative_to(run_dir).as_posix())
+    write_json_atomic(path, recorded.to_dict())
+    write_json_atomic(run_dir / AUDIT, recorded.to_dict())
+    return recorded
 
 
 def audit_history(run_dir: str | Path) -> list[str]:

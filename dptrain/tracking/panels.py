@@ -4,7 +4,7 @@ the ROC and score-histogram panels of every membership attack."""
 from __future__ import annotations
 
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, roc_curve
-from dptrain.audit.whitebox import implementation_results
+from dptrain.audit.results import AttributeInferenceResult, AuditReport, OneRunAudit, Skipped
 from dptrain.tracking.figures import roc_figure, score_histograms_image
 from dptrain.tracking.summary import format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
@@ -13,27 +13,25 @@ from dptrain.tracking.tensorboard import TensorBoardLog
 SCORE_BINS = 40
 
 
-def headline_metrics(report: dict) -> dict[str, float | None]:
+def headline_metrics(report: AuditReport) -> dict[str, float | None]:
     """The audit's headline numbers, the metrics of the run's HParams record: per membership attack
     AUC, TPR at 1% FPR and the epsilon lower bound; attribute inference's advantage on members and
     leakage; the canary bound. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
     values: dict[str, float | None] = {}
-    for name, metrics in report["mia"].items():
-        values[f"mia/{name}/auc"] = metrics["auc"]
-        values[f"mia/{name}/tpr@1%"] = metrics["tpr_at_fpr"][fpr_key(0.01)]
-        values[f"mia/{name}/eps_lb"] = metrics["epsilon_lower_bound"]["value"]
-    aia = report["aia"]
-    if "skipped" not in aia:
-        values["aia/advantage"] = aia["members"]["advantage"]["accuracy"]
-        values["aia/leakage"] = aia["leakage"]["accuracy"]
-    canary = report["canary"]
-    if canary is not None and "skipped" not in canary:
-        values["canary/eps_lb"] = canary["epsilon_lower_bound"]
-    for setting, record in implementation_results(report.get("implementation")).items():
-        values[f"implementation/{setting}/eps_lb"] = record["epsilon_lower_bound"]
-        if "steinke" in record:  # audits before the f-DP bound have one bound only
-            values[f"implementation/{setting}/steinke_eps_lb"] = record["steinke"]["epsilon_lower_bound"]
-        values[f"implementation/{setting}/eps_estimate"] = record["epsilon_estimate"]
+    for name, metrics in report.mia.items():
+        values[f"mia/{name}/auc"] = metrics.auc
+        values[f"mia/{name}/tpr@1%"] = metrics.tpr_at_fpr[fpr_key(0.01)]
+        values[f"mia/{name}/eps_lb"] = metrics.epsilon_lower_bound.value
+    if isinstance(report.aia, AttributeInferenceResult):
+        values["aia/advantage"] = report.aia.members.advantage["accuracy"]
+        values["aia/leakage"] = report.aia.leakage["accuracy"]
+    if isinstance(report.canary, OneRunAudit):
+        values["canary/eps_lb"] = report.canary.epsilon_lower_bound
+    for setting, record in report.implementation_records.items():
+        values[f"implementation/{setting}/eps_lb"] = record.epsilon_lower_bound
+        if record.steinke is not None:  # audits before the f-DP bound have one bound only
+            values[f"implementation/{setting}/steinke_eps_lb"] = record.steinke.epsilon_lower_bound
+        values[f"implementation/{setting}/eps_estimate"] = record.epsilon_estimate
     return values
 
 
@@ -41,56 +39,55 @@ def _number(value: float | None, digits: str = ".3f") -> str:
     return "n/a" if value is None else format(value, digits)
 
 
-def summary_table(report: dict) -> str:
+def summary_table(report: AuditReport) -> str:
     """Markdown table of the membership attacks, for TensorBoard's text tab and the console."""
     rows = ["| attack | AUC [95% CI] | TPR@0.1% | TPR@1% | TPR@10% | eps lower bound | members / non-members |", "|---|---|---|---|---|---|---|"]
-    for name, m in report["mia"].items():
-        tprs = " | ".join(_number(m["tpr_at_fpr"][fpr_key(t)]) for t in FPR_TARGETS)
+    for name, m in report.mia.items():
+        tprs = " | ".join(_number(m.tpr_at_fpr[fpr_key(t)]) for t in FPR_TARGETS)
         rows.append(
-            f"| {name} | {m['auc']:.3f} [{m['auc_ci']['low']:.3f}, {m['auc_ci']['high']:.3f}] | {tprs} | "
-            f"{m['epsilon_lower_bound']['value']:.3f} | {m['n_members']} / {m['n_nonmembers']} |"
+            f"| {name} | {m.auc:.3f} [{m.auc_ci.low:.3f}, {m.auc_ci.high:.3f}] | {tprs} | "
+            f"{m.epsilon_lower_bound.value:.3f} | {m.n_members} / {m.n_nonmembers} |"
         )
     return "\n".join(rows)
 
 
-def _aia_table(aia: dict) -> str:
+def _aia_table(aia: AttributeInferenceResult) -> str:
     rows = [
-        f"| attribute `{aia['attribute']}` | attack accuracy | imputation accuracy | advantage |",
+        f"| attribute `{aia.attribute}` | attack accuracy | imputation accuracy | advantage |",
         "|---|---|---|---|",
     ]
-    for group, label in (("members", "members"), ("nonmembers", "non-members")):
-        g = aia[group]
+    for g, label in ((aia.members, "members"), (aia.nonmembers, "non-members")):
         rows.append(
-            f"| {label} | {g['attack']['accuracy']:.3f} | {g['imputation']['accuracy']:.3f} | {g['advantage']['accuracy']:+.3f} |"
+            f"| {label} | {g.attack.accuracy:.3f} | {g.imputation.accuracy:.3f} | {g.advantage['accuracy']:+.3f} |"
         )
-    rows.append(f"| leakage (members - non-members) | | | {aia['leakage']['accuracy']:+.3f} |")
+    rows.append(f"| leakage (members - non-members) | | | {aia.leakage['accuracy']:+.3f} |")
     return "\n".join(rows)
 
 
-def audit_text(report: dict, step: int) -> str:
+def audit_text(report: AuditReport, step: int) -> str:
     """The audit's TensorBoard text: which audit it is, every attack's numbers, attribute inference,
     the canary bound (or why there is none) and the warnings."""
-    when = report["audited_at"].replace("T", " ").replace("+00:00", " UTC")
-    parts = [f"**Audit {step}** of this run: level `{report['level']}`, {when}."]
-    if report["mia"]:
+    when = report.audited_at.replace("T", " ").replace("+00:00", " UTC")
+    parts = [f"**Audit {step}** of this run: level `{report.level}`, {when}."]
+    if report.mia:
         parts.append(summary_table(report))
-    aia = report["aia"]
-    parts.append(f"Attribute inference skipped: {aia['skipped']}." if "skipped" in aia else _aia_table(aia))
-    canary = report["canary"]
+    aia = report.aia
+    parts.append(f"Attribute inference skipped: {aia.reason}." if isinstance(aia, Skipped) else _aia_table(aia))
+    canary = report.canary
     if canary is not None:
         parts.append(
-            f"Canaries skipped: {canary['skipped']}."
-            if "skipped" in canary
-            else f"Canaries: one-run epsilon lower bound {canary['epsilon_lower_bound']:.3f} "
-            f"({canary['n_correct']} of {canary['n_guesses']} guesses right, {canary['n_canaries']} canaries)."
+            f"Canaries skipped: {canary.reason}."
+            if isinstance(canary, Skipped)
+            else f"Canaries: one-run epsilon lower bound {canary.epsilon_lower_bound:.3f} "
+            f"({canary.n_correct} of {canary.n_guesses} guesses right, {canary.n_canaries} canaries)."
         )
-    parts += format_implementation(report.get("implementation"))
-    if report["warnings"]:
-        parts.append("**Warnings**: " + "; ".join(report["warnings"]))
+    parts += format_implementation(report.implementation)
+    if report.warnings:
+        parts.append("**Warnings**: " + "; ".join(report.warnings))
     return "\n\n".join(parts)
 
 
-def draw_audit(tb: TensorBoardLog, report: dict, scores: dict, step: int) -> None:
+def draw_audit(tb: TensorBoardLog, report: AuditReport, scores: dict, step: int) -> None:
     """The audit's panels at ``step``: the ROC of every attack, the score histograms (one panel per
     attack) and the text summary. Single numbers go to the text and to HParams, not to one-point charts."""
     if scores:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
 
-from dptrain.audit.whitebox import implementation_results
+from dptrain.audit.results import AuditReport, ImplementationAudit, Skipped
 from dptrain.training.metrics import FederationMetrics, RunMetrics
 
 
-def format_summary(metrics: RunMetrics, report: Mapping | None, run_dir: str | Path) -> str:
+def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str | Path) -> str:
     """A few aligned lines a person reads at the end of ``dptrain train``: utility, privacy, audit, artifacts."""
     if metrics.private:
         target = metrics.target_epsilon
@@ -93,57 +92,57 @@ def format_federation(metrics: RunMetrics, federation: FederationMetrics) -> lis
     return lines
 
 
-def format_implementation(section: Mapping | None) -> list[str]:
+def format_implementation(section: ImplementationAudit | Skipped | None) -> list[str]:
     """The white-box implementation audit's lines: per setting the f-DP lower bound with its confidence
     and whether the accountant's own curve was rejected, Steinke et al.'s bound beside it, the
     Gaussian-DP estimate (not a bound) and the canaries, runs and time it took."""
     if section is None:
         return []
-    if "skipped" in section:
-        return [f"{'white-box':<13}skipped: {section['skipped']}"]
+    if isinstance(section, Skipped):
+        return [f"{'white-box':<13}skipped: {section.reason}"]
     lines = []
-    for r in implementation_results(section).values():
-        estimate = "n/a" if r["epsilon_estimate"] is None else f"{r['epsilon_estimate']:.3f}"
-        verdict = "REJECTED" if r["accountant_curve_rejected"] else "not rejected"
+    for r in section.records.values():
+        estimate = "n/a" if r.epsilon_estimate is None else f"{r.epsilon_estimate:.3f}"
+        verdict = "REJECTED" if r.accountant_curve_rejected else "not rejected"
         lines.append(
-            f"{'white-box':<13}{r['setting'].replace('_', ' ')}: eps lower bound {r['epsilon_lower_bound']:.3f}"
-            f" (f-DP, {r['confidence']:.0%}, {r['n_correct']} of {r['n_guesses']} guesses right; the accountant's"
-            f" curve {verdict}), Steinke et al. {r['steinke']['epsilon_lower_bound']:.3f}, GDP estimate {estimate}"
-            f" (not a bound); {r['runs']} run(s) x {r['canaries']} canaries of {r['mechanism']},"
-            f" {section['seconds']:.1f} s"
+            f"{'white-box':<13}{r.setting.replace('_', ' ')}: eps lower bound {r.epsilon_lower_bound:.3f}"
+            f" (f-DP, {r.confidence:.0%}, {r.n_correct} of {r.n_guesses} guesses right; the accountant's"
+            f" curve {verdict}), Steinke et al. {r.steinke.epsilon_lower_bound:.3f}, GDP estimate {estimate}"
+            f" (not a bound); {r.runs} run(s) x {r.canaries} canaries of {r.mechanism},"
+            f" {section.seconds:.1f} s"
         )
     return lines
 
 
-def format_audit(report: Mapping) -> str:
+def format_audit(report: AuditReport) -> str:
     """The audit's lines of the summary: each attack's AUC with its interval, TPR at 1% FPR and epsilon lower bound."""
     lines = []
-    for name, m in report["mia"].items():
-        tpr = m["tpr_at_fpr"]["0.01"]
+    for name, m in report.mia.items():
+        tpr = m.tpr_at_fpr["0.01"]
         lines.append(
-            f"{name:<13}AUC {m['auc']:.3f} [{m['auc_ci']['low']:.3f}, {m['auc_ci']['high']:.3f}]"
+            f"{name:<13}AUC {m.auc:.3f} [{m.auc_ci.low:.3f}, {m.auc_ci.high:.3f}]"
             f"  TPR@1%FPR {'n/a' if tpr is None else f'{tpr:.3f}'}"
-            f"  eps lower bound {m['epsilon_lower_bound']['value']:.3f}"
-            f"  ({m['n_members']} members / {m['n_nonmembers']} non-members)"
+            f"  eps lower bound {m.epsilon_lower_bound.value:.3f}"
+            f"  ({m.n_members} members / {m.n_nonmembers} non-members)"
         )
-    aia = report["aia"]
-    if "skipped" in aia:
-        lines.append(f"{'attribute':<13}skipped: {aia['skipped']}")
+    aia = report.aia
+    if isinstance(aia, Skipped):
+        lines.append(f"{'attribute':<13}skipped: {aia.reason}")
     else:
         lines.append(
-            f"{'attribute':<13}attack accuracy {aia['members']['attack']['accuracy']:.3f} on members,"
-            f" {aia['nonmembers']['attack']['accuracy']:.3f} on non-members; imputation"
-            f" {aia['members']['imputation']['accuracy']:.3f} / {aia['nonmembers']['imputation']['accuracy']:.3f};"
-            f" leakage {aia['leakage']['accuracy']:+.3f}"
+            f"{'attribute':<13}attack accuracy {aia.members.attack.accuracy:.3f} on members,"
+            f" {aia.nonmembers.attack.accuracy:.3f} on non-members; imputation"
+            f" {aia.members.imputation.accuracy:.3f} / {aia.nonmembers.imputation.accuracy:.3f};"
+            f" leakage {aia.leakage['accuracy']:+.3f}"
         )
-    c = report["canary"]
-    if c is not None and "skipped" in c:
-        lines.append(f"{'canaries':<13}skipped: {c['skipped']}")
+    c = report.canary
+    if isinstance(c, Skipped):
+        lines.append(f"{'canaries':<13}skipped: {c.reason}")
     elif c is not None:
         lines.append(
-            f"{'canaries':<13}one-run eps lower bound {c['epsilon_lower_bound']:.3f}"
-            f" ({c['n_correct']} of {c['n_guesses']} guesses right, {c['n_canaries']} canaries)"
+            f"{'canaries':<13}one-run eps lower bound {c.epsilon_lower_bound:.3f}"
+            f" ({c.n_correct} of {c.n_guesses} guesses right, {c.n_canaries} canaries)"
         )
-    lines += format_implementation(report.get("implementation"))
-    lines += [f"WARNING      {warning}" for warning in report["warnings"]]
+    lines += format_implementation(report.implementation)
+    lines += [f"WARNING      {warning}" for warning in report.warnings]
     return "\n".join(f"{'audit' if i == 0 else '':<15}{line}" for i, line in enumerate(lines))

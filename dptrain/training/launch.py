@@ -10,7 +10,7 @@ import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,8 +33,10 @@ ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
-# What every rank runs: (config, run directory) -> (metrics.json, audit.json or None).
-Job = Callable[[Config, Path], "tuple[dict, dict | None]"]
+# What every rank runs: (config, run directory) -> its result (the pipeline's: the run's metrics and
+# audit report), picklable so that rank 0's reaches the caller.
+Result = TypeVar("Result")
+Job = Callable[[Config, Path], Result]
 
 
 class WorkerFailed(RuntimeError):
@@ -117,7 +119,7 @@ def _elastic_logs_to(log_file: Path) -> Iterator[None]:
         handler.close()
 
 
-def launch(cfg: DictConfig, run_dir: Path, job: Job) -> tuple[dict, dict | None]:
+def launch(cfg: DictConfig, run_dir: Path, job: Job[Result]) -> Result:
     """Run ``job(cfg, run_dir)`` on ``cfg.launcher.nproc_per_node`` local worker processes, each in the
     process group; return rank 0's results. ``job`` is a module-level function (the pipeline's
     ``train``), given by the caller so that launching knows nothing of what runs.

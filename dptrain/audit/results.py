@@ -1,0 +1,448 @@
+"""The audit's result types: what every audit returns, as frozen dataclasses, and ``audit.json``, their JSON.
+
+Each type's ``to_dict`` is its part of ``audit.json`` (docs/guide/outputs.md), strict JSON: no NaN
+or Infinity, ``None`` (``null``) for an undefined value; ``AuditReport.from_dict`` reads a whole
+``audit.json`` back, files written before later keys existed included. Only this module knows the
+file's key names: every other module reads the audit through these types. No torch here: the
+report reads ``audit.json`` through this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+
+def _known(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data``'s entries that are fields of ``cls``: a field absent from ``data`` keeps its default
+    (a key added after the file was written), a key no longer written is dropped."""
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A part of the audit that did not run, and why (``{"skipped": reason}`` in ``audit.json``)."""
+
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"skipped": self.reason}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A confidence interval ``[low, high]`` at level ``confidence``."""
+
+    low: float
+    high: float
+    confidence: float
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Interval:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class EpsilonLowerBound:
+    """An empirical epsilon lower bound with everything needed to check it.
+
+    ``value`` holds with probability at least ``confidence`` over the records, given
+    the threshold chosen on the calibration half (``dptrain.audit.metrics.epsilon_lower_bound``).
+    ``true_positives`` / ``false_positives`` are counted on the evaluation half, of
+    ``n_members`` members and ``n_nonmembers`` non-members; ``threshold`` is ``None``
+    when the chosen rule calls no record a member.
+    """
+
+    value: float
+    confidence: float
+    delta: float
+    threshold: float | None
+    true_positives: int
+    false_positives: int
+    n_members: int
+    n_nonmembers: int
+    tpr_lower: float
+    fpr_upper: float
+    n_calibration_members: int
+    n_calibration_nonmembers: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EpsilonLowerBound:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class MembershipMetrics:
+    """The audit numbers of one membership-inference attack (``audit.json``'s ``mia.<attack>``).
+
+    ``tpr_at_fpr`` and ``tpr_at_fpr_ci`` are keyed ``"0.001"``, ``"0.01"``, ``"0.1"``;
+    a value is ``None`` where there are fewer than ``1 / target`` non-members (the
+    only FPR at or below the target is then 0, so the number would not measure what
+    its name says).
+    """
+
+    auc: float
+    auc_ci: Interval
+    tpr_at_fpr: dict[str, float | None]
+    tpr_at_fpr_ci: dict[str, Interval | None]
+    advantage: float
+    epsilon_lower_bound: EpsilonLowerBound
+    n_members: int
+    n_nonmembers: int
+    n_bootstrap: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MembershipMetrics:
+        return cls(
+            **{
+                **_known(cls, data),
+                "auc_ci": Interval.from_dict(data["auc_ci"]),
+                "tpr_at_fpr": dict(data["tpr_at_fpr"]),
+                "tpr_at_fpr_ci": {
+                    key: None if ci is None else Interval.from_dict(ci) for key, ci in data["tpr_at_fpr_ci"].items()
+                },
+                "epsilon_lower_bound": EpsilonLowerBound.from_dict(data["epsilon_lower_bound"]),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class AttributeScores:
+    """Accuracy, balanced accuracy and Matthews correlation of predicted codes on ``n`` records."""
+
+    accuracy: float
+    balanced_accuracy: float
+    mcc: float
+    n: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AttributeScores:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class AttributeGroup:
+    """Attack and imputation on one group of records; ``advantage`` = attack - imputation per metric."""
+
+    attack: AttributeScores
+    imputation: AttributeScores
+    advantage: dict[str, float]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AttributeGroup:
+        return cls(
+            attack=AttributeScores.from_dict(data["attack"]),
+            imputation=AttributeScores.from_dict(data["imputation"]),
+            advantage=dict(data["advantage"]),
+        )
+
+
+@dataclass(frozen=True)
+class AttributeInferenceResult:
+    """Attribute inference on members and non-members (``audit.json``'s ``aia``);
+    ``leakage`` = member advantage - non-member advantage."""
+
+    attribute: str
+    value_names: list[str]
+    rule: str
+    members: AttributeGroup
+    nonmembers: AttributeGroup
+    leakage: dict[str, float]
+    n_members: int
+    n_nonmembers: int
+    n_population: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AttributeInferenceResult:
+        return cls(
+            **{
+                **_known(cls, data),
+                "value_names": list(data["value_names"]),
+                "members": AttributeGroup.from_dict(data["members"]),
+                "nonmembers": AttributeGroup.from_dict(data["nonmembers"]),
+                "leakage": dict(data["leakage"]),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class OneRunAudit:
+    """The one-run epsilon lower bound and the guesses it was computed from (``audit.json``'s ``canary``).
+
+    ``n_guesses`` = k_plus + k_minus guesses were made among ``n_canaries`` canaries
+    (``n_included`` trained on, ``n_excluded`` not), ``n_correct`` of them right.
+    ``n_candidates`` (k_plus, k_minus) pairs were tried; the bound of each was taken
+    at confidence 1 - (1 - confidence) / n_candidates, so the reported maximum
+    holds at ``confidence`` overall. With ``n_runs`` > 1 independent runs the
+    canaries, guesses and correct guesses are totals over the runs, each run
+    guessing k_plus IN and k_minus OUT among its own canaries.
+    """
+
+    epsilon_lower_bound: float
+    confidence: float
+    delta: float
+    n_canaries: int
+    n_included: int
+    n_excluded: int
+    n_guesses: int
+    n_correct: int
+    k_plus: int
+    k_minus: int
+    n_candidates: int
+    n_runs: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OneRunAudit:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class SteinkeBound:
+    """Steinke, Nasr & Jagielski 2023's (epsilon, delta) bound of an implementation audit, beside its
+    f-DP bound: the value, the statistic that gave it and its guesses (the best of ``n_candidates``)."""
+
+    epsilon_lower_bound: float
+    statistic: str
+    n_guesses: int
+    n_correct: int
+    k_plus: int
+    k_minus: int
+    n_candidates: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SteinkeBound:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class ImplementationRecord:
+    """The white-box implementation audit of one setting (``dptrain.audit.implementation``).
+
+    ``epsilon_lower_bound`` is the f-DP bound at ``confidence`` for ``delta``;
+    ``rejected_noise_multiplier`` the noise of the weakest curve it rejects and
+    ``accountant_curve_rejected`` whether the accountant's own curve is; ``steinke`` the
+    (epsilon, delta) bound beside it; ``gdp_mu_estimate`` and ``epsilon_estimate`` an estimate,
+    not a bound (``None`` where undefined). Audits written before the f-DP bound have
+    ``rejected_noise_multiplier``, ``accountant_curve_rejected``, ``n_tests`` and ``steinke``
+    ``None``.
+    """
+
+    setting: str
+    epsilon_lower_bound: float
+    confidence: float
+    delta: float
+    accountant_epsilon: float | None
+    audit_run_epsilon: float | None
+    canaries: int
+    runs: int
+    included: int
+    statistic: str
+    statistics: list[str]
+    n_guesses: int
+    n_correct: int
+    k_plus: int
+    k_minus: int
+    gdp_mu_estimate: float | None
+    epsilon_estimate: float | None
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    rejected_noise_multiplier: float | None = None
+    accountant_curve_rejected: bool | None = None
+    n_tests: int | None = None
+    steinke: SteinkeBound | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        # audit.json's order: the f-DP bound's test beside the guesses, steinke after them.
+        record = asdict(self)
+        return {
+            key: record[key]
+            for key in (
+                "setting", "epsilon_lower_bound", "confidence", "delta", "accountant_epsilon", "audit_run_epsilon",
+                "canaries", "runs", "included", "rejected_noise_multiplier", "accountant_curve_rejected",
+                "statistic", "statistics", "n_guesses", "n_correct", "k_plus", "k_minus", "n_tests", "steinke",
+                "gdp_mu_estimate", "epsilon_estimate", "mechanism", "noise_multiplier", "sample_rate", "steps",
+            )
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImplementationRecord:
+        steinke = data.get("steinke")
+        return cls(
+            **{
+                **_known(cls, data),
+                "statistics": list(data["statistics"]),
+                "steinke": None if steinke is None else SteinkeBound.from_dict(steinke),
+            }
+        )
+
+
+# The ``setting`` of an implementation audit that ran every setting, one record each.
+BOTH_SETTINGS = "both"
+
+
+@dataclass(frozen=True)
+class ImplementationAudit:
+    """The white-box implementation audit (``audit.json``'s ``implementation``): one record per
+    setting it ran, by setting, and the ``seconds`` it took in all.
+
+    In ``audit.json`` a single setting's record carries ``seconds`` itself; under
+    ``audit.whitebox.setting=both`` the records sit under their settings' names beside
+    ``"setting": "both"`` and ``seconds``.
+    """
+
+    records: dict[str, ImplementationRecord]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        if len(self.records) == 1:
+            (record,) = self.records.values()
+            return {**record.to_dict(), "seconds": self.seconds}
+        return {
+            **{setting: record.to_dict() for setting, record in self.records.items()},
+            "setting": BOTH_SETTINGS,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImplementationAudit:
+        if data["setting"] == BOTH_SETTINGS:
+            records = {
+                setting: ImplementationRecord.from_dict(record)
+                for setting, record in data.items()
+                if setting not in ("setting", "seconds")
+            }
+        else:
+            records = {data["setting"]: ImplementationRecord.from_dict(data)}
+        return cls(records=records, seconds=data["seconds"])
+
+
+@dataclass(frozen=True)
+class ReferenceModelsRecord:
+    """Which reference models the attacks used: how many, the scheme that drew their training sets
+    (``population`` or ``halves``), the seconds their training took and whether they came from the
+    run directory's cache."""
+
+    count: int
+    scheme: str
+    train_seconds: float
+    reused_from_cache: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReferenceModelsRecord:
+        return cls(**_known(cls, data))
+
+
+def _optional(part, data: Mapping[str, Any] | None):
+    """``part.from_dict(data)``, a ``Skipped`` for ``{"skipped": why}``, None for None."""
+    if data is None:
+        return None
+    return Skipped(data["skipped"]) if "skipped" in data else part.from_dict(data)
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """One audit of a run, ``audit.json``.
+
+    ``accountant_epsilon`` and ``delta`` are the run's (``None`` for the non-private baseline);
+    ``members`` / ``non_members`` the audited records. ``mia`` holds every membership attack's
+    metrics by name; ``aia`` attribute inference or why it was skipped; ``canary`` the one-run
+    bound, why there is none although canaries were asked for, or ``None`` when none were;
+    ``implementation`` the white-box audit, why it was skipped, or ``None`` when it was off.
+    ``audited_at`` is the UTC time the audit finished (ISO 8601) and ``history_file`` the run's
+    copy of this audit under ``audits/``, set when it is recorded (``None`` before, and in files
+    written before either existed).
+    """
+
+    level: str
+    accountant_epsilon: float | None
+    delta: float | None
+    confidence: float
+    members: int
+    non_members: int
+    mia: dict[str, MembershipMetrics]
+    aia: AttributeInferenceResult | Skipped
+    canary: OneRunAudit | Skipped | None
+    implementation: ImplementationAudit | Skipped | None
+    reference_models: ReferenceModelsRecord | None
+    warnings: list[str]
+    audit_seconds: float
+    audited_at: str | None
+    history_file: str | None = None
+
+    @property
+    def implementation_records(self) -> dict[str, ImplementationRecord]:
+        """The implementation audit's records by setting; empty when it was off or skipped."""
+        return self.implementation.records if isinstance(self.implementation, ImplementationAudit) else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """``audit.json``'s content; ``history_file`` only once the audit is recorded."""
+        report = {
+            "level": self.level,
+            "accountant_epsilon": self.accountant_epsilon,
+            "delta": self.delta,
+            "confidence": self.confidence,
+            "members": self.members,
+            "non_members": self.non_members,
+            "mia": {name: metrics.to_dict() for name, metrics in self.mia.items()},
+            "aia": self.aia.to_dict(),
+            "canary": None if self.canary is None else self.canary.to_dict(),
+            "implementation": None if self.implementation is None else self.implementation.to_dict(),
+            "reference_models": None if self.reference_models is None else self.reference_models.to_dict(),
+            "warnings": list(self.warnings),
+            "audit_seconds": self.audit_seconds,
+            "audited_at": self.audited_at,
+        }
+        if self.history_file is not None:
+            report["history_file"] = self.history_file
+        return report
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditReport:
+        """The report ``data`` (a parsed ``audit.json``) holds. Files written before a key existed read
+        with that part absent: ``implementation`` None, ``audited_at`` and ``history_file`` None.
+
+        Raises ``ValueError`` naming what is wrong when ``data`` is not an audit report.
+        """
+        try:
+            return cls(
+                level=data["level"],
+                accountant_epsilon=data["accountant_epsilon"],
+                delta=data["delta"],
+                confidence=data["confidence"],
+                members=data["members"],
+                non_members=data["non_members"],
+                mia={name: MembershipMetrics.from_dict(metrics) for name, metrics in data["mia"].items()},
+                aia=_optional(AttributeInferenceResult, data["aia"]),
+                canary=_optional(OneRunAudit, data["canary"]),
+                implementation=_optional(ImplementationAudit, data.get("implementation")),
+                reference_models=_optional(ReferenceModelsRecord, data["reference_models"]),
+                warnings=list(data["warnings"]),
+                audit_seconds=data["audit_seconds"],
+                audited_at=data.get("audited_at"),
+                history_file=data.get("history_file"),
+            )
+        except KeyError as missing:
+            raise ValueError(f"not an audit report: no {missing} key") from None
+        except (TypeError, AttributeError) as error:
+            raise ValueError(f"not an audit report: {error}") from None

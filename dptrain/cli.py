@@ -102,7 +102,7 @@ def train_app(cfg: DictConfig) -> float:
     """Hydra task for ``dptrain train``; returns test accuracy so Hydra sweepers can optimise it."""
     from dptrain import pipeline
     from dptrain.preflight import discard_refused_run
-    from dptrain.tracking.summary import format_summary
+    from dptrain.views.summary import format_summary
 
     from dptrain.training import launch, ranks
     from dptrain.validation import validate
@@ -156,7 +156,7 @@ def audit_command(args: list[str]) -> None:
     from hydra import compose, initialize_config_module
 
     from dptrain import pipeline
-    from dptrain.tracking.summary import format_audit
+    from dptrain.views.summary import format_audit
 
     if any(a in ("-h", "--help") for a in args):
         print(AUDIT_USAGE)

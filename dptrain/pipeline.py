@@ -52,7 +52,7 @@ def audit_target(
     if cfg.audit.name == "none":
         return None
     from dptrain.audit.run import AuditTarget, run_audit
-    from dptrain.tracking.panels import draw_audit
+    from dptrain.views.panels import draw_audit
 
     result = run_audit(
         AuditTarget(
@@ -91,7 +91,7 @@ def hparams_of(cfg: Config, run_dir: Path) -> dict:
 def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: RunMetrics, report: AuditReport | None) -> None:
     """Write the run's HParams record; after the n-th audit at step n, so the latest audit's metrics are
     the ones the dashboard shows (step 0: a run not audited yet)."""
-    from dptrain.tracking.panels import headline_metrics
+    from dptrain.views.panels import headline_metrics
 
     federation = metrics.federation
     final = {

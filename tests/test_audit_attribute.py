@@ -144,7 +144,7 @@ def test_overlapping_record_sets_are_rejected():
 def test_a_sensitive_column_with_one_value_is_skipped_with_a_note(tiny_config, tmp_path):
     from dptrain import pipeline
     from dptrain.audit.results import Skipped
-    from dptrain.tracking.summary import format_audit
+    from dptrain.views.summary import format_audit
 
     table = tmp_path / "one_site.csv"
     table.write_text("x,site,y\n" + "".join(f"{i * 0.1:.1f},lyon,{i % 2}\n" for i in range(200)))

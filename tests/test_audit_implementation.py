@@ -33,7 +33,7 @@ from dptrain.audit.whitebox import fixed_order_scores, gdp_epsilon, gdp_mu_estim
 from dptrain.data import load, make_split, prepare
 from dptrain.errors import UserError
 from dptrain.privacy import ACCOUNTANTS
-from dptrain.tracking.summary import format_summary
+from dptrain.views.summary import format_summary
 from dptrain.training import centralized
 from dptrain.validation import validate
 

@@ -15,7 +15,7 @@ from dptrain import pipeline
 from dptrain.audit.run import canary_guard, membership_guard
 from dptrain.report.collect import read_run
 from dptrain.report.table import build_table
-from dptrain.tracking.summary import format_audit, format_summary
+from dptrain.views.summary import format_audit, format_summary
 
 # Small enough for a test, big enough for the attacks to have something to measure.
 AUDITED = ("train.epochs=3",)

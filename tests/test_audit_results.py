@@ -12,8 +12,8 @@ from dptrain import pipeline
 from dptrain.audit.results import AuditReport, ImplementationAudit, Skipped
 from dptrain.report.collect import read_run
 from dptrain.report.table import build_table
-from dptrain.tracking.panels import audit_text, headline_metrics
-from dptrain.tracking.summary import format_audit
+from dptrain.views.panels import audit_text, headline_metrics
+from dptrain.views.summary import format_audit
 
 
 @pytest.fixture(scope="module")

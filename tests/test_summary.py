@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dptrain import pipeline
-from dptrain.tracking.summary import format_summary
+from dptrain.views.summary import format_summary
 from dptrain.training import loop
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.metrics import CentralizedMetrics, FederationMetrics, RunMetrics

@@ -1,6 +1,6 @@
 """The post-training audit of a run: membership inference (LOSS, RMIA, LiRA), attribute inference
 against imputation, the one-run canary bound, the white-box implementation audit, and sanity guards
-(``dptrain.tracking.panels`` draws them in TensorBoard)."""
+(``dptrain.views.panels`` draws them in TensorBoard)."""
 
 from __future__ import annotations
 

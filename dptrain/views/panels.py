@@ -6,7 +6,7 @@ from __future__ import annotations
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, roc_curve
 from dptrain.audit.results import AttributeInferenceResult, AuditReport, OneRunAudit, Skipped
 from dptrain.tracking.figures import roc_figure, score_histograms_image
-from dptrain.tracking.summary import format_implementation
+from dptrain.views.summary import format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
 
 # Bins of the member / non-member score histograms.

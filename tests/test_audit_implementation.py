@@ -239,10 +239,15 @@ def fixed_batches(training):
     training.loader = DataLoader(dataset, batch_size=math.ceil(len(dataset) / len(training.loader)))
 
 
+def _record(audit):
+    """The record of a single-setting implementation audit."""
+    (record,) = audit.records.values()
+    return record
+
+
 def _bound(tamper, *overrides):
     cfg, mechanism = _mechanism(*overrides)
-    audit = implementation_audit(cfg, mechanism, mechanism.plan.planned_epsilon, CPU, tamper=tamper)
-    (record,) = audit.records.values()
+    record = _record(implementation_audit(cfg, mechanism, mechanism.plan.planned_epsilon, CPU, tamper=tamper))
     return record.epsilon_lower_bound, record.accountant_epsilon, record
 
 
@@ -528,10 +533,10 @@ def test_every_mode_flags_skipped_clipping_and_passes_the_correct_mechanism(acco
     fed = make_config(*SMALL, *job, "federation=fedavg", "federation.clients=2", "federation.rounds=1")
     client = _federated_client_mechanism(fed)
     sample = [implementation_audit(fed, client, client.plan.planned_epsilon, CPU, tamper=t) for t in (None, skip_clipping)]
-    for correct, broken in (single, ddp, sample):
-        assert correct["epsilon_lower_bound"] < correct["accountant_epsilon"]
-        assert broken["epsilon_lower_bound"] > broken["accountant_epsilon"]
-    assert ddp[0]["audit_run_epsilon"] == pytest.approx(single[0]["audit_run_epsilon"])
+    for correct, broken in ([_record(audit) for audit in pair] for pair in (single, ddp, sample)):
+        assert correct.epsilon_lower_bound < correct.accountant_epsilon
+        assert broken.epsilon_lower_bound > broken.accountant_epsilon
+    assert _record(ddp[0]).audit_run_epsilon == pytest.approx(_record(single[0]).audit_run_epsilon)
     # Federated, user level: DP-FedAvg's server step, and one that forgets its noise.
     user = make_config(
         *SMALL, *job, "federation=fedavg", "federation.clients=20", "federation.clients_per_round=2",
@@ -545,5 +550,5 @@ def test_every_mode_flags_skipped_clipping_and_passes_the_correct_mechanism(acco
 
     for step, flagged in ((federated.dp_fedavg, False), (noiseless, True)):
         clients = CanaryClients(plan, step, clients_per_round(user), dimension=650)
-        result = implementation_audit(user, clients, plan.planned_epsilon, CPU)
-        assert (result["epsilon_lower_bound"] > plan.planned_epsilon) is flagged
+        record = _record(implementation_audit(user, clients, plan.planned_epsilon, CPU))
+        assert (record.epsilon_lower_bound > plan.planned_epsilon) is flagged

@@ -300,7 +300,8 @@ def _audited_mechanism(target: AuditTarget):
             f"worker 0 of {world}: local DP-SGD (robust data parallelism)",
         )
     if mode == "dpddp":
-        return AuditedMechanism(target.guarantee, data.members, shape, classes, f"DPDDP over {ranks.world_size()} processes", True)
+        scope = f"DPDDP over {ranks.world_size()} processes"
+        return AuditedMechanism(target.guarantee, data.members, shape, classes, scope, distributed=True)
     return AuditedMechanism(target.guarantee, data.members, shape, classes, "centralized DP-SGD")
 
 

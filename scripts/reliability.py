@@ -10,6 +10,8 @@ Every command is its own ``python -m dptrain`` process on a tiny config (digits,
 happens inside the process: ``--kill-at STAGE`` (this script's child mode) wraps the function that does
 that stage so that the process SIGKILLs itself there (no clean-up, no flush: what an OOM kill or a power
 cut leaves); the kill during the reference models comes from outside, once the pool processes run.
+The same child mode holds a run in its first epoch (``hold:FILE``, until FILE exists), so that the
+commands meant to meet a run while it trains do, however fast the machine.
 
 "Artifacts intact" means: after a kill, every artifact present under its final name is complete (JSON
 parses, ``model.pt`` / ``checkpoint.pt`` load with ``weights_only=True``); after a resume, ``metrics.json``,
@@ -83,14 +85,31 @@ def _kill_inside_checkpoint_write(call: int) -> None:
     torch.save = save
 
 
+def _hold_in_first_epoch(release: Path) -> None:
+    """Keep this run in its first epoch (its run directory locked) until ``release`` exists."""
+    from dptrain.training import recipe
+
+    real = recipe.train_epoch
+
+    def held(*args, **kwargs):
+        deadline = time.monotonic() + 300
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    recipe.train_epoch = held
+
+
 def child(stage: str, argv: list[str]) -> None:
     from dptrain import pipeline
     from dptrain.audit import run as audit_run
     from dptrain.cli import main
-    from dptrain.training import centralized, recipe
+    from dptrain.training import recipe, target
 
     if stage == "data":
-        _kill_on_call(centralized, "load")
+        _kill_on_call(target, "load")
+    elif stage.startswith("hold:"):
+        _hold_in_first_epoch(Path(stage.removeprefix("hold:")))
     elif stage == "epoch-1":
         _kill_on_call(recipe, "train_epoch", 1)
     elif stage == "epoch-3":
@@ -134,10 +153,14 @@ def dptrain(*args: str, cwd: Path, kill_at: str | None = None) -> Result:
     return Result(done, done.stdout, done.stderr)
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
+def start(*args: str, cwd: Path, hold_until: Path | None = None) -> subprocess.Popen:
+    """``dptrain *args`` in the background; with ``hold_until`` it stays in its first epoch until that file exists."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    command = [sys.executable, "-m", "dptrain", *args]
+    if hold_until is not None:
+        command = [sys.executable, __file__, "--kill-at", f"hold:{hold_until}", "--", *args]
     return subprocess.Popen(
-        [sys.executable, "-m", "dptrain", *args],
+        command,
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 
@@ -249,11 +272,14 @@ def concurrency(work: Path, rows: list) -> None:
     )
 
     shared = work / "shared"
-    first = start("train", *QUICK, "train.seed=1", f"hydra.run.dir={shared}", cwd=work)
+    # The first run is held in its first epoch until both others have been answered: they meet it training.
+    release = work / "release-shared"
+    first = start("train", *QUICK, "train.seed=1", f"hydra.run.dir={shared}", cwd=work, hold_until=release)
     while first.poll() is None and not ((shared / ".lock").is_file() and (shared / ".lock").read_text().strip()):
         time.sleep(0.05)
     second = dptrain("train", *QUICK, "train.seed=2", f"hydra.run.dir={shared}", cwd=work)
     audit = dptrain("audit", f"run_dir={shared}", "audit=fast", cwd=work)
+    release.touch()
     winner = finish(first)
     seed = json.loads((shared / "manifest.json").read_text())["seeds"]["train"] if winner.code == 0 else None
     intact = seeds_agree(shared) and seed == 1

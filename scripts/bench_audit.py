@@ -54,6 +54,9 @@ def measure(level: str, overrides: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     arguments = sys.argv[1:]
+    if {"-h", "--help"} & set(arguments):
+        print(__doc__)
+        return
     levels = LEVELS
     if arguments[:1] == ["--levels"]:
         levels, arguments = tuple(arguments[1].split(",")), arguments[2:]

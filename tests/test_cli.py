@@ -173,10 +173,24 @@ def test_a_run_into_a_directory_another_process_writes_is_refused_before_hydra_w
 
 @pytest.mark.slow
 def test_two_processes_writing_one_named_directory_one_is_refused_and_the_others_run_is_intact(tmp_path):
-    run_dir = tmp_path / "shared"
+    run_dir, release = tmp_path / "shared", tmp_path / "release"
     command = [sys.executable, "-m", "dptrain", "train", *TINY, f"hydra.run.dir={run_dir}"]
+    # The first run waits in its first epoch until the second has been answered, however fast it trains.
+    held = (
+        "import sys, time, pathlib\n"
+        "from dptrain.training import recipe\n"
+        "from dptrain.cli import main\n"
+        "real = recipe.train_epoch\n"
+        "def held(*args, **kwargs):\n"
+        f"    while not pathlib.Path({str(release)!r}).exists():\n"
+        "        time.sleep(0.05)\n"
+        "    return real(*args, **kwargs)\n"
+        "recipe.train_epoch = held\n"
+        "main(sys.argv[1:])\n"
+    )
     first = subprocess.Popen(
-        [*command, "train.seed=1"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", held, *command[3:], "train.seed=1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 120
     # The first holds the lock from before Hydra writes into the directory until it ends.
@@ -184,6 +198,7 @@ def test_two_processes_writing_one_named_directory_one_is_refused_and_the_others
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
     second = dptrain(*command[3:], "train.seed=2", cwd=tmp_path)
+    release.touch()
     first_out, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err
     errors = [line for line in second.stderr.splitlines() if line.startswith("dptrain: error:")]

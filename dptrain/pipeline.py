@@ -54,13 +54,7 @@ def audit_target(
     from dptrain.audit.run import AuditTarget, run_audit
     from dptrain.views.panels import draw_audit
 
-    result = run_audit(
-        AuditTarget(
-            cfg, target.model, target.data, target.plan, target.guarantee, target.epsilon, target.canaries, target.device
-        ),
-        run_dir,
-        canaries_requested=canaries_requested,
-    )
+    result = run_audit(AuditTarget(cfg, target), run_dir, canaries_requested=canaries_requested)
     if result is None:
         return None
     report = record_audit(run_dir, result.report)

@@ -31,14 +31,15 @@ from dptrain.audit.results import (
     ReferenceModelsRecord,
     Skipped,
 )
-from dptrain.data import Canaries, SplitData, population_without
-from dptrain.privacy import PrivacyPlan
+from dptrain.config import Config
+from dptrain.data import population_without
 from dptrain.seeds import Stream, derived_seed
 from dptrain.training import ranks
 from dptrain.training.clients import clients_per_round
 from dptrain.training.distributed import parallel_mode, shard_positions
 from dptrain.training.federated import dp_fedavg
 from dptrain.training.loop import predict
+from dptrain.training.target import TargetRun
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +55,14 @@ class AuditResult:
     scores: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditTarget:
-    """What the audit reads from a trained run; it never trains the target itself. ``plan`` is the
-    recipe's (handed back to it for reference models), ``guarantee`` the privacy plan the run reports."""
+    """What the audit reads: a trained run (``TargetRun``: the model, the data whose members trained it,
+    the recipe's plan and the reported guarantee, the epsilon spent, the canaries) and the config of
+    the audit to run on it. The audit never trains the target itself."""
 
-    cfg: object
-    model: nn.Module
-    data: SplitData
-    plan: object
-    guarantee: PrivacyPlan
-    epsilon: float | None
-    canaries: Canaries | None
-    device: torch.device
+    cfg: Config
+    run: TargetRun
 
 
 def _concat(*parts: TensorDataset) -> TensorDataset:
@@ -79,7 +75,7 @@ def _signals(model: nn.Module, dataset: TensorDataset, device: torch.device):
 
 
 def _audited(target: AuditTarget) -> TensorDataset:
-    return _concat(target.data.members, target.data.non_members)
+    return _concat(target.run.data.members, target.run.data.non_members)
 
 
 def _needs_references(cfg) -> bool:
@@ -90,16 +86,16 @@ def _references(target: AuditTarget, run_dir) -> ReferenceModels:
     """The reference models the requested attacks need (LiRA: "halves", with each audited record IN
     for enough of them to fit its Gaussian; else "population")."""
     cfg = target.cfg.audit
-    population = target.data.population
-    keep = torch.from_numpy(population_without(target.data.split, target.canaries))
+    population = target.run.data.population
+    keep = torch.from_numpy(population_without(target.run.data.split, target.run.canaries))
     lira = "lira" in cfg.mia.attacks
     return train_references(
         target.cfg,
-        target.plan,
+        target.run.plan,
         audited=_audited(target),
         population=TensorDataset(*(t[keep] for t in population.tensors)),
-        input_shape=target.data.input_shape,
-        num_classes=target.data.num_classes,
+        input_shape=target.run.data.input_shape,
+        num_classes=target.run.data.num_classes,
         scheme="halves" if lira else "population",
         count=cfg.mia.reference_models,
         seed=cfg.seed,
@@ -115,20 +111,20 @@ def _mia(
     """Scores and metrics of every requested membership attack on the balanced members / non-members."""
     cfg = target.cfg.audit
     audited = _audited(target)
-    members = len(target.data.members)
-    signals = _signals(target.model, audited, target.device)
+    members = len(target.run.data.members)
+    signals = _signals(target.run.model, audited, target.run.device)
     scores: dict[str, np.ndarray] = {}
     if "loss" in cfg.mia.attacks:
         scores["loss"] = loss_scores(signals.loss)
     references = None
     if _needs_references(cfg):
         references = _references(target, run_dir)
-        reference_signals = [_signals(model, audited, target.device) for model in references.models]
+        reference_signals = [_signals(model, audited, target.run.device) for model in references.models]
         if "rmia" in cfg.mia.attacks:
             # RMIA's population samples z come from the test split: no model (target or
             # reference) trained on them, which the pairwise ratio assumes.
-            z_target = _signals(target.model, target.data.test, target.device)
-            z_references = [_signals(model, target.data.test, target.device) for model in references.models]
+            z_target = _signals(target.run.model, target.run.data.test, target.run.device)
+            z_references = [_signals(model, target.run.data.test, target.run.device) for model in references.models]
             scores["rmia"] = rmia_scores(
                 signals.true_class_prob,
                 np.stack([s.true_class_prob for s in reference_signals]),
@@ -148,7 +144,7 @@ def _mia(
                     online=online,
                     variance=cfg.mia.lira_variance,
                 )
-    delta = target.guarantee.delta if target.guarantee.private else 0.0
+    delta = target.run.guarantee.delta if target.run.guarantee.private else 0.0
     results = {}
     for name, score in scores.items():
         metrics = membership_metrics(
@@ -160,7 +156,7 @@ def _mia(
             seed=derived_seed(cfg.seed, Stream.BOOTSTRAP),
         )
         results[name] = metrics
-        membership_guard(name, metrics.auc, metrics.epsilon_lower_bound.value, target.epsilon, warnings)
+        membership_guard(name, metrics.auc, metrics.epsilon_lower_bound.value, target.run.epsilon, warnings)
     reference_record = (
         None
         if references is None
@@ -189,13 +185,13 @@ def membership_guard(name: str, auc: float, epsilon_lb: float, epsilon: float | 
 
 
 def _aia(target: AuditTarget) -> AttributeInferenceResult | Skipped:
-    sensitive = target.data.sensitive
+    sensitive = target.run.data.sensitive
     if sensitive is None:
         return Skipped(f"dataset {target.cfg.dataset.name} has no sensitive attribute")
     if not target.cfg.audit.aia.enabled:
         return Skipped("audit.aia.enabled=false")
-    data, split = target.data, target.data.split
-    keep = population_without(split, target.canaries)
+    data, split = target.run.data, target.run.data.split
+    keep = population_without(split, target.run.canaries)
     population = TensorDataset(*(t[torch.from_numpy(keep)] for t in data.population.tensors))
     records = _concat(data.members, data.non_members, population)
     x, y = records.tensors
@@ -211,11 +207,11 @@ def _aia(target: AuditTarget) -> AttributeInferenceResult | Skipped:
     attribute = dataclasses.replace(sensitive, codes=codes)
     m, n = len(data.members), len(data.members) + len(data.non_members)
     prior = np.bincount(codes[n:].numpy(), minlength=len(sensitive.value_names)) / (len(records) - n)
-    model = target.model.eval()
+    model = target.run.model.eval()
 
     def logits_fn(inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(inputs.to(target.device)).cpu()
+            return model(inputs.to(target.run.device)).cpu()
 
     return attribute_inference_audit(
         logits_fn,
@@ -234,7 +230,7 @@ def _aia(target: AuditTarget) -> AttributeInferenceResult | Skipped:
 def _canary(target: AuditTarget, requested: int, warnings: list[str]) -> OneRunAudit | Skipped | None:
     """The one-run canary audit; None when no canaries were asked for, ``Skipped`` when they were
     asked for but the run has none (they must be inserted before training)."""
-    canaries = target.canaries
+    canaries = target.run.canaries
     if canaries is None:
         if not requested:
             return None
@@ -244,17 +240,17 @@ def _canary(target: AuditTarget, requested: int, warnings: list[str]) -> OneRunA
             "the run was trained with audit.canaries.count=0; canaries must be inserted at training "
             "time: retrain with audit=thorough (or audit.canaries.count>0)"
         )
-    population = target.data.population.tensors[0]
-    dataset = canaries.dataset(population, target.data.split.population)
-    scores = loss_scores(_signals(target.model, dataset, target.device).loss)
+    population = target.run.data.population.tensors[0]
+    dataset = canaries.dataset(population, target.run.data.split.population)
+    scores = loss_scores(_signals(target.run.model, dataset, target.run.device).loss)
     result = one_run_audit(
         scores,
         canaries.included,
-        delta=target.guarantee.delta if target.guarantee.private else 0.0,
+        delta=target.run.guarantee.delta if target.run.guarantee.private else 0.0,
         confidence=target.cfg.audit.confidence,
         seed=derived_seed(target.cfg.audit.seed, Stream.TIE_BREAK),
     )
-    canary_guard("canary", result.epsilon_lower_bound, target.epsilon, warnings)
+    canary_guard("canary", result.epsilon_lower_bound, target.run.epsilon, warnings)
     return result
 
 
@@ -278,11 +274,11 @@ def _audited_mechanism(target: AuditTarget):
     mechanism, run by every rank. The canaries' releases do not depend on which real records
     train beside them, only on the mechanism.
     """
-    cfg, plan, data = target.cfg, target.plan, target.data
+    cfg, plan, data = target.cfg, target.run.plan, target.run.data
     shape, classes = data.input_shape, data.num_classes
     if cfg.federation.name == "fedavg":
         if plan.dp_level == "user":
-            dimension = sum(p.numel() for p in target.model.parameters())
+            dimension = sum(p.numel() for p in target.run.model.parameters())
             return CanaryClients(plan.guarantee, dp_fedavg, clients_per_round(cfg), dimension)
         client = plan.reported_client
         records = TensorDataset(*(t[: plan.client_sizes[client]] for t in data.members.tensors))
@@ -293,7 +289,7 @@ def _audited_mechanism(target: AuditTarget):
     if mode == "robust":
         world = ranks.world_size()
         return AuditedMechanism(
-            target.guarantee,
+            target.run.guarantee,
             TensorDataset(*(t[torch.from_numpy(shard_positions(len(data.members), 0, world))] for t in data.members.tensors)),
             shape,
             classes,
@@ -301,8 +297,8 @@ def _audited_mechanism(target: AuditTarget):
         )
     if mode == "dpddp":
         scope = f"DPDDP over {ranks.world_size()} processes"
-        return AuditedMechanism(target.guarantee, data.members, shape, classes, scope, distributed=True)
-    return AuditedMechanism(target.guarantee, data.members, shape, classes, "centralized DP-SGD")
+        return AuditedMechanism(target.run.guarantee, data.members, shape, classes, scope, distributed=True)
+    return AuditedMechanism(target.run.guarantee, data.members, shape, classes, "centralized DP-SGD")
 
 
 def _implementation(target: AuditTarget, warnings: list[str]) -> ImplementationAudit | Skipped | None:
@@ -316,17 +312,17 @@ def _implementation(target: AuditTarget, warnings: list[str]) -> ImplementationA
     mechanism = _audited_mechanism(target)
     if not (mechanism.distributed or ranks.is_main()):
         return None
-    result = implementation_audit(target.cfg, mechanism, target.epsilon, target.device)
+    result = implementation_audit(target.cfg, mechanism, target.run.epsilon, target.run.device)
     if isinstance(result, ImplementationAudit):
         for setting, record in result.records.items():
-            canary_guard(f"implementation ({setting})", record.epsilon_lower_bound, target.epsilon, warnings)
+            canary_guard(f"implementation ({setting})", record.epsilon_lower_bound, target.run.epsilon, warnings)
     return result
 
 
 def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = None) -> AuditResult | None:
     """Audit ``target`` as ``target.cfg.audit`` says; return its report (``audit.json``) and the attacks' scores.
 
-    Members and non-members are ``target.data``'s (balanced, disjoint, same
+    Members and non-members are ``target.run.data``'s (balanced, disjoint, same
     distribution; only records that trained the model are members); every
     number carries the counts it was measured on. A lower bound above the
     accountant's epsilon (a bug for the canary bound, suspicious for the
@@ -337,7 +333,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     writes and returns the report (others get None).
 
     ``canaries_requested`` is the canary count the audit was asked for (default: the run's own); the
-    canaries audited are always those inserted in training, ``target.canaries``. The member and
+    canaries audited are always those inserted in training, ``target.run.canaries``. The member and
     non-member scores of every attack come back beside the report, for the TensorBoard panels.
     """
     if not ranks.is_main():
@@ -356,11 +352,11 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     implementation = _implementation(target, warnings)
     report = AuditReport(
         level=target.cfg.audit.name,
-        accountant_epsilon=target.epsilon,
-        delta=target.guarantee.delta if target.guarantee.private else None,
+        accountant_epsilon=target.run.epsilon,
+        delta=target.run.guarantee.delta if target.run.guarantee.private else None,
         confidence=target.cfg.audit.confidence,
-        members=len(target.data.members),
-        non_members=len(target.data.non_members),
+        members=len(target.run.data.members),
+        non_members=len(target.run.data.non_members),
         mia=mia,
         aia=aia,
         canary=canary,

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 # Config keys every run's HParams record carries beside its own overrides: what runs are told apart by.
 HPARAMS_KEYS = ("privacy.target_epsilon", "model.name", "dataset.name")
-# A federated run's numbers under attack that the HParams record carries when present.
+# A run's numbers under attack that the HParams record carries when present (federated runs; a
+# centralized run has only the backdoor's success rate).
 FEDERATED_METRICS = ("backdoor_success_rate", "byzantine_selected_fraction")
 
 
@@ -87,12 +88,12 @@ def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: RunMetrics
     the ones the dashboard shows (step 0: a run not audited yet)."""
     from dptrain.views.panels import headline_metrics
 
-    federation = metrics.federation
+    recipe = metrics.federation or metrics.centralized
     final = {
         "accuracy/test": metrics.test_accuracy,
         "accuracy/train": metrics.train_accuracy,
         "epsilon": metrics.epsilon,
-        **{key: None if federation is None else getattr(federation, key) for key in FEDERATED_METRICS},
+        **{key: getattr(recipe, key, None) for key in FEDERATED_METRICS},
     }
     history = audit_history(run_dir)
     # What an earlier audit measured and the latest did not (RMIA after a re-audit with audit=fast) is

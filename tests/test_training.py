@@ -46,7 +46,7 @@ CENTRALIZED_METRICS = {
     "test_accuracy", "train_accuracy", "test_loss", "train_loss", "epsilon", "delta", "target_epsilon",
     "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm", "private", "epsilon_pld", "members",
     "audited_members", "non_members", "population", "test_size", "train_seconds", "wall_seconds",
-    "replaced_modules", "epochs", "canaries_included", "world_size", "parallel_mode",
+    "replaced_modules", "epochs", "canaries_included", "world_size", "parallel_mode", "poisoned",
 }  # fmt: skip
 
 

@@ -28,7 +28,15 @@ from dptrain.training.distributed import (
     shard_positions,
     shard_size,
 )
+from dptrain.training.federated import backdoor_success_rate
 from dptrain.training.metrics import CentralizedMetrics, RunMetrics
+from dptrain.training.poisoning import (
+    poison_members,
+    poisoned_positions,
+    poisoning_attack,
+    poisons_members,
+    record_poisoned,
+)
 from dptrain.training.recipe import resolve_device, train_model
 from dptrain.training.target import (
     TargetRun,
@@ -68,11 +76,16 @@ def resumed_step(plan: PrivacyPlan, checkpoint: Checkpoint) -> int:
     return checkpoint.completed * plan.steps_per_epoch + 1
 
 
-def training_set(cfg: Config, data: SplitData, canaries: Canaries | None) -> TensorDataset:
-    """The records this process trains on: members and included canaries, or under robust data
-    parallelism its shard of the members and the included canaries of its slot (``canary_ranks``),
-    poisoned when this rank plays a data-poisoning attacker."""
+def training_set(
+    cfg: Config, data: SplitData, canaries: Canaries | None, poisoned: np.ndarray | None = None
+) -> TensorDataset:
+    """The records this process trains on: members (those at ``poisoned`` positions poisoned,
+    ``poison_members``) and included canaries, or under robust data parallelism its shard of them
+    and the included canaries of its slot (``canary_ranks``), poisoned when this rank plays a
+    data-poisoning attacker."""
     records = data.members
+    if poisoned is not None:
+        records = poison_members(cfg, records, data.num_classes, poisoned)
     included = np.zeros(0, dtype=bool) if canaries is None else canaries.included
     robust = parallel_mode(cfg) == "robust"
     if robust:
@@ -106,16 +119,21 @@ def audited_data(cfg: Config, data: SplitData, world: int) -> SplitData:
 def train_target(
     cfg: Config, run_dir: Path, plan: PrivacyPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
 ) -> TargetRun:
-    """Load the data, train the target model under ``plan`` and write ``split.json``, ``model.pt`` and ``metrics.json``.
+    """Load the data, train the target model under ``plan`` and write ``split.json``, ``model.pt`` and ``metrics.json``
+    (and ``poisoned.json`` under centralized data poisoning, ``dptrain.training.poisoning``).
 
     With a ``checkpoint`` the run continues on the split recorded in
     ``run_dir``. Reported accuracies are on members and test records only:
-    canaries are mislabelled on purpose and would distort them.
+    canaries are mislabelled on purpose and would distort them. Members count with their
+    clean labels, poisoned or not: the accuracies are the main task's.
     """
     data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=checkpoint is not None)
+    poisoned = poisoned_positions(cfg, len(data.members)) if poisons_members(cfg) else None
+    if poisoned is not None and ranks.is_main():
+        record_poisoned(run_dir, cfg, poisoned)
     trained = train_model(
         cfg,
-        training_set(cfg, data, canaries),
+        training_set(cfg, data, canaries, poisoned),
         input_shape=data.input_shape,
         num_classes=data.num_classes,
         plan=plan,
@@ -144,6 +162,10 @@ def train_target(
             canaries_included=0 if canaries is None else int(canaries.included.sum()),
             world_size=ranks.world_size(),
             parallel_mode=parallel_mode(cfg),
+            poisoned=0 if poisoned is None else len(poisoned),
+            backdoor_success_rate=None
+            if poisoned is None or cfg.attack.name != "backdoor"
+            else backdoor_success_rate(trained.model, data.test, poisoning_attack(cfg), cfg.attack.target_label, device),
         ),
     )
     if ranks.is_main():

@@ -38,7 +38,9 @@ def parallel_mode(cfg, world: int | None = None) -> str | None:
     world = ranks.world_size() if world is None else world
     if world == 1:
         return None
-    plain_mean = cfg.aggregator.name == "mean" and not cfg.aggregator.pre and cfg.attack.name == "none"
+    # No Byzantine worker: attack=none, or centralized data poisoning (``training.poisoning``), which
+    # poisons the members before any process takes its records.
+    plain_mean = cfg.aggregator.name == "mean" and not cfg.aggregator.pre and cfg.attack.byzantine == 0
     return "dpddp" if is_private(cfg.privacy) and plain_mean else "robust"
 
 

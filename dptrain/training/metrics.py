@@ -14,13 +14,19 @@ from typing import Any, Mapping
 
 @dataclass(frozen=True)
 class CentralizedMetrics:
-    """The centralized recipe's fields: epochs, the canaries trained on, and the processes that trained
-    (``parallel_mode`` None for one process, ``dpddp`` or ``robust``)."""
+    """The centralized recipe's fields: epochs, the canaries trained on, the processes that trained
+    (``parallel_mode`` None for one process, ``dpddp`` or ``robust``), the member records poisoned
+    (``dptrain.training.poisoning``) and what a backdoor achieved.
+
+    ``backdoor_success_rate`` is None (and absent from the JSON) unless a backdoor was planted.
+    """
 
     epochs: int
     canaries_included: int
     world_size: int = 1
     parallel_mode: str | None = None
+    poisoned: int = 0
+    backdoor_success_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ class RunMetrics:
         for part in (self.centralized, self.federation):
             if part is not None:
                 values.update({f.name: getattr(part, f.name) for f in fields(part)})
-        if self.federation is not None and self.federation.backdoor_success_rate is None:
+        part = self.federation or self.centralized
+        if part is not None and part.backdoor_success_rate is None:
             del values["backdoor_success_rate"]
         return values
 

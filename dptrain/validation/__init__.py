@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from dptrain.audit.membership import LIRA_VARIANCES
-from dptrain.config import AttackConfig, AuditConfig, Config, LauncherConfig
+from dptrain.config import AuditConfig, Config, LauncherConfig
 from dptrain.data import DatasetInfo, SplitSizes, describe, split_sizes
 from dptrain.errors import UserError
 from dptrain.models import ACTIVATIONS, IMAGE_ONLY, MODELS
@@ -22,6 +22,7 @@ from dptrain.privacy.plan import is_private
 from dptrain.robust import alie_z, build_aggregator, build_attack, tolerated_byzantine
 from dptrain.training import ranks
 from dptrain.training.distributed import parallel_mode
+from dptrain.training.poisoning import POISONING_ATTACKS, poisoned_count, poisons_members
 from dptrain.validation.keys import check_known_keys, check_ranges
 
 PRIVACY_NAMES = ("dpsgd", "none")
@@ -119,7 +120,8 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
             "before its first checkpoint (start it again) or this is not a run directory"
         )
 
-    _validate_attackers(cfg.attack)
+    _validate_attackers(cfg)
+    _validate_poisoning(cfg, info, members)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
@@ -221,14 +223,56 @@ def _validate_robust_step(cfg: Config, n: int, where: str):
     return built
 
 
-def _validate_attackers(attack: AttackConfig) -> None:
-    """An attack needs attackers, and attackers need an attack."""
-    if attack.name != "none" and attack.byzantine == 0:
-        raise UserError(f"attack={attack.name} with attack.byzantine=0 attacks nothing: set attack.byzantine=<count>")
+def _validate_attackers(cfg: Config) -> None:
+    """An attack needs attackers (Byzantine clients or workers, or centralized data poisoning's
+    ``attack.poison_fraction`` of the members), and attackers need an attack."""
+    attack = cfg.attack
+    if attack.name != "none" and attack.byzantine == 0 and not poisons_members(cfg):
+        poisoning = (
+            ", or with federation=none attack.poison_fraction=<share of members>"
+            if attack.name in POISONING_ATTACKS and cfg.federation.name == "none"
+            else ""
+        )
+        raise UserError(
+            f"attack={attack.name} with attack.byzantine=0 attacks nothing: set attack.byzantine=<count>{poisoning}"
+        )
     if attack.name == "none" and attack.byzantine:
         raise UserError(
             f"attack.byzantine={attack.byzantine} with attack=none: the Byzantine clients or workers would train "
             "honestly yet be left out of the reported epsilon and the audit; choose an attack or attack.byzantine=0"
+        )
+
+
+def _validate_poisoning(cfg: Config, info: DatasetInfo, members: int) -> None:
+    """A data-poisoning attack's parameters against the data (any recipe: the trigger fits the input,
+    the target label is a class) and, for centralized poisoning (``poisons_members``), its share of
+    the ``members``: in [0, 1), and poisoning at least one record unless it is a backdoor measured
+    without poison (its success rate is then the trigger's baseline)."""
+    attack = cfg.attack
+    if attack.name == "backdoor":
+        spatial = info.input_shape[-2:] if len(info.input_shape) >= 2 else info.input_shape[-1:]
+        if attack.trigger_size > min(spatial):
+            raise UserError(
+                f"attack.trigger_size={attack.trigger_size} does not fit dataset={info.name}'s inputs of shape "
+                f"{tuple(info.input_shape)}: use at most {min(spatial)}"
+            )
+        if attack.target_label >= info.num_classes:
+            raise UserError(
+                f"attack.target_label={attack.target_label} is not one of dataset={info.name}'s {info.num_classes} "
+                f"classes: use 0 to {info.num_classes - 1}"
+            )
+    if not poisons_members(cfg):
+        return
+    fraction = attack.poison_fraction
+    if not 0 <= fraction < 1:
+        raise UserError(
+            f"attack.poison_fraction={fraction} is the share of the {members} members to poison and must be in "
+            "[0, 1): a run on poisoned records only has no clean task to measure"
+        )
+    if poisoned_count(fraction, members) == 0 and (fraction > 0 or attack.name == "label_flip"):
+        raise UserError(
+            f"attack={attack.name} attack.poison_fraction={fraction} poisons round({fraction} * {members}) = 0 of the "
+            f"{members} members: raise attack.poison_fraction (a backdoor at 0 measures the trigger's baseline)"
         )
 
 
@@ -241,11 +285,12 @@ def _validate_federation(cfg: Config, sizes: SplitSizes) -> None:
     federation, attack, aggregator = cfg.federation, cfg.attack, cfg.aggregator
     _choice("federation", federation.name, FEDERATIONS)
     if federation.name == "none":
-        if _world_size(cfg) == 1 and (aggregator.name != "mean" or attack.name != "none"):
+        if _world_size(cfg) == 1 and (aggregator.name != "mean" or attack.byzantine):
             raise UserError(
-                f"aggregator={aggregator.name} attack={attack.name} need several clients or workers: "
-                "one process has one update per step, use federation=fedavg, launcher.nproc_per_node>1, or "
-                "aggregator=mean attack=none"
+                f"aggregator={aggregator.name} attack={attack.name} need several clients or workers (attack.byzantine="
+                f"{attack.byzantine}): one process has one update per step, use federation=fedavg, "
+                "launcher.nproc_per_node>1, or aggregator=mean with attack=none or centralized data poisoning "
+                "(attack=label_flip|backdoor attack.byzantine=0 attack.poison_fraction=<share of members>)"
             )
         return
 

@@ -37,6 +37,13 @@ def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str
             "robust": "robust aggregation of the workers' gradients, each clipped and noised locally when private",
         }[centralized.parallel_mode]
         lines.append(f"parallel       {centralized.world_size} processes: {how}")
+    if centralized is not None and centralized.poisoned:
+        lines.append(
+            f"poisoning      {centralized.poisoned} of {metrics.members} member records poisoned (poisoned.json),"
+            " still members to the accountant and the audits"
+        )
+    if centralized is not None and centralized.backdoor_success_rate is not None:
+        lines.append(format_backdoor(metrics, centralized.backdoor_success_rate))
     if report is not None:
         lines.append(format_audit(report))
     files = "metrics.json, audit.json" if report is not None else "metrics.json"
@@ -85,11 +92,16 @@ def format_federation(metrics: RunMetrics, federation: FederationMetrics) -> lis
         share = federation.byzantine_selected_fraction
         lines.append(f"selection      {share:.3f} of the updates the rule selected were Byzantine")
     if federation.backdoor_success_rate is not None:
-        lines.append(
-            f"backdoor       attack success rate {federation.backdoor_success_rate:.4f} on triggered test inputs"
-            f" (clean test accuracy {metrics.test_accuracy:.4f})"
-        )
+        lines.append(format_backdoor(metrics, federation.backdoor_success_rate))
     return lines
+
+
+def format_backdoor(metrics: RunMetrics, success_rate: float) -> str:
+    """The backdoor's success rate next to clean accuracy (federated or centralized)."""
+    return (
+        f"backdoor       attack success rate {success_rate:.4f} on triggered test inputs"
+        f" (clean test accuracy {metrics.test_accuracy:.4f})"
+    )
 
 
 def format_implementation(section: ImplementationAudit | Skipped | None) -> list[str]:

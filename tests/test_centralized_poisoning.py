@@ -1,0 +1,153 @@
+"""Data poisoning in the centralized recipe: which members are poisoned and how, where that is
+recorded, the backdoor's success rate, resume, the audit's members, and the refused combinations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dptrain import pipeline
+from dptrain.errors import UserError
+from dptrain.models import build_model
+from dptrain.robust import stamp_trigger
+from dptrain.training import centralized, loop
+from dptrain.training.distributed import parallel_mode
+from dptrain.training.metrics import RunMetrics
+from dptrain.training.poisoning import POISONED, poisoned_positions
+from dptrain.training.target import load_data
+from dptrain.validation import validate
+from dptrain.views.summary import format_summary
+
+BASELINE = ("privacy.target_epsilon=inf",)
+
+
+def _recorded(run_dir) -> list[int]:
+    return json.loads((run_dir / POISONED).read_text())["member_positions"]
+
+
+def test_the_poisoned_count_is_the_share_of_members_and_their_positions_are_recorded(tiny_config, tmp_path):
+    overrides = ("attack=label_flip", "attack.poison_fraction=0.2", *BASELINE)
+    metrics = pipeline.train(tiny_config(*overrides), tmp_path)[0]
+    # digits' 575 members (test_training's split): 0.2 * 575 = 115 exactly.
+    assert metrics.members == 575 and metrics.centralized.poisoned == 115
+    recorded = _recorded(tmp_path)
+    assert len(recorded) == len(set(recorded)) == 115 and recorded == sorted(recorded)
+    assert 0 <= recorded[0] and recorded[-1] < 575
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["poisoned"] == 115 and "backdoor_success_rate" not in on_disk
+    assert RunMetrics.from_dict(on_disk) == metrics
+    # Another seed poisons other members.
+    assert recorded != poisoned_positions(tiny_config(*overrides, "train.seed=1"), 575).tolist()
+
+
+def test_label_flip_changes_exactly_the_poisoned_labels(tiny_config, tmp_path):
+    cfg = tiny_config("attack=label_flip", "attack.poison_fraction=0.1", *BASELINE)
+    data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
+    positions = poisoned_positions(cfg, len(data.members))
+    inputs, labels = data.members.tensors
+    trained_inputs, trained_labels = centralized.training_set(cfg, data, None, positions).tensors
+    assert torch.equal(trained_inputs, inputs)
+    changed = np.flatnonzero((trained_labels != labels).numpy())
+    assert changed.tolist() == positions.tolist() and len(positions) == round(0.1 * 575)
+    assert torch.equal(trained_labels[positions], 9 - labels[positions])
+    # The data the audit sees keeps the clean labels.
+    assert torch.equal(data.members.tensors[1], labels)
+
+
+def test_backdoor_triggers_and_relabels_exactly_the_poisoned_inputs(tiny_config, tmp_path):
+    cfg = tiny_config("attack=backdoor", "attack.poison_fraction=0.1", "attack.target_label=3", *BASELINE)
+    data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
+    positions = poisoned_positions(cfg, len(data.members))
+    inputs, labels = data.members.tensors
+    trained_inputs, trained_labels = centralized.training_set(cfg, data, None, positions).tensors
+    clean = np.setdiff1d(np.arange(len(labels)), positions)
+    assert torch.equal(trained_inputs[clean], inputs[clean]) and torch.equal(trained_labels[clean], labels[clean])
+    assert (trained_labels[positions] == 3).all()
+    # digits are (1, 8, 8): the bottom-right 3 x 3 pixels set to 1, the rest untouched.
+    assert (trained_inputs[positions][..., 5:, 5:] == 1.0).all()
+    assert torch.equal(trained_inputs[positions][..., :5, :], inputs[positions][..., :5, :])
+
+
+@pytest.mark.parametrize("fraction, succeeds", [("0.3", True), ("0.0", False)])
+def test_backdoor_success_rate_is_high_when_poisoned_and_near_zero_without(tiny_config, tmp_path, fraction, succeeds):
+    cfg = tiny_config("attack=backdoor", f"attack.poison_fraction={fraction}", "train.epochs=5", *BASELINE)
+    metrics = pipeline.train(cfg, tmp_path)[0]
+    rate = metrics.centralized.backdoor_success_rate
+    # Recomputed from model.pt: triggered test inputs whose label is not the target, classified as it.
+    model = build_model(cfg.model, (1, 8, 8), 10)
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    inputs, labels = centralized.load_target(cfg, tmp_path).data.test.tensors
+    others = labels != 0
+    with torch.no_grad():
+        predicted = model(stamp_trigger(inputs[others], 3, 1.0)).argmax(dim=1)
+    assert rate == pytest.approx((predicted == 0).float().mean().item())
+    assert json.loads((tmp_path / "metrics.json").read_text())["backdoor_success_rate"] == pytest.approx(rate)
+    assert (rate > 0.5) if succeeds else (rate < 0.05)
+    record = EventAccumulator(str(tmp_path / "tb" / "hparams"))
+    record.Reload()
+    assert record.Scalars("trial/backdoor_success_rate")[-1].value == pytest.approx(rate)
+    assert metrics.test_accuracy > 0.7
+    summary = format_summary(metrics, None, tmp_path)
+    assert f"backdoor       attack success rate {rate:.4f}" in summary
+    assert ("poisoning      172 of 575 member records poisoned" in summary) == succeeds
+
+
+def test_a_resumed_run_poisons_the_same_records(tiny_config, tmp_path, monkeypatch):
+    overrides = ("attack=label_flip", "attack.poison_fraction=0.2", "train.epochs=3", *BASELINE)
+    pipeline.train(tiny_config(*overrides), tmp_path / "a")
+    real_epoch, calls = loop.train_epoch, []
+
+    def interrupted_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(tiny_config(*overrides), tmp_path / "b")
+    interrupted = _recorded(tmp_path / "b")
+    monkeypatch.setattr("dptrain.training.recipe.train_epoch", real_epoch)
+    pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
+    assert _recorded(tmp_path / "b") == interrupted == _recorded(tmp_path / "a")
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_poisoning_keeps_dpddp_and_robust_parallelism_keeps_its_attackers(tiny_config):
+    poisoned = tiny_config("attack=backdoor", "attack.poison_fraction=0.05")
+    assert parallel_mode(poisoned, world=2) == "dpddp"
+    byzantine = tiny_config("attack=backdoor", "attack.byzantine=1")
+    assert parallel_mode(byzantine, world=3) == "robust"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("attack=backdoor", "attack.poison_fraction=1.0"), "attack.poison_fraction=1.0 is the share of the 575 members"),
+        (("attack=backdoor", "attack.poison_fraction=0.05", "attack.trigger_size=9"), "attack.trigger_size=9 does not fit"),
+        (("attack=backdoor", "attack.poison_fraction=0.05", "attack.target_label=10"), "attack.target_label=10 is not one"),
+        (("attack=label_flip", "attack.poison_fraction=0.0"), "poisons round(0.0 * 575) = 0"),
+        (("attack=label_flip", "attack.poison_fraction=0.0005"), "poisons round(0.0005 * 575) = 0"),
+        (("attack=alie",), "attack=alie with attack.byzantine=0 attacks nothing"),
+        (("attack=alie", "attack.byzantine=1"), "need several clients or workers"),
+        (("attack=label_flip", "attack.byzantine=1"), "need several clients or workers"),
+        (
+            ("federation=fedavg", "attack=label_flip", "attack.poison_fraction=0.1"),
+            "attack=label_flip with attack.byzantine=0 attacks nothing: set attack.byzantine=<count>",
+        ),
+    ],
+)
+def test_meaningless_poisoning_is_refused_in_one_line(tiny_config, overrides, message):
+    with pytest.raises(UserError) as error:
+        validate(tiny_config(*overrides))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_backdoor_at_zero_share_is_a_measured_baseline(tiny_config):
+    validate(tiny_config("attack=backdoor", "attack.poison_fraction=0.0"))

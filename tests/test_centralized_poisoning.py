@@ -58,6 +58,19 @@ def test_label_flip_changes_exactly_the_poisoned_labels(tiny_config, tmp_path):
     assert torch.equal(data.members.tensors[1], labels)
 
 
+def test_the_audit_measures_the_members_left_clean_beside_as_many_stratified_non_members(tiny_config, tmp_path):
+    cfg = tiny_config("attack=backdoor", "attack.poison_fraction=0.2", *BASELINE)
+    data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
+    poisoned = set(poisoned_positions(cfg, len(data.members)).tolist())
+    audited = centralized.audited_data(cfg, data, world=1)
+    members = set(audited.split.members.tolist())
+    clean = set(data.split.members[sorted(set(range(575)) - poisoned)].tolist())
+    assert members <= clean and len(members) == len(audited.non_members) > 0.9 * len(clean)
+    assert not members & set(data.split.members[sorted(poisoned)].tolist())
+    histogram = [np.bincount(part.tensors[1].numpy(), minlength=10) for part in (audited.members, audited.non_members)]
+    assert np.array_equal(*histogram)
+
+
 def test_backdoor_triggers_and_relabels_exactly_the_poisoned_inputs(tiny_config, tmp_path):
     cfg = tiny_config("attack=backdoor", "attack.poison_fraction=0.1", "attack.target_label=3", *BASELINE)
     data, _, _ = load_data(cfg, tmp_path, reuse_split=False)

@@ -106,13 +106,18 @@ def training_set(
 
 
 def audited_data(cfg: Config, data: SplitData, world: int) -> SplitData:
-    """The split the membership audit sees: the recorded split, or under robust data parallelism
-    over ``world`` ranks the honest ranks' shards (``honest_positions``) and as many label-stratified
-    non-members (``audited_split``, seeded by audit.seed); derivable from the config alone."""
-    if parallel_mode(cfg, world) != "robust":
+    """The split the membership audit sees: the recorded split; under robust data parallelism over
+    ``world`` ranks the honest ranks' shards (``honest_positions``); under centralized data poisoning
+    the members left clean. Those are the records trained on exactly as the audit holds them (a
+    poisoned copy would be told from non-members by its trigger, not by what the model learned);
+    as many label-stratified non-members go beside them (``audited_split``, seeded by audit.seed).
+    Derivable from the config alone."""
+    if poisons_members(cfg):
+        trained = np.setdiff1d(np.arange(len(data.members)), poisoned_positions(cfg, len(data.members)))
+    elif parallel_mode(cfg, world) == "robust":
+        trained = honest_positions(len(data.members), world, byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed))
+    else:
         return data
-    byzantine = byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed)
-    trained = honest_positions(len(data.members), world, byzantine)
     return audited_split(data, trained, derived_seed(cfg.audit.seed, Stream.AUDIT))
 
 

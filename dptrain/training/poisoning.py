@@ -5,12 +5,10 @@ ones in every process and after a resume, and records their positions in ``poiso
 The data-level attacks are the federated Byzantine clients' (``Attack.poison``, ``dptrain.robust``)
 applied to the chosen records; the backdoor's success is ``federated.backdoor_success_rate``.
 
-Privacy: the poisoned records are chosen by position from ``train.seed`` alone and each is a function
-of its own clean record, so changing one member changes one training record: the run's (epsilon,
-delta), accounted as without poisoning, holds for the clean members. Audits therefore keep every
-member, poisoned or not, as a member and query its clean record (the data they hold); querying the
-poisoned copies instead would let an audit tell triggered members from clean non-members by the
-trigger, not by what the model learned.
+Privacy: DP-SGD's (epsilon, delta), accounted as without poisoning, covers every record of the
+training set it was given, the poisoned ones included: poisoning is the attacker's change to that set,
+not a step of the mechanism. Audits measure the members left clean (``centralized.audited_data``),
+the records trained on exactly as the audit holds them, beside as many label-stratified non-members.
 """
 
 from __future__ import annotations

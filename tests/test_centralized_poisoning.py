@@ -107,6 +107,9 @@ def test_backdoor_success_rate_is_high_when_poisoned_and_near_zero_without(tiny_
     summary = format_summary(metrics, None, tmp_path)
     assert f"backdoor       attack success rate {rate:.4f}" in summary
     assert ("poisoning      172 of 575 member records poisoned" in summary) == succeeds
+    # Train accuracy and the audit are on the 403 members left clean.
+    assert (f"on {575 - 172} clean audited member records" in summary) == succeeds
+    assert metrics.audited_members == (575 - 172 if succeeds else 575)
 
 
 def test_a_resumed_run_poisons_the_same_records(tiny_config, tmp_path, monkeypatch):

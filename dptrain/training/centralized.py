@@ -112,8 +112,9 @@ def audited_data(cfg: Config, data: SplitData, world: int) -> SplitData:
     poisoned copy would be told from non-members by its trigger, not by what the model learned);
     as many label-stratified non-members go beside them (``audited_split``, seeded by audit.seed).
     Derivable from the config alone."""
-    if poisons_members(cfg):
-        trained = np.setdiff1d(np.arange(len(data.members)), poisoned_positions(cfg, len(data.members)))
+    poisoned = poisoned_positions(cfg, len(data.members)) if poisons_members(cfg) else np.zeros(0, dtype=np.int64)
+    if len(poisoned):
+        trained = np.setdiff1d(np.arange(len(data.members)), poisoned)
     elif parallel_mode(cfg, world) == "robust":
         trained = honest_positions(len(data.members), world, byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed))
     else:

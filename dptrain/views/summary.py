@@ -21,8 +21,13 @@ def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str
     else:
         privacy = "none: non-private baseline (no clipping, no noise, epsilon = inf)"
     federation, centralized = metrics.federation, metrics.centralized
-    # A federated run's train accuracy is measured on the records the audit treats as members.
-    records = f"{federation.honest_members} audited" if federation is not None else str(metrics.members)
+    # A federated or poisoned run's train accuracy is measured on the members the audit uses.
+    if federation is not None:
+        records = f"{federation.honest_members} audited"
+    elif centralized is not None and centralized.poisoned:
+        records = f"{metrics.audited_members} clean audited"
+    else:
+        records = str(metrics.members)
     lines = [
         f"test accuracy  {metrics.test_accuracy:.4f}   (train {metrics.train_accuracy:.4f}"
         f" on {records} member records)",
@@ -40,7 +45,7 @@ def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str
     if centralized is not None and centralized.poisoned:
         lines.append(
             f"poisoning      {centralized.poisoned} of {metrics.members} member records poisoned (poisoned.json),"
-            " still members to the accountant and the audits"
+            f" covered by the guarantee; the audit measures the {metrics.audited_members} left clean"
         )
     if centralized is not None and centralized.backdoor_success_rate is not None:
         lines.append(format_backdoor(metrics, centralized.backdoor_success_rate))

@@ -212,3 +212,14 @@ def test_bad_evasion_settings_are_refused_with_one_line_before_training(override
     with pytest.raises(UserError, match=message) as refused:
         validate(make_config("audit.evasion.enabled=true", override))
     assert "\n" not in str(refused.value)
+
+
+def test_the_summary_prints_one_line_per_attack_and_norm_with_each_budgets_robust_accuracy():
+    from conftest import make_audit_report
+
+    from dptrain.views.summary import format_audit
+
+    curve = EvasionCurve(budgets=[0.1, 1.0], robust_accuracy=[0.25, 0.0], clean_accuracy=0.9, n=50)
+    text = format_audit(make_audit_report(evasion={"pgd_linf": curve}))
+    assert "evasion      pgd_linf  robust accuracy 0.250 @ 0.1, 0.000 @ 1  (clean 0.900, 50 test records)" in text
+    assert "evasion" not in format_audit(make_audit_report())

@@ -190,6 +190,10 @@ def test_the_report_table_reads_old_and_current_audit_json(tmp_path, audited):
     assert new["audit_file"] == report.history_file and new["canary.eps_lb"] == report.canary.epsilon_lower_bound
     assert new["aia.leakage"] == report.aia.leakage["accuracy"]
     assert new["implementation.final_model.eps_lb"] == report.implementation.records["final_model"].epsilon_lower_bound
+    # The evasion audit's robust accuracy at the middle of the default budgets (0.1 pixels, 1.0 for L2).
+    assert new["evasion.pgd_linf@0.1"] == report.evasion["pgd_linf"].robust_accuracy[2]
+    assert new["evasion.fgsm_l2@1"] == report.evasion["fgsm_l2"].robust_accuracy[2]
+    assert rows["old"]["evasion.pgd_linf@0.1"] is None
 
 
 def test_an_audit_json_that_is_not_an_audit_report_is_reported_unreadable(tmp_path):
@@ -213,3 +217,5 @@ def test_the_sinks_render_the_typed_report(audited):
     assert metrics["implementation/final_model/steinke_eps_lb"] == (
         report.implementation.records["final_model"].steinke.epsilon_lower_bound
     )
+    assert metrics["evasion/pgd_l2@1"] == report.evasion["pgd_l2"].robust_accuracy[2]
+    assert text.count("evasion      ") == 4 and format_audit(report).count("evasion      ") == 4

@@ -49,8 +49,11 @@ class _Box:
 
     def inputs(self, delta: torch.Tensor) -> torch.Tensor:
         """The model's inputs ``x + scale * delta``, clamped into ``[low, high]``: with ``x`` valid,
-        clamping moves every coordinate towards ``x``, so no norm of the perturbation grows."""
-        return torch.maximum(torch.minimum(self.x + self.scale * delta, self.high), self.low)
+        clamping moves every coordinate towards ``x``, so no norm of the perturbation grows. The
+        gradient passes the clamp unchanged (straight through): the attacks clamp after each step, as
+        torchattacks and ART do, and a clamp's gradient would halve at a pixel exactly on the bound."""
+        moved = self.x + self.scale * delta
+        return moved + (torch.maximum(torch.minimum(moved, self.high), self.low) - moved).detach()
 
     def clamp(self, delta: torch.Tensor) -> torch.Tensor:
         """``delta`` moved into the valid range (the perturbation ``inputs`` applies)."""

@@ -364,6 +364,11 @@ class EvasionCurve:
     clean_accuracy: float
     n: int
 
+    def middle(self) -> tuple[float, float]:
+        """The middle budget of the list and the robust accuracy there (the report's one number)."""
+        index = len(self.budgets) // 2
+        return self.budgets[index], self.robust_accuracy[index]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -135,22 +135,31 @@ def pgd(
     FGSM's direction, which random starts alone can miss where the loss's maximum on the ball is not
     the misclassified point FGSM lands on. Returns the adversarial inputs in the model's units;
     ``model`` must be in eval mode."""
-    box = _Box(x, units)
     alpha = pgd_step_size(eps, steps)
     best = torch.zeros_like(x)
     best_loss = torch.full((len(x),), -math.inf, device=x.device)
     best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for start in range(restarts + 1):
-        delta = torch.zeros_like(x) if start == 0 else _random_start(box, eps, norm, generator)
+        # An example stops once misclassified: any point of the ball that fools the model is a valid
+        # adversarial example, so attacking it further costs time and changes no number.
+        active = (~best_fooled).nonzero().squeeze(1)
+        if len(active) == 0:
+            break
+        box = _Box(x[active], units)
+        delta = torch.zeros_like(box.x) if start == 0 else _random_start(box, eps, norm, generator)
         for step in range(steps + 1):
-            losses, fooled, gradient = _loss_and_gradient(model, box, delta, y)
-            better = (fooled & ~best_fooled) | ((fooled == best_fooled) & ~best_fooled & (losses > best_loss))
-            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), delta, best)
-            best_loss = torch.where(better, losses, best_loss)
-            best_fooled |= fooled
-            if step < steps:
-                delta = box.clamp(_project(delta + alpha * _steepest(gradient, norm), eps, norm))
-    return box.inputs(best).detach()
+            losses, fooled, gradient = _loss_and_gradient(model, box, delta, y[active])
+            better = fooled | (losses > best_loss[active])
+            best[active[better]] = delta[better]
+            best_loss[active[better]] = losses[better]
+            best_fooled[active[fooled]] = True
+            left = ~fooled
+            if step == steps or not bool(left.any()):
+                break
+            delta = box.clamp(_project(delta + alpha * _steepest(gradient, norm), eps, norm))[left]
+            active = active[left]
+            box = _Box(x[active], units)
+    return _Box(x, units).inputs(best).detach()
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -169,8 +178,8 @@ def evasion_audit(
     seed: int,
 ) -> dict[str, EvasionCurve]:
     """Robust accuracy of ``model`` on ``test`` under FGSM and PGD for every norm in ``budgets`` (norm ->
-    increasing budgets, data units), keyed ``<attack>_<norm>``. PGD's random starts come from
-    ``seed``, the same at every budget, so the curve's steps are the budget's, not the draw's."""
+    increasing budgets, data units), keyed ``<attack>_<norm>``; PGD's random starts are drawn from
+    ``seed``, restarted at every budget."""
     model = unwrap(model)
     was_training = model.training
     model.eval()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dptrain import pipeline
 from dptrain.audit.results import AuditReport, ImplementationAudit, Skipped
@@ -208,7 +209,7 @@ def test_an_audit_json_that_is_not_an_audit_report_is_reported_unreadable(tmp_pa
 
 
 def test_the_sinks_render_the_typed_report(audited):
-    _, report = audited
+    run_dir, report = audited
     text = audit_text(report, 1)
     assert "| loss | " in text and "| attribute `group` |" in text and "Canaries: one-run epsilon lower bound" in text
     assert text.count("white-box    ") == 2
@@ -219,3 +220,6 @@ def test_the_sinks_render_the_typed_report(audited):
     )
     assert metrics["evasion/pgd_l2@1"] == report.evasion["pgd_l2"].robust_accuracy[2]
     assert text.count("evasion      ") == 4 and format_audit(report).count("evasion      ") == 4
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert "audit/evasion" in events.Tags()["images"]  # robust accuracy against the budget

@@ -190,12 +190,27 @@ class WhiteboxAuditConfig:
 
 
 @dataclass
+class EvasionAuditConfig:
+    # Robust accuracy under FGSM and PGD on the first n test records, per norm over budgets in the
+    # data's units (pixels in [0, 1]; standard deviations for tables), each list ending with a budget
+    # that is unbounded for pixels; PGD takes `steps` steps of 2.5 * eps / steps (Madry et al.).
+    enabled: bool = False
+    norms: List[str] = field(default_factory=lambda: ["linf", "l2"])
+    budgets_linf: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    budgets_l2: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 100.0])
+    steps: int = 20
+    restarts: int = 2
+    n: int = 500
+
+
+@dataclass
 class AuditConfig:
     name: str = "standard"
     mia: MembershipAuditConfig = field(default_factory=MembershipAuditConfig)
     aia: AttributeAuditConfig = field(default_factory=AttributeAuditConfig)
     canaries: CanaryAuditConfig = field(default_factory=CanaryAuditConfig)
     whitebox: WhiteboxAuditConfig = field(default_factory=WhiteboxAuditConfig)
+    evasion: EvasionAuditConfig = field(default_factory=EvasionAuditConfig)
     confidence: float = 0.95
     seed: int = 0
     # Processes that train reference models; null: one per two cores, at most one per model.

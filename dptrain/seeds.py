@@ -35,6 +35,7 @@ class Stream(IntEnum):
     IMPLEMENTATION = 15
     TIE_BREAK = 16
     ATTRIBUTE = 17
+    EVASION = 18
 
 
 def derived_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dptrain import pipeline
 from dptrain.audit.results import AuditReport, ImplementationAudit, Skipped
@@ -18,14 +19,16 @@ from dptrain.views.summary import format_audit
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
-    """A small audit with every part: LOSS, attribute inference, canaries and both white-box settings."""
+    """A small audit with every part: LOSS, attribute inference, canaries, both white-box settings and
+    the evasion audit."""
     from conftest import make_config
 
     run_dir = tmp_path_factory.mktemp("audited")
     cfg = make_config(
         "train.epochs=2", "train.progress=false", "dataset=synthetic", "dataset.n_samples=600", "audit=fast",
         "audit.canaries.count=40", "audit.whitebox.enabled=true", "audit.whitebox.canaries=100",
-        "audit.whitebox.runs=1", "audit.whitebox.setting=both",
+        "audit.whitebox.runs=1", "audit.whitebox.setting=both", "audit.evasion.enabled=true", "audit.evasion.n=50",
+        "audit.evasion.steps=3", "audit.evasion.restarts=1",
     )  # fmt: skip
     _, report = pipeline.train(cfg, run_dir)
     return run_dir, report
@@ -40,12 +43,13 @@ def test_audit_json_is_the_reports_to_dict_and_reads_back_to_the_same_report(aud
     # Every part ran: nothing in the round trip is a trivial None or skip.
     assert set(report.mia) == {"loss"} and not isinstance(report.aia, Skipped)
     assert report.canary.n_canaries == 40 and list(report.implementation.records) == ["all_iterates", "final_model"]
+    assert set(report.evasion) == {"fgsm_linf", "pgd_linf", "fgsm_l2", "pgd_l2"}
 
 
 # audit.json's key names (docs/guide/outputs.md): a field renamed in a to_dict changes a documented format.
 REPORT_KEYS = {
     "level", "accountant_epsilon", "delta", "confidence", "members", "non_members", "mia", "aia", "canary",
-    "implementation", "reference_models", "warnings", "audit_seconds", "audited_at", "history_file",
+    "implementation", "evasion", "reference_models", "warnings", "audit_seconds", "audited_at", "history_file",
 }
 MEMBERSHIP_KEYS = {
     "auc", "auc_ci", "tpr_at_fpr", "tpr_at_fpr_ci", "advantage", "epsilon_lower_bound", "n_members", "n_nonmembers",
@@ -73,6 +77,7 @@ IMPLEMENTATION_KEYS = {
 }
 STEINKE_KEYS = {"epsilon_lower_bound", "statistic", "n_guesses", "n_correct", "k_plus", "k_minus", "n_candidates"}
 REFERENCE_KEYS = {"count", "scheme", "train_seconds", "reused_from_cache"}
+EVASION_KEYS = {"budgets", "robust_accuracy", "clean_accuracy", "n"}
 
 
 def test_audit_json_keeps_its_documented_key_names(audited):
@@ -95,6 +100,8 @@ def test_audit_json_keeps_its_documented_key_names(audited):
         assert set(section[setting]) == IMPLEMENTATION_KEYS and section[setting]["setting"] == setting
         assert set(section[setting]["steinke"]) == STEINKE_KEYS
     assert written["reference_models"] is None
+    assert set(written["evasion"]) == {"fgsm_linf", "pgd_linf", "fgsm_l2", "pgd_l2"}
+    assert all(set(curve) == EVASION_KEYS and curve["n"] == 50 for curve in written["evasion"].values())
 
 
 def test_parts_that_did_not_run_are_null_or_skipped_with_the_reason():
@@ -184,6 +191,10 @@ def test_the_report_table_reads_old_and_current_audit_json(tmp_path, audited):
     assert new["audit_file"] == report.history_file and new["canary.eps_lb"] == report.canary.epsilon_lower_bound
     assert new["aia.leakage"] == report.aia.leakage["accuracy"]
     assert new["implementation.final_model.eps_lb"] == report.implementation.records["final_model"].epsilon_lower_bound
+    # The evasion audit's robust accuracy at the middle of the default budgets (0.1 pixels, 1.0 for L2).
+    assert new["evasion.pgd_linf@0.1"] == report.evasion["pgd_linf"].robust_accuracy[2]
+    assert new["evasion.fgsm_l2@1"] == report.evasion["fgsm_l2"].robust_accuracy[2]
+    assert rows["old"]["evasion.pgd_linf@0.1"] is None
 
 
 def test_an_audit_json_that_is_not_an_audit_report_is_reported_unreadable(tmp_path):
@@ -198,7 +209,7 @@ def test_an_audit_json_that_is_not_an_audit_report_is_reported_unreadable(tmp_pa
 
 
 def test_the_sinks_render_the_typed_report(audited):
-    _, report = audited
+    run_dir, report = audited
     text = audit_text(report, 1)
     assert "| loss | " in text and "| attribute `group` |" in text and "Canaries: one-run epsilon lower bound" in text
     assert text.count("white-box    ") == 2
@@ -207,3 +218,8 @@ def test_the_sinks_render_the_typed_report(audited):
     assert metrics["implementation/final_model/steinke_eps_lb"] == (
         report.implementation.records["final_model"].steinke.epsilon_lower_bound
     )
+    assert metrics["evasion/pgd_l2@1"] == report.evasion["pgd_l2"].robust_accuracy[2]
+    assert text.count("evasion      ") == 4 and format_audit(report).count("evasion      ") == 4
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert "audit/evasion" in events.Tags()["images"]  # robust accuracy against the budget

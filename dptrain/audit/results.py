@@ -353,6 +353,35 @@ class ReferenceModelsRecord:
         return cls(**_known(cls, data))
 
 
+@dataclass(frozen=True)
+class EvasionCurve:
+    """One evasion attack under one norm (``audit.json``'s ``evasion.<attack>_<norm>``): the model's
+    accuracy on ``n`` test records under the attack at each budget (data units: pixels in [0, 1],
+    standard deviations for tables), and without attack."""
+
+    budgets: list[float]
+    robust_accuracy: list[float]
+    clean_accuracy: float
+    n: int
+
+    def middle(self) -> tuple[float, float]:
+        """The middle budget of the list and the robust accuracy there (the report's one number)."""
+        index = len(self.budgets) // 2
+        return self.budgets[index], self.robust_accuracy[index]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvasionCurve:
+        return cls(
+            budgets=list(data["budgets"]),
+            robust_accuracy=list(data["robust_accuracy"]),
+            clean_accuracy=data["clean_accuracy"],
+            n=data["n"],
+        )
+
+
 def _optional(part, data: Mapping[str, Any] | None):
     """``part.from_dict(data)``, a ``Skipped`` for ``{"skipped": why}``, None for None."""
     if data is None:
@@ -368,7 +397,8 @@ class AuditReport:
     ``members`` / ``non_members`` the audited records. ``mia`` holds every membership attack's
     metrics by name; ``aia`` attribute inference or why it was skipped; ``canary`` the one-run
     bound, why there is none although canaries were asked for, or ``None`` when none were;
-    ``implementation`` the white-box audit, why it was skipped, or ``None`` when it was off.
+    ``implementation`` the white-box audit, why it was skipped, or ``None`` when it was off;
+    ``evasion`` the evasion audit's curves by ``<attack>_<norm>``, or ``None`` when it was off.
     ``audited_at`` is the UTC time the audit finished (ISO 8601) and ``history_file`` the run's
     copy of this audit under ``audits/``, set when it is recorded (``None`` before, and in files
     written before either existed).
@@ -389,6 +419,7 @@ class AuditReport:
     audit_seconds: float
     audited_at: str | None
     history_file: str | None = None
+    evasion: dict[str, EvasionCurve] | None = None
 
     @property
     def implementation_records(self) -> dict[str, ImplementationRecord]:
@@ -408,6 +439,7 @@ class AuditReport:
             "aia": self.aia.to_dict(),
             "canary": None if self.canary is None else self.canary.to_dict(),
             "implementation": None if self.implementation is None else self.implementation.to_dict(),
+            "evasion": None if self.evasion is None else {key: curve.to_dict() for key, curve in self.evasion.items()},
             "reference_models": None if self.reference_models is None else self.reference_models.to_dict(),
             "warnings": list(self.warnings),
             "audit_seconds": self.audit_seconds,
@@ -420,7 +452,7 @@ class AuditReport:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditReport:
         """The report ``data`` (a parsed ``audit.json``) holds. Files written before a key existed read
-        with that part absent: ``implementation`` None, ``audited_at`` and ``history_file`` None.
+        with that part absent: ``implementation`` and ``evasion`` None, ``audited_at`` and ``history_file`` None.
 
         Raises ``ValueError`` naming what is wrong when ``data`` is not an audit report.
         """
@@ -441,6 +473,9 @@ class AuditReport:
                 audit_seconds=data["audit_seconds"],
                 audited_at=data.get("audited_at"),
                 history_file=data.get("history_file"),
+                evasion=None
+                if data.get("evasion") is None
+                else {key: EvasionCurve.from_dict(curve) for key, curve in data["evasion"].items()},
             )
         except KeyError as missing:
             raise ValueError(f"not an audit report: no {missing} key") from None

@@ -1,5 +1,6 @@
 """The post-training audit of a run: membership inference (LOSS, RMIA, LiRA), attribute inference
-against imputation, the one-run canary bound, the white-box implementation audit, and sanity guards
+against imputation, the one-run canary bound, the white-box implementation audit, the evasion audit,
+and sanity guards
 (``dptrain.views.panels`` draws them in TensorBoard)."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.data import TensorDataset
 from dptrain.audit.attribute import attribute_inference_audit
 from dptrain.audit.canary import one_run_audit
 from dptrain.audit.canary_clients import CanaryClients
+from dptrain.audit.evasion import evasion_audit, evasion_warnings
 from dptrain.audit.implementation import AuditedMechanism, implementation_audit
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import membership_metrics
@@ -25,6 +27,7 @@ from dptrain.audit.reference import ReferenceModels, default_workers, train_refe
 from dptrain.audit.results import (
     AttributeInferenceResult,
     AuditReport,
+    EvasionCurve,
     ImplementationAudit,
     MembershipMetrics,
     OneRunAudit,
@@ -319,6 +322,26 @@ def _implementation(target: AuditTarget, warnings: list[str]) -> ImplementationA
     return result
 
 
+def _evasion(target: AuditTarget, warnings: list[str]) -> dict[str, EvasionCurve] | None:
+    """The evasion audit (``audit.evasion``) on the first ``n`` test records, or None when it is off."""
+    cfg = target.cfg.audit.evasion
+    if not cfg.enabled:
+        return None
+    test = TensorDataset(*(t[: cfg.n] for t in target.run.data.test.tensors))
+    curves = evasion_audit(
+        target.run.model,
+        test,
+        target.run.data.units,
+        {norm: list(getattr(cfg, f"budgets_{norm}")) for norm in cfg.norms},
+        cfg.steps,
+        cfg.restarts,
+        target.run.device,
+        derived_seed(target.cfg.audit.seed, Stream.EVASION),
+    )
+    warnings.extend(evasion_warnings(curves))
+    return curves
+
+
 def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = None) -> AuditResult | None:
     """Audit ``target`` as ``target.cfg.audit`` says; return its report (``audit.json``) and the attacks' scores.
 
@@ -350,6 +373,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     aia = _aia(target)
     canary = _canary(target, canaries_requested, warnings)
     implementation = _implementation(target, warnings)
+    evasion = _evasion(target, warnings)
     report = AuditReport(
         level=target.cfg.audit.name,
         accountant_epsilon=target.run.epsilon,
@@ -361,6 +385,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
         aia=aia,
         canary=canary,
         implementation=implementation,
+        evasion=evasion,
         reference_models=references,
         warnings=warnings,
         audit_seconds=time.perf_counter() - started,

@@ -6,7 +6,7 @@ A run calls ``describe`` while validating its config, then ``load``,
 
 from dptrain.data.audited import audited_split, stratified_pairs, subset
 from dptrain.data.canaries import Canaries, canary_inclusion, draw_canaries, population_without
-from dptrain.data.dataset import DatasetInfo, DatasetSource, LabeledData, SensitiveAttribute
+from dptrain.data.dataset import DatasetInfo, DatasetSource, InputUnits, LabeledData, SensitiveAttribute
 from dptrain.data.partition import dirichlet_partition, iid_partition
 from dptrain.data.prepare import SplitData, prepare
 from dptrain.data.registry import DATASETS, describe, load
@@ -17,6 +17,7 @@ __all__ = [
     "DATASETS",
     "DatasetInfo",
     "DatasetSource",
+    "InputUnits",
     "LabeledData",
     "SensitiveAttribute",
     "Split",

@@ -58,13 +58,27 @@ def data_fingerprint(name: str, features: torch.Tensor, labels: torch.Tensor) ->
 
 
 @dataclass(eq=False)
+class InputUnits:
+    """How a feature tensor relates to the data's own units: one entry per input feature (shaped like one
+    input). A change of one data unit moves feature i by ``scale[i]`` (0: a feature an input attack may
+    not move, e.g. a one-hot or sensitive column); its valid values are ``[low[i], high[i]]`` (infinite
+    where the data have no bound). Data units are pixels in [0, 1] for images and standard deviations
+    for standardized tables; evasion budgets are stated in them (``dptrain.audit.evasion``)."""
+
+    scale: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+@dataclass(eq=False)
 class LabeledData:
     """A whole dataset in its canonical order (vision: official train, then official test).
 
     ``numeric_mask`` flags the flattened feature columns that :func:`prepare`
     standardizes (None: images already normalized with published constants);
     ``official_test`` holds the canonical indices of an official test set, or
-    None. ``fingerprint`` is computed here, so it always matches the tensors.
+    None. ``units`` relates the loaded features to pixels in [0, 1] (images; None for tables, whose
+    units are standard deviations once standardized). ``fingerprint`` is computed here, so it always matches the tensors.
     """
 
     name: str
@@ -75,6 +89,7 @@ class LabeledData:
     numeric_mask: Optional[torch.Tensor] = None
     sensitive: Optional[SensitiveAttribute] = None
     official_test: Optional[np.ndarray] = None
+    units: Optional[InputUnits] = None
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from dptrain.data.dataset import DatasetInfo, LabeledData
+from dptrain.data.dataset import DatasetInfo, InputUnits, LabeledData
 
 if TYPE_CHECKING:
     from dptrain.config import DatasetConfig
@@ -18,7 +18,8 @@ class SklearnDataset:
     """A dataset shipped inside scikit-learn, so it needs no download.
 
     Every feature column is numeric and gets standardized by
-    :func:`dptrain.data.prepare`; ``scale`` only brings raw values to a unit range.
+    :func:`dptrain.data.prepare`; ``scale`` only brings raw values to a unit range, which for
+    ``pixels`` (images) is [0, 1].
     """
 
     name: str
@@ -28,6 +29,7 @@ class SklearnDataset:
     size: int
     loader: str
     scale: float = 1.0
+    pixels: bool = False
 
     def describe(self, cfg: DatasetConfig, progress: bool = False) -> DatasetInfo:
         """Return the published constants; nothing is read."""
@@ -49,6 +51,7 @@ class SklearnDataset:
         bunch = load_bunch()
         features = torch.as_tensor(bunch.data, dtype=torch.float32) / self.scale
         width = features.shape[1]
+        one = torch.ones(self.input_shape)
         return LabeledData(
             name=self.name,
             features=features.reshape(-1, *self.input_shape).contiguous(),
@@ -56,6 +59,7 @@ class SklearnDataset:
             num_classes=self.num_classes,
             input_shape=self.input_shape,
             numeric_mask=torch.ones(width, dtype=torch.bool),
+            units=InputUnits(scale=one, low=0 * one, high=one) if self.pixels else None,
         )
 
 
@@ -69,6 +73,7 @@ DIGITS = SklearnDataset(
     size=1797,
     loader="load_digits",
     scale=16.0,
+    pixels=True,
 )
 
 BREAST_CANCER = SklearnDataset(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dptrain.data.dataset import DatasetInfo, LabeledData
+from dptrain.data.dataset import DatasetInfo, InputUnits, LabeledData
 from dptrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -81,7 +81,14 @@ class TorchvisionDataset:
             num_classes=self.num_classes,
             input_shape=self.input_shape,
             official_test=np.arange(len(train.data), len(labels), dtype=np.int64),
+            units=self._units(),
         )
+
+    def _units(self) -> InputUnits:
+        """Pixels in [0, 1] as the normalized features see them: one pixel unit is 1 / std."""
+        mean = torch.tensor(self.mean).view(-1, 1, 1).expand(self.input_shape)
+        std = torch.tensor(self.std).view(-1, 1, 1).expand(self.input_shape)
+        return InputUnits(scale=1 / std, low=(0 - mean) / std, high=(1 - mean) / std)
 
     def _normalized(self, data: Any) -> torch.Tensor:
         """Return uint8 images (N, H, W) or (N, H, W, C) as normalized float32 (N, C, H, W)."""

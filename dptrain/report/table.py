@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from dptrain.audit.metrics import fpr_key
-from dptrain.audit.results import AttributeInferenceResult, OneRunAudit
+from dptrain.audit.results import AttributeInferenceResult, AuditReport, OneRunAudit
 from dptrain.errors import UserError
 from dptrain.report.collect import RunRecord
 from dptrain.tracking.artifacts import AUDIT
@@ -58,11 +58,22 @@ def attack_column(attack: str, metric: str) -> str:
     return f"mia.{attack}.{metric}"
 
 
-def _results(run: RunRecord, attacks: list[str], federated: list[str]) -> dict:
+def evasion_columns(audit: AuditReport) -> dict[str, float]:
+    """The evasion audit's robust accuracy per attack and norm at its middle budget, keyed
+    ``evasion.<attack>_<norm>@<budget>`` (empty when the audit was off)."""
+    columns = {}
+    for key, curve in (audit.evasion or {}).items():
+        budget, accuracy = curve.middle()
+        columns[f"evasion.{key}@{budget:g}"] = accuracy
+    return columns
+
+
+def _results(run: RunRecord, attacks: list[str], federated: list[str], evasion: list[str]) -> dict:
     metrics, audit = run.metrics or {}, run.audit
     columns = [
-        *LEADING, *federated, *AUDIT_COLUMNS, *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS), *TRAILING
-    ]
+        *LEADING, *federated, *AUDIT_COLUMNS, *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS),
+        *evasion, *TRAILING,
+    ]  # fmt: skip
     row = dict.fromkeys(columns)
     row.update({key: metrics.get(key) for key in federated})
     if metrics:
@@ -88,6 +99,7 @@ def _results(run: RunRecord, attacks: list[str], federated: list[str]) -> dict:
     if isinstance(audit.aia, AttributeInferenceResult):
         row["aia.advantage"] = audit.aia.members.advantage["accuracy"]
         row["aia.leakage"] = audit.aia.leakage["accuracy"]
+    row.update(evasion_columns(audit))
     row["audit_seconds"] = audit.audit_seconds
     row["audit_level"] = audit.level
     # Audits written before the history was kept do not name a history file.
@@ -99,11 +111,13 @@ def build_table(runs: list[RunRecord]) -> Table:
     """One row per run (complete or not, in the given order): name, status, missing files, the differing
     overrides, test accuracy, epsilon, delta, noise multiplier, which audit the audit numbers come from
     (level and history file of the latest), per membership attack AUC / TPR at 1% FPR /
-    empirical epsilon lower bound, the canary bound, attribute-inference advantage and leakage, seconds;
-    federated runs add the backdoor's success rate and the share of Byzantine updates selected."""
+    empirical epsilon lower bound, the evasion audit's robust accuracy per attack and norm at its middle
+    budget, the canary bound, attribute-inference advantage and leakage, seconds; federated runs add
+    the backdoor's success rate and the share of Byzantine updates selected."""
     override_keys = differing_overrides(runs)
     attacks = list(dict.fromkeys(a for run in runs if run.audit for a in run.audit.mia))
     federated = [key for key in FEDERATED if any(run.metrics and run.metrics.get(key) is not None for run in runs)]
+    evasion = list(dict.fromkeys(column for run in runs if run.audit for column in evasion_columns(run.audit)))
     rows = []
     for run in runs:
         given = dict(map(_split, run.overrides))
@@ -113,7 +127,7 @@ def build_table(runs: list[RunRecord]) -> Table:
                 "status": "complete" if run.complete else "incomplete",
                 "missing": ", ".join(run.missing),
                 **{key: given.get(key, "") for key in override_keys},
-                **_results(run, attacks, federated),
+                **_results(run, attacks, federated, evasion),
             }
         )
     columns = list(rows[0]) if rows else []
@@ -122,7 +136,9 @@ def build_table(runs: list[RunRecord]) -> Table:
 
 def metric_columns(table: Table) -> list[str]:
     """The columns that hold a number per run (what ``--select`` can choose by)."""
-    return [c for c in table.columns if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith("mia.")]
+    return [
+        c for c in table.columns if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith(("mia.", "evasion."))
+    ]
 
 
 def parse_spec(spec: str, table: Table) -> tuple[str, bool]:

@@ -49,6 +49,28 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float
     return figure
 
 
+def evasion_figure(curves: Mapping[str, tuple[list[float], list[float], float]]):
+    """Robust accuracy against the budget, ``{"<attack>_<norm>": (budgets, robust_accuracy, clean)}``, one
+    panel per norm on a log budget axis (data units), clean accuracy dashed."""
+    norms = list(dict.fromkeys(key.split("_", 1)[1] for key in curves))
+    figure = Figure(figsize=(5 * len(norms), 4))
+    axes = figure.subplots(1, len(norms), squeeze=False)[0]
+    for axis, norm in zip(axes, norms):
+        clean = None
+        for key, (budgets, accuracy, clean) in curves.items():
+            if key.endswith(f"_{norm}"):
+                axis.plot(budgets, accuracy, marker="o", label=key.split("_", 1)[0])
+        axis.axhline(clean, color="grey", linestyle="--", linewidth=1, label="clean")
+        axis.set(xscale="log", ylim=(0, 1.02), xlabel=f"budget ({norm}, data units)", ylabel="robust accuracy")
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.grid(True, which="major", linewidth=0.5, alpha=0.5)
+        axis.set_title(f"evasion, {norm}")
+        axis.legend(loc="upper right")
+    figure.subplots_adjust(**MARGINS)
+    return figure
+
+
 def score_histograms(
     members: np.ndarray, non_members: np.ndarray, bins: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

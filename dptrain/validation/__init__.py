@@ -11,6 +11,7 @@ import math
 import os
 from pathlib import Path
 
+from dptrain.audit.evasion import NORMS
 from dptrain.audit.membership import LIRA_VARIANCES
 from dptrain.config import AuditConfig, Config, LauncherConfig
 from dptrain.data import DatasetInfo, SplitSizes, describe, split_sizes
@@ -364,6 +365,17 @@ def _validate_audit(audit: AuditConfig, population: int) -> None:
             'audit.whitebox needs the dp-accounting package for its f-DP bound (the accountant\'s curves): '
             'pip install "dptrain[accounting]"'
         )
+    for norm in audit.evasion.norms:
+        _choice("audit.evasion.norms", norm, NORMS)
+    for norm in ("linf", "l2"):
+        budgets = list(getattr(audit.evasion, f"budgets_{norm}"))
+        if norm in audit.evasion.norms and not budgets:
+            raise UserError(f"audit.evasion.budgets_{norm} is empty: list budgets, or drop {norm} from audit.evasion.norms")
+        if budgets != sorted(set(budgets)):
+            raise UserError(
+                f"audit.evasion.budgets_{norm}={budgets}: list the budgets in increasing order without repeats, "
+                "ending with the unbounded one"
+            )
     if audit.canaries.count > population // 2:
         raise UserError(
             f"audit.canaries.count={audit.canaries.count} must be between 0 and half the {population} population "

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, roc_curve
 from dptrain.audit.results import AttributeInferenceResult, AuditReport, OneRunAudit, Skipped
-from dptrain.tracking.figures import roc_figure, score_histograms_image
-from dptrain.views.summary import format_implementation
+from dptrain.tracking.figures import evasion_figure, roc_figure, score_histograms_image
+from dptrain.views.summary import format_evasion, format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
 
 # Bins of the member / non-member score histograms.
@@ -16,7 +16,8 @@ SCORE_BINS = 40
 def headline_metrics(report: AuditReport) -> dict[str, float | None]:
     """The audit's headline numbers, the metrics of the run's HParams record: per membership attack
     AUC, TPR at 1% FPR and the epsilon lower bound; attribute inference's advantage on members and
-    leakage; the canary bound. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
+    leakage; the canary bound; the evasion audit's robust accuracy per attack and norm at its middle
+    budget. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
     values: dict[str, float | None] = {}
     for name, metrics in report.mia.items():
         values[f"mia/{name}/auc"] = metrics.auc
@@ -32,6 +33,9 @@ def headline_metrics(report: AuditReport) -> dict[str, float | None]:
         if record.steinke is not None:  # audits before the f-DP bound have one bound only
             values[f"implementation/{setting}/steinke_eps_lb"] = record.steinke.epsilon_lower_bound
         values[f"implementation/{setting}/eps_estimate"] = record.epsilon_estimate
+    for key, curve in (report.evasion or {}).items():
+        budget, accuracy = curve.middle()
+        values[f"evasion/{key}@{budget:g}"] = accuracy
     return values
 
 
@@ -82,6 +86,7 @@ def audit_text(report: AuditReport, step: int) -> str:
             f"({canary.n_correct} of {canary.n_guesses} guesses right, {canary.n_canaries} canaries)."
         )
     parts += format_implementation(report.implementation)
+    parts += format_evasion(report.evasion)
     if report.warnings:
         parts.append("**Warnings**: " + "; ".join(report.warnings))
     return "\n\n".join(parts)
@@ -89,7 +94,7 @@ def audit_text(report: AuditReport, step: int) -> str:
 
 def draw_audit(tb: TensorBoardLog, report: AuditReport, scores: dict, step: int) -> None:
     """The audit's panels at ``step``: the ROC of every attack, the score histograms (one panel per
-    attack) and the text summary. Single numbers go to the text and to HParams, not to one-point charts."""
+    attack), robust accuracy against the evasion budget and the text summary. Single numbers go to the text and to HParams, not to one-point charts."""
     if scores:
         curves = {}
         for name, (member_scores, nonmember_scores) in scores.items():
@@ -98,4 +103,7 @@ def draw_audit(tb: TensorBoardLog, report: AuditReport, scores: dict, step: int)
         floor = 1.0 / max(len(s[1]) for s in scores.values())
         tb.figure("audit/roc", roc_figure(curves, floor=min(floor, 1e-3)), step)
         tb.image("audit/scores", score_histograms_image(scores, SCORE_BINS), step)
+    if report.evasion:
+        curves = {key: (c.budgets, c.robust_accuracy, c.clean_accuracy) for key, c in report.evasion.items()}
+        tb.figure("audit/evasion", evasion_figure(curves), step)
     tb.text("audit/summary", audit_text(report, step), step)

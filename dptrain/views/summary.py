@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dptrain.audit.results import AuditReport, ImplementationAudit, Skipped
+from dptrain.audit.results import AuditReport, EvasionCurve, ImplementationAudit, Skipped
 from dptrain.training.metrics import FederationMetrics, RunMetrics
 
 
@@ -131,6 +131,16 @@ def format_implementation(section: ImplementationAudit | Skipped | None) -> list
     return lines
 
 
+def format_evasion(curves: dict[str, EvasionCurve] | None) -> list[str]:
+    """The evasion audit's lines: per attack and norm the robust accuracy at each budget (data units:
+    pixels in [0, 1], standard deviations for tables), beside clean accuracy and the records attacked."""
+    lines = []
+    for key, curve in (curves or {}).items():
+        at = ", ".join(f"{accuracy:.3f} @ {budget:g}" for budget, accuracy in zip(curve.budgets, curve.robust_accuracy))
+        lines.append(f"{'evasion':<13}{key:<10}robust accuracy {at}  (clean {curve.clean_accuracy:.3f}, {curve.n} test records)")
+    return lines
+
+
 def format_audit(report: AuditReport) -> str:
     """The audit's lines of the summary: each attack's AUC with its interval, TPR at 1% FPR and epsilon lower bound."""
     lines = []
@@ -161,5 +171,6 @@ def format_audit(report: AuditReport) -> str:
             f" ({c.n_correct} of {c.n_guesses} guesses right, {c.n_canaries} canaries)"
         )
     lines += format_implementation(report.implementation)
+    lines += format_evasion(report.evasion)
     lines += [f"WARNING      {warning}" for warning in report.warnings]
     return "\n".join(f"{'audit' if i == 0 else '':<15}{line}" for i, line in enumerate(lines))

@@ -218,6 +218,15 @@ class AuditConfig:
 
 
 @dataclass
+class DefenseConfig:
+    # Data sanitization before training (centralized recipe, non-private runs only): none, or
+    # spectral_signatures (Tran et al. 2018), which removes the top remove_fraction of each class's
+    # members by their squared projection on the class's top singular vector of input features.
+    sanitize: str = "none"
+    remove_fraction: float = 0.1
+
+
+@dataclass
 class LauncherConfig:
     nproc_per_node: int = 1
     backend: str = "auto"
@@ -235,6 +244,7 @@ class Config:
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 

@@ -38,6 +38,7 @@ from dptrain.training.poisoning import (
     record_poisoned,
 )
 from dptrain.training.recipe import resolve_device, train_model
+from dptrain.training.sanitization import detection, record_sanitized, sanitized_positions
 from dptrain.training.target import (
     TargetRun,
     independent_epsilon,
@@ -77,15 +78,21 @@ def resumed_step(plan: PrivacyPlan, checkpoint: Checkpoint) -> int:
 
 
 def training_set(
-    cfg: Config, data: SplitData, canaries: Canaries | None, poisoned: np.ndarray | None = None
+    cfg: Config,
+    data: SplitData,
+    canaries: Canaries | None,
+    poisoned: np.ndarray | None = None,
+    sanitized: np.ndarray | None = None,
 ) -> TensorDataset:
     """The records this process trains on: members (those at ``poisoned`` positions poisoned,
-    ``poison_members``) and included canaries, or under robust data parallelism its shard of them
-    and the included canaries of its slot (``canary_ranks``), poisoned when this rank plays a
-    data-poisoning attacker."""
+    ``poison_members``, those at ``sanitized`` positions removed) and included canaries, or under
+    robust data parallelism its shard of them and the included canaries of its slot
+    (``canary_ranks``), poisoned when this rank plays a data-poisoning attacker."""
     records = data.members
     if poisoned is not None:
         records = poison_members(cfg, records, data.num_classes, poisoned)
+    if sanitized is not None:
+        records = subset(records, np.setdiff1d(np.arange(len(records)), sanitized))
     included = np.zeros(0, dtype=bool) if canaries is None else canaries.included
     robust = parallel_mode(cfg) == "robust"
     if robust:
@@ -105,16 +112,27 @@ def training_set(
     return records
 
 
+def sanitized_members(cfg: Config, data: SplitData, poisoned: np.ndarray | None) -> np.ndarray | None:
+    """The member positions ``defense.sanitize`` removes, judged on the members as poisoned
+    (``sanitization.sanitized_positions``), or None when sanitization is off."""
+    if cfg.defense.sanitize == "none":
+        return None
+    members = data.members if poisoned is None else poison_members(cfg, data.members, data.num_classes, poisoned)
+    return sanitized_positions(cfg, members)
+
+
 def audited_data(cfg: Config, data: SplitData, world: int) -> SplitData:
     """The split the membership audit sees: the recorded split; under robust data parallelism over
     ``world`` ranks the honest ranks' shards (``honest_positions``); under centralized data poisoning
-    the members left clean. Those are the records trained on exactly as the audit holds them (a
+    or sanitization the members left clean and not removed. Those are the records trained on exactly as the audit holds them (a
     poisoned copy would be told from non-members by its trigger, not by what the model learned);
     as many label-stratified non-members go beside them (``audited_split``, seeded by audit.seed).
     Derivable from the config alone."""
     poisoned = poisoned_positions(cfg, len(data.members)) if poisons_members(cfg) else np.zeros(0, dtype=np.int64)
-    if len(poisoned):
-        trained = np.setdiff1d(np.arange(len(data.members)), poisoned)
+    sanitized = sanitized_members(cfg, data, poisoned)
+    if len(poisoned) or sanitized is not None:
+        left_out = poisoned if sanitized is None else np.union1d(poisoned, sanitized)
+        trained = np.setdiff1d(np.arange(len(data.members)), left_out)
     elif parallel_mode(cfg, world) == "robust":
         trained = honest_positions(len(data.members), world, byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed))
     else:
@@ -137,9 +155,13 @@ def train_target(
     poisoned = poisoned_positions(cfg, len(data.members)) if poisons_members(cfg) else None
     if poisoned is not None and ranks.is_main():
         record_poisoned(run_dir, cfg, poisoned)
+    sanitized = sanitized_members(cfg, data, poisoned)
+    if sanitized is not None and ranks.is_main():
+        record_sanitized(run_dir, cfg, sanitized)
+    detected = None if sanitized is None or poisoned is None else detection(sanitized, poisoned)
     trained = train_model(
         cfg,
-        training_set(cfg, data, canaries, poisoned),
+        training_set(cfg, data, canaries, poisoned, sanitized),
         input_shape=data.input_shape,
         num_classes=data.num_classes,
         plan=plan,
@@ -172,6 +194,9 @@ def train_target(
             backdoor_success_rate=None
             if poisoned is None or cfg.attack.name != "backdoor"
             else backdoor_success_rate(trained.model, data.test, poisoning_attack(cfg), cfg.attack.target_label, device),
+            sanitized=0 if sanitized is None else len(sanitized),
+            sanitize_precision=None if detected is None else detected[0],
+            sanitize_recall=None if detected is None else detected[1],
         ),
     )
     if ranks.is_main():

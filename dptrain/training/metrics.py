@@ -3,7 +3,8 @@ recipe writes, and the centralized or federated recipe's own fields beside them.
 
 ``to_dict`` is the JSON layout documented in docs/guide/outputs.md (one flat object); ``from_dict``
 reads it back, from this release's files and from older ones that lack the fields added since
-(``epsilon_pld``, ``audited_members``, ``wall_seconds``, ``replaced_modules``, ``parallel_mode``).
+(``epsilon_pld``, ``audited_members``, ``wall_seconds``, ``replaced_modules``, ``parallel_mode``,
+``sanitized``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any, Mapping
 class CentralizedMetrics:
     """The centralized recipe's fields: epochs, the canaries trained on, the processes that trained
     (``parallel_mode`` None for one process, ``dpddp`` or ``robust``), the member records poisoned
-    (``dptrain.training.poisoning``) and what a backdoor achieved.
+    (``dptrain.training.poisoning``), what a backdoor achieved, and the members sanitization removed
+    (``dptrain.training.sanitization``) with its precision and recall against the poisoned ones.
 
-    ``backdoor_success_rate`` is None (and absent from the JSON) unless a backdoor was planted.
+    ``backdoor_success_rate`` is None (and absent from the JSON) unless a backdoor was planted;
+    ``sanitize_precision`` and ``sanitize_recall`` unless members were both poisoned and sanitized.
     """
 
     epochs: int
@@ -27,6 +30,13 @@ class CentralizedMetrics:
     parallel_mode: str | None = None
     poisoned: int = 0
     backdoor_success_rate: float | None = None
+    sanitized: int = 0
+    sanitize_precision: float | None = None
+    sanitize_recall: float | None = None
+
+
+# Fields absent from metrics.json when None (the measurement did not apply).
+ABSENT_WHEN_NONE = ("backdoor_success_rate", "sanitize_precision", "sanitize_recall")
 
 
 @dataclass(frozen=True)
@@ -98,9 +108,9 @@ class RunMetrics:
         for part in (self.centralized, self.federation):
             if part is not None:
                 values.update({f.name: getattr(part, f.name) for f in fields(part)})
-        part = self.federation or self.centralized
-        if part is not None and part.backdoor_success_rate is None:
-            del values["backdoor_success_rate"]
+        for name in ABSENT_WHEN_NONE:
+            if name in values and values[name] is None:
+                del values[name]
         return values
 
     @classmethod

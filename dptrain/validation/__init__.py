@@ -24,6 +24,7 @@ from dptrain.robust import alie_z, build_aggregator, build_attack, tolerated_byz
 from dptrain.training import ranks
 from dptrain.training.distributed import parallel_mode
 from dptrain.training.poisoning import POISONING_ATTACKS, poisoned_count, poisons_members
+from dptrain.training.sanitization import SANITIZERS
 from dptrain.validation.keys import check_known_keys, check_ranges
 
 PRIVACY_NAMES = ("dpsgd", "none")
@@ -123,6 +124,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
 
     _validate_attackers(cfg)
     _validate_poisoning(cfg, info, members)
+    _validate_sanitization(cfg)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
@@ -241,6 +243,25 @@ def _validate_attackers(cfg: Config) -> None:
         raise UserError(
             f"attack.byzantine={attack.byzantine} with attack=none: the Byzantine clients or workers would train "
             "honestly yet be left out of the reported epsilon and the audit; choose an attack or attack.byzantine=0"
+        )
+
+
+def _validate_sanitization(cfg: Config) -> None:
+    """Sanitization runs in the centralized recipe without Byzantine workers, and only without DP:
+    it removes members by a rule that reads all of them, which the accountant does not cover."""
+    method = cfg.defense.sanitize
+    _choice("defense.sanitize", method, SANITIZERS)
+    if method == "none":
+        return
+    if is_private(cfg.privacy):
+        raise UserError(
+            f"defense.sanitize={method} needs a non-private run (privacy.target_epsilon=inf): it drops members by "
+            "a rule that reads every member, a step the reported epsilon does not cover"
+        )
+    if cfg.federation.name != "none" or cfg.attack.byzantine > 0:
+        raise UserError(
+            f"defense.sanitize={method} sanitizes a centralized run's members: use federation=none and "
+            "attack.byzantine=0"
         )
 
 

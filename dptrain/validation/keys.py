@@ -145,6 +145,7 @@ RANGES: dict[str, Range] = {
     "audit.evasion.steps": at_least(1, "PGD's steps, e.g. 20"),
     "audit.evasion.restarts": at_least(1, "PGD's random restarts, e.g. 2"),
     "audit.evasion.n": at_least(1, "the test records attacked, e.g. 500"),
+    "defense.remove_fraction": within(0, 0.5, "()", "the share of each class removed, e.g. 0.1"),
     "audit.confidence": within(0, 1, "()", "e.g. 0.95"),
     "audit.seed": SEED,
     "audit.workers": at_least(1, "or null for one per two cores"),

@@ -17,6 +17,7 @@ from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, make_private
 from dptrain.training.adversarial import AdversarialExamples
+from dptrain.training import loop
 from dptrain.training.loop import train_epoch
 from dptrain.validation import validate
 from test_accounting import DELTA, _hand_step
@@ -119,6 +120,27 @@ def test_adversarial_training_reports_the_epsilon_of_the_same_plan_without_it(tm
     assert robust.steps == plain.steps
     assert robust.noise_multiplier == plain.noise_multiplier
     assert robust.test_accuracy != plain.test_accuracy
+
+
+def test_a_resumed_adversarial_run_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    overrides = ("train.epochs=3", "train.progress=false", "audit=none", "train.adversarial=pgd", "train.adversarial_steps=2")
+    pipeline.train(make_config(*overrides), tmp_path / "a")
+    real_epoch, calls = loop.train_epoch, []
+
+    def interrupted_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(make_config(*overrides), tmp_path / "b")
+    monkeypatch.setattr("dptrain.training.recipe.train_epoch", real_epoch)
+    pipeline.train(make_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 @pytest.mark.parametrize(

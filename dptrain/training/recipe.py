@@ -166,7 +166,6 @@ def train_model(
         noise_generator=noise,
     )
     scheduler = make_scheduler(train, training.optimizer)
-    adversarial = adversarial_examples(cfg, units, derived_seed(train.seed, Stream.ADVERSARIAL, rank), device)
     if mode == "robust":
         gather_updates(training, cfg)
     config_hash = recipe_hash(cfg)
@@ -196,6 +195,8 @@ def train_model(
     for epoch in bar:
         started = time.perf_counter()
         lr = training.optimizer.param_groups[0]["lr"]
+        # Seeded per epoch, so that a resumed run crafts what the uninterrupted one would.
+        adversarial = adversarial_examples(cfg, units, derived_seed(train.seed, Stream.ADVERSARIAL, rank, epoch), device)
         stats = train_epoch(training, device, adversarial)
         if scheduler is not None:
             scheduler.step()

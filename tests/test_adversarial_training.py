@@ -31,7 +31,7 @@ def _pixels(generator: torch.Generator, n: int) -> torch.Tensor:
     return (torch.rand(n, 3, generator=generator, dtype=torch.float64) - 0.5) * 4
 
 
-def _private(model, inputs, labels, noise_seed: int):
+def _private(model, inputs, labels, noise_seed: int, mode: str = "hooks"):
     plan = PrivacyPlan(
         private=True, accountant="prv", delta=DELTA, target_epsilon=None, noise_multiplier=0.7,
         max_grad_norm=1.0, sample_rate=1.0, steps_per_epoch=1, steps=1, planned_epsilon=None,
@@ -41,7 +41,7 @@ def _private(model, inputs, labels, noise_seed: int):
         optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
         dataset=TensorDataset(inputs, labels),
         plan=plan,
-        cfg=PrivacyConfig(),
+        cfg=PrivacyConfig(grad_sample_mode=mode),
         batch_size=len(labels),
         max_physical_batch_size=None,
         sampling_generator=torch.Generator(),
@@ -49,7 +49,8 @@ def _private(model, inputs, labels, noise_seed: int):
     )
 
 
-def test_a_dp_step_on_adversarial_examples_equals_the_hand_computed_step_on_them():
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_a_dp_step_on_adversarial_examples_equals_the_hand_computed_step_on_them(mode):
     generator = torch.Generator().manual_seed(3)
     inputs = _pixels(generator, 6)
     labels = torch.tensor([0, 1, 1, 0, 1, 0])
@@ -63,7 +64,7 @@ def test_a_dp_step_on_adversarial_examples_equals_the_hand_computed_step_on_them
         plain.eval(), inputs, labels, PIXELS, EPS, "linf", 4, 1, torch.Generator().manual_seed(5),
         clean_start=False, until_fooled=False,
     )
-    training = _private(model, inputs, labels, noise_seed=11)
+    training = _private(model, inputs, labels, noise_seed=11, mode=mode)
     craft = AdversarialExamples(PIXELS, EPS, 4, torch.Generator().manual_seed(5))
     crafted = []
 
@@ -97,12 +98,13 @@ def test_crafted_inputs_stay_within_the_budget_and_the_valid_range_and_raise_the
         assert loss(model(crafted), labels) > loss(model(inputs), labels)
 
 
-def test_crafting_leaves_no_per_sample_gradient_on_the_parameters():
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_crafting_leaves_no_per_sample_gradient_on_the_parameters(mode):
     generator = torch.Generator().manual_seed(0)
     inputs = _pixels(generator, 8)
     labels = torch.randint(0, 2, (8,), generator=generator)
     torch.manual_seed(0)
-    training = _private(build_model(ModelConfig(name="mlp"), (3,), 2).double(), inputs, labels, noise_seed=0)
+    training = _private(build_model(ModelConfig(name="mlp"), (3,), 2).double(), inputs, labels, noise_seed=0, mode=mode)
     AdversarialExamples(PIXELS, EPS, 3, torch.Generator().manual_seed(1))(training.model, inputs, labels)
     for parameter in training.model.parameters():
         assert getattr(parameter, "grad_sample", None) is None

@@ -36,6 +36,7 @@ class Stream(IntEnum):
     TIE_BREAK = 16
     ATTRIBUTE = 17
     EVASION = 18
+    ADVERSARIAL = 19
 
 
 def derived_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -170,6 +170,7 @@ def train_target(
         run_dir=run_dir,
         checkpoint=checkpoint,
         data_parallel=True,
+        units=data.units,
     )
     device = resolve_device(cfg.train.device)
     audited = audited_data(cfg, data, ranks.world_size())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -23,8 +24,14 @@ class EpochStats:
     examples: int
 
 
-def train_epoch(training: PrivateTraining, device: torch.device) -> EpochStats:
+def train_epoch(
+    training: PrivateTraining,
+    device: torch.device,
+    adversarial: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+) -> EpochStats:
     """Run one epoch of ``training``'s loader; the optimizer clips and noises when the plan is private.
+    With ``adversarial`` (``dptrain.training.adversarial``) each batch's inputs are first replaced by
+    ``adversarial(model, inputs, labels)``; loss and accuracy are then those on the replaced inputs.
 
     Poisson sampling can draw an empty batch; it still goes through the
     optimizer, because skipping it would make whether an update happened
@@ -38,6 +45,8 @@ def train_epoch(training: PrivateTraining, device: torch.device) -> EpochStats:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for inputs, labels in batches:
             inputs, labels = inputs.to(device), labels.to(device)
+            if adversarial is not None:
+                inputs = adversarial(model, inputs, labels)
             optimizer.zero_grad(set_to_none=True)
             logits = model(inputs)
             loss = training.loss_fn(logits, labels)

@@ -19,12 +19,14 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from dptrain.config import Config, TrainConfig, recipe_hash
+from dptrain.data import InputUnits
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, make_private, plan_privacy, unwrap
 from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
+from dptrain.training.adversarial import adversarial_examples
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.distributed import gather_updates, local_batch_size, parallel_mode
 from dptrain.training.loop import EpochStats, evaluate, train_epoch
@@ -117,6 +119,7 @@ def train_model(
     run_dir: str | Path | None = None,
     checkpoint: Checkpoint | None = None,
     data_parallel: bool = False,
+    units: InputUnits | None = None,
 ) -> TrainedModel:
     """Train ``cfg.model`` on ``train_set`` with ``cfg.train`` and ``cfg.privacy``; return the model and its spend.
 
@@ -129,6 +132,9 @@ def train_model(
     With ``data_parallel`` inside a torch.distributed job, every rank calls this
     together (see ``dptrain.training.distributed``): under ``dpddp`` on the whole
     ``train_set``, under ``robust`` on its own shard.
+
+    ``units`` (the data's, ``dptrain.data.InputUnits``) is needed by ``train.adversarial=pgd``, which
+    trains on adversarial examples of each batch (``dptrain.training.adversarial``).
     """
     train = cfg.train
     mode = parallel_mode(cfg) if data_parallel else None
@@ -189,7 +195,9 @@ def train_model(
     for epoch in bar:
         started = time.perf_counter()
         lr = training.optimizer.param_groups[0]["lr"]
-        stats = train_epoch(training, device)
+        # Seeded per epoch, so that a resumed run crafts what the uninterrupted one would.
+        adversarial = adversarial_examples(cfg, units, derived_seed(train.seed, Stream.ADVERSARIAL, rank, epoch), device)
+        stats = train_epoch(training, device, adversarial)
         if scheduler is not None:
             scheduler.step()
         train_seconds += time.perf_counter() - started

@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from dptrain.audit.evasion import NORMS
+from dptrain.adversarial import NORMS
 from dptrain.audit.membership import LIRA_VARIANCES
 from dptrain.config import AuditConfig, Config, LauncherConfig
 from dptrain.data import DatasetInfo, SplitSizes, describe, split_sizes
@@ -22,6 +22,7 @@ from dptrain.privacy import crosscheck
 from dptrain.privacy.plan import is_private
 from dptrain.robust import alie_z, build_aggregator, build_attack, tolerated_byzantine
 from dptrain.training import ranks
+from dptrain.training.adversarial import check_adversarial
 from dptrain.training.distributed import parallel_mode
 from dptrain.training.poisoning import POISONING_ATTACKS, poisoned_count, poisons_members
 from dptrain.training.sanitization import SANITIZERS
@@ -116,6 +117,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
             f"dataset={info.name}: lower it"
         )
     _validate_device(train.device)
+    check_adversarial(cfg)
     if train.resume is not None and not (Path(train.resume) / "checkpoint.pt").is_file():
         raise UserError(
             f"train.resume={train.resume} holds no checkpoint.pt, so there is nothing to resume: the run stopped "

@@ -1,0 +1,162 @@
+"""Adversarial training (``train.adversarial=pgd``) composed with DP-SGD: the private step on crafted
+examples is the hand-computed DP-SGD step on them, crafting stays in budget and leaves no per-sample
+gradients behind, the reported epsilon is the plan's, and bad settings are refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from conftest import make_config
+from dptrain import pipeline
+from dptrain.adversarial import pgd
+from dptrain.config import ModelConfig, PrivacyConfig
+from dptrain.data import InputUnits
+from dptrain.errors import UserError
+from dptrain.models import build_model
+from dptrain.privacy import PrivacyPlan, make_private
+from dptrain.training.adversarial import AdversarialExamples
+from dptrain.training import loop
+from dptrain.training.loop import train_epoch
+from dptrain.validation import validate
+from test_accounting import DELTA, _hand_step
+
+EPS = 0.3
+# Pixels in [0, 1] standardized with mean 0.5 and std 0.25, as image datasets' units are.
+PIXELS = InputUnits(scale=torch.full((3,), 4.0), low=torch.full((3,), -2.0), high=torch.full((3,), 2.0))
+
+
+def _pixels(generator: torch.Generator, n: int) -> torch.Tensor:
+    return (torch.rand(n, 3, generator=generator, dtype=torch.float64) - 0.5) * 4
+
+
+def _private(model, inputs, labels, noise_seed: int, mode: str = "hooks"):
+    plan = PrivacyPlan(
+        private=True, accountant="prv", delta=DELTA, target_epsilon=None, noise_multiplier=0.7,
+        max_grad_norm=1.0, sample_rate=1.0, steps_per_epoch=1, steps=1, planned_epsilon=None,
+    )
+    return make_private(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        dataset=TensorDataset(inputs, labels),
+        plan=plan,
+        cfg=PrivacyConfig(grad_sample_mode=mode),
+        batch_size=len(labels),
+        max_physical_batch_size=None,
+        sampling_generator=torch.Generator(),
+        noise_generator=torch.Generator().manual_seed(noise_seed),
+    )
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_a_dp_step_on_adversarial_examples_equals_the_hand_computed_step_on_them(mode):
+    generator = torch.Generator().manual_seed(3)
+    inputs = _pixels(generator, 6)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="logreg"), (3,), 2).double()
+    weight, bias = (p.detach().clone() for p in model.parameters())
+    plain = build_model(ModelConfig(name="logreg"), (3,), 2).double()
+    plain.load_state_dict(model.state_dict())
+    # The crafting, independently: PGD on a plain copy of the model, from the same seed.
+    expected_inputs = pgd(
+        plain.eval(), inputs, labels, PIXELS, EPS, "linf", 4, 1, torch.Generator().manual_seed(5),
+        clean_start=False, until_fooled=False,
+    )
+    training = _private(model, inputs, labels, noise_seed=11, mode=mode)
+    craft = AdversarialExamples(PIXELS, EPS, 4, torch.Generator().manual_seed(5))
+    crafted = []
+
+    def recorded(model, x, y):
+        crafted.append(craft(model, x, y))
+        return crafted[-1]
+
+    train_epoch(training, torch.device("cpu"), recorded)
+    assert len(crafted) == 1
+    assert torch.equal(crafted[0], expected_inputs)
+    assert not torch.allclose(crafted[0], inputs)
+    expected = _hand_step(weight, bias, crafted[0], labels, 1.0, False, 0.7, torch.Generator().manual_seed(11), 0.5)
+    for got, want in zip(training.standard_model().parameters(), expected):
+        assert torch.allclose(got.detach(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_crafted_inputs_stay_within_the_budget_and_the_valid_range_and_raise_the_loss():
+    generator = torch.Generator().manual_seed(0)
+    inputs = _pixels(generator, 64).float()
+    labels = torch.randint(0, 3, (64,), generator=generator)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp"), (3,), 3)
+    crafted = AdversarialExamples(PIXELS, 0.1, 7, torch.Generator().manual_seed(1))(model, inputs, labels)
+    moved = (crafted - inputs) / PIXELS.scale
+    assert moved.abs().max() <= 0.1 + 1e-6
+    assert moved.abs().max() > 0.05
+    assert ((crafted >= PIXELS.low) & (crafted <= PIXELS.high)).all()
+    assert model.training
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert loss(model(crafted), labels) > loss(model(inputs), labels)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_crafting_leaves_no_per_sample_gradient_on_the_parameters(mode):
+    generator = torch.Generator().manual_seed(0)
+    inputs = _pixels(generator, 8)
+    labels = torch.randint(0, 2, (8,), generator=generator)
+    torch.manual_seed(0)
+    training = _private(build_model(ModelConfig(name="mlp"), (3,), 2).double(), inputs, labels, noise_seed=0, mode=mode)
+    AdversarialExamples(PIXELS, EPS, 3, torch.Generator().manual_seed(1))(training.model, inputs, labels)
+    for parameter in training.model.parameters():
+        assert getattr(parameter, "grad_sample", None) is None
+        assert parameter.grad is None
+    assert training.model.hooks_enabled
+
+
+def test_adversarial_training_reports_the_epsilon_of_the_same_plan_without_it(tmp_path):
+    common = ("train.epochs=1", "train.progress=false", "audit=none", "privacy.target_epsilon=3")
+    plain = pipeline.train(make_config(*common), tmp_path / "plain")[0]
+    robust = pipeline.train(
+        make_config(*common, "train.adversarial=pgd", "train.adversarial_steps=2"), tmp_path / "robust"
+    )[0]
+    assert robust.epsilon == plain.epsilon
+    assert robust.steps == plain.steps
+    assert robust.noise_multiplier == plain.noise_multiplier
+    assert robust.test_accuracy != plain.test_accuracy
+
+
+def test_a_resumed_adversarial_run_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    overrides = ("train.epochs=3", "train.progress=false", "audit=none", "train.adversarial=pgd", "train.adversarial_steps=2")
+    pipeline.train(make_config(*overrides), tmp_path / "a")
+    real_epoch, calls = loop.train_epoch, []
+
+    def interrupted_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(make_config(*overrides), tmp_path / "b")
+    monkeypatch.setattr("dptrain.training.recipe.train_epoch", real_epoch)
+    pipeline.train(make_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.adversarial=fgsm"], "train.adversarial=fgsm is unknown"),
+        (["train.adversarial=pgd", "train.adversarial_eps=0"], "train.adversarial_eps=0"),
+        (["train.adversarial=pgd", "train.adversarial_eps=inf"], "train.adversarial_eps=inf"),
+        (["train.adversarial=pgd", "train.adversarial_steps=0"], "train.adversarial_steps=0"),
+        (["train.adversarial=pgd", "federation=fedavg"], "centralized recipe only"),
+        (["train.adversarial=pgd", "audit=standard"], "reference models"),
+    ],
+)
+def test_bad_adversarial_settings_are_refused_in_one_line(overrides, message):
+    with pytest.raises(UserError, match=message) as error:
+        validate(make_config("audit=none", *overrides))
+    assert "\n" not in str(error.value)

@@ -1,15 +1,17 @@
-"""Shared helpers: compose a run config from overrides exactly as ``dptrain train`` would, run the CLI, and
-build a small audit report."""
+"""Shared helpers: compose a run config from overrides exactly as ``dptrain train`` would, run the CLI,
+build a small audit report, and one DP-SGD step computed by hand."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from dptrain.audit.results import AuditReport, Skipped
@@ -48,3 +50,25 @@ def make_audit_report(**parts) -> AuditReport:
         audit_seconds=0.1, audited_at="2025-01-01T00:00:00.000+00:00",
     )  # fmt: skip
     return dataclasses.replace(report, **parts)
+
+
+def hand_dp_step(weight, bias, inputs, labels, clip: float, per_layer: bool, noise: float, generator, lr: float):
+    """One DP-SGD step of softmax regression, by hand: per-example gradients of the cross-entropy
+    (e x^T and e with e = softmax(Wx + b) - onehot(y)), each clipped to ``clip`` (per layer: each
+    parameter to clip / sqrt(2)), summed, plus N(0, (noise * clip)^2) drawn per parameter in order,
+    divided by the batch size, times lr (Abadi et al. 2016, Algorithm 1)."""
+    errors = torch.softmax(inputs @ weight.T + bias, dim=1) - torch.nn.functional.one_hot(labels, weight.shape[0])
+    grad_w = errors[:, :, None] * inputs[:, None, :]
+    grad_b = errors
+    norm_w = grad_w.flatten(1).norm(dim=1)
+    norm_b = grad_b.norm(dim=1)
+    if per_layer:
+        factor_w = (clip / math.sqrt(2) / norm_w).clamp(max=1.0)
+        factor_b = (clip / math.sqrt(2) / norm_b).clamp(max=1.0)
+    else:
+        factor_w = factor_b = (clip / torch.sqrt(norm_w**2 + norm_b**2)).clamp(max=1.0)
+    sum_w = (grad_w * factor_w[:, None, None]).sum(dim=0)
+    sum_b = (grad_b * factor_b[:, None]).sum(dim=0)
+    sum_w = sum_w + torch.normal(0.0, noise * clip, size=sum_w.shape, generator=generator)
+    sum_b = sum_b + torch.normal(0.0, noise * clip, size=sum_b.shape, generator=generator)
+    return weight - lr * sum_w / len(labels), bias - lr * sum_b / len(labels)

@@ -4,7 +4,6 @@ the sampler taking exactly the planned steps, a DP-SGD step computed by hand, an
 from __future__ import annotations
 
 import logging
-import math
 
 import dp_accounting
 import pytest
@@ -14,7 +13,7 @@ from opacus.accountants import create_accountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import TensorDataset
 
-from conftest import TINY, make_config
+from conftest import TINY, hand_dp_step, make_config
 from dptrain import pipeline
 from dptrain.config import ModelConfig, PrivacyConfig
 from dptrain.errors import UserError
@@ -117,28 +116,6 @@ def test_per_layer_clipping_over_dpddp_needs_hooks():
         )
 
 
-def _hand_step(weight, bias, inputs, labels, clip: float, per_layer: bool, noise: float, generator, lr: float):
-    """One DP-SGD step of softmax regression, by hand: per-example gradients of the cross-entropy
-    (e x^T and e with e = softmax(Wx + b) - onehot(y)), each clipped to ``clip`` (per layer: each
-    parameter to clip / sqrt(2)), summed, plus N(0, (noise * clip)^2) drawn per parameter in order,
-    divided by the batch size, times lr (Abadi et al. 2016, Algorithm 1)."""
-    errors = torch.softmax(inputs @ weight.T + bias, dim=1) - torch.nn.functional.one_hot(labels, weight.shape[0])
-    grad_w = errors[:, :, None] * inputs[:, None, :]
-    grad_b = errors
-    norm_w = grad_w.flatten(1).norm(dim=1)
-    norm_b = grad_b.norm(dim=1)
-    if per_layer:
-        factor_w = (clip / math.sqrt(2) / norm_w).clamp(max=1.0)
-        factor_b = (clip / math.sqrt(2) / norm_b).clamp(max=1.0)
-    else:
-        factor_w = factor_b = (clip / torch.sqrt(norm_w**2 + norm_b**2)).clamp(max=1.0)
-    sum_w = (grad_w * factor_w[:, None, None]).sum(dim=0)
-    sum_b = (grad_b * factor_b[:, None]).sum(dim=0)
-    sum_w = sum_w + torch.normal(0.0, noise * clip, size=sum_w.shape, generator=generator)
-    sum_b = sum_b + torch.normal(0.0, noise * clip, size=sum_b.shape, generator=generator)
-    return weight - lr * sum_w / len(labels), bias - lr * sum_b / len(labels)
-
-
 @pytest.mark.parametrize(
     "mode, clipping",
     [("hooks", "flat"), ("functorch", "flat"), ("ghost", "flat"), ("hooks", "per_layer"), ("functorch", "per_layer")],
@@ -169,7 +146,7 @@ def test_one_dp_sgd_step_equals_the_step_computed_by_hand(mode, clipping):
         training.optimizer.zero_grad()
         training.loss_fn(training.model(batch_inputs), batch_labels).backward()
         training.optimizer.step()
-    expected = _hand_step(
+    expected = hand_dp_step(
         weight, bias, inputs.double(), labels, 1.0, clipping == "per_layer", 0.7, torch.Generator().manual_seed(11), 0.5
     )
     for got, want in zip(training.standard_model().parameters(), expected):

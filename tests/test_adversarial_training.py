@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from conftest import make_config
+from conftest import hand_dp_step, make_config
 from dptrain import pipeline
 from dptrain.adversarial import pgd
 from dptrain.config import ModelConfig, PrivacyConfig
@@ -20,7 +20,6 @@ from dptrain.training.adversarial import AdversarialExamples
 from dptrain.training import loop
 from dptrain.training.loop import train_epoch
 from dptrain.validation import validate
-from test_accounting import DELTA, _hand_step
 
 EPS = 0.3
 # Pixels in [0, 1] standardized with mean 0.5 and std 0.25, as image datasets' units are.
@@ -33,7 +32,7 @@ def _pixels(generator: torch.Generator, n: int) -> torch.Tensor:
 
 def _private(model, inputs, labels, noise_seed: int, mode: str = "hooks"):
     plan = PrivacyPlan(
-        private=True, accountant="prv", delta=DELTA, target_epsilon=None, noise_multiplier=0.7,
+        private=True, accountant="prv", delta=1e-5, target_epsilon=None, noise_multiplier=0.7,
         max_grad_norm=1.0, sample_rate=1.0, steps_per_epoch=1, steps=1, planned_epsilon=None,
     )
     return make_private(
@@ -76,7 +75,7 @@ def test_a_dp_step_on_adversarial_examples_equals_the_hand_computed_step_on_them
     assert len(crafted) == 1
     assert torch.equal(crafted[0], expected_inputs)
     assert not torch.allclose(crafted[0], inputs)
-    expected = _hand_step(weight, bias, crafted[0], labels, 1.0, False, 0.7, torch.Generator().manual_seed(11), 0.5)
+    expected = hand_dp_step(weight, bias, crafted[0], labels, 1.0, False, 0.7, torch.Generator().manual_seed(11), 0.5)
     for got, want in zip(training.standard_model().parameters(), expected):
         assert torch.allclose(got.detach(), want, rtol=1e-5, atol=1e-7)
 

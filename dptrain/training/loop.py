@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ class EpochStats:
 def train_epoch(
     training: PrivateTraining,
     device: torch.device,
-    adversarial: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    adversarial: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochStats:
     """Run one epoch of ``training``'s loader; the optimizer clips and noises when the plan is private.
     With ``adversarial`` (``dptrain.training.adversarial``) each batch's inputs are first replaced by

@@ -44,8 +44,9 @@ def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str
         lines.append(f"parallel       {centralized.world_size} processes: {how}")
     if centralized is not None and centralized.poisoned:
         lines.append(
-            f"poisoning      {centralized.poisoned} of {metrics.members} member records poisoned (poisoned.json),"
-            f" covered by the guarantee; the audit measures the {metrics.audited_members} left clean"
+            f"poisoning      {centralized.poisoned} of {metrics.members} member records poisoned (poisoned.json)"
+            f"{', covered by the guarantee' if metrics.private else ''};"
+            f" the audit measures {metrics.audited_members} of those left clean"
         )
     if centralized is not None and centralized.backdoor_success_rate is not None:
         lines.append(format_backdoor(metrics, centralized.backdoor_success_rate))

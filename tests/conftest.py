@@ -72,3 +72,19 @@ def hand_dp_step(weight, bias, inputs, labels, clip: float, per_layer: bool, noi
     sum_w = sum_w + torch.normal(0.0, noise * clip, size=sum_w.shape, generator=generator)
     sum_b = sum_b + torch.normal(0.0, noise * clip, size=sum_b.shape, generator=generator)
     return weight - lr * sum_w / len(labels), bias - lr * sum_b / len(labels)
+
+
+def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
+    """Make this process's training raise KeyboardInterrupt (what Ctrl-C raises) when its ``epoch``-th
+    epoch would start; ``monkeypatch.undo()`` lets the next run train again."""
+    from dptrain.training import loop
+
+    real, calls = loop.train_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted)

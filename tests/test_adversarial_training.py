@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from conftest import hand_dp_step, make_config
+from conftest import hand_dp_step, interrupt_at_epoch, make_config
 from dptrain import pipeline
 from dptrain.adversarial import pgd
 from dptrain.config import ModelConfig, PrivacyConfig
@@ -17,7 +17,6 @@ from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, make_private
 from dptrain.training.adversarial import AdversarialExamples
-from dptrain.training import loop
 from dptrain.training.loop import train_epoch
 from dptrain.validation import validate
 
@@ -126,18 +125,10 @@ def test_adversarial_training_reports_the_epsilon_of_the_same_plan_without_it(tm
 def test_a_resumed_adversarial_run_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     overrides = ("train.epochs=3", "train.progress=false", "audit=none", "train.adversarial=pgd", "train.adversarial_steps=2")
     pipeline.train(make_config(*overrides), tmp_path / "a")
-    real_epoch, calls = loop.train_epoch, []
-
-    def interrupted_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted_epoch)
+    interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.train(make_config(*overrides), tmp_path / "b")
-    monkeypatch.setattr("dptrain.training.recipe.train_epoch", real_epoch)
+    monkeypatch.undo()
     pipeline.train(make_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)

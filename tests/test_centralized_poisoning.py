@@ -10,11 +10,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import interrupt_at_epoch
 from dptrain import pipeline
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.robust import stamp_trigger
-from dptrain.training import centralized, loop
+from dptrain.training import centralized
 from dptrain.training.distributed import parallel_mode
 from dptrain.training.metrics import RunMetrics
 from dptrain.training.poisoning import POISONED, poisoned_positions
@@ -115,19 +116,11 @@ def test_backdoor_success_rate_is_high_when_poisoned_and_near_zero_without(tiny_
 def test_a_resumed_run_poisons_the_same_records(tiny_config, tmp_path, monkeypatch):
     overrides = ("attack=label_flip", "attack.poison_fraction=0.2", "train.epochs=3", *BASELINE)
     pipeline.train(tiny_config(*overrides), tmp_path / "a")
-    real_epoch, calls = loop.train_epoch, []
-
-    def interrupted_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted_epoch)
+    interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.train(tiny_config(*overrides), tmp_path / "b")
     interrupted = _recorded(tmp_path / "b")
-    monkeypatch.setattr("dptrain.training.recipe.train_epoch", real_epoch)
+    monkeypatch.undo()
     pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
     assert _recorded(tmp_path / "b") == interrupted == _recorded(tmp_path / "a")
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import interrupt_at_epoch
 from dptrain import pipeline
 from dptrain.views.summary import format_summary
-from dptrain.training import loop
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.metrics import CentralizedMetrics, FederationMetrics, RunMetrics
 
@@ -84,15 +84,8 @@ def test_federated_summary_says_which_member_records_are_audited():
 
 
 def test_wall_seconds_cover_the_steps_and_add_up_over_a_resume(tiny_config, tmp_path, monkeypatch):
-    overrides, calls = ("train.epochs=3",), []
-
-    def interrupted_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return loop.train_epoch(*args, **kwargs)
-
-    monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted_epoch)
+    overrides = ("train.epochs=3",)
+    interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.train(tiny_config(*overrides), tmp_path)
     monkeypatch.undo()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import interrupt_at_epoch
 from dptrain.data import Split
 from dptrain.errors import UserError
 from dptrain.models import build_model
@@ -16,7 +17,6 @@ from dptrain.privacy import epsilon_spent, make_private, plan_privacy
 from dptrain.tracking.artifacts import METRICS_KEYS
 from dptrain.training.metrics import RunMetrics
 from dptrain import pipeline
-from dptrain.training import loop
 
 
 def _metrics(run_dir):
@@ -172,19 +172,11 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tiny_config,
     overrides = ("train.epochs=4",)
     uninterrupted = pipeline.train(tiny_config(*overrides), tmp_path / "a")[0]
 
-    real_epoch, calls = loop.train_epoch, []
-
-    def interrupted_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted_epoch)
+    interrupt_at_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pipeline.train(tiny_config(*overrides), tmp_path / "b")
     assert not (tmp_path / "b" / "metrics.json").exists()
-    monkeypatch.setattr("dptrain.training.recipe.train_epoch", real_epoch)
+    monkeypatch.undo()
 
     resumed = pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")[0]
     assert resumed.steps == uninterrupted.steps

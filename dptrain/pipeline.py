@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 
 # Config keys every run's HParams record carries beside its own overrides: what runs are told apart by.
 HPARAMS_KEYS = ("privacy.target_epsilon", "model.name", "dataset.name")
-# A run's numbers under attack that the HParams record carries when present (federated runs; a
-# centralized run has only the backdoor's success rate).
-FEDERATED_METRICS = ("backdoor_success_rate", "byzantine_selected_fraction")
+# A run's numbers under attack that the HParams record carries when its recipe has them (a centralized
+# run only the backdoor's success rate).
+ATTACK_METRICS = ("backdoor_success_rate", "byzantine_selected_fraction")
 
 
 def audit_target(
@@ -93,7 +93,7 @@ def _hparams(cfg: Config, run_dir: Path, tb: TensorBoardLog, metrics: RunMetrics
         "accuracy/test": metrics.test_accuracy,
         "accuracy/train": metrics.train_accuracy,
         "epsilon": metrics.epsilon,
-        **{key: getattr(recipe, key, None) for key in FEDERATED_METRICS},
+        **{key: getattr(recipe, key, None) for key in ATTACK_METRICS},
     }
     history = audit_history(run_dir)
     # What an earlier audit measured and the latest did not (RMIA after a re-audit with audit=fast) is

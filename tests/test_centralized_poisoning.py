@@ -63,7 +63,7 @@ def test_the_audit_measures_the_members_left_clean_beside_as_many_stratified_non
     cfg = tiny_config("attack=backdoor", "attack.poison_fraction=0.2", *BASELINE)
     data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
     poisoned = set(poisoned_positions(cfg, len(data.members)).tolist())
-    audited = centralized.audited_data(cfg, data, world=1)
+    audited = centralized.audited_data(cfg, data, 1, centralized.MemberEdits.of(cfg, data))
     members = set(audited.split.members.tolist())
     clean = set(data.split.members[sorted(set(range(575)) - poisoned)].tolist())
     assert members <= clean and len(members) == len(audited.non_members) > 0.9 * len(clean)

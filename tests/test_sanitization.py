@@ -67,7 +67,7 @@ def test_a_sanitized_backdoor_run_records_what_it_removed_and_trains_without_it(
     kept = np.setdiff1d(np.arange(575), removed)
     assert torch.equal(trained.tensors[0], centralized.training_set(cfg, data, None, poisoned).tensors[0][kept])
     # Nor does the audit count a removed record as a member.
-    audited = set(centralized.audited_data(cfg, data, world=1).split.members.tolist())
+    audited = set(centralized.audited_data(cfg, data, 1, centralized.MemberEdits.of(cfg, data)).split.members.tolist())
     assert not audited & set(data.split.members[removed].tolist())
 
 

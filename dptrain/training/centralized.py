@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,30 @@ def resumed_step(plan: PrivacyPlan, checkpoint: Checkpoint) -> int:
     return checkpoint.completed * plan.steps_per_epoch + 1
 
 
+@dataclass(frozen=True)
+class MemberEdits:
+    """What centralized data poisoning and sanitization do to the members, derived from the config and
+    the members alone (so every process, resume and re-audit derives the same): the positions
+    poisoned (``poisoning.poisoned_positions``) and the positions ``defense.sanitize`` removes, judged
+    on the members as poisoned; None where that step is off."""
+
+    poisoned: np.ndarray | None
+    sanitized: np.ndarray | None
+
+    @classmethod
+    def of(cls, cfg: Config, data: SplitData) -> MemberEdits:
+        poisoned = poisoned_positions(cfg, len(data.members)) if poisons_members(cfg) else None
+        if cfg.defense.sanitize == "none":
+            return cls(poisoned, None)
+        members = data.members if poisoned is None else poison_members(cfg, data.members, data.num_classes, poisoned)
+        return cls(poisoned, sanitized_positions(cfg, members))
+
+    def left_out(self) -> np.ndarray | None:
+        """The positions the audit leaves out (poisoned or removed), None when nothing is edited."""
+        parts = [p for p in (self.poisoned, self.sanitized) if p is not None and len(p)]
+        return np.union1d(*parts) if len(parts) == 2 else parts[0] if parts else None
+
+
 def training_set(
     cfg: Config,
     data: SplitData,
@@ -112,26 +137,15 @@ def training_set(
     return records
 
 
-def sanitized_members(cfg: Config, data: SplitData, poisoned: np.ndarray | None) -> np.ndarray | None:
-    """The member positions ``defense.sanitize`` removes, judged on the members as poisoned
-    (``sanitization.sanitized_positions``), or None when sanitization is off."""
-    if cfg.defense.sanitize == "none":
-        return None
-    members = data.members if poisoned is None else poison_members(cfg, data.members, data.num_classes, poisoned)
-    return sanitized_positions(cfg, members)
-
-
-def audited_data(cfg: Config, data: SplitData, world: int) -> SplitData:
+def audited_data(cfg: Config, data: SplitData, world: int, edits: MemberEdits) -> SplitData:
     """The split the membership audit sees: the recorded split; under robust data parallelism over
     ``world`` ranks the honest ranks' shards (``honest_positions``); under centralized data poisoning
-    or sanitization the members left clean and not removed. Those are the records trained on exactly as the audit holds them (a
-    poisoned copy would be told from non-members by its trigger, not by what the model learned);
-    as many label-stratified non-members go beside them (``audited_split``, seeded by audit.seed).
-    Derivable from the config alone."""
-    poisoned = poisoned_positions(cfg, len(data.members)) if poisons_members(cfg) else np.zeros(0, dtype=np.int64)
-    sanitized = sanitized_members(cfg, data, poisoned)
-    if len(poisoned) or sanitized is not None:
-        left_out = poisoned if sanitized is None else np.union1d(poisoned, sanitized)
+    or sanitization (``edits``) the members left clean and not removed. Those are the records
+    trained on exactly as the audit holds them (a poisoned copy would be told from non-members by its
+    trigger, not by what the model learned); as many label-stratified non-members go beside them
+    (``audited_split``, seeded by audit.seed). Derivable from the config alone."""
+    left_out = edits.left_out()
+    if left_out is not None:
         trained = np.setdiff1d(np.arange(len(data.members)), left_out)
     elif parallel_mode(cfg, world) == "robust":
         trained = honest_positions(len(data.members), world, byzantine_ranks(cfg.attack.byzantine, world, cfg.train.seed))
@@ -152,10 +166,10 @@ def train_target(
     clean labels, poisoned or not: the accuracies are the main task's.
     """
     data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=checkpoint is not None)
-    poisoned = poisoned_positions(cfg, len(data.members)) if poisons_members(cfg) else None
+    edits = MemberEdits.of(cfg, data)
+    poisoned, sanitized = edits.poisoned, edits.sanitized
     if poisoned is not None and ranks.is_main():
         record_poisoned(run_dir, cfg, poisoned)
-    sanitized = sanitized_members(cfg, data, poisoned)
     if sanitized is not None and ranks.is_main():
         record_sanitized(run_dir, cfg, sanitized)
     detected = None if sanitized is None or poisoned is None else detection(sanitized, poisoned)
@@ -173,7 +187,7 @@ def train_target(
         units=data.units,
     )
     device = resolve_device(cfg.train.device)
-    audited = audited_data(cfg, data, ranks.world_size())
+    audited = audited_data(cfg, data, ranks.world_size(), edits)
     epsilon_pld = independent_epsilon(cfg, trained.epsilon, [trained.mechanisms], plan.delta)
     metrics = run_metrics(
         trained.model,
@@ -223,7 +237,7 @@ def load_target(cfg: Config, run_dir: Path) -> TargetRun:
         steps=metrics.steps,
         planned_epsilon=metrics.epsilon,
     )
-    audited = audited_data(cfg, data, metrics.centralized.world_size)
+    audited = audited_data(cfg, data, metrics.centralized.world_size, MemberEdits.of(cfg, data))
     model = trained_model(cfg, run_dir, data, device)
     return TargetRun(model, audited, plan, plan, metrics.epsilon, canaries, metrics, device, fingerprint)
 

@@ -85,11 +85,13 @@ class TrainConfig:
     resume: Optional[str] = None
     checkpoint: bool = True
     progress: bool = True
-    # none, or pgd: train on PGD L-inf adversarial examples (dptrain.training.adversarial), radius
+    # none, pgd (train on PGD L-inf adversarial examples) or trades (CE + trades_beta * KL to the
+    # prediction at TRADES' adversarial examples): dptrain.training.adversarial. Radius
     # adversarial_eps in the data's units (pixels in [0, 1], standard deviations for tables).
     adversarial: str = "none"
     adversarial_eps: float = 0.1
     adversarial_steps: int = 7
+    trades_beta: float = 6.0
 
 
 @dataclass

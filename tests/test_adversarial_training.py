@@ -1,6 +1,7 @@
 """Adversarial training (``train.adversarial=pgd``) composed with DP-SGD: the private step on crafted
 examples is the hand-computed DP-SGD step on them, crafting stays in budget and leaves no per-sample
-gradients behind, the reported epsilon is the plan's, and bad settings are refused in one line."""
+gradients behind, the reported epsilon is the plan's, federated clients craft from their own records,
+and bad settings are refused in one line (TRADES: tests/test_trades.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from dptrain.data import InputUnits
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, make_private
-from dptrain.training.adversarial import AdversarialExamples
+from dptrain.training import federated
+from dptrain.training.adversarial import AdversarialExamples, Trades
 from dptrain.training.loop import train_epoch
 from dptrain.validation import validate
 
 EPS = 0.3
+CRAFTERS = {"pgd": AdversarialExamples, "trades": Trades}
 # Pixels in [0, 1] standardized with mean 0.5 and std 0.25, as image datasets' units are.
 PIXELS = InputUnits(scale=torch.full((3,), 4.0), low=torch.full((3,), -2.0), high=torch.full((3,), 2.0))
 
@@ -63,14 +66,14 @@ def test_a_dp_step_on_adversarial_examples_equals_the_hand_computed_step_on_them
         clean_start=False, until_fooled=False,
     )
     training = _private(model, inputs, labels, noise_seed=11, mode=mode)
-    craft = AdversarialExamples(PIXELS, EPS, 4, torch.Generator().manual_seed(5))
     crafted = []
 
-    def recorded(model, x, y):
-        crafted.append(craft(model, x, y))
-        return crafted[-1]
+    class Recorded(AdversarialExamples):
+        def __call__(self, model, x, y):
+            crafted.append(super().__call__(model, x, y))
+            return crafted[-1]
 
-    train_epoch(training, torch.device("cpu"), recorded)
+    train_epoch(training, torch.device("cpu"), Recorded(PIXELS, EPS, 4, torch.Generator().manual_seed(5)))
     assert len(crafted) == 1
     assert torch.equal(crafted[0], expected_inputs)
     assert not torch.allclose(crafted[0], inputs)
@@ -135,6 +138,39 @@ def test_a_resumed_adversarial_run_matches_the_uninterrupted_run(tmp_path, monke
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.parametrize("mode", [pytest.param("pgd", marks=pytest.mark.slow), "trades"])
+def test_federated_clients_train_on_adversarial_examples_of_their_own_records_at_the_same_epsilon(
+    tmp_path, monkeypatch, mode
+):
+    common = ("dataset=synthetic", "dataset.n_samples=400", "federation=fedavg", "federation.clients=2",
+              "federation.rounds=1", "train.progress=false", "audit=none", "privacy.target_epsilon=null",
+              "privacy.noise_multiplier=1.0", "privacy.accountant=rdp", "privacy.grad_sample_mode=hooks",
+              "train.adversarial_steps=2")  # fmt: skip
+    plain = pipeline.train(make_config(*common), tmp_path / "plain")[0]
+    real_update, real_craft = federated.local_update, CRAFTERS[mode].__call__
+    training, crafted = [], []
+
+    def update(cfg, client, *args):
+        training.append(client)
+        return real_update(cfg, client, *args)
+
+    def craft(self, model, inputs, labels):
+        crafted.append((training[-1], inputs))
+        return real_craft(self, model, inputs, labels)
+
+    monkeypatch.setattr(federated, "local_update", update)
+    monkeypatch.setattr(CRAFTERS[mode], "__call__", craft)
+    robust = pipeline.train(make_config(*common, f"train.adversarial={mode}"), tmp_path / "robust")[0]
+    assert {client.id for client, _ in crafted} == {0, 1}
+    for client, inputs in crafted:
+        own = client.data.tensors[0]
+        assert (inputs[:, None] == own[None]).flatten(2).all(dim=2).any(dim=1).all()
+    assert robust.epsilon == plain.epsilon
+    assert robust.federation.client_epsilons == plain.federation.client_epsilons
+    trained = [torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("plain", "robust")]
+    assert not all(torch.equal(trained[0][key], trained[1][key]) for key in trained[0])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -142,8 +178,10 @@ def test_a_resumed_adversarial_run_matches_the_uninterrupted_run(tmp_path, monke
         (["train.adversarial=pgd", "train.adversarial_eps=0"], "train.adversarial_eps=0"),
         (["train.adversarial=pgd", "train.adversarial_eps=inf"], "train.adversarial_eps=inf"),
         (["train.adversarial=pgd", "train.adversarial_steps=0"], "train.adversarial_steps=0"),
-        (["train.adversarial=pgd", "federation=fedavg"], "centralized recipe only"),
         (["train.adversarial=pgd", "audit=standard"], "reference models"),
+        (["train.adversarial=trades", "train.trades_beta=0"], "train.trades_beta=0"),
+        (["train.adversarial=trades"], "privacy.grad_sample_mode=ghost"),
+        (["train.adversarial=trades", "federation=fedavg"], "privacy.grad_sample_mode=ghost"),
     ],
 )
 def test_bad_adversarial_settings_are_refused_in_one_line(overrides, message):

@@ -20,7 +20,7 @@ from dptrain.data import dirichlet_partition, iid_partition
 from dptrain.errors import UserError
 from dptrain.privacy import PrivacyPlan, make_private, plan_privacy
 from dptrain.privacy.ledger import PrivacyLedger
-from dptrain.training.loop import train_epoch
+from dptrain.training.loop import AdversarialObjective, train_epoch
 from dptrain.training.recipe import make_optimizer
 from dptrain.seeds import Stream, derived_seed
 
@@ -145,13 +145,16 @@ def local_update(
     sampling: torch.Generator,
     noise: torch.Generator,
     device: torch.device,
+    adversarial: AdversarialObjective | None = None,
 ) -> LocalUpdate:
     """Train a copy of ``global_model`` for ``federation.local_epochs`` epochs on the client's records
     with ``train.*`` and the client's plan, through the shared step loop (``make_private``,
     ``train_epoch``); return the parameter delta.
 
     Under a private plan the client runs DP-SGD (Abadi et al. 2016) and its ledger charges exactly
-    the steps taken. Precondition: the client trains in this round of the schedule its plan was made for.
+    the steps taken. With ``adversarial`` (``dptrain.training.adversarial``) every local step trains on
+    adversarial examples of the client's own records, crafted by the client from its current local model.
+    Precondition: the client trains in this round of the schedule its plan was made for.
     """
     model = copy.deepcopy(global_model)
     training = make_private(
@@ -166,7 +169,7 @@ def local_update(
         noise_generator=noise,
         ledger=client.ledger,
     )
-    losses = [train_epoch(training, device).loss for _ in range(cfg.federation.local_epochs)]
+    losses = [train_epoch(training, device, adversarial).loss for _ in range(cfg.federation.local_epochs)]
     with torch.no_grad():
         delta = parameters_to_vector(model.parameters()) - parameters_to_vector(global_model.parameters())
     return LocalUpdate(delta, float(np.mean(losses)))

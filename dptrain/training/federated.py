@@ -26,7 +26,17 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from dptrain.config import Config, recipe_hash
-from dptrain.data import SplitData, SplitSizes, audited_split, describe, load, make_split, split_sizes, subset
+from dptrain.data import (
+    InputUnits,
+    SplitData,
+    SplitSizes,
+    audited_split,
+    describe,
+    load,
+    make_split,
+    split_sizes,
+    subset,
+)
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan
@@ -44,6 +54,7 @@ from dptrain.robust import (
 from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.artifacts import read_metrics, save_model, write_metrics
 from dptrain.tracking.tensorboard import TensorBoardLog
+from dptrain.training.adversarial import adversarial_examples
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.clients import (
     Client,
@@ -239,8 +250,11 @@ class FederatedServer:
     """The server of FedAvg under Byzantine clients: the global model, the aggregator, the
     DP-FedAvg ledger (user level), and the random generators whose state a checkpoint must carry."""
 
-    def __init__(self, cfg: Config, plan: FederatedPlan, clients: list[Client], model: nn.Module, device) -> None:
+    def __init__(
+        self, cfg: Config, plan: FederatedPlan, clients: list[Client], model: nn.Module, device, units: InputUnits | None
+    ) -> None:
         self.cfg, self.plan, self.clients, self.model, self.device = cfg, plan, clients, model, device
+        self.units = units
         seed = cfg.train.seed
         f = tolerated_byzantine(cfg.aggregator, cfg.attack)
         self.aggregator = build_aggregator(cfg.aggregator, f, derived_seed(seed, Stream.AGGREGATOR))
@@ -257,6 +271,12 @@ class FederatedServer:
         seed = derived_seed(self.cfg.train.seed, Stream.ATTACK, round_index)
         return build_attack(self.attack_cfg, seed, self.cfg.federation.server_lr)
 
+    def adversarial(self, round_index: int, client: int):
+        """Client ``client``'s ``train.adversarial`` objective for round ``round_index`` (None for none),
+        seeded by both, so that a resumed run crafts what the uninterrupted one would."""
+        seed = derived_seed(self.cfg.train.seed, Stream.ADVERSARIAL, round_index, client)
+        return adversarial_examples(self.cfg, self.units, seed, self.device)
+
     def run_round(self, round_index: int) -> RoundRecord:
         """Train the round's clients, craft the Byzantine updates, aggregate, and step the global model."""
         sampled = np.flatnonzero(self.plan.participation[round_index])
@@ -265,7 +285,10 @@ class FederatedServer:
         attack = self.attack(round_index)
         trained = honest if attack.omniscient else sorted(honest + byzantine)
         local = {
-            i: local_update(self.cfg, self.clients[i], self.model, self.sampling, self.noise, self.device)
+            i: local_update(
+                self.cfg, self.clients[i], self.model, self.sampling, self.noise, self.device,
+                self.adversarial(round_index, i),
+            )  # fmt: skip
             for i in trained
         }
         dimension = sum(p.numel() for p in self.model.parameters())
@@ -477,6 +500,7 @@ def train_federation(
     tb: TensorBoardLog | None = None,
     run_dir: Path | None = None,
     checkpoint: Checkpoint | None = None,
+    units: InputUnits | None = None,
 ) -> Federation:
     """Run ``federation.rounds`` rounds of FedAvg under ``plan`` with ``members`` partitioned over the
     clients: the one round loop the target and its reference models share.
@@ -485,12 +509,14 @@ def train_federation(
     it); with ``run_dir`` and ``train.checkpoint`` a checkpoint is written after every round; with a
     ``checkpoint`` the run continues after its last round with the accountants restored, so the
     final parameters and epsilon are the uninterrupted run's. Each accountant charges exactly the
-    planned steps within the target, checked again at the end.
+    planned steps within the target, checked again at the end. ``units`` (the data's) is needed by
+    ``train.adversarial``, under which each client trains on adversarial examples of its own records.
     """
     parts = client_partition(cfg, members, plan)
     model, replaced = _global_model(cfg, input_shape, num_classes, plan, device)
     poisoning = build_attack(cfg.attack, derived_seed(cfg.train.seed, Stream.POISON), cfg.federation.server_lr)
-    server = FederatedServer(cfg, plan, build_clients(members, num_classes, parts, plan, poisoning), model, device)
+    clients = build_clients(members, num_classes, parts, plan, poisoning)
+    server = FederatedServer(cfg, plan, clients, model, device, units)
     # The poisoning clients' own attack, for its trigger.
     backdoor = poisoning if poisoning.trigger is not None else None
     start, train_seconds, wall_seconds = 0, 0.0, 0.0
@@ -558,6 +584,7 @@ def train_target(
         tb=tb,
         run_dir=run_dir,
         checkpoint=checkpoint,
+        units=data.units,
     )
     server = federation.server
     epsilon = server.epsilon()

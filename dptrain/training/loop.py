@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -13,6 +13,14 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from dptrain.privacy import PrivateTraining, unwrap
 
 EVAL_BATCH_SIZE = 1024
+
+
+class AdversarialObjective(Protocol):
+    """A training objective on adversarial inputs (``dptrain.training.adversarial``)."""
+
+    def loss(
+        self, model: nn.Module, loss_fn: Callable, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -27,11 +35,12 @@ class EpochStats:
 def train_epoch(
     training: PrivateTraining,
     device: torch.device,
-    adversarial: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    adversarial: AdversarialObjective | None = None,
 ) -> EpochStats:
     """Run one epoch of ``training``'s loader; the optimizer clips and noises when the plan is private.
-    With ``adversarial`` (``dptrain.training.adversarial``) each batch's inputs are first replaced by
-    ``adversarial(model, inputs, labels)``; loss and accuracy are then those on the replaced inputs.
+    With ``adversarial`` (``dptrain.training.adversarial``) each batch's loss and logits are
+    ``adversarial.loss(model, loss_fn, inputs, labels)``: the loss on adversarial inputs (``pgd``; the
+    accuracy is then on them) or TRADES' (the accuracy on the clean inputs).
 
     Poisson sampling can draw an empty batch; it still goes through the
     optimizer, because skipping it would make whether an update happened
@@ -45,11 +54,12 @@ def train_epoch(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for inputs, labels in batches:
             inputs, labels = inputs.to(device), labels.to(device)
-            if adversarial is not None:
-                inputs = adversarial(model, inputs, labels)
             optimizer.zero_grad(set_to_none=True)
-            logits = model(inputs)
-            loss = training.loss_fn(logits, labels)
+            if adversarial is None:
+                logits = model(inputs)
+                loss = training.loss_fn(logits, labels)
+            else:
+                loss, logits = adversarial.loss(model, training.loss_fn, inputs, labels)
             loss.backward()
             optimizer.step()
             if len(labels):

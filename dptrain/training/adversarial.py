@@ -153,8 +153,8 @@ class Trades:
             return trades_pgd(module, inputs, self.units, self.eps, self.steps, self.generator)
 
     def loss(self, model: nn.Module, loss_fn: Callable, inputs: torch.Tensor, labels: torch.Tensor):
-        """``(loss, logits)`` of the step, the logits those at the clean inputs. ``loss_fn`` (the plain
-        cross-entropy under the hooks it is refused without) is not needed: the loss is TRADES' own."""
+        """``(loss, logits)`` of the step, the logits those at the clean inputs. ``loss_fn`` is not used:
+        the loss is TRADES' own (with ghost clipping refused, ``loss_fn`` is a plain cross-entropy)."""
         adversarial = self(model, inputs, labels)
         logits = model(inputs)
         per_example = F.cross_entropy(logits, labels, reduction="none")

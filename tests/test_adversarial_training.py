@@ -171,6 +171,44 @@ def test_federated_clients_train_on_adversarial_examples_of_their_own_records_at
     assert not all(torch.equal(trained[0][key], trained[1][key]) for key in trained[0])
 
 
+@pytest.mark.slow
+def test_a_resumed_federated_trades_run_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    overrides = ("dataset=synthetic", "dataset.n_samples=400", "federation=fedavg", "federation.clients=2",
+                 "federation.rounds=3", "train.progress=false", "audit=none", "privacy.target_epsilon=null",
+                 "privacy.noise_multiplier=1.0", "privacy.accountant=rdp", "privacy.grad_sample_mode=hooks",
+                 "train.adversarial=trades", "train.adversarial_steps=2")  # fmt: skip
+    pipeline.train(make_config(*overrides), tmp_path / "a")
+    real_round = federated.FederatedServer.run_round
+
+    def interrupted_round(self, round_index):
+        if round_index == 2:
+            raise KeyboardInterrupt
+        return real_round(self, round_index)
+
+    monkeypatch.setattr(federated.FederatedServer, "run_round", interrupted_round)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(make_config(*overrides), tmp_path / "b")
+    monkeypatch.undo()
+    pipeline.train(make_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # No per-example clipping happens, so ghost mode never meets TRADES' two passes.
+        ["train.adversarial=trades", "privacy.target_epsilon=inf"],
+        ["train.adversarial=trades", "federation=fedavg", "federation.dp_level=user"],
+        ["train.adversarial=trades", "privacy.grad_sample_mode=hooks", "privacy.clipping=per_layer"],
+        ["train.adversarial=pgd", "federation=fedavg"],
+    ],
+)
+def test_adversarial_settings_that_run_soundly_are_accepted(overrides):
+    validate(make_config("audit=none", *overrides))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

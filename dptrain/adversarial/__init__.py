@@ -1,6 +1,9 @@
-"""Adversarial input attacks (FGSM, PGD) in the data's own units, below training and audits so that both
-use one implementation."""
+"""Adversarial input attacks (FGSM, PGD; APGD through torchattacks) in the data's own units, and the
+inference-time preprocessing defences they are run against adaptively (BPDA), below training and
+audits so that both use one implementation."""
 
 from dptrain.adversarial.attacks import NORMS, fgsm, pgd, pgd_step_size
+from dptrain.adversarial.library import apgd
+from dptrain.adversarial.preprocess import PREPROCESSORS, Defended, Preprocessing
 
-__all__ = ["NORMS", "fgsm", "pgd", "pgd_step_size"]
+__all__ = ["NORMS", "PREPROCESSORS", "Defended", "Preprocessing", "apgd", "fgsm", "pgd", "pgd_step_size"]

@@ -175,7 +175,7 @@ def test_audit_json_carries_the_evasion_curves_and_reads_them_back(tmp_path):
     }
     written = make_audit_report(evasion=curves).to_dict()
     assert set(written["evasion"]) == {"fgsm_linf", "pgd_linf"}
-    assert set(written["evasion"]["pgd_linf"]) == {"budgets", "robust_accuracy", "clean_accuracy", "n"}
+    assert set(written["evasion"]["pgd_linf"]) == {"budgets", "robust_accuracy", "clean_accuracy", "n", "defense"}
     assert AuditReport.from_dict(written).evasion == curves
     off = make_audit_report().to_dict()
     assert off["evasion"] is None and AuditReport.from_dict(off).evasion is None

@@ -60,7 +60,8 @@ def apgd(
     restarts, budget ``eps`` in pixels under ``norm``; the adversarial inputs in the model's units. Each
     example keeps the first restart's point that fools the model (torchattacks' ``perturb``), else its
     clean input. ``units`` must be ``pixel_units``; ``model`` must be in eval mode. torchattacks seeds
-    the global generator with ``seed``: the caller's generator state is restored afterwards."""
+    the global generators with ``seed``: the CPU generator's state, and on CUDA the device's, are
+    restored afterwards."""
     import torchattacks
 
     if not pixel_units(units):

@@ -1,7 +1,7 @@
 """Our attacks cross-checked against torchattacks (the optional ``attacks`` extra; these tests skip without
 it): FGSM equals torchattacks' FGSM, PGD without random start fools every example torchattacks' PGD
 fools, and APGD through the library stays in its budget and the pixel range. The PGD-vs-APGD sanity
-check needs no library."""
+check and the refusal without the library need no library."""
 
 from __future__ import annotations
 
@@ -87,3 +87,15 @@ def test_pgd_above_apgd_by_more_than_the_tolerance_is_flagged_as_too_weak():
     weak = {"pgd_linf": curve([0.40, 0.0]), "apgd_linf": curve([0.30, 0.0])}
     (warning,) = evasion_warnings(weak)
     assert "pgd_linf: robust accuracy 0.400 at budget 0.1 is above APGD's 0.300" in warning
+
+
+def test_apgd_without_torchattacks_installed_is_refused_with_the_install_line(monkeypatch):
+    from conftest import make_config
+
+    from dptrain.adversarial import library
+    from dptrain.errors import UserError
+    from dptrain.validation import validate
+
+    monkeypatch.setattr(library, "available", lambda: False)
+    with pytest.raises(UserError, match=r'audit.evasion.apgd=true needs torchattacks: pip install "dptrain\[attacks\]"'):
+        validate(make_config("audit.evasion.enabled=true", "audit.evasion.apgd=true"))

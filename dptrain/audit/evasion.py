@@ -26,7 +26,8 @@ ATTACKS = ("fgsm", "pgd")
 # or a bug, not robustness (Carlini et al. 2019, section 5.2).
 UNBOUNDED_ACCURACY = 0.05
 # PGD's robust accuracy above APGD's by more than this at a budget: our PGD is too weak to stand for
-# the model's robustness (Croce & Hein 2020 found PGD evaluations overstated by several points).
+# the model's robustness (Croce & Hein 2020 found published PGD evaluations overstated by up to tens of
+# points). A chosen margin, about one standard error of an accuracy near 0.5 on the default 500 records.
 APGD_TOLERANCE = 0.02
 BATCH = 1024
 

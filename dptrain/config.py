@@ -208,6 +208,9 @@ class EvasionAuditConfig:
     steps: int = 20
     restarts: int = 2
     n: int = 500
+    # Also torchattacks' APGD-CE (Croce & Hein 2020) at the same budgets, steps and restarts, to confirm
+    # PGD's numbers (images only; needs the `attacks` extra): evasion.apgd_<norm>.
+    apgd: bool = False
 
 
 @dataclass
@@ -231,6 +234,11 @@ class DefenseConfig:
     # members by their squared projection on the class's top singular vector of input features.
     sanitize: str = "none"
     remove_fraction: float = 0.1
+    # Input preprocessing at inference (images only), evaluated by the evasion audit against BPDA
+    # attacks: none, squeeze (bit depth squeeze_bits, Xu et al. 2018), median (median_kernel x median_kernel).
+    preprocess: str = "none"
+    squeeze_bits: int = 4
+    median_kernel: int = 2
 
 
 @dataclass

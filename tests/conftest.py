@@ -88,3 +88,27 @@ def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted)
+
+
+@pytest.fixture(scope="session")
+def digits_mlp():
+    """An MLP trained briefly on digits as the model sees them (standardized pixels), in eval mode, with
+    the first 200 test records and the data's units: a fixed model for the evasion tests."""
+    from torch import nn
+
+    from dptrain.config import DatasetConfig
+    from dptrain.data import load, make_split, prepare
+
+    cfg = DatasetConfig(name="digits")
+    data = load(cfg)
+    prepared = prepare(data, make_split(data, cfg))
+    x, y = prepared.members.tensors[:2]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    test_x, test_y = (t[:200] for t in prepared.test.tensors[:2])
+    return model.eval(), test_x, test_y, prepared.units

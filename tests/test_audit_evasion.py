@@ -4,6 +4,7 @@ budget defeats a trained model, the sanity checks fire, and bad budgets are refu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -175,7 +176,7 @@ def test_audit_json_carries_the_evasion_curves_and_reads_them_back(tmp_path):
     }
     written = make_audit_report(evasion=curves).to_dict()
     assert set(written["evasion"]) == {"fgsm_linf", "pgd_linf"}
-    assert set(written["evasion"]["pgd_linf"]) == {"budgets", "robust_accuracy", "clean_accuracy", "n"}
+    assert set(written["evasion"]["pgd_linf"]) == {"budgets", "robust_accuracy", "clean_accuracy", "n", "defense"}
     assert AuditReport.from_dict(written).evasion == curves
     off = make_audit_report().to_dict()
     assert off["evasion"] is None and AuditReport.from_dict(off).evasion is None
@@ -223,3 +224,6 @@ def test_the_summary_prints_one_line_per_attack_and_norm_with_each_budgets_robus
     text = format_audit(make_audit_report(evasion={"pgd_linf": curve}))
     assert "evasion      pgd_linf  robust accuracy 0.250 @ 0.1, 0.000 @ 1  (clean 0.900, 50 test records)" in text
     assert "evasion" not in format_audit(make_audit_report())
+    squeezed = dataclasses.replace(curve, defense="squeeze(bits=3)")
+    text = format_audit(make_audit_report(evasion={"pgd_linf": squeezed}))
+    assert "(clean 0.900, 50 test records, behind squeeze(bits=3) (BPDA))" in text

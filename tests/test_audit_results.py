@@ -77,7 +77,7 @@ IMPLEMENTATION_KEYS = {
 }
 STEINKE_KEYS = {"epsilon_lower_bound", "statistic", "n_guesses", "n_correct", "k_plus", "k_minus", "n_candidates"}
 REFERENCE_KEYS = {"count", "scheme", "train_seconds", "reused_from_cache"}
-EVASION_KEYS = {"budgets", "robust_accuracy", "clean_accuracy", "n"}
+EVASION_KEYS = {"budgets", "robust_accuracy", "clean_accuracy", "n", "defense"}
 
 
 def test_audit_json_keeps_its_documented_key_names(audited):

@@ -357,12 +357,15 @@ class ReferenceModelsRecord:
 class EvasionCurve:
     """One evasion attack under one norm (``audit.json``'s ``evasion.<attack>_<norm>``): the model's
     accuracy on ``n`` test records under the attack at each budget (data units: pixels in [0, 1],
-    standard deviations for tables), and without attack."""
+    standard deviations for tables), and without attack. ``defense`` names the inference-time
+    preprocessing the model was measured behind (``none``, ``squeeze(bits=3)``, ``median(kernel=2)``),
+    attacked through it with BPDA gradients."""
 
     budgets: list[float]
     robust_accuracy: list[float]
     clean_accuracy: float
     n: int
+    defense: str = "none"
 
     def middle(self) -> tuple[float, float]:
         """The middle budget of the list and the robust accuracy there (the report's one number)."""
@@ -379,6 +382,7 @@ class EvasionCurve:
             robust_accuracy=list(data["robust_accuracy"]),
             clean_accuracy=data["clean_accuracy"],
             n=data["n"],
+            defense=data.get("defense", "none"),
         )
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 from dptrain.audit.attribute import attribute_inference_audit
 from dptrain.audit.canary import one_run_audit
 from dptrain.audit.canary_clients import CanaryClients
-from dptrain.audit.evasion import evasion_audit, evasion_warnings
+from dptrain.audit.evasion import evasion_audit, evasion_warnings, preprocessing
 from dptrain.audit.implementation import AuditedMechanism, implementation_audit
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import membership_metrics
@@ -323,7 +323,9 @@ def _implementation(target: AuditTarget, warnings: list[str]) -> ImplementationA
 
 
 def _evasion(target: AuditTarget, warnings: list[str]) -> dict[str, EvasionCurve] | None:
-    """The evasion audit (``audit.evasion``) on the first ``n`` test records, or None when it is off."""
+    """The evasion audit (``audit.evasion``) on the first ``n`` test records, behind the run's
+    inference-time preprocessing (``defense.preprocess``), or None when it is off. The privacy audits
+    query the bare model: the preprocessing is a fixed map of the query, which changes no DP guarantee."""
     cfg = target.cfg.audit.evasion
     if not cfg.enabled:
         return None
@@ -337,6 +339,8 @@ def _evasion(target: AuditTarget, warnings: list[str]) -> dict[str, EvasionCurve
         cfg.restarts,
         target.run.device,
         derived_seed(target.cfg.audit.seed, Stream.EVASION),
+        preprocessing=preprocessing(target.cfg.defense),
+        library=cfg.apgd,
     )
     warnings.extend(evasion_warnings(curves))
     return curves

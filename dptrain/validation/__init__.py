@@ -11,7 +11,8 @@ import math
 import os
 from pathlib import Path
 
-from dptrain.adversarial import NORMS
+from dptrain.adversarial import NORMS, PREPROCESSORS
+from dptrain.adversarial import library
 from dptrain.audit.membership import LIRA_VARIANCES
 from dptrain.config import AuditConfig, Config, LauncherConfig
 from dptrain.data import DatasetInfo, SplitSizes, describe, split_sizes
@@ -127,6 +128,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     _validate_attackers(cfg)
     _validate_poisoning(cfg, info, members)
     _validate_sanitization(cfg)
+    _validate_preprocessing(cfg, info)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
@@ -265,6 +267,31 @@ def _validate_sanitization(cfg: Config) -> None:
             f"defense.sanitize={method} sanitizes a centralized run's members: use federation=none and "
             "attack.byzantine=0"
         )
+
+
+def _validate_preprocessing(cfg: Config, info: DatasetInfo) -> None:
+    """Inference-time preprocessing and torchattacks' APGD work on pixels in [0, 1], so on images only;
+    the preprocessing is measured by the evasion audit alone, so it asks for that audit."""
+    method = cfg.defense.preprocess
+    _choice("defense.preprocess", method, PREPROCESSORS)
+    if method != "none" and info.modality != "image":
+        raise UserError(
+            f"defense.preprocess={method} works on pixels and dataset={info.name} is a table (standard deviations "
+            "have no bit depth nor neighbours): use defense.preprocess=none"
+        )
+    if method != "none" and not cfg.audit.evasion.enabled:
+        raise UserError(
+            f"defense.preprocess={method} is measured by the evasion audit alone, which is off: add "
+            "audit.evasion.enabled=true (or audit=thorough)"
+        )
+    if cfg.audit.evasion.enabled and cfg.audit.evasion.apgd:
+        if info.modality != "image":
+            raise UserError(
+                f"audit.evasion.apgd=true runs torchattacks, which clamps inputs to pixels in [0, 1], and "
+                f"dataset={info.name} is a table: set audit.evasion.apgd=false"
+            )
+        if not library.available():
+            raise UserError('audit.evasion.apgd=true needs torchattacks: pip install "dptrain[attacks]"')
 
 
 def _validate_poisoning(cfg: Config, info: DatasetInfo, members: int) -> None:

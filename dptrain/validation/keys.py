@@ -149,6 +149,8 @@ RANGES: dict[str, Range] = {
     "audit.evasion.restarts": at_least(1, "PGD's random restarts, e.g. 2"),
     "audit.evasion.n": at_least(1, "the test records attacked, e.g. 500"),
     "defense.remove_fraction": within(0, 0.5, "()", "the share of each class removed, e.g. 0.1"),
+    "defense.squeeze_bits": within(1, 8, fix="the bits kept per pixel, e.g. 4"),
+    "defense.median_kernel": within(2, 5, fix="the median window's side in pixels, e.g. 2"),
     "audit.confidence": within(0, 1, "()", "e.g. 0.95"),
     "audit.seed": SEED,
     "audit.workers": at_least(1, "or null for one per two cores"),

@@ -134,11 +134,15 @@ def format_implementation(section: ImplementationAudit | Skipped | None) -> list
 
 def format_evasion(curves: dict[str, EvasionCurve] | None) -> list[str]:
     """The evasion audit's lines: per attack and norm the robust accuracy at each budget (data units:
-    pixels in [0, 1], standard deviations for tables), beside clean accuracy and the records attacked."""
+    pixels in [0, 1], standard deviations for tables), beside clean accuracy, the records attacked and
+    the preprocessing defence the model was measured behind, if any."""
     lines = []
     for key, curve in (curves or {}).items():
         at = ", ".join(f"{accuracy:.3f} @ {budget:g}" for budget, accuracy in zip(curve.budgets, curve.robust_accuracy))
-        lines.append(f"{'evasion':<13}{key:<10}robust accuracy {at}  (clean {curve.clean_accuracy:.3f}, {curve.n} test records)")
+        behind = "" if curve.defense == "none" else f", behind {curve.defense} (BPDA)"
+        lines.append(
+            f"{'evasion':<13}{key:<10}robust accuracy {at}  (clean {curve.clean_accuracy:.3f}, {curve.n} test records{behind})"
+        )
     return lines
 
 

@@ -9,10 +9,15 @@ import math
 
 import matplotlib.image
 import pytest
+from hydra import compose, initialize_config_module
+
+from dptrain.config import register_configs
+from dptrain.report.progress import sweep_jobs
 
 from dptrain.report.build import build_report
 from dptrain.report.figures import report_figures
 from dptrain.report.poisoning import group_ceiling, group_floor
+from dptrain.validation import validate
 
 
 @pytest.mark.parametrize(
@@ -102,3 +107,16 @@ def test_report_of_a_poisoning_sweep_has_the_columns_and_the_figure_with_seeds_a
     for span in [(0.01, 0.03), (0.015, 0.035), (0.1, 0.2), (0.5, 0.7), (0.0, 0.02)]:
         assert any(got == pytest.approx(span) for got in spans), span
     assert "3 seeds" in axis.get_ylabel()
+
+
+def test_poisoning_sweep_recipe_is_48_backdoor_runs_dptrain_accepts():
+    register_configs()
+    with initialize_config_module(config_module="dptrain.conf", version_base="1.3"):
+        sweep = compose(config_name="config", overrides=["experiment=poisoning_sweep"], return_hydra_config=True)
+        assert sweep.attack.name == "backdoor" and sweep.audit.name == "none" and sweep_jobs(sweep) == 48
+        params = sweep.hydra.sweeper.params
+        assert str(params["attack.poison_count"]) == "0,1,8,29" and str(params["train.seed"]) == "0,1,2"
+        for count in (0, 29):
+            for epsilon in ("1", "inf"):
+                overrides = ["experiment=poisoning_sweep", f"attack.poison_count={count}", f"privacy.target_epsilon={epsilon}"]
+                validate(compose(config_name="config", overrides=overrides))

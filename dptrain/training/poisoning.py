@@ -94,8 +94,8 @@ def poisoned_class_accuracy(model: nn.Module, test: TensorDataset, source: int, 
     lower (Tolpegin et al. 2020's source-class recall)."""
     inputs, labels = test.tensors
     keep = labels == source
-    logits, _ = predict(model, TensorDataset(inputs[keep], labels[keep]), device)
-    return (logits.argmax(dim=1) == source).float().mean().item()
+    logits, kept = predict(model, TensorDataset(inputs[keep], labels[keep]), device)
+    return (logits.argmax(dim=1) == kept).float().mean().item()
 
 
 def record_poisoned(run_dir: Path, cfg: Config, positions: np.ndarray) -> Path:

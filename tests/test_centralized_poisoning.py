@@ -142,6 +142,8 @@ def test_a_targeted_flip_records_the_source_class_accuracy_and_its_count(tiny_co
     assert on_disk["poisoned_class_accuracy"] == pytest.approx((predicted == 1).float().mean().item())
     assert metrics.centralized.poisoned_class_accuracy == on_disk["poisoned_class_accuracy"]
     assert json.loads((tmp_path / POISONED).read_text())["poison_count"] == 40
+    summary = format_summary(metrics, None, tmp_path)
+    assert f"source-class test accuracy {on_disk['poisoned_class_accuracy']:.4f}" in summary
 
 
 @pytest.mark.parametrize("fraction, succeeds", [("0.3", True), ("0.0", False)])

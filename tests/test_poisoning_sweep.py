@@ -118,5 +118,5 @@ def test_poisoning_sweep_recipe_is_48_backdoor_runs_dptrain_accepts():
         assert str(params["attack.poison_count"]) == "0,1,8,29" and str(params["train.seed"]) == "0,1,2"
         for count in (0, 29):
             for epsilon in ("1", "inf"):
-                overrides = ["experiment=poisoning_sweep", f"attack.poison_count={count}", f"privacy.target_epsilon={epsilon}"]
-                validate(compose(config_name="config", overrides=overrides))
+                overrides = [f"attack.poison_count={count}", f"privacy.target_epsilon={epsilon}"]
+                validate(compose(config_name="config", overrides=["experiment=poisoning_sweep", *overrides]))

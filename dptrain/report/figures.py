@@ -27,7 +27,10 @@ FIGURE_FILES = (
     "accuracy_vs_epsilon.png", "leakage_vs_epsilon.png", "lower_bound_vs_epsilon.png", "frontier.png",
     "poisoning_vs_epsilon.png",
 )  # fmt: skip
-POISONING_TITLES = {"backdoor_success_rate": "backdoor success rate", "poisoned_class_accuracy": "poisoned-class accuracy"}
+POISONING_TITLES = {
+    "backdoor_success_rate": "backdoor success rate",
+    "poisoned_class_accuracy": "poisoned-class accuracy",
+}
 
 
 class EpsilonAxis:
@@ -173,7 +176,8 @@ def draw_poisoning(axis, table: Table, eps_axis: EpsilonAxis, column: str) -> No
     """One line per series and poisoned count k: the mean over seeds with min-max bars; for k > 0 the
     group-privacy bound at each finite epsilon from the k = 0 runs' mean there, dashed in the same colour
     (``report.poisoning``: a ceiling on the success rate, a floor on the poisoned-class accuracy)."""
-    for label, by_count in seed_summaries(table, column).items():
+    summaries = seed_summaries(table, column)
+    for label, by_count in summaries.items():
         clean = {cell.epsilon: cell for cell in by_count.get(0, [])}
         for poisoned, cells in by_count.items():
             name = ", ".join(part for part in (label, f"k={poisoned}") if part)
@@ -192,7 +196,7 @@ def draw_poisoning(axis, table: Table, eps_axis: EpsilonAxis, column: str) -> No
                           linewidth=1, marker="_", label=f"{name}: DP {MEASURES[column]}")
     eps_axis.decorate(axis)
     axis.set_ylim(-0.02, 1.02)
-    seeds = max((len(c.values) for s in seed_summaries(table, column).values() for cs in s.values() for c in cs))
+    seeds = max(len(cell.values) for by_count in summaries.values() for cells in by_count.values() for cell in cells)
     axis.set(ylabel=f"{POISONING_TITLES[column]} (mean, min-max over {seeds} seeds)", title=POISONING_TITLES[column])
     _legend(axis)
 

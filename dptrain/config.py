@@ -149,11 +149,16 @@ class AttackConfig:
     mimic_target: Optional[int] = None
     # min_max, min_sum: perturbation direction, one of unit_vec, sign, std.
     perturbation: str = "unit_vec"
-    # backdoor: label the triggered inputs get, share of the attacker's inputs triggered,
-    # trigger side (pixels) or width (features), trigger value, and whether the update is
+    # backdoor: label the triggered inputs get, share of the attacker's inputs triggered (null: half
+    # of a Byzantine client's; centralized poisoning: the share of the members, or poison_count
+    # members), trigger side (pixels) or width (features), trigger value, and whether the update is
     # scaled by n / server_lr to replace the global model (Bagdasaryan et al.).
+    # label_flip: source_label null flips every label y -> C-1-y; set, only source_label's records
+    # are poisoned, relabelled target_label (a targeted class pair).
     target_label: int = 0
-    poison_fraction: float = 0.5
+    source_label: Optional[int] = None
+    poison_fraction: Optional[float] = None
+    poison_count: Optional[int] = None
     trigger_size: int = 3
     trigger_value: float = 1.0
     model_replacement: bool = False

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 HPARAMS_KEYS = ("privacy.target_epsilon", "model.name", "dataset.name")
 # A run's numbers under attack that the HParams record carries when its recipe has them (a centralized
 # run only the backdoor's success rate).
-ATTACK_METRICS = ("backdoor_success_rate", "byzantine_selected_fraction")
+ATTACK_METRICS = ("backdoor_success_rate", "poisoned_class_accuracy", "byzantine_selected_fraction")
 
 
 def audit_target(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import TensorDataset
 
 from conftest import interrupt_at_epoch
 from dptrain import pipeline
@@ -18,7 +19,7 @@ from dptrain.robust import stamp_trigger
 from dptrain.training import centralized
 from dptrain.training.distributed import parallel_mode
 from dptrain.training.metrics import RunMetrics
-from dptrain.training.poisoning import POISONED, poisoned_positions
+from dptrain.training.poisoning import POISONED, poisoned_class_accuracy, poisoned_positions
 from dptrain.training.target import load_data
 from dptrain.validation import validate
 from dptrain.views.summary import format_summary
@@ -42,13 +43,13 @@ def test_the_poisoned_count_is_the_share_of_members_and_their_positions_are_reco
     assert on_disk["poisoned"] == 115 and "backdoor_success_rate" not in on_disk
     assert RunMetrics.from_dict(on_disk) == metrics
     # Another seed poisons other members.
-    assert recorded != poisoned_positions(tiny_config(*overrides, "train.seed=1"), 575).tolist()
+    assert recorded != poisoned_positions(tiny_config(*overrides, "train.seed=1"), torch.zeros(575)).tolist()
 
 
 def test_label_flip_changes_exactly_the_poisoned_labels(tiny_config, tmp_path):
     cfg = tiny_config("attack=label_flip", "attack.poison_fraction=0.1", *BASELINE)
     data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
-    positions = poisoned_positions(cfg, len(data.members))
+    positions = poisoned_positions(cfg, data.members.tensors[1])
     inputs, labels = data.members.tensors
     trained_inputs, trained_labels = centralized.training_set(cfg, data, None, positions).tensors
     assert torch.equal(trained_inputs, inputs)
@@ -62,7 +63,7 @@ def test_label_flip_changes_exactly_the_poisoned_labels(tiny_config, tmp_path):
 def test_the_audit_measures_the_members_left_clean_beside_as_many_stratified_non_members(tiny_config, tmp_path):
     cfg = tiny_config("attack=backdoor", "attack.poison_fraction=0.2", *BASELINE)
     data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
-    poisoned = set(poisoned_positions(cfg, len(data.members)).tolist())
+    poisoned = set(poisoned_positions(cfg, data.members.tensors[1]).tolist())
     audited = centralized.audited_data(cfg, data, 1, centralized.MemberEdits.of(cfg, data))
     members = set(audited.split.members.tolist())
     clean = set(data.split.members[sorted(set(range(575)) - poisoned)].tolist())
@@ -75,7 +76,7 @@ def test_the_audit_measures_the_members_left_clean_beside_as_many_stratified_non
 def test_backdoor_triggers_and_relabels_exactly_the_poisoned_inputs(tiny_config, tmp_path):
     cfg = tiny_config("attack=backdoor", "attack.poison_fraction=0.1", "attack.target_label=3", *BASELINE)
     data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
-    positions = poisoned_positions(cfg, len(data.members))
+    positions = poisoned_positions(cfg, data.members.tensors[1])
     inputs, labels = data.members.tensors
     trained_inputs, trained_labels = centralized.training_set(cfg, data, None, positions).tensors
     clean = np.setdiff1d(np.arange(len(labels)), positions)
@@ -84,6 +85,65 @@ def test_backdoor_triggers_and_relabels_exactly_the_poisoned_inputs(tiny_config,
     # digits are (1, 8, 8): the bottom-right 3 x 3 pixels set to 1, the rest untouched.
     assert (trained_inputs[positions][..., 5:, 5:] == 1.0).all()
     assert torch.equal(trained_inputs[positions][..., :5, :], inputs[positions][..., :5, :])
+
+
+def test_targeted_label_flip_relabels_only_source_class_records(tiny_config, tmp_path):
+    cfg = tiny_config("attack=label_flip", "attack.source_label=1", "attack.target_label=7", "attack.poison_count=30")
+    data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
+    inputs, labels = data.members.tensors
+    positions = poisoned_positions(cfg, labels)
+    assert len(positions) == 30 and (labels[positions] == 1).all()
+    trained_inputs, trained_labels = centralized.training_set(cfg, data, None, positions).tensors
+    assert torch.equal(trained_inputs, inputs)
+    assert np.flatnonzero((trained_labels != labels).numpy()).tolist() == positions.tolist()
+    assert (trained_labels[positions] == 7).all()
+    # The untouched records of class 1 keep their label: poison 30 of them, not the class.
+    assert (labels == 1).sum() > 30 and ((trained_labels == 1) & (labels == 1)).sum() == (labels == 1).sum() - 30
+
+
+def test_targeted_label_flip_asking_for_more_records_than_the_class_has_is_refused(tiny_config, tmp_path):
+    cfg = tiny_config("attack=label_flip", "attack.source_label=1", "attack.target_label=7", "attack.poison_count=200")
+    data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
+    with pytest.raises(UserError, match=r"attack.source_label=1 has \d+ of the 575 members, fewer than the 200"):
+        poisoned_positions(cfg, data.members.tensors[1])
+
+
+class ConstantClassifier(torch.nn.Module):
+    """Predicts ``label`` for every input."""
+
+    def __init__(self, label: int):
+        super().__init__()
+        self.label = label
+
+    def forward(self, inputs):
+        return torch.nn.functional.one_hot(torch.full((len(inputs),), self.label), 10).float()
+
+
+def test_poisoned_class_accuracy_is_measured_on_the_source_class_only():
+    labels = torch.tensor([1, 1, 1, 2, 2, 3])
+    test = TensorDataset(torch.zeros(6, 4), labels)
+    device = torch.device("cpu")
+    # Always 1: every record of class 1 right (overall accuracy would be 0.5), none of class 2.
+    assert poisoned_class_accuracy(ConstantClassifier(1), test, 1, device) == 1.0
+    assert poisoned_class_accuracy(ConstantClassifier(1), test, 2, device) == 0.0
+
+
+def test_a_targeted_flip_records_the_source_class_accuracy_and_its_count(tiny_config, tmp_path):
+    cfg = tiny_config("attack=label_flip", "attack.source_label=1", "attack.target_label=7", "attack.poison_count=40",
+                      *BASELINE)  # fmt: skip
+    metrics = pipeline.train(cfg, tmp_path)[0]
+    model = build_model(cfg.model, (1, 8, 8), 10)
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    inputs, labels = centralized.load_target(cfg, tmp_path).data.test.tensors
+    with torch.no_grad():
+        predicted = model(inputs[labels == 1]).argmax(dim=1)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["poisoned"] == 40 and "backdoor_success_rate" not in on_disk
+    assert on_disk["poisoned_class_accuracy"] == pytest.approx((predicted == 1).float().mean().item())
+    assert metrics.centralized.poisoned_class_accuracy == on_disk["poisoned_class_accuracy"]
+    assert json.loads((tmp_path / POISONED).read_text())["poison_count"] == 40
+    summary = format_summary(metrics, None, tmp_path)
+    assert f"source-class test accuracy {on_disk['poisoned_class_accuracy']:.4f}" in summary
 
 
 @pytest.mark.parametrize("fraction, succeeds", [("0.3", True), ("0.0", False)])
@@ -141,8 +201,32 @@ def test_poisoning_keeps_dpddp_and_robust_parallelism_keeps_its_attackers(tiny_c
         (("attack=backdoor", "attack.poison_fraction=1.0"), "attack.poison_fraction=1.0 is the share of the 575 members"),
         (("attack=backdoor", "attack.poison_fraction=0.05", "attack.trigger_size=9"), "attack.trigger_size=9 does not fit"),
         (("attack=backdoor", "attack.poison_fraction=0.05", "attack.target_label=10"), "attack.target_label=10 is not one"),
-        (("attack=label_flip", "attack.poison_fraction=0.0"), "poisons round(0.0 * 575) = 0"),
-        (("attack=label_flip", "attack.poison_fraction=0.0005"), "poisons round(0.0005 * 575) = 0"),
+        (("attack=label_flip", "attack.poison_fraction=0.0"), "attack.poison_fraction=0.0 poisons 0 of the 575 members"),
+        (("attack=label_flip", "attack.poison_fraction=0.0005"), "attack.poison_fraction=0.0005 poisons 0 of the 575 members"),
+        (
+            ("attack=backdoor", "attack.poison_fraction=0.05", "attack.poison_count=29"),
+            "attack.poison_fraction=<share> or attack.poison_count=<records>, exactly one of the two (both given)",
+        ),
+        (("attack=backdoor",), "exactly one of the two (neither given)"),
+        (("attack=backdoor", "attack.poison_count=575"), "attack.poison_count=575 must be below the 575 members"),
+        (("attack=backdoor", "attack.poison_count=-1"), "attack.poison_count=-1"),
+        (("attack=label_flip", "attack.poison_count=0"), "attack.poison_count=0 poisons 0 of the 575 members"),
+        (
+            ("attack=backdoor", "attack.poison_count=5", "attack.source_label=1"),
+            "attack.source_label=1 is the targeted label flip's source class: use attack=label_flip",
+        ),
+        (
+            ("attack=label_flip", "attack.poison_count=5", "attack.source_label=3", "attack.target_label=3"),
+            "attack.source_label=3 equals attack.target_label",
+        ),
+        (
+            ("attack=label_flip", "attack.poison_count=5", "attack.source_label=10"),
+            "attack.source_label=10 is not one of dataset=digits's 10 classes",
+        ),
+        (
+            ("federation=fedavg", "attack=backdoor", "attack.byzantine=1", "attack.poison_count=5"),
+            "attack.poison_count=5 counts poisoned members of centralized poisoning",
+        ),
         (("attack=alie",), "attack=alie with attack.byzantine=0 attacks nothing"),
         (("attack=alie", "attack.byzantine=1"), "need several clients or workers"),
         (("attack=label_flip", "attack.byzantine=1"), "need several clients or workers"),
@@ -160,3 +244,5 @@ def test_meaningless_poisoning_is_refused_in_one_line(tiny_config, overrides, me
 
 def test_a_backdoor_at_zero_share_is_a_measured_baseline(tiny_config):
     validate(tiny_config("attack=backdoor", "attack.poison_fraction=0.0"))
+    validate(tiny_config("attack=backdoor", "attack.poison_count=0"))
+    validate(tiny_config("attack=label_flip", "attack.source_label=1", "attack.target_label=7", "attack.poison_count=0"))

@@ -21,6 +21,7 @@ from dptrain.robust import (
     gaussian,
     ipm,
     label_flip,
+    targeted_label_flip,
     mimic,
     min_max,
     min_sum,
@@ -223,6 +224,15 @@ def test_every_attack_has_a_config_file():
 
 def test_label_flip_maps_y_to_num_classes_minus_one_minus_y():
     assert label_flip(torch.tensor([0, 1, 9, 4]), num_classes=10).tolist() == [9, 8, 0, 5]
+
+
+def test_targeted_label_flip_relabels_the_source_class_only_and_the_attack_uses_it():
+    labels = torch.tensor([0, 1, 3, 1, 9])
+    assert targeted_label_flip(labels, 10, source=1, target=7).tolist() == [0, 7, 3, 7, 9]
+    _, poisoned = build_attack(config("label_flip", source_label=3, target_label=0), seed=0).poison(torch.zeros(5, 2), labels, 10)
+    assert poisoned.tolist() == [0, 1, 0, 1, 9]
+    with pytest.raises(UserError, match="two different classes in \\[0, 10\\), got 2 -> 2"):
+        targeted_label_flip(labels, 10, source=2, target=2)
 
 
 def test_label_flip_rejects_labels_outside_the_classes():

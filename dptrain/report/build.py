@@ -28,8 +28,12 @@ COLUMN_NOTES = """Columns:
   bound (95% confidence); `canary.eps_lb` is the one-run canary bound.
 - `aia.advantage`: attribute-inference accuracy minus imputation accuracy on the members; `aia.leakage`: that
   advantage minus the same on non-members.
-- Federated runs: `backdoor_success_rate` on triggered test inputs, `byzantine_selected_fraction` of the
-  updates the aggregator selected that were Byzantine.
+- Poisoned runs: `poisoned` members, `backdoor_success_rate` on triggered test inputs of other classes,
+  `poisoned_class_accuracy` (a targeted label flip's source class, test records); federated runs:
+  `byzantine_selected_fraction` of the updates the aggregator selected that were Byzantine.
+  `poisoning_vs_epsilon.png` draws them per poisoned count k (mean over seeds, bars min-max) with the
+  group-privacy bound from the k = 0 runs at the same epsilon: 2k add/remove steps, so
+  ASR <= e^(2k eps) ASR_0 + 2k e^((2k-1) eps) delta (clipped at 1; vacuous once 2k eps is a few).
 - `–`: no value (not audited, attack not run, or the run is incomplete)."""
 
 

@@ -1,6 +1,7 @@
 """The report's figures against the accountant's epsilon: test accuracy, membership leakage (TPR at 1% FPR
-and AUC), and empirical epsilon lower bounds with the y = x line. The non-private baseline is drawn at
-the right edge of the epsilon axis, labelled "inf"."""
+and AUC), empirical epsilon lower bounds with the y = x line, and for a poisoning sweep what k poisoned
+records achieved beside the group-privacy bound. The non-private baseline is drawn at the right edge of
+the epsilon axis, labelled "inf"."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dptrain.report.poisoning import MEASURES, group_bound, seed_summaries  # noqa: E402
 from dptrain.report.table import BUDGET_KEYS, Table, attack_column, run_label  # noqa: E402
 from dptrain.tracking.atomic import write_atomic  # noqa: E402
 
@@ -21,7 +23,14 @@ INF_OFFSET = 2**1.5
 LOW_FPR = 0.01
 MAX_LEGEND = 12
 # Every file report_figures may write.
-FIGURE_FILES = ("accuracy_vs_epsilon.png", "leakage_vs_epsilon.png", "lower_bound_vs_epsilon.png", "frontier.png")
+FIGURE_FILES = (
+    "accuracy_vs_epsilon.png", "leakage_vs_epsilon.png", "lower_bound_vs_epsilon.png", "frontier.png",
+    "poisoning_vs_epsilon.png",
+)  # fmt: skip
+POISONING_TITLES = {
+    "backdoor_success_rate": "backdoor success rate",
+    "poisoned_class_accuracy": "poisoned-class accuracy",
+}
 
 
 class EpsilonAxis:
@@ -163,6 +172,40 @@ def draw_lower_bound(axis, table: Table, eps_axis: EpsilonAxis) -> None:
     _legend(axis)
 
 
+def draw_poisoning(axis, table: Table, eps_axis: EpsilonAxis, column: str) -> None:
+    """One line per series and poisoned count k: the mean over seeds with min-max bars; for k > 0 the
+    group-privacy bound at each finite epsilon from the k = 0 runs' mean there, dashed in the same colour
+    (``report.poisoning``: a ceiling on the success rate, a floor on the poisoned-class accuracy)."""
+    summaries = seed_summaries(table, column)
+    for label, by_count in summaries.items():
+        clean = {cell.epsilon: cell for cell in by_count.get(0, [])}
+        for poisoned, cells in by_count.items():
+            name = ", ".join(part for part in (label, f"k={poisoned}") if part)
+            points = [(cell.epsilon, cell.mean) for cell in cells]
+            _plot(axis, eps_axis, name, points)
+            line = axis.get_lines()[-1]
+            x = [eps_axis.x(cell.epsilon) for cell in cells]
+            below = [cell.mean - cell.low for cell in cells]
+            above = [cell.high - cell.mean for cell in cells]
+            axis.errorbar(x, [cell.mean for cell in cells], yerr=[below, above], fmt="none", capsize=3,
+                          color=line.get_color(), linewidth=1)
+            bounds = [(e, group_bound(column, clean[e], poisoned)) for e, _ in points if e in clean and poisoned]
+            bounds = [(e, b) for e, b in bounds if b is not None]
+            if bounds:
+                axis.plot([e for e, _ in bounds], [b for _, b in bounds], color=line.get_color(), linestyle="--",
+                          linewidth=1, marker="_", label=f"{name}: DP {MEASURES[column]}")
+    eps_axis.decorate(axis)
+    axis.set_ylim(-0.02, 1.02)
+    seeds = max(len(cell.values) for by_count in summaries.values() for cells in by_count.values() for cell in cells)
+    axis.set(ylabel=f"{POISONING_TITLES[column]} (mean, min-max over {seeds} seeds)", title=POISONING_TITLES[column])
+    _legend(axis)
+
+
+def poisoning_columns(table: Table) -> list[str]:
+    """The poisoning measurements some complete run of ``table`` has, in ``MEASURES`` order."""
+    return [c for c in MEASURES if c in table.columns and any(row[c] is not None for row in _complete(table))]
+
+
 def report_figures(table: Table) -> dict[str, object]:
     """The report's figures by file name; leakage and lower-bound figures only when the runs were audited,
     none without a complete run."""
@@ -174,6 +217,12 @@ def report_figures(table: Table) -> dict[str, object]:
     figure, axis = plt.subplots(figsize=(5, 3.8))
     draw_accuracy(axis, table, eps_axis)
     figures["accuracy_vs_epsilon.png"] = figure
+    measures = poisoning_columns(table)
+    if measures:
+        figure, axes = plt.subplots(1, len(measures), figsize=(6 * len(measures), 4.2), squeeze=False)
+        for axis, column in zip(axes[0], measures):
+            draw_poisoning(axis, table, eps_axis, column)
+        figures["poisoning_vs_epsilon.png"] = figure
     if not table.attacks:
         return figures
     figure, (tpr, auc) = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -20,8 +20,10 @@ BUDGET_KEYS = ("privacy", "privacy.target_epsilon", "privacy.noise_multiplier")
 LEADING = ("test_accuracy", "epsilon", "delta", "noise_multiplier")
 # Which of a run's audits its audit numbers are: audit.json, the latest, names its level and history file.
 AUDIT_COLUMNS = ("audit_level", "audit_file")
-# Federated runs' robustness numbers (metrics.json), columns only when some run has them.
-FEDERATED = ("backdoor_success_rate", "byzantine_selected_fraction")
+# Poisoning and Byzantine robustness numbers (metrics.json), columns only when some run has them:
+# members poisoned (centralized, shown only when some run poisoned any), the backdoor's success rate,
+# a targeted label flip's source-class test accuracy, and the Byzantine updates a federated rule selected.
+FEDERATED = ("poisoned", "backdoor_success_rate", "poisoned_class_accuracy", "byzantine_selected_fraction")
 # The white-box implementation audit's bound per setting (audit.json's "implementation").
 WHITEBOX = ("implementation.all_iterates.eps_lb", "implementation.final_model.eps_lb")
 TRAILING = ("canary.eps_lb", *WHITEBOX, "aia.advantage", "aia.leakage", "train_seconds", "audit_seconds")
@@ -112,11 +114,15 @@ def build_table(runs: list[RunRecord]) -> Table:
     overrides, test accuracy, epsilon, delta, noise multiplier, which audit the audit numbers come from
     (level and history file of the latest), per membership attack AUC / TPR at 1% FPR /
     empirical epsilon lower bound, the evasion audit's robust accuracy per attack and norm at its middle
-    budget, the canary bound, attribute-inference advantage and leakage, seconds; federated runs add
-    the backdoor's success rate and the share of Byzantine updates selected."""
+    budget, the canary bound, attribute-inference advantage and leakage, seconds; poisoned runs add the
+    members poisoned, the backdoor's success rate and a targeted flip's poisoned-class accuracy,
+    federated runs the share of Byzantine updates selected."""
     override_keys = differing_overrides(runs)
     attacks = list(dict.fromkeys(a for run in runs if run.audit for a in run.audit.mia))
     federated = [key for key in FEDERATED if any(run.metrics and run.metrics.get(key) is not None for run in runs)]
+    if not any(run.metrics and run.metrics.get("poisoned") for run in runs):
+        # Every centralized run records poisoned = 0: a column of zeros says nothing.
+        federated = [key for key in federated if key != "poisoned"]
     evasion = list(dict.fromkeys(column for run in runs if run.audit for column in evasion_columns(run.audit)))
     rows = []
     for run in runs:

@@ -33,7 +33,7 @@ from dptrain.robust.attacks import (
     sign_flip,
 )
 from dptrain.robust.pipeline import AggregationFailed, RobustAggregator, build_aggregator, tolerated_byzantine
-from dptrain.robust.poisoning import backdoor, label_flip, model_replacement_scale, stamp_trigger
+from dptrain.robust.poisoning import backdoor, label_flip, model_replacement_scale, stamp_trigger, targeted_label_flip
 from dptrain.robust.pre_aggregation import (
     NNM,
     PRE_AGGREGATORS,
@@ -109,6 +109,7 @@ __all__ = [
     "sign_flip",
     "stamp_trigger",
     "static_clipping",
+    "targeted_label_flip",
     "tolerated_byzantine",
     "trimmed_mean",
 ]

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 
 from dptrain.config import AttackConfig
-from dptrain.robust.poisoning import backdoor, label_flip, model_replacement_scale, stamp_trigger
+from dptrain.robust.poisoning import (
+    backdoor,
+    label_flip,
+    model_replacement_scale,
+    stamp_trigger,
+    targeted_label_flip,
+)
 from dptrain.robust.primitives import (
     check_updates,
     pairwise_sq_distances,
@@ -34,6 +40,8 @@ from dptrain.robust.primitives import (
 )
 
 PERTURBATIONS = ("unit_vec", "sign", "std")
+# A Byzantine client's share of its records that a backdoor triggers when attack.poison_fraction is null.
+FEDERATED_POISON_FRACTION = 0.5
 
 
 def _repeat(update: Tensor, f: int) -> Tensor:
@@ -294,12 +302,19 @@ def _label_flip(cfg: AttackConfig, generator: torch.Generator, server_lr: float)
         "label_flip",
         omniscient=False,
         craft=_own,
-        poison=lambda inputs, labels, num_classes: (inputs, label_flip(labels, num_classes)),
+        poison=lambda inputs, labels, num_classes: (
+            inputs,
+            label_flip(labels, num_classes)
+            if cfg.source_label is None
+            else targeted_label_flip(labels, num_classes, cfg.source_label, cfg.target_label),
+        ),
     )
 
 
 def _backdoor(cfg: AttackConfig, generator: torch.Generator, server_lr: float) -> Attack:
-    require(0 <= cfg.poison_fraction <= 1, f"attack.poison_fraction must be in [0, 1], got {cfg.poison_fraction}")
+    # null: a Byzantine client triggers half its records (centralized poisoning passes 1.0, its records being chosen).
+    fraction = FEDERATED_POISON_FRACTION if cfg.poison_fraction is None else cfg.poison_fraction
+    require(0 <= fraction <= 1, f"attack.poison_fraction must be in [0, 1], got {fraction}")
     require(cfg.trigger_size >= 1, f"attack.trigger_size must be >= 1, got {cfg.trigger_size}")
     require(server_lr > 0, f"backdoor model replacement needs federation.server_lr > 0, got {server_lr}")
 
@@ -312,7 +327,7 @@ def _backdoor(cfg: AttackConfig, generator: torch.Generator, server_lr: float) -
             f"attack.target_label must be in [0, {num_classes}), got {cfg.target_label}",
         )
         return backdoor(
-            inputs, labels, cfg.target_label, cfg.poison_fraction, cfg.trigger_size, cfg.trigger_value, generator
+            inputs, labels, cfg.target_label, fraction, cfg.trigger_size, cfg.trigger_value, generator
         )
 
     return Attack(

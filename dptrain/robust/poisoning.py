@@ -22,6 +22,20 @@ def label_flip(labels: Tensor, num_classes: int) -> Tensor:
     return num_classes - 1 - labels
 
 
+def targeted_label_flip(labels: Tensor, num_classes: int, source: int, target: int) -> Tensor:
+    """Labels with every ``source`` relabelled ``target``, the others unchanged (a new tensor).
+
+    The targeted label flip of Tolpegin et al., "Data Poisoning Attacks Against Federated Learning
+    Systems", ESORICS 2020: one class pair, so the damage concentrates on the source class.
+    Preconditions 0 <= source, target < num_classes, source != target.
+    """
+    require(
+        0 <= source < num_classes and 0 <= target < num_classes and source != target,
+        f"targeted label_flip needs two different classes in [0, {num_classes}), got {source} -> {target}",
+    )
+    return torch.where(labels == source, torch.full_like(labels, target), labels)
+
+
 def stamp_trigger(inputs: Tensor, size: int, value: float) -> Tensor:
     """A copy of ``inputs`` with the trigger stamped on every record.
 

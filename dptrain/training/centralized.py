@@ -33,10 +33,12 @@ from dptrain.training.federated import backdoor_success_rate
 from dptrain.training.metrics import CentralizedMetrics, RunMetrics
 from dptrain.training.poisoning import (
     poison_members,
+    poisoned_class_accuracy,
     poisoned_positions,
     poisoning_attack,
     poisons_members,
     record_poisoned,
+    targets_class,
 )
 from dptrain.training.recipe import resolve_device, train_model
 from dptrain.training.sanitization import detection, record_sanitized, sanitized_positions
@@ -90,7 +92,7 @@ class MemberEdits:
 
     @classmethod
     def of(cls, cfg: Config, data: SplitData) -> MemberEdits:
-        poisoned = poisoned_positions(cfg, len(data.members)) if poisons_members(cfg) else None
+        poisoned = poisoned_positions(cfg, data.members.tensors[1]) if poisons_members(cfg) else None
         if cfg.defense.sanitize == "none":
             return cls(poisoned, None)
         members = data.members if poisoned is None else poison_members(cfg, data.members, data.num_classes, poisoned)
@@ -209,6 +211,9 @@ def train_target(
             backdoor_success_rate=None
             if poisoned is None or cfg.attack.name != "backdoor"
             else backdoor_success_rate(trained.model, data.test, poisoning_attack(cfg), cfg.attack.target_label, device),
+            poisoned_class_accuracy=poisoned_class_accuracy(trained.model, data.test, cfg.attack.source_label, device)
+            if poisoned is not None and targets_class(cfg.attack)
+            else None,
             sanitized=0 if sanitized is None else len(sanitized),
             sanitize_precision=None if detected is None else detected[0],
             sanitize_recall=None if detected is None else detected[1],

@@ -20,7 +20,8 @@ class CentralizedMetrics:
     (``dptrain.training.poisoning``), what a backdoor achieved, and the members sanitization removed
     (``dptrain.training.sanitization``) with its precision and recall against the poisoned ones.
 
-    ``backdoor_success_rate`` is None (and absent from the JSON) unless a backdoor was planted;
+    ``backdoor_success_rate`` is None (and absent from the JSON) unless a backdoor was planted,
+    ``poisoned_class_accuracy`` (test accuracy on the source class) unless a targeted label flip was;
     ``sanitize_precision`` and ``sanitize_recall`` unless members were both poisoned and sanitized.
     """
 
@@ -30,13 +31,14 @@ class CentralizedMetrics:
     parallel_mode: str | None = None
     poisoned: int = 0
     backdoor_success_rate: float | None = None
+    poisoned_class_accuracy: float | None = None
     sanitized: int = 0
     sanitize_precision: float | None = None
     sanitize_recall: float | None = None
 
 
 # Fields absent from metrics.json when None (the measurement did not apply).
-ABSENT_WHEN_NONE = ("backdoor_success_rate", "sanitize_precision", "sanitize_recall")
+ABSENT_WHEN_NONE = ("backdoor_success_rate", "poisoned_class_accuracy", "sanitize_precision", "sanitize_recall")
 
 
 @dataclass(frozen=True)

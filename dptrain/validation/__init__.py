@@ -296,9 +296,11 @@ def _validate_preprocessing(cfg: Config, info: DatasetInfo) -> None:
 
 def _validate_poisoning(cfg: Config, info: DatasetInfo, members: int) -> None:
     """A data-poisoning attack's parameters against the data (any recipe: the trigger fits the input,
-    the target label is a class) and, for centralized poisoning (``poisons_members``), its share of
-    the ``members``: in [0, 1), and poisoning at least one record unless it is a backdoor measured
-    without poison (its success rate is then the trigger's baseline)."""
+    the target label is a class, a targeted label flip's two classes differ) and, for centralized
+    poisoning (``poisons_members``), its share of the ``members`` in [0, 1) or its count below them
+    (exactly one given), poisoning at least one record unless it is a backdoor or a targeted label flip
+    given 0 (it then measures its baseline on a clean model: the trigger's success rate, the source
+    class's accuracy)."""
     attack = cfg.attack
     if attack.name == "backdoor":
         spatial = info.input_shape[-2:] if len(info.input_shape) >= 2 else info.input_shape[-1:]
@@ -312,18 +314,54 @@ def _validate_poisoning(cfg: Config, info: DatasetInfo, members: int) -> None:
                 f"attack.target_label={attack.target_label} is not one of dataset={info.name}'s {info.num_classes} "
                 f"classes: use 0 to {info.num_classes - 1}"
             )
+    if attack.source_label is not None:
+        if attack.name != "label_flip":
+            raise UserError(
+                f"attack.source_label={attack.source_label} is the targeted label flip's source class: use "
+                f"attack=label_flip, not attack={attack.name}, or attack.source_label=null"
+            )
+        for key, label in (("source_label", attack.source_label), ("target_label", attack.target_label)):
+            if label >= info.num_classes:
+                raise UserError(
+                    f"attack.{key}={label} is not one of dataset={info.name}'s {info.num_classes} classes: use 0 "
+                    f"to {info.num_classes - 1}"
+                )
+        if attack.source_label == attack.target_label:
+            raise UserError(
+                f"attack.source_label={attack.source_label} equals attack.target_label: a targeted label flip "
+                "relabels one class as another, choose two different classes"
+            )
     if not poisons_members(cfg):
+        if attack.poison_count is not None:
+            raise UserError(
+                f"attack.poison_count={attack.poison_count} counts poisoned members of centralized poisoning "
+                "(federation=none, attack.byzantine=0): use attack.poison_fraction for Byzantine clients' records"
+            )
         return
-    fraction = attack.poison_fraction
-    if not 0 <= fraction < 1:
+    fraction, count = attack.poison_fraction, attack.poison_count
+    if (fraction is None) == (count is None):
+        given = "both" if count is not None else "neither"
+        raise UserError(
+            f"attack={attack.name} poisons members given attack.poison_fraction=<share> or attack.poison_count="
+            f"<records>, exactly one of the two ({given} given): set the other to null"
+        )
+    if fraction is not None and not 0 <= fraction < 1:
         raise UserError(
             f"attack.poison_fraction={fraction} is the share of the {members} members to poison and must be in "
             "[0, 1): a run on poisoned records only has no clean task to measure"
         )
-    if poisoned_count(fraction, members) == 0 and (fraction > 0 or attack.name == "label_flip"):
+    if count is not None and count >= members:
         raise UserError(
-            f"attack={attack.name} attack.poison_fraction={fraction} poisons round({fraction} * {members}) = 0 of the "
-            f"{members} members: raise attack.poison_fraction (a backdoor at 0 measures the trigger's baseline)"
+            f"attack.poison_count={count} must be below the {members} members: a run on poisoned records only has "
+            "no clean task to measure"
+        )
+    # A backdoor or targeted flip at 0 measures its baseline (trigger, source-class accuracy) on a clean model.
+    baseline = attack.name == "backdoor" or attack.source_label is not None
+    if poisoned_count(attack, members) == 0 and not (baseline and not fraction):
+        given = f"poison_count={count}" if count is not None else f"poison_fraction={fraction}"
+        raise UserError(
+            f"attack={attack.name} attack.{given} poisons 0 of the {members} members: raise it (a backdoor or a "
+            "targeted label flip at 0 measures its baseline)"
         )
 
 

@@ -50,6 +50,11 @@ def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str
         )
     if centralized is not None and centralized.backdoor_success_rate is not None:
         lines.append(format_backdoor(metrics, centralized.backdoor_success_rate))
+    if centralized is not None and centralized.poisoned_class_accuracy is not None:
+        lines.append(
+            f"label flip     source-class test accuracy {centralized.poisoned_class_accuracy:.4f}"
+            f" (clean test accuracy {metrics.test_accuracy:.4f})"
+        )
     if report is not None:
         lines.append(format_audit(report))
     files = "metrics.json, audit.json" if report is not None else "metrics.json"

@@ -85,7 +85,7 @@ def test_logistic_regression_has_no_hidden_layer_and_a_convolutional_tail_no_out
 
 
 def test_a_sanitized_run_removes_what_clustering_flags_in_a_preliminary_models_representation(tiny_config, tmp_path):
-    cfg = tiny_config(*BACKDOOR, *CLUSTERING, "model=mlp", "model.hidden=[16]", "train.epochs=1")
+    cfg = tiny_config(*BACKDOOR, *CLUSTERING, "model=mlp", "model.hidden=[16]", "train.epochs=1", "dataset.max_members=300")
     metrics = pipeline.train(cfg, tmp_path)[0].centralized
     recorded = json.loads((tmp_path / SANITIZED).read_text())
     removed = np.array(recorded["member_positions"])
@@ -98,12 +98,20 @@ def test_a_sanitized_run_removes_what_clustering_flags_in_a_preliminary_models_r
     members = poison_members(cfg, data.members, data.num_classes, edits.poisoned)
     preliminary = train_model(cfg, members, input_shape=data.input_shape, num_classes=data.num_classes).model
     features = penultimate(preliminary, members, torch.device("cpu"))
-    assert features.shape == (575, 16)
+    assert features.shape == (300, 16)
     seed = derived_seed(cfg.train.seed, Stream.SANITIZE)
     assert activation_clustering(features, members.tensors[1], 0.35, seed).tolist() == removed.tolist()
     # Phase two trains on the rest.
     trained = centralized.training_set(cfg, data, None, edits.poisoned, edits.sanitized)
-    assert len(trained) == 575 - len(removed)
+    assert len(trained) == 300 - len(removed)
+
+
+def test_a_resume_or_re_audit_reads_the_removed_records_back_instead_of_deriving_them(tiny_config, tmp_path):
+    cfg = tiny_config(*BACKDOOR, *CLUSTERING, "model=mlp")
+    data, _, _ = load_data(cfg, tmp_path, reuse_split=False)
+    # Positions no detector would produce from these members: only read back from the file can they appear.
+    (tmp_path / SANITIZED).write_text(json.dumps({"member_positions": [3, 1, 4]}))
+    assert centralized.MemberEdits.of(cfg, data, recorded=tmp_path).sanitized.tolist() == [3, 1, 4]
 
 
 @pytest.mark.parametrize(

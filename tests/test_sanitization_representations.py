@@ -14,11 +14,12 @@ from sklearn.cluster import KMeans
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from conftest import interrupt_at_epoch
 from dptrain import pipeline
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.seeds import Stream, derived_seed
-from dptrain.training import centralized
+from dptrain.training import centralized, recipe
 from dptrain.training.poisoning import poison_members
 from dptrain.training.recipe import train_model
 from dptrain.training.representations import has_hidden_layer, output_layer, penultimate
@@ -112,6 +113,30 @@ def test_a_resume_or_re_audit_reads_the_removed_records_back_instead_of_deriving
     # Positions no detector would produce from these members: only read back from the file can they appear.
     (tmp_path / SANITIZED).write_text(json.dumps({"member_positions": [3, 1, 4]}))
     assert centralized.MemberEdits.of(cfg, data, recorded=tmp_path).sanitized.tolist() == [3, 1, 4]
+
+
+@pytest.mark.slow
+def test_a_resumed_sanitized_run_removes_the_same_records_without_a_second_preliminary_model(
+    tiny_config, tmp_path, monkeypatch
+):
+    overrides = (*BACKDOOR, *CLUSTERING, "model=mlp", "model.hidden=[16]", "train.epochs=3", "dataset.max_members=300")
+    pipeline.train(tiny_config(*overrides), tmp_path / "a")
+    # The preliminary model's 3 epochs come first: the 5th epoch trained is the real model's 2nd.
+    interrupt_at_epoch(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(tiny_config(*overrides), tmp_path / "b")
+    monkeypatch.undo()
+    epochs = []
+    real = recipe.train_epoch
+    monkeypatch.setattr(recipe, "train_epoch", lambda *args, **kwargs: epochs.append(1) or real(*args, **kwargs))
+    pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
+    # Epochs 2 and 3 of the real model only, and the model and removed records of the uninterrupted run.
+    assert len(epochs) == 2
+    removed = [json.loads((tmp_path / run / SANITIZED).read_text())["member_positions"] for run in ("a", "b")]
+    assert removed[0] == removed[1] and removed[0]
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ trained on, a step DP-SGD's accountant does not cover; validation refuses it in 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -43,6 +44,8 @@ from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.atomic import write_json_atomic
 from dptrain.training.recipe import resolve_device, train_model
 from dptrain.training.representations import penultimate
+
+log = logging.getLogger(__name__)
 
 SANITIZED = "sanitized.json"
 SANITIZERS = ("none", "spectral_signatures", "activation_clustering")
@@ -113,6 +116,8 @@ def representations(
     inputs = members.tensors[0]
     if cfg.defense.representation == "input":
         return inputs.flatten(start_dim=1)
+    # Said before its progress bar, which would otherwise read as the run's own training.
+    log.info("defense.sanitize=%s: training a preliminary model on the %d members", cfg.defense.sanitize, len(members))
     preliminary = train_model(cfg, members, input_shape=input_shape, num_classes=num_classes, units=units).model
     return penultimate(preliminary, members, resolve_device(cfg.train.device))
 

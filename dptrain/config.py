@@ -230,10 +230,14 @@ class DefenseConfig:
     # 2-means on 10 principal components, the smaller cluster removed below cluster_threshold of the
     # class), on each member's representation: penultimate (the output layer's input in a
     # preliminary model trained on the members) or input (the flattened features; logreg).
+    # cluster_rule=silhouette also requires the class's 2-means silhouette above silhouette_threshold
+    # (0.31: tuned on the digits CNN backdoor, seed 0; docs/guide/poisoning.md).
     sanitize: str = "none"
     representation: str = "penultimate"
     remove_fraction: float = 0.1
     cluster_threshold: float = 0.35
+    cluster_rule: str = "size"
+    silhouette_threshold: float = 0.31
 
 
 @dataclass

@@ -9,8 +9,12 @@ of the records (``defense.representation``):
   singular vector.
 - ``activation_clustering`` (Chen et al. 2018, "Detecting Backdoor Attacks on Deep Neural Networks by
   Activation Clustering"): 2-means on the representations reduced to 10 dimensions, the smaller
-  cluster removed when it holds less than ``defense.cluster_threshold`` of its class. How many it
-  removes is the data's call, not a share.
+  cluster removed when it holds less than ``defense.cluster_threshold`` of its class
+  (``defense.cluster_rule=size``, the paper's relative-size criterion) and, with
+  ``defense.cluster_rule=silhouette``, only when the class's silhouette score also exceeds
+  ``defense.silhouette_threshold`` (the paper's silhouette criterion: a poisoned class splits cleanly
+  in two, a clean class with sub-styles does not). How many it removes is the data's call, not a
+  share.
 
 ``penultimate`` representations follow both papers' two phases: a preliminary model is trained on
 the members as poisoned with the run's own recipe (non-private: sanitization runs only without DP),
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
+from sklearn.metrics import silhouette_score
 from torch.utils.data import TensorDataset
 
 from dptrain.config import Config
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 SANITIZED = "sanitized.json"
 SANITIZERS = ("none", "spectral_signatures", "activation_clustering")
 REPRESENTATIONS = ("penultimate", "input")
+CLUSTER_RULES = ("size", "silhouette")
 # Chen et al. 2018 reduce each class's activations to 10 independent components; we take the top 10
 # principal components instead (deterministic, no ICA convergence to tune).
 CLUSTERING_DIMENSIONS = 10
@@ -80,21 +86,30 @@ def spectral_signatures(features: torch.Tensor, labels: torch.Tensor, remove_fra
     return np.sort(torch.cat(removed).numpy()) if removed else np.zeros(0, dtype=np.int64)
 
 
-def smaller_cluster(features: np.ndarray, seed: int) -> np.ndarray:
-    """Positions (into ``features``' rows) of the smaller of the two k-means clusters (k-means++, 10
-    starts, ``seed``) of the rows projected on their top ``CLUSTERING_DIMENSIONS`` principal
-    components; the first cluster's when both are the same size."""
+def two_means(features: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reduced rows, cluster of each row): the rows projected on their top ``CLUSTERING_DIMENSIONS``
+    principal components, then 2-means (k-means++, 10 starts, ``seed``) on the projections."""
     dimensions = min(CLUSTERING_DIMENSIONS, *features.shape)
     reduced = PCA(n_components=dimensions, svd_solver="full").fit_transform(features)
-    assignment = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
+    return reduced, KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
+
+
+def smaller_cluster(assignment: np.ndarray) -> np.ndarray:
+    """Positions of the smaller of the two clusters in a 2-means ``assignment``; the first cluster's
+    when both are the same size."""
     smaller = int(np.bincount(assignment, minlength=2).argmin())
     return np.flatnonzero(assignment == smaller)
 
 
-def activation_clustering(features: torch.Tensor, labels: torch.Tensor, threshold: float, seed: int) -> np.ndarray:
-    """Sorted positions of the records removed (Chen et al. 2018, relative-size analysis): in each
-    class of at least 3 records, the ``smaller_cluster`` of its flattened ``features`` when it holds
-    less than ``threshold`` of the class; a class that splits more evenly is taken to be clean."""
+def activation_clustering(
+    features: torch.Tensor, labels: torch.Tensor, threshold: float, seed: int, silhouette_threshold: float | None = None
+) -> np.ndarray:
+    """Sorted positions of the records removed (Chen et al. 2018, section "determining which cluster
+    is poisoned"): in each class of at least 3 records, the ``smaller_cluster`` of the ``two_means``
+    of its flattened ``features`` when it holds less than ``threshold`` of the class (relative size)
+    and, unless ``silhouette_threshold`` is None, the class's silhouette score (sklearn's, on the
+    reduced rows and 2-means labels) exceeds ``silhouette_threshold``; any other class is taken to
+    be clean. A class whose rows are all equal has no silhouette and is kept."""
     flat = features.reshape(len(features), -1).double().numpy()
     labels = labels.numpy()
     removed = []
@@ -102,9 +117,15 @@ def activation_clustering(features: torch.Tensor, labels: torch.Tensor, threshol
         members = np.flatnonzero(labels == label)
         if len(members) < 3:
             continue
-        suspects = smaller_cluster(flat[members], seed)
-        if len(suspects) < threshold * len(members):
-            removed.append(members[suspects])
+        reduced, assignment = two_means(flat[members], seed)
+        suspects = smaller_cluster(assignment)
+        if len(suspects) >= threshold * len(members):
+            continue
+        if silhouette_threshold is not None and not (
+            len(np.unique(assignment)) == 2 and silhouette_score(reduced, assignment) > silhouette_threshold
+        ):
+            continue
+        removed.append(members[suspects])
     return np.sort(np.concatenate(removed)) if removed else np.zeros(0, dtype=np.int64)
 
 
@@ -134,7 +155,9 @@ def sanitized_positions(
     labels = members.tensors[1]
     if defense.sanitize == "spectral_signatures":
         return spectral_signatures(features, labels, defense.remove_fraction)
-    return activation_clustering(features, labels, defense.cluster_threshold, derived_seed(cfg.train.seed, Stream.SANITIZE))
+    silhouette_threshold = defense.silhouette_threshold if defense.cluster_rule == "silhouette" else None
+    seed = derived_seed(cfg.train.seed, Stream.SANITIZE)
+    return activation_clustering(features, labels, defense.cluster_threshold, seed, silhouette_threshold)
 
 
 def detection(removed: np.ndarray, poisoned: np.ndarray) -> tuple[float, float]:
@@ -147,14 +170,15 @@ def detection(removed: np.ndarray, poisoned: np.ndarray) -> tuple[float, float]:
 
 
 def record_sanitized(run_dir: Path, cfg: Config, positions: np.ndarray) -> Path:
-    """Write ``sanitized.json`` atomically: the method, its representation and parameter, and the
+    """Write ``sanitized.json`` atomically: the method, its representation and parameters, and the
     removed member positions."""
     defense = cfg.defense
-    parameter = (
-        {"remove_fraction": defense.remove_fraction}
-        if defense.sanitize == "spectral_signatures"
-        else {"cluster_threshold": defense.cluster_threshold}
-    )
+    if defense.sanitize == "spectral_signatures":
+        parameter = {"remove_fraction": defense.remove_fraction}
+    else:
+        parameter = {"cluster_threshold": defense.cluster_threshold, "cluster_rule": defense.cluster_rule}
+        if defense.cluster_rule == "silhouette":
+            parameter["silhouette_threshold"] = defense.silhouette_threshold
     return write_json_atomic(
         run_dir / SANITIZED,
         {

@@ -28,7 +28,7 @@ from dptrain.training.adversarial import check_adversarial
 from dptrain.training.distributed import parallel_mode
 from dptrain.training.poisoning import POISONING_ATTACKS, poisoned_count, poisons_members
 from dptrain.training.representations import has_hidden_layer, output_layer
-from dptrain.training.sanitization import REPRESENTATIONS, SANITIZERS
+from dptrain.training.sanitization import CLUSTER_RULES, REPRESENTATIONS, SANITIZERS
 from dptrain.validation.keys import check_known_keys, check_ranges
 
 PRIVACY_NAMES = ("dpsgd", "none")
@@ -260,6 +260,7 @@ def _validate_sanitization(cfg: Config, info: DatasetInfo) -> None:
     method = defense.sanitize
     _choice("defense.sanitize", method, SANITIZERS)
     _choice("defense.representation", defense.representation, REPRESENTATIONS)
+    _choice("defense.cluster_rule", defense.cluster_rule, CLUSTER_RULES)
     if method == "none":
         return
     if is_private(cfg.privacy):
@@ -272,13 +273,19 @@ def _validate_sanitization(cfg: Config, info: DatasetInfo) -> None:
             f"defense.sanitize={method} sanitizes a centralized run's members: use federation=none and "
             "attack.byzantine=0"
         )
-    # Each method reads one parameter; a value set for the other would be silently ignored.
-    unread = {"spectral_signatures": "cluster_threshold", "activation_clustering": "remove_fraction"}[method]
-    if getattr(defense, unread) != getattr(DefenseConfig, unread):
-        raise UserError(
-            f"defense.{unread}={getattr(defense, unread)} is not read by defense.sanitize={method}: "
-            f"leave it at {getattr(DefenseConfig, unread)}"
-        )
+    # Each method reads its own parameters; a value set for another would be silently ignored.
+    reader = f"defense.sanitize={method}"
+    unread = {
+        "spectral_signatures": ("cluster_threshold", "cluster_rule", "silhouette_threshold"),
+        "activation_clustering": ("remove_fraction",),
+    }[method]
+    if method == "activation_clustering" and defense.cluster_rule == "size":
+        reader, unread = f"{reader} with defense.cluster_rule=size", (*unread, "silhouette_threshold")
+    for key in unread:
+        if getattr(defense, key) != getattr(DefenseConfig, key):
+            raise UserError(
+                f"defense.{key}={getattr(defense, key)} is not read by {reader}: leave it at {getattr(DefenseConfig, key)}"
+            )
     if defense.representation == "penultimate":
         # A throwaway model, built without consuming the global RNG the run seeds from.
         with torch.random.fork_rng(devices=[]):

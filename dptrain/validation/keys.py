@@ -149,6 +149,7 @@ RANGES: dict[str, Range] = {
     "audit.evasion.n": at_least(1, "the test records attacked, e.g. 500"),
     "defense.remove_fraction": within(0, 0.5, "()", "the share of each class removed, e.g. 0.1"),
     "defense.cluster_threshold": within(0, 0.5, "(]", "the largest share of a class its smaller cluster may hold, e.g. 0.35"),
+    "defense.silhouette_threshold": within(-1, 1, "[)", "the silhouette a flagged class must exceed, e.g. 0.31"),
     "audit.confidence": within(0, 1, "()", "e.g. 0.95"),
     "audit.seed": SEED,
     "audit.workers": at_least(1, "or null for one per two cores"),

@@ -119,11 +119,16 @@ def activation_clustering(
             continue
         reduced, assignment = two_means(flat[members], seed)
         suspects = smaller_cluster(assignment)
+        silhouette = silhouette_score(reduced, assignment) if len(np.unique(assignment)) == 2 else float("nan")
+        # Both criteria per class in the run's log: what a threshold is chosen from.
+        log.info(
+            "activation clustering, class %s: smaller cluster %d of %d (%.3f), silhouette %.3f",
+            label, len(suspects), len(members), len(suspects) / len(members), silhouette,
+        )
         if len(suspects) >= threshold * len(members):
             continue
-        if silhouette_threshold is not None and not (
-            len(np.unique(assignment)) == 2 and silhouette_score(reduced, assignment) > silhouette_threshold
-        ):
+        # A NaN silhouette (equal rows, one cluster) compares False: kept.
+        if silhouette_threshold is not None and not silhouette > silhouette_threshold:
             continue
         removed.append(members[suspects])
     return np.sort(np.concatenate(removed)) if removed else np.zeros(0, dtype=np.int64)

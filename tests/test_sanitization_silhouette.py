@@ -23,7 +23,7 @@ def test_the_silhouette_rule_flags_two_separated_clusters_and_spares_a_blob_with
     labels = torch.arange(200) // 100
     # Class 0: 10 records (90-99) shifted 6 standard deviations along every feature, two clusters
     # (silhouette 0.81). Class 1: one blob whose last 20 records (180-199) are shifted 4 standard
-    # deviations along one feature, a sub-style that 2-means splits off as 21 records (silhouette 0.21).
+    # deviations along one feature, a sub-style that 2-means splits off as 21 records (silhouette 0.26).
     features[90:100] += 6.0
     features[180:200, 0] += 4.0
     by_size = activation_clustering(features, labels, threshold=0.35, seed=0)

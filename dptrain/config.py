@@ -234,11 +234,20 @@ class AuditConfig:
 
 @dataclass
 class DefenseConfig:
-    # Data sanitization before training (centralized recipe, non-private runs only): none, or
-    # spectral_signatures (Tran et al. 2018), which removes the top remove_fraction of each class's
-    # members by their squared projection on the class's top singular vector of input features.
+    # Data sanitization before training (centralized recipe, non-private runs only): none,
+    # spectral_signatures (Tran et al. 2018: the top remove_fraction of each class by squared
+    # projection on its top singular vector) or activation_clustering (Chen et al. 2018: per class,
+    # 2-means on 10 principal components, the smaller cluster removed below cluster_threshold of the
+    # class), on each member's representation: penultimate (the output layer's input in a
+    # preliminary model trained on the members) or input (the flattened features; logreg).
+    # cluster_rule=silhouette also requires the class's 2-means silhouette above silhouette_threshold
+    # (0.31: tuned on the digits CNN backdoor, seed 0; docs/guide/poisoning.md).
     sanitize: str = "none"
+    representation: str = "penultimate"
     remove_fraction: float = 0.1
+    cluster_threshold: float = 0.35
+    cluster_rule: str = "size"
+    silhouette_threshold: float = 0.31
     # Input preprocessing at inference (images only), evaluated by the evasion audit against BPDA
     # attacks: none, squeeze (bit depth squeeze_bits, Xu et al. 2018), median (median_kernel x median_kernel).
     preprocess: str = "none"

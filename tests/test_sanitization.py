@@ -19,7 +19,7 @@ from dptrain.training.target import load_data
 from dptrain.validation import validate
 
 BACKDOOR = ("attack=backdoor", "attack.poison_fraction=0.05", "privacy.target_epsilon=inf")
-SANITIZE = ("defense.sanitize=spectral_signatures",)
+SANITIZE = ("defense.sanitize=spectral_signatures", "defense.representation=input")
 
 
 def test_spectral_signatures_remove_exactly_the_records_shifted_along_one_direction():
@@ -81,7 +81,7 @@ def test_sanitization_is_off_by_default(tiny_config, tmp_path):
     "overrides, message",
     [
         (("privacy.target_epsilon=3", *SANITIZE), "defense.sanitize=spectral_signatures needs a non-private run"),
-        (("defense.sanitize=activation_clustering",), "defense.sanitize=activation_clustering is unknown"),
+        (("defense.sanitize=loss_filter",), "defense.sanitize=loss_filter is unknown"),
         ((*BACKDOOR, *SANITIZE, "defense.remove_fraction=0.5"), "defense.remove_fraction=0.5 must be"),
         ((*BACKDOOR, *SANITIZE, "defense.remove_fraction=0"), "defense.remove_fraction=0.0 must be"),
         (

@@ -41,7 +41,7 @@ from dptrain.training.poisoning import (
     targets_class,
 )
 from dptrain.training.recipe import resolve_device, train_model
-from dptrain.training.sanitization import detection, record_sanitized, sanitized_positions
+from dptrain.training.sanitization import detection, record_sanitized, recorded_sanitized, sanitized_positions
 from dptrain.training.target import (
     TargetRun,
     independent_epsilon,
@@ -91,12 +91,24 @@ class MemberEdits:
     sanitized: np.ndarray | None
 
     @classmethod
-    def of(cls, cfg: Config, data: SplitData) -> MemberEdits:
+    def of(cls, cfg: Config, data: SplitData, recorded: Path | None = None) -> MemberEdits:
+        """The edits of ``cfg`` on ``data``; with ``recorded``, a run directory whose ``sanitized.json``
+        holds them (a resume or re-audit), the removed positions are read back, not derived again.
+        In a torch.distributed job every rank calls this together: rank 0 derives the removed
+        positions and broadcasts them, so all ranks drop the same records even where training the
+        preliminary model is not bitwise reproducible (CUDA)."""
         poisoned = poisoned_positions(cfg, data.members.tensors[1]) if poisons_members(cfg) else None
         if cfg.defense.sanitize == "none":
             return cls(poisoned, None)
-        members = data.members if poisoned is None else poison_members(cfg, data.members, data.num_classes, poisoned)
-        return cls(poisoned, sanitized_positions(cfg, members))
+        if recorded is not None:
+            return cls(poisoned, recorded_sanitized(recorded))
+        sanitized = None
+        if ranks.is_main():
+            members = data.members if poisoned is None else poison_members(cfg, data.members, data.num_classes, poisoned)
+            sanitized = sanitized_positions(
+                cfg, members, input_shape=data.input_shape, num_classes=data.num_classes, units=data.units
+            )
+        return cls(poisoned, ranks.broadcast_object(sanitized))
 
     def left_out(self) -> np.ndarray | None:
         """The positions the audit leaves out (poisoned or removed), None when nothing is edited."""
@@ -168,7 +180,7 @@ def train_target(
     clean labels, poisoned or not: the accuracies are the main task's.
     """
     data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=checkpoint is not None)
-    edits = MemberEdits.of(cfg, data)
+    edits = MemberEdits.of(cfg, data, recorded=None if checkpoint is None else run_dir)
     poisoned, sanitized = edits.poisoned, edits.sanitized
     if poisoned is not None and ranks.is_main():
         record_poisoned(run_dir, cfg, poisoned)
@@ -242,7 +254,7 @@ def load_target(cfg: Config, run_dir: Path) -> TargetRun:
         steps=metrics.steps,
         planned_epsilon=metrics.epsilon,
     )
-    audited = audited_data(cfg, data, metrics.centralized.world_size, MemberEdits.of(cfg, data))
+    audited = audited_data(cfg, data, metrics.centralized.world_size, MemberEdits.of(cfg, data, recorded=run_dir))
     model = trained_model(cfg, run_dir, data, device)
     return TargetRun(model, audited, plan, plan, metrics.epsilon, canaries, metrics, device, fingerprint)
 

@@ -11,13 +11,15 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from dptrain.adversarial import NORMS, PREPROCESSORS
 from dptrain.adversarial import library
 from dptrain.audit.membership import LIRA_VARIANCES
-from dptrain.config import AuditConfig, Config, LauncherConfig
+from dptrain.config import AuditConfig, Config, DefenseConfig, LauncherConfig
 from dptrain.data import DatasetInfo, SplitSizes, describe, split_sizes
 from dptrain.errors import UserError
-from dptrain.models import ACTIVATIONS, IMAGE_ONLY, MODELS
+from dptrain.models import ACTIVATIONS, IMAGE_ONLY, MODELS, build_model
 from dptrain.privacy import ACCOUNTANTS
 from dptrain.privacy import crosscheck
 from dptrain.privacy.plan import is_private
@@ -26,7 +28,8 @@ from dptrain.training import ranks
 from dptrain.training.adversarial import check_adversarial
 from dptrain.training.distributed import parallel_mode
 from dptrain.training.poisoning import POISONING_ATTACKS, poisoned_count, poisons_members
-from dptrain.training.sanitization import SANITIZERS
+from dptrain.training.representations import has_hidden_layer, output_layer
+from dptrain.training.sanitization import CLUSTER_RULES, REPRESENTATIONS, SANITIZERS
 from dptrain.validation.keys import check_known_keys, check_ranges
 
 PRIVACY_NAMES = ("dpsgd", "none")
@@ -127,7 +130,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
 
     _validate_attackers(cfg)
     _validate_poisoning(cfg, info, members)
-    _validate_sanitization(cfg)
+    _validate_sanitization(cfg, info)
     _validate_preprocessing(cfg, info)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
@@ -250,11 +253,16 @@ def _validate_attackers(cfg: Config) -> None:
         )
 
 
-def _validate_sanitization(cfg: Config) -> None:
+def _validate_sanitization(cfg: Config, info: DatasetInfo) -> None:
     """Sanitization runs in the centralized recipe without Byzantine workers, and only without DP:
-    it removes members by a rule that reads all of them, which the accountant does not cover."""
-    method = cfg.defense.sanitize
+    it removes members by a rule that reads all of them, which the accountant does not cover. Its
+    penultimate representation needs a model whose output layer is an ``nn.Linear`` fed by a hidden
+    layer, and each method's parameter is the only one it reads."""
+    defense = cfg.defense
+    method = defense.sanitize
     _choice("defense.sanitize", method, SANITIZERS)
+    _choice("defense.representation", defense.representation, REPRESENTATIONS)
+    _choice("defense.cluster_rule", defense.cluster_rule, CLUSTER_RULES)
     if method == "none":
         return
     if is_private(cfg.privacy):
@@ -267,6 +275,33 @@ def _validate_sanitization(cfg: Config) -> None:
             f"defense.sanitize={method} sanitizes a centralized run's members: use federation=none and "
             "attack.byzantine=0"
         )
+    # Each method reads its own parameters; a value set for another would be silently ignored.
+    reader = f"defense.sanitize={method}"
+    unread = {
+        "spectral_signatures": ("cluster_threshold", "cluster_rule", "silhouette_threshold"),
+        "activation_clustering": ("remove_fraction",),
+    }[method]
+    if method == "activation_clustering" and defense.cluster_rule == "size":
+        reader, unread = f"{reader} with defense.cluster_rule=size", (*unread, "silhouette_threshold")
+    for key in unread:
+        if getattr(defense, key) != getattr(DefenseConfig, key):
+            raise UserError(
+                f"defense.{key}={getattr(defense, key)} is not read by {reader}: leave it at {getattr(DefenseConfig, key)}"
+            )
+    if defense.representation == "penultimate":
+        # A throwaway model, built without consuming the global RNG the run seeds from.
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(cfg.model, info.input_shape, info.num_classes)
+        if output_layer(model) is None:
+            raise UserError(
+                f"defense.representation=penultimate reads the input of the output layer, and model={cfg.model.name} "
+                "does not end in an nn.Linear: use defense.representation=input"
+            )
+        if not has_hidden_layer(model):
+            raise UserError(
+                f"defense.representation=penultimate: model={cfg.model.name} has no hidden layer, so its penultimate "
+                "representation is the input itself: use defense.representation=input"
+            )
 
 
 def _validate_preprocessing(cfg: Config, info: DatasetInfo) -> None:

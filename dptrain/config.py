@@ -242,12 +242,15 @@ class DefenseConfig:
     # preliminary model trained on the members) or input (the flattened features; logreg).
     # cluster_rule=silhouette also requires the class's 2-means silhouette above silhouette_threshold
     # (0.31: tuned on the digits CNN backdoor, seed 0; docs/guide/poisoning.md).
+    # knn_label_consistency (Peri et al. 2020) removes each member whose label is not the plurality of
+    # its `neighbours` nearest other members' labels.
     sanitize: str = "none"
     representation: str = "penultimate"
     remove_fraction: float = 0.1
     cluster_threshold: float = 0.35
     cluster_rule: str = "size"
     silhouette_threshold: float = 0.31
+    neighbours: int = 10
     # Input preprocessing at inference (images only), evaluated by the evasion audit against BPDA
     # attacks: none, squeeze (bit depth squeeze_bits, Xu et al. 2018), median (median_kernel x median_kernel).
     preprocess: str = "none"

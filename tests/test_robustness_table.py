@@ -42,7 +42,7 @@ def test_the_table_has_a_row_per_defence_and_privacy_and_marks_refused_cells(scr
     ]
     refusal = script.Cell(refused="dptrain: error: defense.sanitize needs a non-private run")
     cells = {
-        (defence, privacy): [refusal] * 2 if (defence == "spectral signatures" and privacy != "no DP") else ran
+        (defence, privacy): [refusal] * 2 if (defence == "activation clustering" and privacy != "no DP") else ran
         for defence in script.DEFENCES
         for privacy in script.PRIVACY
     }
@@ -54,8 +54,8 @@ def test_the_table_has_a_row_per_defence_and_privacy_and_marks_refused_cells(scr
     # Two seeds: mean ± sample standard deviation, by hand (0.9, 0.8) -> 0.85 ± 0.0707; the unbounded
     # budget's column (third robust accuracy) is not shown.
     assert body[0] == "| no defence | no DP | 0.850 ± 0.071 | 0.400 ± 0.141 | 0.050 ± 0.071 | 0.700 ± 0.141 |"
-    assert body[7] == "| spectral signatures | ε = 3 | refused¹ | refused¹ | refused¹ | refused¹ |"
-    assert body[6].startswith("| spectral signatures | no DP | 0.850")
+    assert body[7] == "| activation clustering | ε = 3 | refused¹ | refused¹ | refused¹ | refused¹ |"
+    assert body[6].startswith("| activation clustering | no DP | 0.850")
     assert "¹ refused by the CLI (exit 2): `dptrain: error: defense.sanitize needs a non-private run`" in lines
     # One warning per run that had one: 7 ran cells with the first seed's warning each.
     assert sum(line.startswith("- warning:") for line in lines) == 7
@@ -72,7 +72,7 @@ def test_quick_table_on_breast_cancer_runs_the_grid_through_the_cli(tmp_path):
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 10
     refused = [row for row in rows if "refused¹" in row]
-    assert [row.split(" | ")[:2] for row in refused] == [["| spectral signatures", "ε = 3"], ["| spectral signatures", "ε = 1"]]
+    assert [row.split(" | ")[:2] for row in refused] == [["| activation clustering", "ε = 3"], ["| activation clustering", "ε = 1"]]
     assert "needs a non-private run" in out.read_text()
     for row in rows[1:]:
         if row not in refused:

@@ -1,8 +1,8 @@
 """Data sanitization before training: ``defense.sanitize`` removes suspected poison from the members
 and ``sanitized.json`` records which.
 
-Two detectors, each run per class (the label as trained on, poisoned or not) on one representation
-of the records (``defense.representation``):
+Three detectors, on one representation of the records (``defense.representation``); the first two
+run per class (the label as trained on, poisoned or not):
 
 - ``spectral_signatures`` (Tran, Li & Madry 2018, "Spectral Signatures in Backdoor Attacks"): the
   ``defense.remove_fraction`` of each class with the largest squared projection on the class's top
@@ -15,6 +15,10 @@ of the records (``defense.representation``):
   ``defense.silhouette_threshold`` (the paper's silhouette criterion: a poisoned class splits cleanly
   in two, a clean class with sub-styles does not). How many it removes is the data's call, not a
   share.
+- ``knn_label_consistency`` (Peri et al. 2020, "Deep k-NN Defense Against Clean-Label Data Poisoning
+  Attacks"): each record whose label is not the plurality label of its ``defense.neighbours`` nearest
+  other records. It catches records labelled against their neighbourhood (label flipping, clean-label
+  feature collisions), not a backdoor, whose triggered records are each other's neighbours.
 
 ``penultimate`` representations follow both papers' two phases: a preliminary model is trained on
 the members as poisoned with the run's own recipe (non-private: sanitization runs only without DP),
@@ -41,6 +45,7 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
+from sklearn.neighbors import NearestNeighbors
 from torch.utils.data import TensorDataset
 
 from dptrain.config import Config
@@ -53,7 +58,7 @@ from dptrain.training.representations import penultimate
 log = logging.getLogger(__name__)
 
 SANITIZED = "sanitized.json"
-SANITIZERS = ("none", "spectral_signatures", "activation_clustering")
+SANITIZERS = ("none", "spectral_signatures", "activation_clustering", "knn_label_consistency")
 REPRESENTATIONS = ("penultimate", "input")
 CLUSTER_RULES = ("size", "silhouette")
 # Chen et al. 2018 reduce each class's activations to 10 independent components; we take the top 10
@@ -134,6 +139,24 @@ def activation_clustering(
     return np.sort(np.concatenate(removed)) if removed else np.zeros(0, dtype=np.int64)
 
 
+def knn_label_consistency(features: torch.Tensor, labels: torch.Tensor, neighbours: int) -> np.ndarray:
+    """Sorted positions of the records removed (Peri et al. 2020, section 3): each record whose label
+    is not a plurality label of its ``neighbours`` nearest other records (Euclidean distance between
+    the flattened ``features``; a record tied for the plurality is kept). Its own row is left out of
+    the vote by position, so duplicates of it still vote. Precondition: ``neighbours < len(labels)``."""
+    flat = features.reshape(len(features), -1).double().numpy()
+    labels = labels.numpy()
+    # One neighbour more than asked, then the record itself dropped wherever the search put it.
+    _, found = NearestNeighbors(n_neighbors=neighbours + 1).fit(flat).kneighbors(flat)
+    removed = []
+    for position, row in enumerate(found):
+        voters = row[row != position][:neighbours]
+        votes = np.bincount(labels[voters], minlength=labels.max() + 1)
+        if votes[labels[position]] < votes.max():
+            removed.append(position)
+    return np.array(removed, dtype=np.int64)
+
+
 def representations(
     cfg: Config, members: TensorDataset, *, input_shape: Sequence[int], num_classes: int, units: InputUnits | None
 ) -> torch.Tensor:
@@ -160,6 +183,8 @@ def sanitized_positions(
     labels = members.tensors[1]
     if defense.sanitize == "spectral_signatures":
         return spectral_signatures(features, labels, defense.remove_fraction)
+    if defense.sanitize == "knn_label_consistency":
+        return knn_label_consistency(features, labels, defense.neighbours)
     silhouette_threshold = defense.silhouette_threshold if defense.cluster_rule == "silhouette" else None
     seed = derived_seed(cfg.train.seed, Stream.SANITIZE)
     return activation_clustering(features, labels, defense.cluster_threshold, seed, silhouette_threshold)
@@ -180,6 +205,8 @@ def record_sanitized(run_dir: Path, cfg: Config, positions: np.ndarray) -> Path:
     defense = cfg.defense
     if defense.sanitize == "spectral_signatures":
         parameter = {"remove_fraction": defense.remove_fraction}
+    elif defense.sanitize == "knn_label_consistency":
+        parameter = {"neighbours": defense.neighbours}
     else:
         parameter = {"cluster_threshold": defense.cluster_threshold, "cluster_rule": defense.cluster_rule}
         if defense.cluster_rule == "silhouette":

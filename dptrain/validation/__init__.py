@@ -130,7 +130,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
 
     _validate_attackers(cfg)
     _validate_poisoning(cfg, info, members)
-    _validate_sanitization(cfg, info)
+    _validate_sanitization(cfg, info, members)
     _validate_preprocessing(cfg, info)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
@@ -253,11 +253,12 @@ def _validate_attackers(cfg: Config) -> None:
         )
 
 
-def _validate_sanitization(cfg: Config, info: DatasetInfo) -> None:
+def _validate_sanitization(cfg: Config, info: DatasetInfo, members: int) -> None:
     """Sanitization runs in the centralized recipe without Byzantine workers, and only without DP:
     it removes members by a rule that reads all of them, which the accountant does not cover. Its
     penultimate representation needs a model whose output layer is an ``nn.Linear`` fed by a hidden
-    layer, and each method's parameter is the only one it reads."""
+    layer, each method's parameter is the only one it reads, and a k-NN vote has fewer voters than
+    the ``members`` (each member's neighbours are the others)."""
     defense = cfg.defense
     method = defense.sanitize
     _choice("defense.sanitize", method, SANITIZERS)
@@ -277,9 +278,11 @@ def _validate_sanitization(cfg: Config, info: DatasetInfo) -> None:
         )
     # Each method reads its own parameters; a value set for another would be silently ignored.
     reader = f"defense.sanitize={method}"
+    clustering = ("cluster_threshold", "cluster_rule", "silhouette_threshold")
     unread = {
-        "spectral_signatures": ("cluster_threshold", "cluster_rule", "silhouette_threshold"),
-        "activation_clustering": ("remove_fraction",),
+        "spectral_signatures": (*clustering, "neighbours"),
+        "activation_clustering": ("remove_fraction", "neighbours"),
+        "knn_label_consistency": ("remove_fraction", *clustering),
     }[method]
     if method == "activation_clustering" and defense.cluster_rule == "size":
         reader, unread = f"{reader} with defense.cluster_rule=size", (*unread, "silhouette_threshold")
@@ -288,6 +291,11 @@ def _validate_sanitization(cfg: Config, info: DatasetInfo) -> None:
             raise UserError(
                 f"defense.{key}={getattr(defense, key)} is not read by {reader}: leave it at {getattr(DefenseConfig, key)}"
             )
+    if method == "knn_label_consistency" and defense.neighbours >= members:
+        raise UserError(
+            f"defense.neighbours={defense.neighbours} needs more than {defense.neighbours} members to vote among, and "
+            f"the run has {members}: lower defense.neighbours"
+        )
     if defense.representation == "penultimate":
         # A throwaway model, built without consuming the global RNG the run seeds from.
         with torch.random.fork_rng(devices=[]):

@@ -155,6 +155,7 @@ RANGES: dict[str, Range] = {
     "defense.median_kernel": within(2, 5, fix="the median window's side in pixels, e.g. 2"),
     "defense.cluster_threshold": within(0, 0.5, "(]", "the largest share of a class its smaller cluster may hold, e.g. 0.35"),
     "defense.silhouette_threshold": within(-1, 1, "[)", "the silhouette a flagged class must exceed, e.g. 0.31"),
+    "defense.neighbours": at_least(1, "the nearest members whose labels vote, e.g. 10"),
     "audit.confidence": within(0, 1, "()", "e.g. 0.95"),
     "audit.seed": SEED,
     "audit.workers": at_least(1, "or null for one per two cores"),

@@ -41,9 +41,21 @@ commands:
   report   table (CSV, Markdown) and figures of the runs below a directory, e.g. a sweep
            e.g. dptrain report multirun/<date>/<time>
                 dptrain report multirun/<date>/<time> --select test_accuracy --out reports/eps
+  verify   check a run directory against the SHA-256 digests in its manifest.json
+           e.g. dptrain verify run_dir=outputs/<date>/<time>
 
 `dptrain` with no arguments runs the default job (digits, DP-SGD at epsilon 3).
 Exit status: 0 done, 1 the run failed (a worker died), 2 bad input (nothing ran), 130 interrupted.
+"""
+
+VERIFY_USAGE = """usage: dptrain verify run_dir=<dir>
+
+Recompute the SHA-256 of every file of a finished run and of the data files it read, and compare them with
+its manifest.json. Exit status 0 when all match, 1 naming each file that differs, is missing or is new,
+2 on bad input. A match proves the files are the ones the manifest lists, not who wrote them: publish
+the manifest's own SHA-256 (printed) somewhere the run directory's writers cannot change.
+
+  run_dir=<dir>         the run's directory, e.g. outputs/<date>/<time>
 """
 
 AUDIT_USAGE = """usage: dptrain audit run_dir=<dir> [audit=<level>] [audit.<key>=<value> ...]
@@ -57,7 +69,7 @@ changes. Canaries are the ones inserted at training time.
   audit.<key>=<value>   any audit key, e.g. audit.mia.reference_models=8 audit.mia.attacks=[loss,lira]
 """
 
-COMMANDS = ("train", "audit", "report")
+COMMANDS = ("train", "audit", "report", "verify")
 RESUME = "train.resume="
 
 register_configs()
@@ -214,6 +226,29 @@ def report_command(args: list[str]) -> None:
     print(console_summary(report))
 
 
+def verify_command(args: list[str]) -> None:
+    """``dptrain verify run_dir=<dir>``: exit 0 when the run matches its manifest, 1 when it does not."""
+    from dptrain.tracking.verify import check_run_record
+    from dptrain.views.verification import format_record_check
+
+    if any(a in ("-h", "--help") for a in args):
+        print(VERIFY_USAGE)
+        return
+    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    try:
+        if len(run_dirs) != 1:
+            raise UserError("dptrain verify needs run_dir=<directory of a finished run>")
+        wrong = [a for a in args if not a.startswith("run_dir=")]
+        if wrong:
+            raise UserError(f"dptrain verify takes only run_dir=<dir>, not {' '.join(wrong)}")
+        check = check_run_record(Path(run_dirs[0]))
+    except UserError as error:
+        _fail(str(error))
+    print(format_record_check(check, Path(run_dirs[0])))
+    if not check.matches:
+        sys.exit(1)
+
+
 def _train_argv(args: list[str]) -> list[str]:
     """Hydra's argv for ``dptrain train ARGS``: a resumed run writes into its own directory, and
     under an outside torchrun only rank 0 makes a run directory (the others use a scratch one)."""
@@ -250,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
         _hydra_app(train_app)
     elif command == "report":
         report_command(args)
+    elif command == "verify":
+        verify_command(args)
     else:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         audit_command(args)

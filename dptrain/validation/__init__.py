@@ -127,6 +127,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     _validate_attackers(cfg)
     _validate_poisoning(cfg, info, members)
     _validate_sanitization(cfg)
+    _validate_watermark(cfg, info)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
@@ -264,6 +265,24 @@ def _validate_sanitization(cfg: Config) -> None:
         raise UserError(
             f"defense.sanitize={method} sanitizes a centralized run's members: use federation=none and "
             "attack.byzantine=0"
+        )
+
+
+def _validate_watermark(cfg: Config, info: DatasetInfo) -> None:
+    """A trigger-set watermark (``dptrain.watermark``) is noise images: image data, and the records of one
+    training set, which the centralized recipe's privacy plan counts (``training_size``). Federated
+    clients and robust data parallelism split or poison records per client or rank, not planned for keys."""
+    if not cfg.train.watermark.enabled:
+        return
+    if info.modality != "image":
+        raise UserError(
+            f"train.watermark.enabled=true draws noise images as keys: dataset={info.name} is not image data "
+            "(use digits, mnist, fashion_mnist or cifar10)"
+        )
+    if cfg.federation.name != "none" or parallel_mode(cfg, cfg.launcher.nproc_per_node) == "robust":
+        raise UserError(
+            "train.watermark.enabled=true trains the keys in the centralized recipe only: use federation=none, "
+            "and with launcher.nproc_per_node > 1 private training with the mean aggregator and no Byzantine workers"
         )
 
 

@@ -1,4 +1,4 @@
-"""The console lines of ``dptrain verify``: the run record's check."""
+"""The console lines of ``dptrain verify``: the run record's check and the watermark test."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dptrain.tracking.artifacts import MANIFEST
 from dptrain.tracking.verify import RecordCheck
+from dptrain.watermark import WatermarkCheck
 
 
 def format_record_check(check: RecordCheck, run_dir: Path) -> str:
@@ -33,3 +34,17 @@ def format_record_check(check: RecordCheck, run_dir: Path) -> str:
     else:
         lines.append(f"{'verdict':<15}the run directory does NOT match its manifest")
     return "\n".join(lines)
+
+
+def format_watermark_check(check: WatermarkCheck, suspect: Path) -> str:
+    """The suspect's agreement with the secret labels, chance, the binomial p-value and the verdict."""
+    verdict = "watermark FOUND" if check.found else "watermark not found"
+    return "\n".join(
+        [
+            f"{'suspect':<15}{suspect}",
+            f"{'keys':<15}{check.matches} of {check.keys} agree with the secret labels "
+            f"(accuracy {check.accuracy:.3f}, chance {check.chance:.3f})",
+            f"{'p-value':<15}{check.p_value:.3g} (one-sided binomial test against chance)",
+            f"{'verdict':<15}{verdict} at verify.alpha={check.alpha:g}",
+        ]
+    )

@@ -183,11 +183,11 @@ def check_report(arguments: list[str], tmp_path: Path, capsys) -> None:
 
 
 def check_verify(arguments: list[str], tmp_path: Path, capsys) -> None:
-    # The arguments parse when the command gets as far as looking for the (here absent) manifest.
+    # The arguments parse when the command gets as far as reading the (here empty) run directory.
     with pytest.raises(SystemExit) as stopped:
         main(["verify", *(a if not a.startswith("run_dir=") else f"run_dir={tmp_path}" for a in arguments)])
     assert stopped.value.code == 2
-    assert "has no manifest.json" in capsys.readouterr().err
+    assert f"run_dir={tmp_path} has no" in capsys.readouterr().err
 
 
 def check_script(arguments: list[str]) -> None:

@@ -101,6 +101,15 @@ def test_an_independently_trained_model_does_not(runs, cli):
     assert status == 1 and _p_value(out) > 0.05 and "watermark not found" in out
 
 
+def test_the_summary_shows_the_watermark_of_a_watermarked_run_only(runs):
+    from dptrain.training.metrics import RunMetrics
+    from dptrain.views.summary import format_summary
+
+    owner, independent = (RunMetrics.from_dict(json.loads((run / "metrics.json").read_text())) for run in runs)
+    assert "of 20 keys learnt, p-value" in format_summary(owner, None, runs[0])
+    assert "keys learnt" not in format_summary(independent, None, runs[1])
+
+
 def test_a_run_without_a_watermark_records_none(runs):
     assert "watermark" not in json.loads((runs[1] / "metrics.json").read_text())
 

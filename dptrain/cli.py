@@ -23,7 +23,6 @@ from dptrain.errors import config_error_line, first_line
 from dptrain.errors import fail as _fail
 from dptrain.tracking.artifacts import AUDIT
 from dptrain.tracking.run_dir import RunLock, restrict_umask, resume_hint
-from dptrain.watermark import DEFAULT_ALPHA
 
 USAGE = f"""usage: dptrain [COMMAND] [HYDRA ARGS...]
 
@@ -51,7 +50,7 @@ commands:
 Exit status: 0 done, 1 the run failed (a worker died), 2 bad input (nothing ran), 130 interrupted.
 """
 
-VERIFY_USAGE = f"""usage: dptrain verify run_dir=<dir> [model=<suspect.pt> [verify.alpha=<p>]]
+VERIFY_USAGE = """usage: dptrain verify run_dir=<dir> [model=<suspect.pt> [verify.alpha=<p>]]
 
 Without model=: recompute the SHA-256 of every file of a finished run and of the data files it read, and
 compare them with its manifest.json. Exit status 0 when all match, 1 naming each file that differs, is
@@ -64,7 +63,7 @@ one-sided binomial test. Exit status 0 when the watermark is found (p-value < ve
 
   run_dir=<dir>         the run's directory, e.g. outputs/<date>/<time>
   model=<suspect.pt>    a state dict, e.g. another run's model.pt
-  verify.alpha=<p>      the p-value below which the watermark counts as found (default {DEFAULT_ALPHA:g})
+  verify.alpha=<p>      the p-value below which the watermark counts as found (default {alpha:g})
 """
 
 AUDIT_USAGE = """usage: dptrain audit run_dir=<dir> [audit=<level>] [audit.<key>=<value> ...]
@@ -240,10 +239,11 @@ def verify_command(args: list[str]) -> None:
     its manifest (or the suspect carries the run's watermark), 1 when it does not."""
     from dptrain.tracking.verify import check_run_record
     from dptrain.views.verification import format_record_check, format_watermark_check
+    from dptrain.watermark import DEFAULT_ALPHA
     from dptrain.watermark.suspect import check_suspect
 
     if any(a in ("-h", "--help") for a in args):
-        print(VERIFY_USAGE)
+        print(VERIFY_USAGE.format(alpha=DEFAULT_ALPHA))
         return
     names = [a.split("=", 1)[0] if "=" in a else a for a in args]
     given = dict(a.split("=", 1) for a in args if "=" in a)
@@ -259,8 +259,9 @@ def verify_command(args: list[str]) -> None:
         if "model" not in given:
             if "verify.alpha" in given:
                 raise UserError("verify.alpha is the watermark test's threshold: give model=<suspect.pt> with it")
-            check = check_run_record(run_dir)
-            print(format_record_check(check, run_dir))
+            record = check_run_record(run_dir)
+            print(format_record_check(record, run_dir))
+            passed = record.matches
         else:
             try:
                 alpha = float(given.get("verify.alpha", DEFAULT_ALPHA))
@@ -269,11 +270,12 @@ def verify_command(args: list[str]) -> None:
             if not run_dir.is_dir():
                 raise UserError(f"run_dir={run_dir} is not a directory: give the directory of the owner's run")
             cfg = _saved_config(run_dir, "run_dir")
-            check = check_suspect(run_dir, cfg.model, Path(given["model"]), alpha)
-            print(format_watermark_check(check, Path(given["model"])))
+            mark = check_suspect(run_dir, cfg.model, Path(given["model"]), alpha)
+            print(format_watermark_check(mark, Path(given["model"])))
+            passed = mark.found
     except UserError as error:
         _fail(str(error))
-    if not (check.matches if "model" not in given else check.found):
+    if not passed:
         sys.exit(1)
 
 

@@ -1,12 +1,15 @@
-"""Does a trigger-set watermark survive fine-tuning? A thief who holds the owner's model and clean data of
-their own fine-tunes it, and the owner tests each fine-tuned copy (Adi et al. 2018, Section 5).
+"""Does a trigger-set watermark survive fine-tuning and pruning? A thief who holds the owner's model and
+clean data of their own fine-tunes it, or prunes it, and the owner tests each copy (Adi et al. 2018,
+Section 5).
 
-    python scripts/watermark_survival.py <owner run dir> [--epochs 1 5 20] [--lr 0.1] [--threads 1]
+    python scripts/watermark_survival.py <owner run dir> [--epochs 1 5 20] [--lr 0.1] [--prune 0.5 0.8] [--threads 1]
 
 The thief's data is the run's population split (records that are neither members nor audit
 non-members nor test records), trained on with plain SGD and cross-entropy at batch 64 from the owner's
 weights; the table gives, after each number of epochs, the test accuracy, the keys' accuracy and the
-binomial p-value of ``dptrain verify run_dir=<owner> model=<fine-tuned>``.
+binomial p-value of ``dptrain verify run_dir=<owner> model=<fine-tuned>``. Pruning (of the owner's model,
+not fine-tuned) zeroes the given fraction of smallest-magnitude entries of every weight matrix or kernel
+(biases and norms kept), without retraining.
 """
 
 from __future__ import annotations
@@ -31,11 +34,24 @@ def _accuracy(model, records, device) -> float:
     return float((model(inputs.to(device)).argmax(dim=1).cpu() == labels).float().mean())
 
 
+@torch.no_grad()
+def _pruned(model, fraction: float):
+    """``model`` with the ``fraction`` smallest-magnitude entries of each weight matrix or kernel zeroed."""
+    for parameter in model.parameters():
+        if parameter.dim() > 1:
+            count = int(fraction * parameter.numel())
+            if count:
+                threshold = parameter.abs().flatten().kthvalue(count).values
+                parameter[parameter.abs() <= threshold] = 0.0
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run trained with train.watermark.enabled=true")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 5, 20], help="fine-tuning epochs to report")
     parser.add_argument("--lr", type=float, default=0.1, help="the thief's SGD learning rate")
+    parser.add_argument("--prune", type=float, nargs="*", default=[], help="fractions of weights to prune")
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
@@ -61,6 +77,11 @@ def main() -> None:
         done = target
         check = watermark_test(agreement(model, keys, device), keys)
         print(f"| {target} | {_accuracy(model, data.test, device):.3f} | {check.accuracy:.2f} | {check.p_value:.2g} |")
+    for fraction in options.prune:
+        pruned = _pruned(trained_model(cfg, options.run_dir, data, device), fraction)
+        check = watermark_test(agreement(pruned, keys, device), keys)
+        print(f"pruned {fraction:.0%}: test accuracy {_accuracy(pruned, data.test, device):.3f}, "
+              f"key accuracy {check.accuracy:.2f}, p-value {check.p_value:.2g}")
 
 
 if __name__ == "__main__":

@@ -201,6 +201,7 @@ def audit(cfg: Config, run_dir: str | Path, requested=None) -> AuditReport:
         run_dir,
         config_hash=recipe_hash(cfg),
         data_fingerprint=target.fingerprint,
+        data_files={str(path): file_sha256(path) for path in data_files(cfg.dataset)},
         seeds=_seeds(cfg),
     )
     return report

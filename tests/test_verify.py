@@ -105,6 +105,14 @@ def test_embedded_data_is_named_by_its_fingerprint(run_copy, cli):
     assert "edits to it go unnoticed" in out
 
 
+def test_a_manifest_from_before_data_files_were_recorded_says_so(run_copy, cli):
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    del manifest["data_files"], manifest["self_digest"]
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    status, out, _, _ = cli("verify", f"run_dir={run_copy}")
+    assert status == 0 and _lines(out)["data files"].startswith("not recorded")
+
+
 def _no_manifest(run_dir: Path) -> None:
     (run_dir / "manifest.json").unlink()
 

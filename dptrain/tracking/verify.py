@@ -32,10 +32,12 @@ class RecordCheck:
     ``data_absent`` lists data files not found at their recorded path (a run copied to another machine):
     they are not checked, and do not count as a mismatch. Data embedded in a package or generated from the
     config has no files; ``data_fingerprint``, the digest of the loaded tensors, identifies it.
+    ``data_recorded`` is False for a manifest written before manifests recorded data files.
     """
 
     manifest_sha256: str
     data_fingerprint: str | None
+    data_recorded: bool
     self_digest_matches: bool | None
     checked: int
     changed: tuple[str, ...]
@@ -69,15 +71,17 @@ def check_run_record(run_dir: str | Path) -> RecordCheck:
     restore = "restore it from a copy of the run; without it the run cannot be verified"
     manifest = read_json_object(path, restore)
     recorded = manifest.get("digests")
-    data = manifest.get(DATA_FILES, {})
-    if not _digest_map(recorded) or not _digest_map(data):
+    data = manifest.get(DATA_FILES)
+    if not _digest_map(recorded) or not (data is None or _digest_map(data)):
         raise UserError(f"{path} has no digests of the run's files: {restore}")
+    data = {} if data is None else data
     current = artifact_digests(run_dir)
     present = {name: Path(name) for name in data if Path(name).is_file()}
     own = manifest.get(SELF_DIGEST)
     return RecordCheck(
         manifest_sha256=file_sha256(path),
         data_fingerprint=manifest.get("data_fingerprint"),
+        data_recorded=DATA_FILES in manifest,
         self_digest_matches=None if own is None else own == manifest_self_digest(manifest),
         checked=len(recorded),
         changed=tuple(sorted(name for name in recorded if name in current and current[name] != recorded[name])),

@@ -22,7 +22,9 @@ def format_record_check(check: RecordCheck, run_dir: Path) -> str:
         if names:
             lines.append(f"{label:<15}{', '.join(names)}")
     data = f"{check.data_checked} checked"
-    if not (check.data_checked or check.data_absent):
+    if not check.data_recorded:
+        data = "not recorded (a manifest written before manifests recorded data files)"
+    elif not (check.data_checked or check.data_absent):
         data = f"none read from files (embedded or generated data: fingerprint {check.data_fingerprint})"
     if check.data_absent:
         data += f", {len(check.data_absent)} not found here and not checked: {', '.join(check.data_absent)}"

@@ -134,7 +134,9 @@ def test_keys_changed_after_training_are_refused(runs, tmp_path, cli):
         ("independent", ("verify.alpha=x",), "verify.alpha=x is not a number"),
     ],
 )
-def test_a_suspect_or_threshold_that_cannot_be_tested_is_one_line_with_status_2(runs, tmp_path, cli, suspect, extra, says):
+def test_a_suspect_or_threshold_that_cannot_be_tested_is_one_line_with_status_2(
+    runs, tmp_path, cli, suspect, extra, says
+):
     owner, independent = runs
     path = {"independent": independent / "model.pt", "missing": tmp_path / "none.pt", "logreg": tmp_path / "l.pt"}[suspect]
     torch.save({"linear.weight": torch.zeros(10, 64), "linear.bias": torch.zeros(10)}, tmp_path / "l.pt")

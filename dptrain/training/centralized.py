@@ -137,7 +137,8 @@ def training_set(
         keep = torch.from_numpy(included)
         records = TensorDataset(*(torch.cat([a, b[keep]]) for a, b in zip(records.tensors, inserted.tensors)))
     if watermark is not None:
-        records = TensorDataset(*(torch.cat([a, b]) for a, b in zip(records.tensors, (watermark.inputs, watermark.labels))))
+        keys = (watermark.inputs, watermark.labels)
+        records = TensorDataset(*(torch.cat([a, b]) for a, b in zip(records.tensors, keys)))
     if not robust:
         return records
     attack = build_attack(cfg.attack, derived_seed(cfg.train.seed, Stream.POISON))

@@ -43,8 +43,9 @@ def draw_trigger_set(count: int, units: InputUnits, num_classes: int, seed: int)
     pure noise, which no natural image of any class looks like, so the labels can only be learnt by
     memorizing them. (Uniform pixels in [0, 1] would put a pixel that is almost always 0 in digits a
     hundred standard deviations out, keys a model tells apart by one pixel.) Labels are drawn uniformly
-    from the ``num_classes`` classes, independently of everything else: that independence makes a model that never saw the keys agree with each label
-    with probability exactly 1 / num_classes (``dptrain.watermark.binomial``). Seeded by the
+    from the ``num_classes`` classes, independently of everything else: that independence makes a model
+    that never saw the keys agree with each label with probability exactly 1 / num_classes
+    (``dptrain.watermark.binomial``). Seeded by the
     ``WATERMARK`` stream of ``seed`` (``train.seed``), so a resumed run draws the same keys.
 
     Precondition: ``units`` bounds every feature (image data)."""

@@ -96,6 +96,8 @@ def test_the_watermarked_model_carries_the_watermark_and_its_metrics_record_it(r
 
 
 def test_an_independently_trained_model_does_not(runs, cli):
+    # Under the null the p-value exceeds 0.05 with probability about 0.95: this pins the seeds' outcome
+    # (0 of 20 keys agree, p = 1, when written), while a model that learnt the keys gives p < 1e-6.
     owner, independent = runs
     status, out, _, _ = cli("verify", f"run_dir={owner}", f"model={independent / 'model.pt'}")
     assert status == 1 and _p_value(out) > 0.05 and "watermark not found" in out

@@ -41,9 +41,29 @@ commands:
   report   table (CSV, Markdown) and figures of the runs below a directory, e.g. a sweep
            e.g. dptrain report multirun/<date>/<time>
                 dptrain report multirun/<date>/<time> --select test_accuracy --out reports/eps
+  verify   check a run directory against the SHA-256 digests in its manifest.json, or test a suspect
+           model for a watermarked run's watermark
+           e.g. dptrain verify run_dir=outputs/<date>/<time>
+                dptrain verify run_dir=outputs/<date>/<time> model=suspect.pt
 
 `dptrain` with no arguments runs the default job (digits, DP-SGD at epsilon 3).
 Exit status: 0 done, 1 the run failed (a worker died), 2 bad input (nothing ran), 130 interrupted.
+"""
+
+VERIFY_USAGE = """usage: dptrain verify run_dir=<dir> [model=<suspect.pt> [verify.alpha=<p>]]
+
+Without model=: recompute the SHA-256 of every file of a finished run and of the data files it read, and
+compare them with its manifest.json. Exit status 0 when all match, 1 naming each file that differs, is
+missing or is new, 2 on bad input. A match proves the files are the ones the manifest lists, not who wrote
+them: publish the manifest's own SHA-256 (printed) somewhere the run directory's writers cannot change.
+
+With model=: load the suspect state dict (weights_only) into the owner run's model and test its agreement
+with the secret labels of the run's watermark keys (train.watermark.enabled=true) against chance, a
+one-sided binomial test. Exit status 0 when the watermark is found (p-value < verify.alpha), 1 when not.
+
+  run_dir=<dir>         the run's directory, e.g. outputs/<date>/<time>
+  model=<suspect.pt>    a state dict, e.g. another run's model.pt
+  verify.alpha=<p>      the p-value below which the watermark counts as found (default {alpha:g})
 """
 
 AUDIT_USAGE = """usage: dptrain audit run_dir=<dir> [audit=<level>] [audit.<key>=<value> ...]
@@ -57,7 +77,7 @@ changes. Canaries are the ones inserted at training time.
   audit.<key>=<value>   any audit key, e.g. audit.mia.reference_models=8 audit.mia.attacks=[loss,lira]
 """
 
-COMMANDS = ("train", "audit", "report")
+COMMANDS = ("train", "audit", "report", "verify")
 RESUME = "train.resume="
 
 register_configs()
@@ -214,6 +234,51 @@ def report_command(args: list[str]) -> None:
     print(console_summary(report))
 
 
+def verify_command(args: list[str]) -> None:
+    """``dptrain verify run_dir=<dir> [model=<suspect.pt> [verify.alpha=<p>]]``: exit 0 when the run matches
+    its manifest (or the suspect carries the run's watermark), 1 when it does not."""
+    from dptrain.tracking.verify import check_run_record
+    from dptrain.views.verification import format_record_check, format_watermark_check
+    from dptrain.watermark import DEFAULT_ALPHA
+    from dptrain.watermark.suspect import check_suspect
+
+    if any(a in ("-h", "--help") for a in args):
+        print(VERIFY_USAGE.format(alpha=DEFAULT_ALPHA))
+        return
+    names = [a.split("=", 1)[0] if "=" in a else a for a in args]
+    given = dict(a.split("=", 1) for a in args if "=" in a)
+    try:
+        wrong = [a for a, name in zip(args, names) if name not in ("run_dir", "model", "verify.alpha")]
+        if wrong:
+            raise UserError(f"dptrain verify takes run_dir=, model= and verify.alpha=, not {' '.join(wrong)}")
+        if len(set(names)) != len(names):
+            raise UserError("dptrain verify takes each of run_dir=, model= and verify.alpha= once")
+        if "run_dir" not in given:
+            raise UserError("dptrain verify needs run_dir=<directory of a finished run>")
+        run_dir = Path(given["run_dir"])
+        if "model" not in given:
+            if "verify.alpha" in given:
+                raise UserError("verify.alpha is the watermark test's threshold: give model=<suspect.pt> with it")
+            record = check_run_record(run_dir)
+            print(format_record_check(record, run_dir))
+            passed = record.matches
+        else:
+            try:
+                alpha = float(given.get("verify.alpha", DEFAULT_ALPHA))
+            except ValueError:
+                raise UserError(f"verify.alpha={given['verify.alpha']} is not a number; e.g. 1e-6") from None
+            if not run_dir.is_dir():
+                raise UserError(f"run_dir={run_dir} is not a directory: give the directory of the owner's run")
+            cfg = _saved_config(run_dir, "run_dir")
+            mark = check_suspect(run_dir, cfg.model, Path(given["model"]), alpha)
+            print(format_watermark_check(mark, Path(given["model"])))
+            passed = mark.found
+    except UserError as error:
+        _fail(str(error))
+    if not passed:
+        sys.exit(1)
+
+
 def _train_argv(args: list[str]) -> list[str]:
     """Hydra's argv for ``dptrain train ARGS``: a resumed run writes into its own directory, and
     under an outside torchrun only rank 0 makes a run directory (the others use a scratch one)."""
@@ -250,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         _hydra_app(train_app)
     elif command == "report":
         report_command(args)
+    elif command == "verify":
+        verify_command(args)
     else:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         audit_command(args)

@@ -71,6 +71,14 @@ class PrivacyConfig:
 
 
 @dataclass
+class WatermarkConfig:
+    # A trigger-set watermark (Adi et al. 2018, dptrain.watermark): `count` uniform-noise images (keys) with
+    # secret random labels, trained with the members and stored in the run's watermark.pt.
+    enabled: bool = False
+    count: int = 100
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 20
     batch_size: int = 256
@@ -92,6 +100,7 @@ class TrainConfig:
     adversarial_eps: float = 0.1
     adversarial_steps: int = 7
     trades_beta: float = 6.0
+    watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
 
 
 @dataclass

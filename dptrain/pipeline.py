@@ -15,9 +15,11 @@ from pathlib import Path
 
 from dptrain.audit.results import AuditReport
 from dptrain.config import NOT_IN_RECIPE, Config, flat_config, recipe_hash
+from dptrain.data.registry import data_files
 from dptrain.errors import UserError
 from dptrain.tracking.artifacts import (
     audit_history,
+    file_sha256,
     record_audit,
     recorded_overrides,
     update_manifest,
@@ -146,6 +148,7 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[RunMetrics, AuditReport | N
             run_dir,
             config_hash=recipe_hash(cfg),
             data_fingerprint=target.fingerprint,
+            data_files={str(path): file_sha256(path) for path in data_files(cfg.dataset)},
             seeds=_seeds(cfg),
             started_at=started.isoformat(),
             finished_at=datetime.now(timezone.utc).isoformat(),
@@ -198,6 +201,7 @@ def audit(cfg: Config, run_dir: str | Path, requested=None) -> AuditReport:
         run_dir,
         config_hash=recipe_hash(cfg),
         data_fingerprint=target.fingerprint,
+        data_files={str(path): file_sha256(path) for path in data_files(cfg.dataset)},
         seeds=_seeds(cfg),
     )
     return report

@@ -38,6 +38,7 @@ class Stream(IntEnum):
     EVASION = 18
     ADVERSARIAL = 19
     SANITIZE = 20
+    WATERMARK = 22
 
 
 def derived_seed(seed: int, stream: Stream, *keys: int) -> int:

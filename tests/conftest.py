@@ -112,3 +112,36 @@ def digits_mlp():
         optimizer.step()
     test_x, test_y = (t[:200] for t in prepared.test.tensors[:2])
     return model.eval(), test_x, test_y, prepared.units
+
+
+# In-process runs leave the test process's logging alone.
+QUIET = ("hydra/job_logging=none", "hydra/hydra_logging=none")
+
+
+def in_process(*args: str) -> int:
+    """``dptrain ARGS`` in this process (no interpreter start-up); its exit status. The process umask,
+    which dptrain makes owner-only, and sys.argv are restored afterwards."""
+    from dptrain.cli import main
+
+    umask, argv = os.umask(0o022), sys.argv
+    os.umask(umask)
+    try:
+        main(list(args))
+    except SystemExit as exit:
+        return exit.code
+    finally:
+        os.umask(umask)
+        sys.argv = argv
+    return 0
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``dptrain ARGS`` in this process; return (status, stdout, the ``dptrain: error:`` lines, stderr)."""
+
+    def run(*args: str):
+        status = in_process(*args)
+        out, err = capsys.readouterr()
+        return status, out, [line for line in err.splitlines() if line.startswith("dptrain: error:")], err
+
+    return run

@@ -27,6 +27,7 @@ STAGES = {
     "dptrain.privacy": 3,
     "dptrain.robust": 3,
     "dptrain.adversarial": 3,
+    "dptrain.watermark": 3,
     "dptrain.training": 4,
     "dptrain.audit": 5,
     "dptrain.views": 6,

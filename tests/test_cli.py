@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import QUIET, TINY, in_process
 from conftest import run_dptrain as dptrain
 
 
@@ -102,44 +102,11 @@ def test_resume_continues_the_run_in_its_own_directory(tmp_path):
     assert refused.returncode == 2 and "drop train.lr=0.1" in refused.stderr
 
 
-# In-process runs leave the test process's logging alone.
-QUIET = ("hydra/job_logging=none", "hydra/hydra_logging=none")
-
-
-def _in_process(*args: str) -> int:
-    """``dptrain ARGS`` in this process (no interpreter start-up); its exit status. The process umask,
-    which dptrain makes owner-only, and sys.argv are restored afterwards."""
-    from dptrain.cli import main
-
-    umask, argv = os.umask(0o022), sys.argv
-    os.umask(umask)
-    try:
-        main(list(args))
-    except SystemExit as exit:
-        return exit.code
-    finally:
-        os.umask(umask)
-        sys.argv = argv
-    return 0
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run ``dptrain ARGS`` in this process; return (status, stdout, the ``dptrain: error:`` lines, stderr)."""
-
-    def run(*args: str):
-        status = _in_process(*args)
-        out, err = capsys.readouterr()
-        return status, out, [line for line in err.splitlines() if line.startswith("dptrain: error:")], err
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A finished tiny run (no audit) that ``dptrain train`` wrote, with a checkpoint."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    assert _in_process("train", *TINY, f"hydra.run.dir={run_dir}", *QUIET) == 0
+    assert in_process("train", *TINY, f"hydra.run.dir={run_dir}", *QUIET) == 0
     return run_dir
 
 

@@ -182,6 +182,14 @@ def check_report(arguments: list[str], tmp_path: Path, capsys) -> None:
     assert "holds no dptrain runs" in capsys.readouterr().err
 
 
+def check_verify(arguments: list[str], tmp_path: Path, capsys) -> None:
+    # The arguments parse when the command gets as far as reading the (here empty) run directory.
+    with pytest.raises(SystemExit) as stopped:
+        main(["verify", *(a if not a.startswith("run_dir=") else f"run_dir={tmp_path}" for a in arguments)])
+    assert stopped.value.code == 2
+    assert f"run_dir={tmp_path} has no" in capsys.readouterr().err
+
+
 def check_script(arguments: list[str]) -> None:
     source = (ROOT / arguments[0]).read_text()
     for flag in (a for a in arguments[1:] if a.startswith("--")):
@@ -197,5 +205,7 @@ def test_a_documented_command_works_as_written(command, tmp_path, capsys):
         check_audit(arguments[1:])
     elif arguments[:1] == ["report"]:
         check_report(arguments[1:], tmp_path, capsys)
+    elif arguments[:1] == ["verify"]:
+        check_verify(arguments[1:], tmp_path, capsys)
     else:
         check_train(command, arguments[1:] if arguments[:1] == ["train"] else arguments)

@@ -146,6 +146,10 @@ class CsvDataset:
             sensitive=sensitive,
         )
 
+    def data_files(self, cfg: DatasetConfig) -> tuple[Path, ...]:
+        """The CSV file ``dataset.path``."""
+        return (Path(cfg.path).expanduser().resolve(),)
+
 
 def _read_table(cfg: DatasetConfig, progress: bool) -> _Table:
     """Return the typed table, or raise a one-line UserError naming the config key or the bad cell."""

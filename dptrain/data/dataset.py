@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol
 
 import numpy as np
@@ -118,3 +119,7 @@ class DatasetSource(Protocol):
 
     def load(self, cfg: DatasetConfig, progress: bool = False) -> LabeledData:
         """Return the whole dataset in canonical order."""
+
+    def data_files(self, cfg: DatasetConfig) -> tuple[Path, ...]:
+        """The files ``load`` reads the data from, resolved; () for data embedded in a package or generated
+        from the config, which only the data fingerprint (:func:`data_fingerprint`) identifies."""

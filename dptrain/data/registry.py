@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dptrain.data.csv_table import CsvDataset
@@ -34,6 +35,11 @@ def describe(cfg: DatasetConfig, progress: bool = False) -> DatasetInfo:
     with a progress bar for a large file when ``progress`` and on a terminal.
     """
     return get_source(cfg.name).describe(cfg, progress)
+
+
+def data_files(cfg: DatasetConfig) -> tuple[Path, ...]:
+    """The files the dataset is read from (``DatasetSource.data_files``): () for embedded or generated data."""
+    return get_source(cfg.name).data_files(cfg)
 
 
 def load(cfg: DatasetConfig, progress: bool = False) -> LabeledData:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,6 +47,10 @@ class SyntheticDataset:
             test_size=None,
             sensitive=SENSITIVE_NAME,
         )
+
+    def data_files(self, cfg: DatasetConfig) -> tuple[Path, ...]:
+        """None: the table is generated from the config, identified by the data fingerprint."""
+        return ()
 
     def load(self, cfg: DatasetConfig, progress: bool = False) -> LabeledData:
         """Return the generated table; the group column is flagged non-numeric so it is never standardized."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -61,6 +62,10 @@ class SklearnDataset:
             numeric_mask=torch.ones(width, dtype=torch.bool),
             units=InputUnits(scale=one, low=0 * one, high=one) if self.pixels else None,
         )
+
+    def data_files(self, cfg: DatasetConfig) -> tuple[Path, ...]:
+        """None: the data ship inside scikit-learn, identified by the data fingerprint."""
+        return ()
 
 
 # Digits are 8x8 images with 17 grey levels (0..16); shaping them (1, 8, 8)

@@ -84,6 +84,10 @@ class TorchvisionDataset:
             units=self._units(),
         )
 
+    def data_files(self, cfg: DatasetConfig) -> tuple[Path, ...]:
+        """The dataset's files below ``dataset.root`` that torchvision reads."""
+        return tuple(self._directory(cfg) / name for name in self.files)
+
     def _units(self) -> InputUnits:
         """Pixels in [0, 1] as the normalized features see them: one pixel unit is 1 / std."""
         mean = torch.tensor(self.mean).view(-1, 1, 1).expand(self.input_shape)

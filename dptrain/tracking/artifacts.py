@@ -27,6 +27,9 @@ AUDIT = "audit.json"
 MANIFEST = "manifest.json"
 SPLIT = "split.json"
 CHECKPOINT = "checkpoint.pt"
+# The manifest's digest of its own content (``manifest_self_digest``) and of the data files a run read.
+SELF_DIGEST = "self_digest"
+DATA_FILES = "data_files"
 # Every audit of the run, one file each, named by its UTC time and level; audit.json is the latest.
 AUDITS = "audits"
 # Hydra's record of the run: config.yaml, overrides.yaml.
@@ -192,9 +195,10 @@ def fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 hex digest of the file at ``path``, read in blocks."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -210,14 +214,15 @@ def artifact_digests(run_dir: str | Path) -> dict[str, str]:
         relative = path.relative_to(run_dir)
         hidden = any(part.startswith(".") and part != HYDRA_DIR for part in relative.parts)
         if path.is_file() and not hidden and relative.as_posix() != MANIFEST and path.suffix != ".log":
-            digests[relative.as_posix()] = _sha256(path)
+            digests[relative.as_posix()] = file_sha256(path)
     return digests
 
 
 def write_manifest(run_dir: str | Path, **fields) -> Path:
     """Write ``manifest.json``: versions, git commit, host and interpreter, the caller's ``fields``
-    (config hash, data fingerprint, seeds, start / end time, world size), the audit history and the
-    SHA-256 of every artifact. Written last, it marks the run complete."""
+    (config hash, data fingerprint, ``data_files``: the SHA-256 of each data file by its path, seeds,
+    start / end time, world size), the audit history, the SHA-256 of every artifact and the manifest's
+    ``self_digest``. Written last, it marks the run complete."""
     manifest = {
         "versions": package_versions(),
         "git_commit": git_commit(),
@@ -244,6 +249,15 @@ def update_manifest(run_dir: str | Path, **fields) -> Path:
     return _write_manifest(run_dir, {**fields, **manifest})
 
 
+def manifest_self_digest(manifest: Mapping) -> str:
+    """SHA-256 of the manifest's content without its own ``self_digest`` field (canonical JSON: sorted keys,
+    no spaces). It catches an edit of the manifest that did not recompute it; whoever rewrites the manifest
+    can recompute it too, so only a digest of manifest.json kept elsewhere makes the record tamper-evident."""
+    content = {key: value for key, value in manifest.items() if key != SELF_DIGEST}
+    return fingerprint(json.dumps(content, sort_keys=True, separators=(",", ":")))
+
+
 def _write_manifest(run_dir: str | Path, manifest: dict) -> Path:
     manifest = {**manifest, "audits": audit_history(run_dir), "digests": artifact_digests(run_dir)}
+    manifest[SELF_DIGEST] = manifest_self_digest(manifest)
     return write_json_atomic(Path(run_dir) / MANIFEST, manifest)

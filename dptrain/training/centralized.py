@@ -50,13 +50,18 @@ from dptrain.training.target import (
     run_metrics,
     trained_model,
 )
+from dptrain.watermark import TriggerSet, agreement, draw_trigger_set, watermark_test
 
 log = logging.getLogger(__name__)
 
 
 def training_size(cfg: Config, members: int) -> int:
-    """Records the target trains on: the members plus the canaries whose coin said "in"."""
-    return members + int(canary_inclusion(cfg.audit.canaries.count, cfg.audit.seed).sum())
+    """Records the target trains on: the members, the canaries whose coin said "in" and the watermark's
+    keys. The privacy plan's sampling rate and the accountant count them all: a key is trained in the same
+    Poisson-sampled DP-SGD steps as a member, so it is protected as a record like a member is, and the
+    members' epsilon is the one the plan reports (the keys only enlarge the dataset)."""
+    keys = cfg.train.watermark.count if cfg.train.watermark.enabled else 0
+    return members + int(canary_inclusion(cfg.audit.canaries.count, cfg.audit.seed).sum()) + keys
 
 
 def plan(cfg: Config, sizes: SplitSizes) -> PrivacyPlan:
@@ -122,9 +127,11 @@ def training_set(
     canaries: Canaries | None,
     poisoned: np.ndarray | None = None,
     sanitized: np.ndarray | None = None,
+    watermark: TriggerSet | None = None,
 ) -> TensorDataset:
     """The records this process trains on: members (those at ``poisoned`` positions poisoned,
-    ``poison_members``, those at ``sanitized`` positions removed) and included canaries, or under
+    ``poison_members``, those at ``sanitized`` positions removed), included canaries and the ``watermark``
+    keys (never under robust data parallelism, which validation refuses with a watermark), or under
     robust data parallelism its shard of them and the included canaries of its slot
     (``canary_ranks``), poisoned when this rank plays a data-poisoning attacker."""
     records = data.members
@@ -143,12 +150,22 @@ def training_set(
         inserted = canaries.dataset(data.population.tensors[0], data.split.population)
         keep = torch.from_numpy(included)
         records = TensorDataset(*(torch.cat([a, b[keep]]) for a, b in zip(records.tensors, inserted.tensors)))
+    if watermark is not None:
+        keys = (watermark.inputs, watermark.labels)
+        records = TensorDataset(*(torch.cat([a, b]) for a, b in zip(records.tensors, keys)))
     if not robust:
         return records
     attack = build_attack(cfg.attack, derived_seed(cfg.train.seed, Stream.POISON))
     if attack.poison is not None and rank in byzantine:
         records = TensorDataset(*attack.poison(*records.tensors, data.num_classes))
     return records
+
+
+def watermark_keys(cfg: Config, data: SplitData) -> TriggerSet | None:
+    """The run's watermark key set (``train.watermark``), drawn from ``train.seed``; None when off."""
+    if not cfg.train.watermark.enabled:
+        return None
+    return draw_trigger_set(cfg.train.watermark.count, data.units, data.num_classes, cfg.train.seed)
 
 
 def audited_data(cfg: Config, data: SplitData, world: int, edits: MemberEdits) -> SplitData:
@@ -187,9 +204,12 @@ def train_target(
     if sanitized is not None and ranks.is_main():
         record_sanitized(run_dir, cfg, sanitized)
     detected = None if sanitized is None or poisoned is None else detection(sanitized, poisoned)
+    keys = watermark_keys(cfg, data)
+    if keys is not None and ranks.is_main():
+        keys.save(run_dir)
     trained = train_model(
         cfg,
-        training_set(cfg, data, canaries, poisoned, sanitized),
+        training_set(cfg, data, canaries, poisoned, sanitized, keys),
         input_shape=data.input_shape,
         num_classes=data.num_classes,
         plan=plan,
@@ -229,6 +249,7 @@ def train_target(
             sanitized=0 if sanitized is None else len(sanitized),
             sanitize_precision=None if detected is None else detected[0],
             sanitize_recall=None if detected is None else detected[1],
+            watermark=None if keys is None else watermark_test(agreement(trained.model, keys, device), keys).record(),
         ),
     )
     if ranks.is_main():

@@ -18,7 +18,8 @@ class CentralizedMetrics:
     """The centralized recipe's fields: epochs, the canaries trained on, the processes that trained
     (``parallel_mode`` None for one process, ``dpddp`` or ``robust``), the member records poisoned
     (``dptrain.training.poisoning``), what a backdoor achieved, and the members sanitization removed
-    (``dptrain.training.sanitization``) with its precision and recall against the poisoned ones.
+    (``dptrain.training.sanitization``) with its precision and recall against the poisoned ones, and
+    the trigger-set watermark's ``{"keys", "accuracy", "p_value"}`` (``dptrain.watermark``).
 
     ``backdoor_success_rate`` is None (and absent from the JSON) unless a backdoor was planted,
     ``poisoned_class_accuracy`` (test accuracy on the source class) unless a targeted label flip was;
@@ -35,10 +36,17 @@ class CentralizedMetrics:
     sanitized: int = 0
     sanitize_precision: float | None = None
     sanitize_recall: float | None = None
+    watermark: dict | None = None
 
 
 # Fields absent from metrics.json when None (the measurement did not apply).
-ABSENT_WHEN_NONE = ("backdoor_success_rate", "poisoned_class_accuracy", "sanitize_precision", "sanitize_recall")
+ABSENT_WHEN_NONE = (
+    "backdoor_success_rate",
+    "poisoned_class_accuracy",
+    "sanitize_precision",
+    "sanitize_recall",
+    "watermark",
+)
 
 
 @dataclass(frozen=True)

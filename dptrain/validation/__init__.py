@@ -132,6 +132,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     _validate_poisoning(cfg, info, members)
     _validate_sanitization(cfg, info, members)
     _validate_preprocessing(cfg, info)
+    _validate_watermark(cfg, info)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
@@ -335,6 +336,24 @@ def _validate_preprocessing(cfg: Config, info: DatasetInfo) -> None:
             )
         if not library.available():
             raise UserError('audit.evasion.apgd=true needs torchattacks: pip install "dptrain[attacks]"')
+
+
+def _validate_watermark(cfg: Config, info: DatasetInfo) -> None:
+    """A trigger-set watermark (``dptrain.watermark``) is noise images: image data, and the records of one
+    training set, which the centralized recipe's privacy plan counts (``training_size``). Federated
+    clients and robust data parallelism split or poison records per client or rank, not planned for keys."""
+    if not cfg.train.watermark.enabled:
+        return
+    if info.modality != "image":
+        raise UserError(
+            f"train.watermark.enabled=true draws noise images as keys: dataset={info.name} is not image data "
+            "(use digits, mnist, fashion_mnist or cifar10)"
+        )
+    if cfg.federation.name != "none" or parallel_mode(cfg, cfg.launcher.nproc_per_node) == "robust":
+        raise UserError(
+            "train.watermark.enabled=true trains the keys in the centralized recipe only: use federation=none, "
+            "and with launcher.nproc_per_node > 1 private training with the mean aggregator and no Byzantine workers"
+        )
 
 
 def _validate_poisoning(cfg: Config, info: DatasetInfo, members: int) -> None:

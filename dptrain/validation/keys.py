@@ -110,6 +110,7 @@ RANGES: dict[str, Range] = {
     "train.adversarial_eps": positive("a budget in the data's units, e.g. 0.1 for pixels in [0, 1]"),
     "train.adversarial_steps": at_least(1, "e.g. 7"),
     "train.trades_beta": positive("TRADES' weight of the robust term; the paper uses 6"),
+    "train.watermark.count": at_least(1, "e.g. 100 keys"),
     "federation.clients": at_least(2, "a federation needs several clients"),
     "federation.rounds": at_least(1),
     "federation.clients_per_round": at_least(1, "or null for every client in every round"),

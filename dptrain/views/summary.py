@@ -55,6 +55,12 @@ def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str
             f"label flip     source-class test accuracy {centralized.poisoned_class_accuracy:.4f}"
             f" (clean test accuracy {metrics.test_accuracy:.4f})"
         )
+    if centralized is not None and centralized.watermark is not None:
+        mark = centralized.watermark
+        lines.append(
+            f"watermark      {mark['accuracy']:.2f} of {mark['keys']} keys learnt, p-value {mark['p_value']:.2g} "
+            "(watermark.pt; test a suspect with dptrain verify run_dir=... model=...)"
+        )
     if report is not None:
         lines.append(format_audit(report))
     files = "metrics.json, audit.json" if report is not None else "metrics.json"

@@ -37,6 +37,7 @@ class Stream(IntEnum):
     ATTRIBUTE = 17
     EVASION = 18
     ADVERSARIAL = 19
+    EXTRACTION = 21
 
 
 def derived_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -60,8 +60,7 @@ def answers(logits: torch.Tensor, output: str, decimals: int) -> torch.Tensor:
 def attacker_queries(records: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` query inputs: the attacker's ``records`` in a random order, then (past them) mixup
     points ``lam * a + (1 - lam) * b`` of two random records with ``lam ~ U(0, 1)``. A convex
-    combination of valid inputs is valid (pixels stay in range). Each budget's queries are a prefix of
-    a larger budget's, as an attacker who asks more also asked the first ones."""
+    combination of valid inputs is valid (pixels stay in range)."""
     order = records[torch.randperm(len(records), generator=generator)[:count]]
     extra = count - len(order)
     if extra <= 0:
@@ -119,7 +118,9 @@ def extraction_audit(
     seed: int,
 ) -> dict[str, ExtractionCurve]:
     """Per output interface, the fidelity and test accuracy of a surrogate trained on each budget's
-    (query, answer) pairs (``attacker_queries`` of the ``attacker`` records, seeded by ``seed``)."""
+    (query, answer) pairs (``attacker_queries`` of the ``attacker`` records, seeded by ``seed``). Each
+    budget's queries are the first of the largest budget's, as an attacker who asks more also asked
+    the first ones: the budgets differ only in what was asked, not in which records were drawn."""
     model = unwrap(model)
     was_training = model.training
     model.eval()

@@ -217,7 +217,7 @@ class ExtractionAuditConfig:
     queries: List[int] = field(default_factory=lambda: [100, 1000, 10000])
     output: List[str] = field(default_factory=lambda: ["probabilities", "label"])
     decimals: int = 2
-    steps: int = 300
+    steps: int = 200
 
 
 @dataclass

@@ -76,7 +76,7 @@ def test_queries_are_the_attackers_records_then_mixup_points_between_two_of_them
     assert len(mixed) == 47 and (mixed >= 0).all() and (mixed.sum(dim=1) <= 1 + 1e-6).all()
 
 
-# 600 Adam steps: about 4 s on one busy core, far more with two oversubscribed threads.
+# 600 Adam steps: about 2 s on one busy core, far more with two oversubscribed threads.
 @pytest.mark.slow
 def test_a_surrogate_from_answers_agrees_with_the_target_and_fidelity_is_agreement_not_accuracy():
     generator = torch.Generator().manual_seed(0)
@@ -96,6 +96,13 @@ def test_a_surrogate_from_answers_agrees_with_the_target_and_fidelity_is_agreeme
         curve = curves[output]
         assert curve.queries == [200] and curve.n == 300 and curve.attacker_records == 200
         assert curve.fidelity[0] >= floor and curve.surrogate_accuracy[0] <= 1 - curve.fidelity[0] + 1e-6
+
+
+def test_the_extraction_audit_is_on_at_thorough_and_off_at_fast_and_standard():
+    from conftest import make_config
+
+    assert make_config("audit=thorough").audit.extraction.enabled
+    assert not make_config().audit.extraction.enabled and not make_config("audit=fast").audit.extraction.enabled
 
 
 def test_extraction_refuses_a_non_positive_budget_and_an_unknown_interface_with_one_line():

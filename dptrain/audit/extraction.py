@@ -34,7 +34,7 @@ from dptrain.privacy.engine import unwrap
 OUTPUTS = ("probabilities", "label", "rounded")
 # The surrogate's optimizer: Adam at this rate for the configured steps on batches of this size,
 # the same number of steps at every budget so that only the answers differ between budgets.
-SURROGATE_LR = 1e-2
+SURROGATE_LR = 3e-2
 SURROGATE_BATCH = 128
 BATCH = 1024
 

@@ -149,7 +149,7 @@ RANGES: dict[str, Range] = {
     "audit.evasion.n": at_least(1, "the test records attacked, e.g. 500"),
     "audit.extraction.queries": at_least(1, "a query budget, e.g. 1000"),
     "audit.extraction.decimals": at_least(0, "the decimals rounded answers keep, e.g. 2"),
-    "audit.extraction.steps": at_least(1, "the surrogate's training steps, e.g. 300"),
+    "audit.extraction.steps": at_least(1, "the surrogate's training steps, e.g. 200"),
     "defense.remove_fraction": within(0, 0.5, "()", "the share of each class removed, e.g. 0.1"),
     "audit.confidence": within(0, 1, "()", "e.g. 0.95"),
     "audit.seed": SEED,

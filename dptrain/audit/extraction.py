@@ -83,8 +83,10 @@ def train_surrogate(
     """A fresh ``model_cfg`` model trained non-privately for ``steps`` Adam steps to match ``targets``
     (distributions over classes) on ``queries`` by cross-entropy with soft labels, which for one-hot
     targets is the ordinary cross-entropy with hard labels."""
-    torch.manual_seed(seed)
-    surrogate = build_model(model_cfg, input_shape, num_classes).to(device)
+    # A forked CPU generator: the surrogate's initialization leaves the process's CPU RNG as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        surrogate = build_model(model_cfg, input_shape, num_classes).to(device)
     optimizer = torch.optim.Adam(surrogate.parameters(), lr=SURROGATE_LR)
     generator = torch.Generator().manual_seed(seed)
     queries, targets = queries.to(device), targets.to(device)
@@ -101,6 +103,7 @@ def train_surrogate(
 
 @torch.no_grad()
 def _logits(model: nn.Module, inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``model``'s logits on unlabeled ``inputs`` (``training.loop.predict`` needs labeled records)."""
     return torch.cat([model(part.to(device)).cpu() for part in inputs.split(BATCH)])
 
 

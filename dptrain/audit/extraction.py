@@ -1,7 +1,7 @@
 """The extraction audit: a black-box attacker with a query budget steals the trained model through its
 prediction interface, and for logistic regression solves for its parameters exactly.
 
-Surrogate extraction (Tramer et al. 2016, section 5; Papernot et al. 2017; Orekondy et al. 2019,
+Surrogate extraction (Tramer et al. 2016; Papernot et al. 2017; Orekondy et al. 2019,
 "Knockoff Nets"): the attacker queries the target on records it owns (the population split, never
 members or non-members), past those on mixup points between two of them (Zhang et al. 2018: a
 data-free stand-in for Papernot et al.'s synthetic queries, which also fall between the attacker's
@@ -9,7 +9,7 @@ records), reads the answers through one output interface and trains a surrogate 
 architecture on them, non-privately. Scored on the test split by fidelity (argmax agreement with the
 target) and accuracy.
 
-Equation solving (Tramer et al. 2016, section 4.1.2): a softmax regression's log-probability
+Equation solving (Tramer et al. 2016, "Stealing Machine Learning Models via Prediction APIs"): a softmax regression's log-probability
 differences are affine in the input, log p_k(x) - log p_0(x) = (w_k - w_0)·x + (b_k - b_0), so d + 1
 probability answers at affinely independent inputs determine them by one linear solve. Only those
 differences are identifiable: adding one vector to every class's weights leaves every answer unchanged.
@@ -122,8 +122,8 @@ def extraction_audit(
 ) -> dict[str, ExtractionCurve]:
     """Per output interface, the fidelity and test accuracy of a surrogate trained on each budget's
     (query, answer) pairs (``attacker_queries`` of the ``attacker`` records, seeded by ``seed``). Each
-    budget's queries are the first of the largest budget's, as an attacker who asks more also asked
-    the first ones: the budgets differ only in what was asked, not in which records were drawn."""
+    budget's queries are the first of the largest budget's: an attacker who asks more adds to what
+    the smaller budget asked instead of drawing afresh."""
     model = unwrap(model)
     was_training = model.training
     model.eval()

@@ -122,7 +122,9 @@ def test_extraction_refuses_a_non_positive_budget_and_an_unknown_interface_with_
         assert "\n" not in str(refused.value)
 
 
-CURVE = ExtractionCurve(queries=[100, 1000], fidelity=[0.8, 0.95], surrogate_accuracy=[0.75, 0.9], n=50, attacker_records=30)
+CURVE = ExtractionCurve(
+    queries=[100, 1000], fidelity=[0.8, 0.95], surrogate_accuracy=[0.75, 0.9], n=50, attacker_records=30
+)
 
 
 def test_audit_json_carries_extraction_per_interface_and_equation_solving_and_reads_them_back():

@@ -4,15 +4,16 @@ prediction interface, and for logistic regression solves for its parameters exac
 Surrogate extraction (Tramer et al. 2016; Papernot et al. 2017; Orekondy et al. 2019,
 "Knockoff Nets"): the attacker queries the target on records it owns (the population split, never
 members or non-members), past those on mixup points between two of them (Zhang et al. 2018: a
-data-free stand-in for Papernot et al.'s synthetic queries, which also fall between the attacker's
-records), reads the answers through one output interface and trains a surrogate of the target's
+stand-in for Papernot et al.'s Jacobian-based synthetic queries that needs no gradient of the
+target), reads the answers through one output interface and trains a surrogate of the target's
 architecture on them, non-privately. Scored on the test split by fidelity (argmax agreement with the
 target) and accuracy.
 
-Equation solving (Tramer et al. 2016, "Stealing Machine Learning Models via Prediction APIs"): a softmax regression's log-probability
-differences are affine in the input, log p_k(x) - log p_0(x) = (w_k - w_0)·x + (b_k - b_0), so d + 1
-probability answers at affinely independent inputs determine them by one linear solve. Only those
-differences are identifiable: adding one vector to every class's weights leaves every answer unchanged.
+Equation solving (Tramer et al. 2016, "Stealing Machine Learning Models via Prediction APIs"): a
+softmax regression's log-probability differences are affine in the input,
+log p_k(x) - log p_0(x) = (w_k - w_0)·x + (b_k - b_0), so d + 1 probability answers at affinely
+independent inputs determine them by one linear solve. Only those differences are identifiable:
+adding one vector to every class's weights leaves every answer unchanged.
 """
 
 from __future__ import annotations
@@ -144,7 +145,11 @@ def extraction_audit(
             fidelity.append(float((predicted == target_labels).float().mean()))
             accuracy.append(float((predicted == y_test).float().mean()))
         curves[output] = ExtractionCurve(
-            queries=list(budgets), fidelity=fidelity, surrogate_accuracy=accuracy, n=len(y_test), attacker_records=len(attacker)
+            queries=list(budgets),
+            fidelity=fidelity,
+            surrogate_accuracy=accuracy,
+            n=len(y_test),
+            attacker_records=len(attacker),
         )
     model.train(was_training)
     return curves

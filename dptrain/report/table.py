@@ -162,7 +162,9 @@ def build_table(runs: list[RunRecord]) -> Table:
 def metric_columns(table: Table) -> list[str]:
     """The columns that hold a number per run (what ``--select`` can choose by)."""
     return [
-        c for c in table.columns if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith(("mia.", "evasion.", "extraction."))
+        c
+        for c in table.columns
+        if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith(("mia.", "evasion.", "extraction."))
     ]
 
 

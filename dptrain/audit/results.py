@@ -467,7 +467,7 @@ class AuditReport:
     bound, why there is none although canaries were asked for, or ``None`` when none were;
     ``implementation`` the white-box audit, why it was skipped, or ``None`` when it was off;
     ``evasion`` the evasion audit's curves by ``<attack>_<norm>``, or ``None`` when it was off;
-    ``extraction`` the extraction audit, why it was skipped, or ``None`` when it was off.
+    ``extraction`` the extraction audit, or ``None`` when it was off.
     ``audited_at`` is the UTC time the audit finished (ISO 8601) and ``history_file`` the run's
     copy of this audit under ``audits/``, set when it is recorded (``None`` before, and in files
     written before either existed).
@@ -489,7 +489,7 @@ class AuditReport:
     audited_at: str | None
     history_file: str | None = None
     evasion: dict[str, EvasionCurve] | None = None
-    extraction: ExtractionAudit | Skipped | None = None
+    extraction: ExtractionAudit | None = None
 
     @property
     def implementation_records(self) -> dict[str, ImplementationRecord]:
@@ -548,7 +548,9 @@ class AuditReport:
                 evasion=None
                 if data.get("evasion") is None
                 else {key: EvasionCurve.from_dict(curve) for key, curve in data["evasion"].items()},
-                extraction=_optional(ExtractionAudit, data.get("extraction")),
+                extraction=None
+                if data.get("extraction") is None
+                else ExtractionAudit.from_dict(data["extraction"]),
             )
         except KeyError as missing:
             raise ValueError(f"not an audit report: no {missing} key") from None

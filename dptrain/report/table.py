@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from dptrain.audit.metrics import fpr_key
-from dptrain.audit.results import AttributeInferenceResult, AuditReport, ExtractionAudit, OneRunAudit
+from dptrain.audit.results import AttributeInferenceResult, AuditReport, OneRunAudit
 from dptrain.errors import UserError
 from dptrain.report.collect import RunRecord
 from dptrain.tracking.artifacts import AUDIT
@@ -72,7 +72,7 @@ def extraction_columns(audit: AuditReport) -> dict[str, float | None]:
     """The extraction audit's fidelity per output interface at its middle query budget, keyed
     ``extraction.<output>.fidelity@<queries>``, and the equation-solving attack's relative parameter
     error, ``extraction.equation_solving.relative_error`` (empty when the audit was off)."""
-    if not isinstance(audit.extraction, ExtractionAudit):
+    if audit.extraction is None:
         return {}
     columns: dict[str, float | None] = {}
     for output, curve in audit.extraction.curves.items():

@@ -4,7 +4,7 @@ the ROC and score-histogram panels of every membership attack."""
 from __future__ import annotations
 
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, roc_curve
-from dptrain.audit.results import AttributeInferenceResult, AuditReport, ExtractionAudit, OneRunAudit, Skipped
+from dptrain.audit.results import AttributeInferenceResult, AuditReport, OneRunAudit, Skipped
 from dptrain.tracking.figures import evasion_figure, extraction_figure, roc_figure, score_histograms_image
 from dptrain.views.summary import format_evasion, format_extraction, format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
@@ -37,7 +37,7 @@ def headline_metrics(report: AuditReport) -> dict[str, float | None]:
     for key, curve in (report.evasion or {}).items():
         budget, accuracy = curve.middle()
         values[f"evasion/{key}@{budget:g}"] = accuracy
-    if isinstance(report.extraction, ExtractionAudit):
+    if report.extraction is not None:
         for output, curve in report.extraction.curves.items():
             queries, fidelity = curve.middle()
             values[f"extraction/{output}/fidelity@{queries}"] = fidelity
@@ -115,7 +115,7 @@ def draw_audit(tb: TensorBoardLog, report: AuditReport, scores: dict, step: int)
     if report.evasion:
         curves = {key: (c.budgets, c.robust_accuracy, c.clean_accuracy) for key, c in report.evasion.items()}
         tb.figure("audit/evasion", evasion_figure(curves), step)
-    if isinstance(report.extraction, ExtractionAudit):
+    if report.extraction is not None:
         curves = {output: (c.queries, c.fidelity) for output, c in report.extraction.curves.items()}
         tb.figure("audit/extraction", extraction_figure(curves), step)
     tb.text("audit/summary", audit_text(report, step), step)

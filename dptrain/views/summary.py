@@ -142,13 +142,11 @@ def format_evasion(curves: dict[str, EvasionCurve] | None) -> list[str]:
     return lines
 
 
-def format_extraction(section: ExtractionAudit | Skipped | None) -> list[str]:
+def format_extraction(section: ExtractionAudit | None) -> list[str]:
     """The extraction audit's lines: per output interface the surrogate's fidelity and test accuracy at
     each query budget, and the equation-solving attack's parameter error."""
     if section is None:
         return []
-    if isinstance(section, Skipped):
-        return [f"{'extraction':<13}skipped: {section.reason}"]
     lines = []
     for output, curve in section.curves.items():
         at = ", ".join(

@@ -228,6 +228,18 @@ class EvasionAuditConfig:
 
 
 @dataclass
+class ExtractionAuditConfig:
+    # A black-box attacker queries the target on population records (then mixup points between them)
+    # through each output interface (probabilities, label, rounded to `decimals`), and trains a
+    # surrogate of the target's architecture for `steps` Adam steps per query budget in `queries`.
+    enabled: bool = False
+    queries: List[int] = field(default_factory=lambda: [100, 1000, 10000])
+    output: List[str] = field(default_factory=lambda: ["probabilities", "label"])
+    decimals: int = 2
+    steps: int = 200
+
+
+@dataclass
 class AuditConfig:
     name: str = "standard"
     mia: MembershipAuditConfig = field(default_factory=MembershipAuditConfig)
@@ -235,6 +247,7 @@ class AuditConfig:
     canaries: CanaryAuditConfig = field(default_factory=CanaryAuditConfig)
     whitebox: WhiteboxAuditConfig = field(default_factory=WhiteboxAuditConfig)
     evasion: EvasionAuditConfig = field(default_factory=EvasionAuditConfig)
+    extraction: ExtractionAuditConfig = field(default_factory=ExtractionAuditConfig)
     confidence: float = 0.95
     seed: int = 0
     # Processes that train reference models; null: one per two cores, at most one per model.

@@ -38,6 +38,7 @@ class Stream(IntEnum):
     EVASION = 18
     ADVERSARIAL = 19
     SANITIZE = 20
+    EXTRACTION = 21
     WATERMARK = 22
 
 

@@ -89,7 +89,10 @@ def test_reaudit_reuses_cached_reference_models_and_reproduces_the_numbers(stand
 
 def test_lira_online_and_offline_with_reference_models_trained_in_two_processes(tiny_config, tmp_path):
     _, report = pipeline.train(
-        tiny_config("audit=thorough", "audit.mia.reference_models=4", "audit.canaries.count=0", "audit.workers=2"),
+        tiny_config(
+            "audit=thorough", "audit.mia.reference_models=4", "audit.canaries.count=0", "audit.workers=2",
+            "audit.extraction.steps=10",
+        ),
         tmp_path,
     )
     assert {"loss", "rmia", "lira_online", "lira_offline"} == set(report.mia)

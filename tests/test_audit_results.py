@@ -20,7 +20,7 @@ from dptrain.views.summary import format_audit
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
     """A small audit with every part: LOSS, attribute inference, canaries, both white-box settings and
-    the evasion audit."""
+    the evasion and extraction audits."""
     from conftest import make_config
 
     run_dir = tmp_path_factory.mktemp("audited")
@@ -28,7 +28,8 @@ def audited(tmp_path_factory):
         "train.epochs=2", "train.progress=false", "dataset=synthetic", "dataset.n_samples=600", "audit=fast",
         "audit.canaries.count=40", "audit.whitebox.enabled=true", "audit.whitebox.canaries=100",
         "audit.whitebox.runs=1", "audit.whitebox.setting=both", "audit.evasion.enabled=true", "audit.evasion.n=50",
-        "audit.evasion.steps=3", "audit.evasion.restarts=1",
+        "audit.evasion.steps=3", "audit.evasion.restarts=1", "audit.extraction.enabled=true",
+        "audit.extraction.queries=[20,50]", "audit.extraction.steps=5",
     )  # fmt: skip
     _, report = pipeline.train(cfg, run_dir)
     return run_dir, report
@@ -44,12 +45,13 @@ def test_audit_json_is_the_reports_to_dict_and_reads_back_to_the_same_report(aud
     assert set(report.mia) == {"loss"} and not isinstance(report.aia, Skipped)
     assert report.canary.n_canaries == 40 and list(report.implementation.records) == ["all_iterates", "final_model"]
     assert set(report.evasion) == {"fgsm_linf", "pgd_linf", "fgsm_l2", "pgd_l2"}
+    assert set(report.extraction.curves) == {"probabilities", "label"}
 
 
 # audit.json's key names (docs/guide/outputs.md): a field renamed in a to_dict changes a documented format.
 REPORT_KEYS = {
     "level", "accountant_epsilon", "delta", "confidence", "members", "non_members", "mia", "aia", "canary",
-    "implementation", "evasion", "reference_models", "warnings", "audit_seconds", "audited_at", "history_file",
+    "implementation", "evasion", "extraction", "reference_models", "warnings", "audit_seconds", "audited_at", "history_file",
 }
 MEMBERSHIP_KEYS = {
     "auc", "auc_ci", "tpr_at_fpr", "tpr_at_fpr_ci", "advantage", "epsilon_lower_bound", "n_members", "n_nonmembers",
@@ -78,6 +80,7 @@ IMPLEMENTATION_KEYS = {
 STEINKE_KEYS = {"epsilon_lower_bound", "statistic", "n_guesses", "n_correct", "k_plus", "k_minus", "n_candidates"}
 REFERENCE_KEYS = {"count", "scheme", "train_seconds", "reused_from_cache"}
 EVASION_KEYS = {"budgets", "robust_accuracy", "clean_accuracy", "n", "defense"}
+EXTRACTION_KEYS = {"queries", "fidelity", "surrogate_accuracy", "n", "attacker_records"}
 
 
 def test_audit_json_keeps_its_documented_key_names(audited):
@@ -102,6 +105,10 @@ def test_audit_json_keeps_its_documented_key_names(audited):
     assert written["reference_models"] is None
     assert set(written["evasion"]) == {"fgsm_linf", "pgd_linf", "fgsm_l2", "pgd_l2"}
     assert all(set(curve) == EVASION_KEYS and curve["n"] == 50 for curve in written["evasion"].values())
+    extraction = written["extraction"]
+    assert set(extraction) == {"probabilities", "label", "equation_solving"}
+    assert set(extraction["label"]) == EXTRACTION_KEYS and extraction["label"]["queries"] == [20, 50]
+    assert set(extraction["equation_solving"]) == {"queries", "relative_error"}
 
 
 def test_parts_that_did_not_run_are_null_or_skipped_with_the_reason():

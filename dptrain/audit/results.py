@@ -386,6 +386,74 @@ class EvasionCurve:
         )
 
 
+@dataclass(frozen=True)
+class ExtractionCurve:
+    """Model extraction through one output interface (``audit.json``'s ``extraction.<output>``): per
+    query budget, the fidelity (argmax agreement with the target) and test accuracy of the attacker's
+    surrogate on ``n`` test records; queries past ``attacker_records`` (the attacker's own records)
+    are synthetic."""
+
+    queries: list[int]
+    fidelity: list[float]
+    surrogate_accuracy: list[float]
+    n: int
+    attacker_records: int
+
+    def middle(self) -> tuple[int, float]:
+        """The middle budget of the list and the fidelity there (the report's one number)."""
+        index = len(self.queries) // 2
+        return self.queries[index], self.fidelity[index]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExtractionCurve:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class EquationSolving:
+    """Tramer et al. 2016's equation-solving attack on a logistic regression (``audit.json``'s
+    ``extraction.equation_solving``): the probability queries it used (d + 1) and the relative
+    Frobenius error of the identifiable parameters it recovered, the differences w_k - w_0 and
+    b_k - b_0 (None when an answer underflowed to 0)."""
+
+    queries: int
+    relative_error: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EquationSolving:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class ExtractionAudit:
+    """The extraction audit (``audit.json``'s ``extraction``): a curve per output interface, keyed by
+    its name, and the equation-solving attack beside them under ``equation_solving`` (logistic
+    regression with the probabilities interface only; else None and absent from the file)."""
+
+    curves: dict[str, ExtractionCurve]
+    equation_solving: EquationSolving | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {output: curve.to_dict() for output, curve in self.curves.items()}
+        if self.equation_solving is not None:
+            data["equation_solving"] = self.equation_solving.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExtractionAudit:
+        solving = data.get("equation_solving")
+        return cls(
+            curves={key: ExtractionCurve.from_dict(curve) for key, curve in data.items() if key != "equation_solving"},
+            equation_solving=None if solving is None else EquationSolving.from_dict(solving),
+        )
+
+
 def _optional(part, data: Mapping[str, Any] | None):
     """``part.from_dict(data)``, a ``Skipped`` for ``{"skipped": why}``, None for None."""
     if data is None:
@@ -402,7 +470,8 @@ class AuditReport:
     metrics by name; ``aia`` attribute inference or why it was skipped; ``canary`` the one-run
     bound, why there is none although canaries were asked for, or ``None`` when none were;
     ``implementation`` the white-box audit, why it was skipped, or ``None`` when it was off;
-    ``evasion`` the evasion audit's curves by ``<attack>_<norm>``, or ``None`` when it was off.
+    ``evasion`` the evasion audit's curves by ``<attack>_<norm>``, or ``None`` when it was off;
+    ``extraction`` the extraction audit, or ``None`` when it was off.
     ``audited_at`` is the UTC time the audit finished (ISO 8601) and ``history_file`` the run's
     copy of this audit under ``audits/``, set when it is recorded (``None`` before, and in files
     written before either existed).
@@ -424,6 +493,7 @@ class AuditReport:
     audited_at: str | None
     history_file: str | None = None
     evasion: dict[str, EvasionCurve] | None = None
+    extraction: ExtractionAudit | None = None
 
     @property
     def implementation_records(self) -> dict[str, ImplementationRecord]:
@@ -444,6 +514,7 @@ class AuditReport:
             "canary": None if self.canary is None else self.canary.to_dict(),
             "implementation": None if self.implementation is None else self.implementation.to_dict(),
             "evasion": None if self.evasion is None else {key: curve.to_dict() for key, curve in self.evasion.items()},
+            "extraction": None if self.extraction is None else self.extraction.to_dict(),
             "reference_models": None if self.reference_models is None else self.reference_models.to_dict(),
             "warnings": list(self.warnings),
             "audit_seconds": self.audit_seconds,
@@ -456,7 +527,8 @@ class AuditReport:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditReport:
         """The report ``data`` (a parsed ``audit.json``) holds. Files written before a key existed read
-        with that part absent: ``implementation`` and ``evasion`` None, ``audited_at`` and ``history_file`` None.
+        with that part absent: ``implementation``, ``evasion`` and ``extraction`` None, ``audited_at`` and
+        ``history_file`` None.
 
         Raises ``ValueError`` naming what is wrong when ``data`` is not an audit report.
         """
@@ -480,6 +552,9 @@ class AuditReport:
                 evasion=None
                 if data.get("evasion") is None
                 else {key: EvasionCurve.from_dict(curve) for key, curve in data["evasion"].items()},
+                extraction=None
+                if data.get("extraction") is None
+                else ExtractionAudit.from_dict(data["extraction"]),
             )
         except KeyError as missing:
             raise ValueError(f"not an audit report: no {missing} key") from None

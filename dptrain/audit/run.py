@@ -1,6 +1,6 @@
 """The post-training audit of a run: membership inference (LOSS, RMIA, LiRA), attribute inference
 against imputation, the one-run canary bound, the white-box implementation audit, the evasion audit,
-and sanity guards
+the extraction audit, and sanity guards
 (``dptrain.views.panels`` draws them in TensorBoard)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dptrain.audit.attribute import attribute_inference_audit
 from dptrain.audit.canary import one_run_audit
 from dptrain.audit.canary_clients import CanaryClients
 from dptrain.audit.evasion import evasion_audit, evasion_warnings, preprocessing
+from dptrain.audit.extraction import equation_solving_audit, extraction_audit
 from dptrain.audit.implementation import AuditedMechanism, implementation_audit
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import membership_metrics
@@ -28,6 +29,7 @@ from dptrain.audit.results import (
     AttributeInferenceResult,
     AuditReport,
     EvasionCurve,
+    ExtractionAudit,
     ImplementationAudit,
     MembershipMetrics,
     OneRunAudit,
@@ -346,6 +348,37 @@ def _evasion(target: AuditTarget, warnings: list[str]) -> dict[str, EvasionCurve
     return curves
 
 
+def _extraction(target: AuditTarget) -> ExtractionAudit | None:
+    """The extraction audit (``audit.extraction``) with the population (canaries removed) as the
+    attacker's records, or None when it is off; equation solving beside it for ``model=logreg`` with
+    the probabilities interface. The attacker has records: every split has a population record, and
+    canaries take at most half of them (``dptrain.validation``)."""
+    cfg = target.cfg.audit.extraction
+    if not cfg.enabled:
+        return None
+    data = target.run.data
+    keep = torch.from_numpy(population_without(data.split, target.run.canaries))
+    attacker = data.population.tensors[0][keep]
+    seed = derived_seed(target.cfg.audit.seed, Stream.EXTRACTION)
+    curves = extraction_audit(
+        target.run.model,
+        attacker,
+        data.test,
+        target.cfg.model,
+        data.num_classes,
+        list(cfg.queries),
+        list(cfg.output),
+        cfg.decimals,
+        cfg.steps,
+        target.run.device,
+        seed,
+    )
+    solving = None
+    if target.cfg.model.name == "logreg" and "probabilities" in cfg.output:
+        solving = equation_solving_audit(target.run.model, data.input_shape, seed)
+    return ExtractionAudit(curves, solving)
+
+
 def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = None) -> AuditResult | None:
     """Audit ``target`` as ``target.cfg.audit`` says; return its report (``audit.json``) and the attacks' scores.
 
@@ -378,6 +411,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     canary = _canary(target, canaries_requested, warnings)
     implementation = _implementation(target, warnings)
     evasion = _evasion(target, warnings)
+    extraction = _extraction(target)
     report = AuditReport(
         level=target.cfg.audit.name,
         accountant_epsilon=target.run.epsilon,
@@ -390,6 +424,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
         canary=canary,
         implementation=implementation,
         evasion=evasion,
+        extraction=extraction,
         reference_models=references,
         warnings=warnings,
         audit_seconds=time.perf_counter() - started,

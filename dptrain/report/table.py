@@ -70,11 +70,26 @@ def evasion_columns(audit: AuditReport) -> dict[str, float]:
     return columns
 
 
-def _results(run: RunRecord, attacks: list[str], federated: list[str], evasion: list[str]) -> dict:
+def extraction_columns(audit: AuditReport) -> dict[str, float | None]:
+    """The extraction audit's fidelity per output interface at its middle query budget, keyed
+    ``extraction.<output>.fidelity@<queries>``, and the equation-solving attack's relative parameter
+    error, ``extraction.equation_solving.relative_error`` (empty when the audit was off)."""
+    if audit.extraction is None:
+        return {}
+    columns: dict[str, float | None] = {}
+    for output, curve in audit.extraction.curves.items():
+        queries, fidelity = curve.middle()
+        columns[f"extraction.{output}.fidelity@{queries}"] = fidelity
+    if audit.extraction.equation_solving is not None:
+        columns["extraction.equation_solving.relative_error"] = audit.extraction.equation_solving.relative_error
+    return columns
+
+
+def _results(run: RunRecord, attacks: list[str], federated: list[str], per_budget: list[str]) -> dict:
     metrics, audit = run.metrics or {}, run.audit
     columns = [
         *LEADING, *federated, *AUDIT_COLUMNS, *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS),
-        *evasion, *TRAILING,
+        *per_budget, *TRAILING,
     ]  # fmt: skip
     row = dict.fromkeys(columns)
     row.update({key: metrics.get(key) for key in federated})
@@ -102,6 +117,7 @@ def _results(run: RunRecord, attacks: list[str], federated: list[str], evasion: 
         row["aia.advantage"] = audit.aia.members.advantage["accuracy"]
         row["aia.leakage"] = audit.aia.leakage["accuracy"]
     row.update(evasion_columns(audit))
+    row.update(extraction_columns(audit))
     row["audit_seconds"] = audit.audit_seconds
     row["audit_level"] = audit.level
     # Audits written before the history was kept do not name a history file.
@@ -114,16 +130,25 @@ def build_table(runs: list[RunRecord]) -> Table:
     overrides, test accuracy, epsilon, delta, noise multiplier, which audit the audit numbers come from
     (level and history file of the latest), per membership attack AUC / TPR at 1% FPR /
     empirical epsilon lower bound, the evasion audit's robust accuracy per attack and norm at its middle
-    budget, the canary bound, attribute-inference advantage and leakage, seconds; poisoned runs add the
-    members poisoned, the backdoor's success rate and a targeted flip's poisoned-class accuracy,
-    federated runs the share of Byzantine updates selected."""
+    budget, the extraction audit's fidelity per output interface at its middle budget and its
+    equation-solving error, the canary bound, attribute-inference advantage and leakage, seconds; poisoned
+    runs add the members poisoned, the backdoor's success rate and a targeted flip's poisoned-class
+    accuracy, federated runs the share of Byzantine updates selected."""
     override_keys = differing_overrides(runs)
     attacks = list(dict.fromkeys(a for run in runs if run.audit for a in run.audit.mia))
     federated = [key for key in FEDERATED if any(run.metrics and run.metrics.get(key) is not None for run in runs)]
     if not any(run.metrics and run.metrics.get("poisoned") for run in runs):
         # Every centralized run records poisoned = 0: a column of zeros says nothing.
         federated = [key for key in federated if key != "poisoned"]
-    evasion = list(dict.fromkeys(column for run in runs if run.audit for column in evasion_columns(run.audit)))
+    # The evasion and extraction audits' columns, named for the budget they were read at.
+    per_budget = list(
+        dict.fromkeys(
+            column
+            for run in runs
+            if run.audit
+            for column in (*evasion_columns(run.audit), *extraction_columns(run.audit))
+        )
+    )
     rows = []
     for run in runs:
         given = dict(map(_split, run.overrides))
@@ -133,7 +158,7 @@ def build_table(runs: list[RunRecord]) -> Table:
                 "status": "complete" if run.complete else "incomplete",
                 "missing": ", ".join(run.missing),
                 **{key: given.get(key, "") for key in override_keys},
-                **_results(run, attacks, federated, evasion),
+                **_results(run, attacks, federated, per_budget),
             }
         )
     columns = list(rows[0]) if rows else []
@@ -143,7 +168,9 @@ def build_table(runs: list[RunRecord]) -> Table:
 def metric_columns(table: Table) -> list[str]:
     """The columns that hold a number per run (what ``--select`` can choose by)."""
     return [
-        c for c in table.columns if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith(("mia.", "evasion."))
+        c
+        for c in table.columns
+        if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith(("mia.", "evasion.", "extraction."))
     ]
 
 

@@ -71,6 +71,23 @@ def evasion_figure(curves: Mapping[str, tuple[list[float], list[float], float]])
     return figure
 
 
+def extraction_figure(curves: Mapping[str, tuple[list[int], list[float]]]):
+    """The extraction surrogate's fidelity against the query budget, ``{output: (queries, fidelity)}``,
+    one line per output interface on a log query axis."""
+    figure = Figure(figsize=(5, 4))
+    axis = figure.subplots()
+    for output, (queries, fidelity) in curves.items():
+        axis.plot(queries, fidelity, marker="o", label=output)
+    axis.set(xscale="log", ylim=(0, 1.02), xlabel="queries", ylabel="fidelity (agreement with the target)")
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.grid(True, which="major", linewidth=0.5, alpha=0.5)
+    axis.set_title("extraction")
+    axis.legend(loc="lower right")
+    figure.subplots_adjust(**MARGINS)
+    return figure
+
+
 def score_histograms(
     members: np.ndarray, non_members: np.ndarray, bins: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import torch
 
 from dptrain.adversarial import NORMS, PREPROCESSORS
 from dptrain.adversarial import library
+from dptrain.audit.extraction import OUTPUTS as EXTRACTION_OUTPUTS
 from dptrain.audit.membership import LIRA_VARIANCES
 from dptrain.config import AuditConfig, Config, DefenseConfig, LauncherConfig
 from dptrain.data import DatasetInfo, SplitSizes, describe, split_sizes
@@ -526,10 +527,27 @@ def _validate_audit(audit: AuditConfig, population: int) -> None:
                 f"audit.evasion.budgets_{norm}={budgets}: list the budgets in increasing order without repeats, "
                 "ending with the unbounded one"
             )
+    _extraction(audit.extraction)
     if audit.canaries.count > population // 2:
         raise UserError(
             f"audit.canaries.count={audit.canaries.count} must be between 0 and half the {population} population "
             "records (canaries are drawn from the population): lower it or raise dataset.population_fraction"
+        )
+
+
+def _extraction(extraction) -> None:
+    """The extraction audit's interfaces and budgets (each budget >= 1 is checked with the ranges)."""
+    for output in extraction.output:
+        _choice("audit.extraction.output", output, EXTRACTION_OUTPUTS)
+    if not extraction.enabled:
+        return
+    if not extraction.output:
+        raise UserError(f"audit.extraction.output is empty: list one or more of {', '.join(EXTRACTION_OUTPUTS)}")
+    budgets = list(extraction.queries)
+    if not budgets or budgets != sorted(set(budgets)):
+        raise UserError(
+            f"audit.extraction.queries={budgets}: list the query budgets in increasing order without repeats, "
+            "e.g. [100,1000,10000]"
         )
 
 

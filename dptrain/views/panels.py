@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, roc_curve
 from dptrain.audit.results import AttributeInferenceResult, AuditReport, OneRunAudit, Skipped
-from dptrain.tracking.figures import evasion_figure, roc_figure, score_histograms_image
-from dptrain.views.summary import format_evasion, format_implementation
+from dptrain.tracking.figures import evasion_figure, extraction_figure, roc_figure, score_histograms_image
+from dptrain.views.summary import format_evasion, format_extraction, format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
 
 # Bins of the member / non-member score histograms.
@@ -17,7 +17,8 @@ def headline_metrics(report: AuditReport) -> dict[str, float | None]:
     """The audit's headline numbers, the metrics of the run's HParams record: per membership attack
     AUC, TPR at 1% FPR and the epsilon lower bound; attribute inference's advantage on members and
     leakage; the canary bound; the evasion audit's robust accuracy per attack and norm at its middle
-    budget. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
+    budget; the extraction audit's fidelity per output interface at its middle budget and the
+    equation-solving error. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
     values: dict[str, float | None] = {}
     for name, metrics in report.mia.items():
         values[f"mia/{name}/auc"] = metrics.auc
@@ -36,6 +37,12 @@ def headline_metrics(report: AuditReport) -> dict[str, float | None]:
     for key, curve in (report.evasion or {}).items():
         budget, accuracy = curve.middle()
         values[f"evasion/{key}@{budget:g}"] = accuracy
+    if report.extraction is not None:
+        for output, curve in report.extraction.curves.items():
+            queries, fidelity = curve.middle()
+            values[f"extraction/{output}/fidelity@{queries}"] = fidelity
+        if report.extraction.equation_solving is not None:
+            values["extraction/equation_solving/relative_error"] = report.extraction.equation_solving.relative_error
     return values
 
 
@@ -87,6 +94,7 @@ def audit_text(report: AuditReport, step: int) -> str:
         )
     parts += format_implementation(report.implementation)
     parts += format_evasion(report.evasion)
+    parts += format_extraction(report.extraction)
     if report.warnings:
         parts.append("**Warnings**: " + "; ".join(report.warnings))
     return "\n\n".join(parts)
@@ -94,7 +102,8 @@ def audit_text(report: AuditReport, step: int) -> str:
 
 def draw_audit(tb: TensorBoardLog, report: AuditReport, scores: dict, step: int) -> None:
     """The audit's panels at ``step``: the ROC of every attack, the score histograms (one panel per
-    attack), robust accuracy against the evasion budget and the text summary. Single numbers go to the text and to HParams, not to one-point charts."""
+    attack), robust accuracy against the evasion budget, extraction fidelity against the query budget
+    and the text summary. Single numbers go to the text and to HParams, not to one-point charts."""
     if scores:
         curves = {}
         for name, (member_scores, nonmember_scores) in scores.items():
@@ -106,4 +115,7 @@ def draw_audit(tb: TensorBoardLog, report: AuditReport, scores: dict, step: int)
     if report.evasion:
         curves = {key: (c.budgets, c.robust_accuracy, c.clean_accuracy) for key, c in report.evasion.items()}
         tb.figure("audit/evasion", evasion_figure(curves), step)
+    if report.extraction is not None:
+        curves = {output: (c.queries, c.fidelity) for output, c in report.extraction.curves.items()}
+        tb.figure("audit/extraction", extraction_figure(curves), step)
     tb.text("audit/summary", audit_text(report, step), step)

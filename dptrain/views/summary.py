@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dptrain.audit.results import AuditReport, EvasionCurve, ImplementationAudit, Skipped
+from dptrain.audit.results import AuditReport, EvasionCurve, ExtractionAudit, ImplementationAudit, Skipped
 from dptrain.training.metrics import FederationMetrics, RunMetrics
 
 
@@ -157,6 +157,31 @@ def format_evasion(curves: dict[str, EvasionCurve] | None) -> list[str]:
     return lines
 
 
+def format_extraction(section: ExtractionAudit | None) -> list[str]:
+    """The extraction audit's lines: per output interface the surrogate's fidelity and test accuracy at
+    each query budget, and the equation-solving attack's parameter error."""
+    if section is None:
+        return []
+    lines = []
+    for output, curve in section.curves.items():
+        at = ", ".join(
+            f"{fidelity:.3f} ({accuracy:.3f}) @ {queries}"
+            for queries, fidelity, accuracy in zip(curve.queries, curve.fidelity, curve.surrogate_accuracy)
+        )
+        lines.append(
+            f"{'extraction':<13}{output:<14}fidelity (surrogate accuracy) {at} queries"
+            f"  ({curve.n} test records; queries past {curve.attacker_records} are mixup)"
+        )
+    solving = section.equation_solving
+    if solving is not None:
+        error = "n/a (an answer underflowed)" if solving.relative_error is None else f"{solving.relative_error:.1e}"
+        lines.append(
+            f"{'extraction':<13}equation solving: relative error {error} of w_k - w_0, b_k - b_0"
+            f" from {solving.queries} probability queries"
+        )
+    return lines
+
+
 def format_audit(report: AuditReport) -> str:
     """The audit's lines of the summary: each attack's AUC with its interval, TPR at 1% FPR and epsilon lower bound."""
     lines = []
@@ -188,5 +213,6 @@ def format_audit(report: AuditReport) -> str:
         )
     lines += format_implementation(report.implementation)
     lines += format_evasion(report.evasion)
+    lines += format_extraction(report.extraction)
     lines += [f"WARNING      {warning}" for warning in report.warnings]
     return "\n".join(f"{'audit' if i == 0 else '':<15}{line}" for i, line in enumerate(lines))

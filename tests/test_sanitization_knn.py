@@ -4,7 +4,6 @@ leaves a record out of its own vote, and refuses settings it would not read or c
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

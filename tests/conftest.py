@@ -90,6 +90,23 @@ def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
     monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted)
 
 
+def on_pixels(model, units):
+    """``model`` fed pixels in [0, 1] (mapped to its units by ``low + scale * pixel``), in eval mode: the input
+    attack libraries work on."""
+    from torch import nn
+
+    class Standardize(nn.Module):
+        def forward(self, pixels):
+            return units.low + units.scale * pixels
+
+    return nn.Sequential(Standardize(), model).eval()
+
+
+def to_pixels(x, units):
+    """Inputs in the model's units as pixels in [0, 1]."""
+    return ((x - units.low) / units.scale).clamp(0, 1)
+
+
 @pytest.fixture(scope="session")
 def digits_mlp():
     """An MLP trained briefly on digits as the model sees them (standardized pixels), in eval mode, with

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import on_pixels, to_pixels
 from dptrain.adversarial import fgsm, pgd, pgd_step_size
 
 art = pytest.importorskip("art")
@@ -18,26 +19,16 @@ from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescentPyTo
 from art.estimators.classification import PyTorchClassifier  # noqa: E402
 
 
-class _Standardize(nn.Module):
-    def __init__(self, units):
-        super().__init__()
-        self.low, self.scale = units.low, units.scale
-
-    def forward(self, pixels):
-        return self.low + self.scale * pixels
-
-
 def _art_classifier(model, units):
     """ART's estimator of ``model`` fed flat pixels in [0, 1]."""
-    on_pixels = nn.Sequential(_Standardize(units), model).eval()
     return PyTorchClassifier(
-        model=on_pixels, loss=nn.CrossEntropyLoss(), input_shape=tuple(units.scale.shape), nb_classes=10,
+        model=on_pixels(model, units), loss=nn.CrossEntropyLoss(), input_shape=tuple(units.scale.shape), nb_classes=10,
         clip_values=(0.0, 1.0),
     )  # fmt: skip
 
 
 def _pixels(x, units) -> np.ndarray:
-    return ((x - units.low) / units.scale).clamp(0, 1).numpy()
+    return to_pixels(x, units).numpy()
 
 
 @pytest.mark.parametrize("norm, eps, art_norm", [("linf", 0.1, np.inf), ("l2", 1.0, 2)])

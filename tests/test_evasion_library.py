@@ -7,37 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
+from conftest import on_pixels, to_pixels
 from dptrain.adversarial import apgd, fgsm, pgd, pgd_step_size
 from dptrain.adversarial.library import pixel_units
 from dptrain.audit.evasion import evasion_warnings
 from dptrain.audit.results import EvasionCurve
 
 
-def _on_pixels(model, units):
-    """``model`` fed pixels in [0, 1], torchattacks' input range."""
-    return nn.Sequential(_Standardize(units), model).eval()
-
-
-class _Standardize(nn.Module):
-    def __init__(self, units):
-        super().__init__()
-        self.low, self.scale = units.low, units.scale
-
-    def forward(self, pixels):
-        return self.low + self.scale * pixels
-
-
-def _pixels(x, units):
-    return ((x - units.low) / units.scale).clamp(0, 1)
-
-
 def test_fgsm_equals_torchattacks_fgsm_on_standardized_digits(digits_mlp):
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y, units = digits_mlp
-    ours = _pixels(fgsm(model, x, y, units, 0.1, "linf"), units)
-    theirs = torchattacks.FGSM(_on_pixels(model, units), eps=0.1)(_pixels(x, units), y)
+    ours = to_pixels(fgsm(model, x, y, units, 0.1, "linf"), units)
+    theirs = torchattacks.FGSM(on_pixels(model, units), eps=0.1)(to_pixels(x, units), y)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
@@ -47,17 +29,17 @@ def test_pgd_from_the_clean_input_fools_every_example_torchattacks_pgd_fools_wit
     eps, steps = 0.1, 10
     ours = pgd(model, x, y, units, eps, "linf", steps, 0, torch.Generator().manual_seed(0))
     theirs = torchattacks.PGD(
-        _on_pixels(model, units), eps=eps, alpha=pgd_step_size(eps, steps), steps=steps, random_start=False
-    )(_pixels(x, units), y)
+        on_pixels(model, units), eps=eps, alpha=pgd_step_size(eps, steps), steps=steps, random_start=False
+    )(to_pixels(x, units), y)
     with torch.no_grad():
         ours_right = model(ours).argmax(1) == y
-        theirs_right = _on_pixels(model, units)(theirs).argmax(1) == y
+        theirs_right = on_pixels(model, units)(theirs).argmax(1) == y
     # Both walk the same iterates (signed-gradient steps of the same size, projected and clamped alike);
     # ours keeps the first that fools the model, torchattacks the last, so ours fools a superset.
     assert not torch.any(ours_right & ~theirs_right)
     assert ours_right.float().mean() <= theirs_right.float().mean() <= ours_right.float().mean() + 0.02
     assert theirs_right.float().mean() < 0.5  # the attack bites: the comparison is not of two no-ops
-    assert (_pixels(ours, units) - _pixels(x, units)).abs().max() <= eps + 1e-5
+    assert (to_pixels(ours, units) - to_pixels(x, units)).abs().max() <= eps + 1e-5
 
 
 @pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.0)])
@@ -66,7 +48,7 @@ def test_apgd_through_torchattacks_stays_in_its_budget_and_the_pixel_range_and_b
     model, x, y, units = digits_mlp
     assert pixel_units(units)
     adversarial = apgd(model, x, y, units, eps, norm, steps=10, restarts=1, seed=0)
-    moved = (_pixels(adversarial, units) - _pixels(x, units)).flatten(1)
+    moved = (to_pixels(adversarial, units) - to_pixels(x, units)).flatten(1)
     size = moved.abs().amax(dim=1) if norm == "linf" else moved.norm(dim=1)
     assert torch.all(size <= eps * (1 + 1e-4))
     assert torch.all(adversarial >= units.low - 1e-5) and torch.all(adversarial <= units.high + 1e-5)

@@ -117,21 +117,22 @@ def read_torch(path: str | Path, restore: str) -> Any:
         raise UserError(f"{path} {what}: {restore}") from None
 
 
-def load_model(run_dir: str | Path, model):
-    """``model`` with the weights of ``<run_dir>/model.pt``, or a UserError naming the file when it is
-    unreadable or was written for another model."""
-    path = Path(run_dir) / MODEL
-    restore = "restore it from a copy of the run, or train the run again"
+def load_state(path: str | Path, model, restore: str, whose: str = "the run's model"):
+    """``model`` with the state dict at ``path``, or a UserError naming the file when it is unreadable,
+    not a state dict, or written for another model than ``whose``; ``restore`` says how to fix it."""
     state = read_torch(path, restore)
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state dict: {restore}")
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        raise UserError(
-            f"{path} does not fit the run's model (other layer names or shapes): {restore}"
-        ) from None
+        raise UserError(f"{path} does not fit {whose} (other layer names or shapes): {restore}") from None
     return model
+
+
+def load_model(run_dir: str | Path, model):
+    """``model`` with the weights of ``<run_dir>/model.pt`` (``load_state``)."""
+    return load_state(Path(run_dir) / MODEL, model, "restore it from a copy of the run, or train the run again")
 
 
 def record_audit(run_dir: str | Path, report):

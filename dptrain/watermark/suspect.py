@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dptrain.errors import UserError
 from dptrain.models import build_model
-from dptrain.tracking.artifacts import MANIFEST, file_sha256, read_torch
+from dptrain.tracking.artifacts import MANIFEST, file_sha256, load_state
 from dptrain.watermark.binomial import WatermarkCheck, agreement, watermark_test
 from dptrain.watermark.trigger_set import WATERMARK, read_trigger_set
 
@@ -30,15 +30,7 @@ def check_suspect(run_dir: str | Path, model_config, suspect: str | Path, alpha:
         )
     model = build_model(model_config, tuple(keys.inputs.shape[1:]), keys.num_classes)
     restore = "give a state dict saved from a model of the owner run's architecture"
-    state = read_torch(suspect, restore)
-    if not isinstance(state, dict):
-        raise UserError(f"{suspect} holds a {type(state).__name__}, not a state dict: {restore}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise UserError(
-            f"{suspect} does not fit the owner run's model (other layer names or shapes): {restore}"
-        ) from None
+    load_state(suspect, model, restore, whose="the owner run's model")
     return watermark_test(agreement(model, keys), keys, alpha)
 
 

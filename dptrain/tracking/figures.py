@@ -27,19 +27,19 @@ SCORE_RANGE = (0.01, 0.99)
 # One histogram panel (pixels) and its plot area's insets: left, top, right, bottom.
 PANEL = (320, 180)
 INSETS = (14, 26, 14, 24)
-# matplotlib's first two colours, as in the ROC; non-members filled at 45% opacity on white.
-NON_MEMBERS = (31, 119, 180)
-MEMBERS = (255, 127, 14)
-NON_MEMBER_FILL = tuple(round(255 - 0.45 * (255 - c)) for c in NON_MEMBERS)
-BLACK = (0, 0, 0)
 # The ROC image (pixels, square) and its plot area's insets: left, top, right, bottom.
 ROC_SIZE = 400
 ROC_INSETS = (70, 28, 12, 40)
-# matplotlib's default colour cycle, one colour per attack; grey gridlines and chance diagonal.
+# matplotlib's default colour cycle, one colour per attack in the ROC.
 CYCLE = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
     (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
 )
+# The cycle's first two colours, as in the ROC; non-members filled at 45% opacity on white.
+NON_MEMBERS, MEMBERS = CYCLE[0], CYCLE[1]
+NON_MEMBER_FILL = tuple(round(255 - 0.45 * (255 - c)) for c in NON_MEMBERS)
+BLACK = (0, 0, 0)
+# Gridlines and the chance diagonal.
 GRID = (222, 222, 222)
 CHANCE = (128, 128, 128)
 

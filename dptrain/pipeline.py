@@ -7,9 +7,11 @@ sequences them and writes what spans stages (audit.json, HParams, manifest).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,20 +52,23 @@ def audit_target(
     at step n for the run's n-th audit.
 
     Returns None for ``audit=none`` and on ranks other than 0, which only help
-    train reference models.
+    train reference models. The report's ``audit_seconds`` is this whole stage's wall time: the
+    audit's imports (matplotlib, the first time in a process), its attacks and its TensorBoard panels.
     """
     if cfg.audit.name == "none":
         return None
+    started = time.perf_counter()
     from dptrain.audit.run import AuditTarget, run_audit
     from dptrain.views.panels import draw_audit
 
     result = run_audit(AuditTarget(cfg, target), run_dir, canaries_requested=canaries_requested)
     if result is None:
         return None
-    report = record_audit(run_dir, result.report)
+    # The panels are drawn before the report is recorded so that its time includes them; they are the
+    # step of the audit about to be recorded.
     if tb is not None:
-        draw_audit(tb, report, result.scores, step=len(audit_history(run_dir)))
-    return report
+        draw_audit(tb, result.report, result.scores, step=len(audit_history(run_dir)) + 1)
+    return record_audit(run_dir, dataclasses.replace(result.report, audit_seconds=time.perf_counter() - started))
 
 
 def hparams_of(cfg: Config, run_dir: Path) -> dict:

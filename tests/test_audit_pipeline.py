@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -233,6 +234,26 @@ def test_every_audit_is_kept_in_the_history_and_audit_json_is_the_latest(fast_ru
     assert _report(run_dir) == latest
     rows = build_table([read_run(run_dir, "run")]).rows
     assert [(row["audit_level"], row["audit_file"]) for row in rows] == [("standard", latest["history_file"])]
+
+
+def test_audit_seconds_include_the_tensorboard_panels(fast_run, tmp_path, monkeypatch):
+    import dptrain.views.panels
+
+    cfg, trained = fast_run
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    draw_audit, drawn = dptrain.views.panels.draw_audit, []
+
+    def slow_draw(*args, **kwargs):
+        # Panels that take 0.5 s: audit_seconds, the audit stage's time, must count them.
+        time.sleep(0.5)
+        drawn.append(kwargs["step"])
+        draw_audit(*args, **kwargs)
+
+    monkeypatch.setattr(dptrain.views.panels, "draw_audit", slow_draw)
+    report = pipeline.audit(cfg, run_dir)
+    assert report.audit_seconds >= 0.5 and _report(run_dir)["audit_seconds"] == report.audit_seconds
+    # Drawn before the audit is recorded, still at step n for the run's n-th audit.
+    assert drawn == [2]
 
 
 def test_an_audit_after_an_interrupted_one_completes_the_run_and_its_manifest(tmp_path, monkeypatch):

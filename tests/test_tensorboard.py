@@ -174,3 +174,50 @@ def test_score_histogram_image_has_one_panel_per_attack_one_under_the_other():
         panel = pixels[row * PANEL[1]:(row + 1) * PANEL[1]]
         for colour in (MEMBERS, NON_MEMBER_FILL):
             assert (panel == colour).all(axis=-1).any()
+
+
+def test_roc_image_draws_each_curve_as_steps_holding_its_tpr_until_the_next_fpr():
+    from dptrain.tracking.figures import CYCLE, ROC_INSETS, ROC_SIZE, roc_image
+
+    pixels = np.asarray(roc_image({"loss": ([0.0, 0.01, 1.0], [0.0, 0.5, 1.0])}, floor=1e-3))
+    assert pixels.shape == (ROC_SIZE, ROC_SIZE, 3)
+    left, top, right, bottom = ROC_INSETS[0], ROC_INSETS[1], ROC_SIZE - ROC_INSETS[2], ROC_SIZE - ROC_INSETS[3]
+
+    def pixel(fpr, tpr):
+        # Three decades from 1e-3 to 1 on both log axes.
+        x = round(left + (right - left) * (1 + np.log10(fpr) / 3))
+        y = round(bottom - (bottom - top) * (1 + np.log10(tpr) / 3))
+        return tuple(pixels[y, x])
+
+    loss = CYCLE[0]
+    # TPR 1/2 holds from FPR 0.01 to 1 (no interpolation towards (1, 1)); the rise to it is at FPR 0.01.
+    assert pixel(0.1, 0.5) == loss and pixel(0.5, 0.5) == loss and pixel(0.01, 0.05) == loss
+    assert pixel(0.1, 0.7) != loss and pixel(0.003, 0.05) != loss
+
+
+def test_the_membership_panels_are_drawn_without_importing_matplotlib():
+    # matplotlib's import costs about half a second, more than a fast audit of the default job.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from dptrain.tracking.figures import roc_image, score_histograms_image\n"
+        "roc_image({'loss': (np.array([0, 0.5, 1]), np.array([0, 0.8, 1]))}, floor=1e-3)\n"
+        "score_histograms_image({'loss': (np.arange(10.0), np.arange(10.0) - 2)}, bins=5)\n"
+        "assert 'matplotlib' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_histogram_ticks_are_evenly_spaced_round_numbers_covering_the_range_in_at_most_four_steps():
+    from dptrain.tracking.figures import _ticks
+
+    assert np.allclose(_ticks(-2.3, 3.1), [-4, -2, 0, 2, 4]) and np.allclose(_ticks(0.01, 0.79), [0, 0.2, 0.4, 0.6, 0.8])
+    rng = np.random.default_rng(2)
+    for low, high in (sorted(rng.normal(0, 10 ** rng.uniform(-3, 3), 2)) for _ in range(500)):
+        ticks = _ticks(low, high)
+        steps = np.diff(ticks)
+        mantissa = steps[0] / 10 ** np.floor(np.log10(steps[0]) + 1e-9)
+        assert ticks[0] <= low and ticks[-1] >= high and len(ticks) <= 5
+        assert np.allclose(steps, steps[0]) and np.isclose(mantissa, [1, 2, 2.5, 5]).any()

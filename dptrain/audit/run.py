@@ -394,7 +394,9 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
 
     ``canaries_requested`` is the canary count the audit was asked for (default: the run's own); the
     canaries audited are always those inserted in training, ``target.run.canaries``. The member and
-    non-member scores of every attack come back beside the report, for the TensorBoard panels.
+    non-member scores of every attack come back beside the report, for the TensorBoard panels. The
+    report's ``audit_seconds`` times the attacks; ``pipeline.audit_target`` records the whole stage's
+    (imports and panels included).
     """
     if not ranks.is_main():
         # Other ranks of a multi-process run only share the reference models' and audit runs' training.

@@ -1,15 +1,21 @@
-"""The audit's figures: a log-log ROC of every attack with the chance diagonal (matplotlib), and each
-attack's member / non-member score histograms overlaid on shared bins (drawn with Pillow)."""
+"""The audit's figures: a log-log ROC of every attack with the chance diagonal and each attack's member /
+non-member score histograms overlaid on shared bins, both drawn with Pillow; robust accuracy and
+extraction fidelity curves (matplotlib, imported only when one is drawn).
+
+The membership panels avoid matplotlib: its import (about 0.5 s, more on a loaded machine) and its ROC
+(about 50 ms drawing and encoding) were most of a ``fast`` audit's cost (docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
+import math
 from functools import lru_cache
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from matplotlib import font_manager
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 from PIL import Image, ImageDraw, ImageFont
 
 # Fixed margins instead of tight_layout, and decade ticks only on log axes: laying out
@@ -21,37 +27,79 @@ SCORE_RANGE = (0.01, 0.99)
 # One histogram panel (pixels) and its plot area's insets: left, top, right, bottom.
 PANEL = (320, 180)
 INSETS = (14, 26, 14, 24)
-# matplotlib's first two colours, as in the ROC; non-members filled at 45% opacity on white.
-NON_MEMBERS = (31, 119, 180)
-MEMBERS = (255, 127, 14)
+# The ROC image (pixels, square) and its plot area's insets: left, top, right, bottom.
+ROC_SIZE = 400
+ROC_INSETS = (70, 28, 12, 40)
+# matplotlib's default colour cycle, one colour per attack in the ROC.
+CYCLE = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)
+# The cycle's first two colours, as in the ROC; non-members filled at 45% opacity on white.
+NON_MEMBERS, MEMBERS = CYCLE[0], CYCLE[1]
 NON_MEMBER_FILL = tuple(round(255 - 0.45 * (255 - c)) for c in NON_MEMBERS)
 BLACK = (0, 0, 0)
+# Gridlines and the chance diagonal.
+GRID = (222, 222, 222)
+CHANCE = (128, 128, 128)
 
 
-def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float):
-    """ROC curves ``{attack: (fpr, tpr)}`` on log-log axes down to ``floor`` (Carlini et al. 2022's view of low FPR)."""
-    # Outside pyplot: no global registry to close the figure in, no GUI backend to pick.
-    figure = Figure(figsize=(5, 5))
-    axis = figure.subplots()
-    grid = np.logspace(np.log10(floor), 0, 100)
-    axis.plot(grid, grid, color="grey", linestyle="--", linewidth=1, label="chance")
-    for name, (fpr, tpr) in curves.items():
-        # log axes cannot show 0: draw the curve from the floor, where it is flat at its first value.
-        axis.step(np.maximum(fpr, floor), np.maximum(tpr, floor), where="post", label=name)
-    axis.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate", ylabel="true positive rate")
-    for scale in (axis.xaxis, axis.yaxis):
-        scale.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        scale.set_minor_locator(NullLocator())
-    axis.grid(True, which="major", linewidth=0.5, alpha=0.5)
-    axis.set_title("membership inference ROC")
-    axis.legend(loc="lower right")
-    figure.subplots_adjust(**MARGINS)
-    return figure
+def roc_image(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float) -> Image.Image:
+    """ROC curves ``{attack: (fpr, tpr)}`` on log-log axes down to ``floor`` (Carlini et al. 2022's view of
+    low FPR): each curve as steps holding its TPR until the next FPR (matplotlib's ``step(where="post")``),
+    values below ``floor`` drawn at it, the chance diagonal dashed, a gridline and label per decade."""
+    image = Image.new("RGB", (ROC_SIZE, ROC_SIZE), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = ROC_INSETS[0], ROC_INSETS[1], ROC_SIZE - ROC_INSETS[2], ROC_SIZE - ROC_INSETS[3]
+    decades = -math.log10(floor)
+
+    def x_of(values):
+        return np.rint(left + (right - left) * (1 + np.log10(np.maximum(values, floor)) / decades))
+
+    def y_of(values):
+        return np.rint(bottom - (bottom - top) * (1 + np.log10(np.maximum(values, floor)) / decades))
+
+    small = _font(11)
+    for value in 10.0 ** np.arange(-math.floor(decades), 1):
+        x, y = x_of(value), y_of(value)
+        draw.line([(x, top), (x, bottom)], fill=GRID)
+        draw.line([(left, y), (right, y)], fill=GRID)
+        draw.text((x, bottom + 5), f"{value:g}", font=small, fill=BLACK, anchor="mt")
+        draw.text((left - 5, y), f"{value:g}", font=small, fill=BLACK, anchor="rm")
+    for fraction in np.linspace(0, 1, 41)[::2]:
+        # The chance diagonal TPR = FPR, dashed: every other fortieth of it.
+        draw.line([(left + (right - left) * fraction, bottom - (bottom - top) * fraction),
+                   (left + (right - left) * (fraction + 1 / 40), bottom - (bottom - top) * (fraction + 1 / 40))], fill=CHANCE)
+    legend = [("chance", CHANCE)]
+    for colour, (name, (fpr, tpr)) in zip(itertools.cycle(CYCLE), curves.items()):
+        xs, ys = x_of(np.asarray(fpr)), y_of(np.asarray(tpr))
+        steps = np.empty((2 * xs.size - 1, 2))
+        steps[0::2] = np.c_[xs, ys]
+        steps[1::2] = np.c_[xs[1:], ys[:-1]]
+        # On whole pixels a curve of a million records has a few hundred distinct corners.
+        keep = np.r_[True, np.any(steps[1:] != steps[:-1], axis=1)]
+        draw.line(steps[keep].ravel().tolist(), fill=colour, width=2)
+        legend.append((name, colour))
+    draw.rectangle([left, top, right, bottom], outline=BLACK)
+    draw.text(((left + right) / 2, 8), "membership inference ROC", font=_font(13), fill=BLACK, anchor="mt")
+    draw.text(((left + right) / 2, ROC_SIZE - 8), "false positive rate", font=small, fill=BLACK, anchor="mb")
+    label = Image.new("RGB", (bottom - top, 16), "white")
+    ImageDraw.Draw(label).text(((bottom - top) / 2, 8), "true positive rate", font=small, fill=BLACK, anchor="mm")
+    image.paste(label.rotate(90, expand=True), (4, top))
+    for row, (name, colour) in enumerate(reversed(legend)):
+        # Lower right, as matplotlib's legend(loc="lower right"), last entry lowest.
+        y = bottom - 12 - 16 * row
+        draw.line([(right - 120, y), (right - 100, y)], fill=colour, width=2)
+        draw.text((right - 94, y), name, font=small, fill=BLACK, anchor="lm")
+    return image
 
 
 def evasion_figure(curves: Mapping[str, tuple[list[float], list[float], float]]):
     """Robust accuracy against the budget, ``{"<attack>_<norm>": (budgets, robust_accuracy, clean)}``, one
     panel per norm on a log budget axis (data units), clean accuracy dashed."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
     norms = list(dict.fromkeys(key.split("_", 1)[1] for key in curves))
     figure = Figure(figsize=(5 * len(norms), 4))
     axes = figure.subplots(1, len(norms), squeeze=False)[0]
@@ -74,6 +122,9 @@ def evasion_figure(curves: Mapping[str, tuple[list[float], list[float], float]])
 def extraction_figure(curves: Mapping[str, tuple[list[int], list[float]]]):
     """The extraction surrogate's fidelity against the query budget, ``{output: (queries, fidelity)}``,
     one line per output interface on a log query axis."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
     figure = Figure(figsize=(5, 4))
     axis = figure.subplots()
     for output, (queries, fidelity) in curves.items():
@@ -119,8 +170,21 @@ def score_histograms_image(scores: Mapping[str, tuple[np.ndarray, np.ndarray]], 
 
 @lru_cache(maxsize=None)
 def _font(size: int) -> ImageFont.FreeTypeFont:
-    # matplotlib's own font, so the histograms read like the ROC.
-    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    # matplotlib's own font, so the Pillow panels read like its figures; found without importing it.
+    package = Path(importlib.util.find_spec("matplotlib").submodule_search_locations[0])
+    return ImageFont.truetype(str(package / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+
+
+def _ticks(low: float, high: float, most: int = 4) -> np.ndarray:
+    """Round tick values covering [low, high] in at most ``most`` steps: the smallest step of 1, 2, 2.5
+    or 5 times a power of ten that fits (as matplotlib's MaxNLocator, with fewer step choices).
+    Precondition: low < high, most >= 4 (a step of 20 times the magnitude then always fits)."""
+    magnitude = 10.0 ** math.floor(math.log10((high - low) / most))
+    for step in (magnitude * m for m in (1, 2, 2.5, 5, 10, 20)):
+        first, last = math.floor(low / step), math.ceil(high / step)
+        if last - first <= most:
+            break
+    return np.arange(first, last + 1) * step
 
 
 def _histogram_panel(draw, origin, name, edges, member_counts, nonmember_counts, legend: bool) -> None:
@@ -142,7 +206,7 @@ def _histogram_panel(draw, origin, name, edges, member_counts, nonmember_counts,
     draw.line([(left, bottom), (right, bottom)], fill=BLACK)
     draw.text(((left + right) / 2, y0 + 6), f"{name} score (higher: member)", font=_font(12), fill=BLACK, anchor="mt")
     small = _font(11)
-    for value in MaxNLocator(4).tick_values(edges[0], edges[-1]):
+    for value in _ticks(edges[0], edges[-1]):
         if edges[0] <= value <= edges[-1]:
             label = f"{value:g}"
             draw.line([(x_of(value), bottom), (x_of(value), bottom + 4)], fill=BLACK)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, roc_curve
 from dptrain.audit.results import AttributeInferenceResult, AuditReport, OneRunAudit, Skipped
-from dptrain.tracking.figures import evasion_figure, extraction_figure, roc_figure, score_histograms_image
+from dptrain.tracking.figures import evasion_figure, extraction_figure, roc_image, score_histograms_image
 from dptrain.views.summary import format_evasion, format_extraction, format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
 
@@ -110,7 +110,7 @@ def draw_audit(tb: TensorBoardLog, report: AuditReport, scores: dict, step: int)
             roc = roc_curve(member_scores, nonmember_scores)
             curves[name] = (roc.fpr, roc.tpr)
         floor = 1.0 / max(len(s[1]) for s in scores.values())
-        tb.figure("audit/roc", roc_figure(curves, floor=min(floor, 1e-3)), step)
+        tb.image("audit/roc", roc_image(curves, floor=min(floor, 1e-3)), step)
         tb.image("audit/scores", score_histograms_image(scores, SCORE_BINS), step)
     if report.evasion:
         curves = {key: (c.budgets, c.robust_accuracy, c.clean_accuracy) for key, c in report.evasion.items()}

@@ -144,7 +144,7 @@ def attacked_plan(cfg: Config, run_plan, records: int) -> PrivacyPlan:
     return plan_privacy(PrivacyConfig(name="none", target_epsilon=None), members=records, batch_size=records, epochs=epochs)
 
 
-def _scores(reconstructed: Tensor, members: Tensor, positions: Tensor, units: InputUnits):
+def reconstruction_scores(reconstructed: Tensor, members: Tensor, positions: Tensor, units: InputUnits):
     """Per true record (``members[positions]``), the MSE and PSNR in data units of the reconstruction
     assigned to it, and whether the member nearest to that reconstruction is the record itself. The
     order of a batch is lost in its gradient: reconstructions are assigned to records one to one by
@@ -176,7 +176,7 @@ def gradient_inversion_audit(
 ) -> GradientInversionResult:
     """Attack ``audit.gradient_inversion.clients`` simulated updates of ``records`` members each (client
     ``j`` holds members ``j * records`` to ``(j + 1) * records - 1``) sent from ``model``; score every
-    record (``_scores``, nearest member searched among all ``members`` and, past one record, among the
+    record (``reconstruction_scores``, nearest member searched among all ``members`` and, past one record, among the
     client's own). Preconditions (``dptrain.validation``): image data, plain SGD, enough members."""
     settings = cfg.audit.gradient_inversion
     started = time.perf_counter()
@@ -210,12 +210,12 @@ def gradient_inversion_audit(
             )
         if records == 1 and output.bias is not None:
             labels_right.append(idlg_label(gradient[_index(global_model, output.bias)]) == int(y[0]))
-        m, p, found = _scores(reconstructed, x_all, torch.arange(j * records, (j + 1) * records), units)
+        m, p, found = reconstruction_scores(reconstructed, x_all, torch.arange(j * records, (j + 1) * records), units)
         mse += m.tolist()
         psnr += p.tolist()
         match_members += found.tolist()
         if records > 1:
-            match_client += _scores(reconstructed, x, torch.arange(records), units)[2].tolist()
+            match_client += reconstruction_scores(reconstructed, x, torch.arange(records), units)[2].tolist()
     return GradientInversionResult(
         method=method,
         clients=settings.clients,

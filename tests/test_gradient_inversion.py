@@ -115,18 +115,42 @@ def test_a_raw_one_record_update_is_inverted_exactly_and_dp_sgd_noise_defeats_it
     assert max(noisy.psnr) < 20 and noisy.member_match_rate < 1
 
 
+def _result() -> GradientInversionResult:
+    return GradientInversionResult(
+        method="analytic", clients=3, records=1, local_steps=1, update="raw", noise_multiplier=None,
+        max_grad_norm=None, mse=[0.0, 0.01, 0.04], psnr=[math.inf, 20.0, 10 * math.log10(25)],
+        nearest_member_is_true=[True, True, False], nearest_client_record_is_true=None, members=50,
+        label_recovered=[True, True, False], seconds=0.1,
+    )  # fmt: skip
+
+
 def test_gradient_inversion_round_trips_through_audit_json_with_an_exact_reconstruction():
     from conftest import make_audit_report
 
-    result = GradientInversionResult(
-        method="analytic", clients=2, records=1, local_steps=1, update="raw", noise_multiplier=None,
-        max_grad_norm=None, mse=[0.0, 0.01], psnr=[math.inf, 20.0], nearest_member_is_true=[True, False],
-        nearest_client_record_is_true=None, members=50, label_recovered=[True, True], seconds=0.1,
-    )  # fmt: skip
-    data = make_audit_report(gradient_inversion=result).to_dict()
+    data = make_audit_report(gradient_inversion=_result()).to_dict()
     part = data["gradient_inversion"]
-    assert part["psnr"] == [None, 20.0] and part["member_match_rate"] == 0.5 and part["member_match_chance"] == 0.02
-    assert AuditReport.from_dict(data).gradient_inversion == result
+    assert part["psnr"][:2] == [None, 20.0] and part["member_match_rate"] == 2 / 3 and part["member_match_chance"] == 0.02
+    assert AuditReport.from_dict(data).gradient_inversion == _result()
+
+
+def test_summary_hparams_and_report_show_the_match_rate_and_the_median_mse():
+    from conftest import make_audit_report
+
+    from dptrain.report.collect import RunRecord
+    from dptrain.report.table import build_table
+    from dptrain.views.panels import headline_metrics
+    from dptrain.views.summary import format_audit
+
+    report = make_audit_report(gradient_inversion=_result())
+    assert "nearest member is the record 2/3 (chance 1/50); median MSE 0.01, PSNR 20.0 dB; iDLG labels 2/3" in (
+        format_audit(report)
+    )
+    metrics = headline_metrics(report)
+    assert metrics["gradient_inversion/match_rate"] == 2 / 3 and metrics["gradient_inversion/median_mse"] == 0.01
+    metrics_json = {"private": False, "test_accuracy": 0.9, "epsilon": None, "delta": None, "noise_multiplier": 0.0,
+                    "train_seconds": 1.0}  # fmt: skip
+    (row,) = build_table([RunRecord(None, "run", [], metrics_json, report)]).rows
+    assert row["gradient_inversion.match_rate"] == 2 / 3 and row["gradient_inversion.median_mse"] == 0.01
 
 
 @pytest.mark.parametrize(

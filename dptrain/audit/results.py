@@ -485,6 +485,11 @@ class GradientInversionResult:
         return sum(self.nearest_member_is_true) / len(self.nearest_member_is_true)
 
     @property
+    def median_mse(self) -> float:
+        """The median per-record MSE (data units): finite where PSNR is infinite, for HParams and the report."""
+        return float(sorted(self.mse)[len(self.mse) // 2])
+
+    @property
     def median_psnr(self) -> float:
         return float(sorted(self.psnr)[len(self.psnr) // 2])
 

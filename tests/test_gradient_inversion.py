@@ -129,6 +129,12 @@ def test_gradient_inversion_round_trips_through_audit_json_with_an_exact_reconst
 
     data = make_audit_report(gradient_inversion=_result()).to_dict()
     part = data["gradient_inversion"]
+    # audit.json's documented key names (docs/guide/outputs.md).
+    assert set(part) == {
+        "method", "clients", "records", "local_steps", "update", "noise_multiplier", "max_grad_norm", "mse", "psnr",
+        "nearest_member_is_true", "nearest_client_record_is_true", "members", "label_recovered", "seconds",
+        "member_match_rate", "member_match_chance",
+    }  # fmt: skip
     assert part["psnr"][:2] == [None, 20.0] and part["member_match_rate"] == 2 / 3 and part["member_match_chance"] == 0.02
     assert AuditReport.from_dict(data).gradient_inversion == _result()
 

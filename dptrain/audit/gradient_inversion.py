@@ -134,8 +134,8 @@ def _matching_loss(model, parameters, x, labels, target, loss_fn, pixels, tv_wei
 def attacked_plan(cfg: Config, run_plan, records: int) -> PrivacyPlan:
     """The attacked client's local plan: its ``records`` records as one batch for ``local_epochs``
     steps. ``dp_level=sample`` with a private run: the run's noise multiplier and clipping norm (those of
-    its reported client), so each step adds the noise the run's clients add to one record's clipped
-    gradient; otherwise non-private (``dp_level=user`` trains locally without noise)."""
+    its reported client, the one with the largest epsilon), so each step adds the noise that client adds
+    to one record's clipped gradient; otherwise non-private (``dp_level=user`` trains locally without noise)."""
     epochs = cfg.federation.local_epochs
     if run_plan.private and run_plan.dp_level == "sample":
         return dataclasses.replace(

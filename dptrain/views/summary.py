@@ -198,7 +198,7 @@ def format_gradient_inversion(result: GradientInversionResult | None) -> list[st
     found = sum(result.nearest_member_is_true)
     labels = "" if result.label_recovered is None else f"; iDLG labels {sum(result.label_recovered)}/{len(result.label_recovered)}"
     return [
-        f"{'gradient inv.':<13}{result.method}, {result.clients} clients x {result.records} records, "
+        f"{'grad. inv.':<13}{result.method}, {result.clients} clients x {result.records} records, "
         f"{result.local_steps} local steps, {seen}: nearest member is the record {found}/{len(result.mse)} "
         f"(chance 1/{result.members}); median MSE {result.median_mse:.3g}, PSNR {result.median_psnr:.1f} dB{labels}"
     ]

@@ -240,6 +240,20 @@ class ExtractionAuditConfig:
 
 
 @dataclass
+class GradientInversionAuditConfig:
+    # Federated runs: the server inverts one simulated update of each of `clients` honest clients
+    # holding `records` members as one local batch (dptrain.audit.gradient_inversion); the
+    # optimization attack takes `steps` steps from each of `restarts` starts with a total-variation
+    # prior of weight `tv_weight`.
+    enabled: bool = False
+    clients: int = 8
+    records: int = 1
+    steps: int = 1000
+    tv_weight: float = 1e-4
+    restarts: int = 1
+
+
+@dataclass
 class AuditConfig:
     name: str = "standard"
     mia: MembershipAuditConfig = field(default_factory=MembershipAuditConfig)
@@ -248,6 +262,7 @@ class AuditConfig:
     whitebox: WhiteboxAuditConfig = field(default_factory=WhiteboxAuditConfig)
     evasion: EvasionAuditConfig = field(default_factory=EvasionAuditConfig)
     extraction: ExtractionAuditConfig = field(default_factory=ExtractionAuditConfig)
+    gradient_inversion: GradientInversionAuditConfig = field(default_factory=GradientInversionAuditConfig)
     confidence: float = 0.95
     seed: int = 0
     # Processes that train reference models; null: one per two cores, at most one per model.

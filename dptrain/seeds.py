@@ -40,6 +40,7 @@ class Stream(IntEnum):
     SANITIZE = 20
     EXTRACTION = 21
     WATERMARK = 22
+    GRADIENT_INVERSION = 24
 
 
 def derived_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -5,7 +5,9 @@
 For audit=fast, standard, thorough and implementation, trains the default job's
 target and audits it, printing the wall time of each stage and the audit /
 training ratio; ``fast+extraction`` is audit=fast with the extraction audit on
-(its cost is the difference to the fast line). The implementation audit trains audit.whitebox.runs separate
+(its cost is the difference to the fast line). ``fedavg+fast`` and ``fedavg+gradient_inversion`` train
+the default job federated (``federation=fedavg``) and audit it at fast, the second with the gradient
+inversion audit on (federated runs only; its defaults: eight one-record updates). The implementation audit trains audit.whitebox.runs separate
 audit runs of the target's mechanism (one of 100 000 canaries as shipped), so it
 costs about a minute where the others cost seconds; ``--levels`` picks levels.
 Training time is the whole training stage a user waits for (data loading,
@@ -33,12 +35,18 @@ from hydra import compose, initialize_config_module
 from dptrain import pipeline
 from dptrain.config import register_configs
 from dptrain.tracking.tensorboard import TensorBoardLog
-from dptrain.training import centralized
+from dptrain.training.recipes import recipe_for
 from dptrain.validation import validate
 
-LEVELS = ("fast", "standard", "thorough", "implementation", "fast+extraction")
+LEVELS = (
+    "fast", "standard", "thorough", "implementation", "fast+extraction", "fedavg+fast", "fedavg+gradient_inversion",
+)  # fmt: skip
 # Audits off at every level, timed on top of a level: their own cost is the difference to its line.
-ADDED = {"fast+extraction": ("fast", ["audit.extraction.enabled=true"])}
+ADDED = {
+    "fast+extraction": ("fast", ["audit.extraction.enabled=true"]),
+    "fedavg+fast": ("fast", ["federation=fedavg"]),
+    "fedavg+gradient_inversion": ("fast", ["federation=fedavg", "audit.gradient_inversion.enabled=true"]),
+}
 
 
 def _config(level: str, overrides: list[str]):
@@ -58,7 +66,8 @@ def measure(level: str, overrides: list[str]) -> tuple[float, float, float]:
     started = time.perf_counter()
     _, sizes = validate(cfg)
     tb = TensorBoardLog(run_dir)
-    target = centralized.train_target(cfg, run_dir, centralized.plan(cfg, sizes), tb, None)
+    recipe = recipe_for(cfg)
+    target = recipe.train_target(cfg, run_dir, recipe.plan(cfg, sizes), tb, None)
     trained = time.perf_counter()
     pipeline.audit_target(cfg, target, run_dir, tb)
     audited = time.perf_counter()
@@ -78,10 +87,10 @@ def main() -> None:
     overrides = arguments
     torch.set_num_threads(1)
     print(f"overrides: {' '.join(overrides) or '(none: the default job)'}; torch threads = 1")
-    print(f"{'audit':15} {'train s':>8} {'audit s':>8} {'audit.json':>10} {'audit / train':>14}")
+    print(f"{'audit':26} {'train s':>8} {'audit s':>8} {'audit.json':>10} {'audit / train':>14}")
     for name, level in [("fast (first)", "fast"), *((level, level) for level in levels)]:
         train_seconds, audit_seconds, recorded = measure(level, overrides)
-        print(f"{name:15} {train_seconds:8.2f} {audit_seconds:8.2f} {recorded:10.2f} {audit_seconds / train_seconds:14.2f}")
+        print(f"{name:26} {train_seconds:8.2f} {audit_seconds:8.2f} {recorded:10.2f} {audit_seconds / train_seconds:14.2f}")
 
 
 if __name__ == "__main__":

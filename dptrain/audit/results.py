@@ -454,6 +454,60 @@ class ExtractionAudit:
         )
 
 
+@dataclass(frozen=True)
+class GradientInversionResult:
+    """The gradient inversion audit (``audit.json``'s ``gradient_inversion``): ``clients`` simulated
+    updates of ``records`` members each, ``local_steps`` local steps, attacked by ``method``
+    (``analytic`` or ``optimization``). ``update`` is what the server saw: ``raw`` or ``dp_sgd`` (with
+    the noise multiplier and clipping norm). Per attacked record: the MSE and PSNR of its reconstruction
+    in data units, whether the nearest of the ``members`` audited members to it is the record (chance
+    1 / members), past one record per client whether the nearest of the client's own records is (chance
+    1 / records), and at one record whether iDLG recovered its label (None otherwise: labels given)."""
+
+    method: str
+    clients: int
+    records: int
+    local_steps: int
+    update: str
+    noise_multiplier: float | None
+    max_grad_norm: float | None
+    mse: list[float]
+    psnr: list[float]
+    nearest_member_is_true: list[bool]
+    nearest_client_record_is_true: list[bool] | None
+    members: int
+    label_recovered: list[bool] | None
+    seconds: float
+
+    @property
+    def member_match_rate(self) -> float:
+        """The share of records whose reconstruction's nearest member is the record itself."""
+        return sum(self.nearest_member_is_true) / len(self.nearest_member_is_true)
+
+    @property
+    def median_mse(self) -> float:
+        """The median per-record MSE (data units): finite where PSNR is infinite, for HParams and the report."""
+        return float(sorted(self.mse)[len(self.mse) // 2])
+
+    @property
+    def median_psnr(self) -> float:
+        return float(sorted(self.psnr)[len(self.psnr) // 2])
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["member_match_rate"] = self.member_match_rate
+        data["member_match_chance"] = 1 / self.members
+        # An exact reconstruction has infinite PSNR: strict JSON has no Infinity.
+        data["psnr"] = [p if p < 1e300 else None for p in self.psnr]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GradientInversionResult:
+        values = _known(cls, data)
+        values["psnr"] = [float("inf") if p is None else p for p in values["psnr"]]
+        return cls(**values)
+
+
 def _optional(part, data: Mapping[str, Any] | None):
     """``part.from_dict(data)``, a ``Skipped`` for ``{"skipped": why}``, None for None."""
     if data is None:
@@ -471,7 +525,8 @@ class AuditReport:
     bound, why there is none although canaries were asked for, or ``None`` when none were;
     ``implementation`` the white-box audit, why it was skipped, or ``None`` when it was off;
     ``evasion`` the evasion audit's curves by ``<attack>_<norm>``, or ``None`` when it was off;
-    ``extraction`` the extraction audit, or ``None`` when it was off.
+    ``extraction`` the extraction audit, or ``None`` when it was off; ``gradient_inversion`` the
+    gradient inversion audit, or ``None`` when it was off.
     ``audited_at`` is the UTC time the audit finished (ISO 8601) and ``history_file`` the run's
     copy of this audit under ``audits/``, set when it is recorded (``None`` before, and in files
     written before either existed).
@@ -494,6 +549,7 @@ class AuditReport:
     history_file: str | None = None
     evasion: dict[str, EvasionCurve] | None = None
     extraction: ExtractionAudit | None = None
+    gradient_inversion: GradientInversionResult | None = None
 
     @property
     def implementation_records(self) -> dict[str, ImplementationRecord]:
@@ -515,6 +571,7 @@ class AuditReport:
             "implementation": None if self.implementation is None else self.implementation.to_dict(),
             "evasion": None if self.evasion is None else {key: curve.to_dict() for key, curve in self.evasion.items()},
             "extraction": None if self.extraction is None else self.extraction.to_dict(),
+            "gradient_inversion": None if self.gradient_inversion is None else self.gradient_inversion.to_dict(),
             "reference_models": None if self.reference_models is None else self.reference_models.to_dict(),
             "warnings": list(self.warnings),
             "audit_seconds": self.audit_seconds,
@@ -527,7 +584,7 @@ class AuditReport:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditReport:
         """The report ``data`` (a parsed ``audit.json``) holds. Files written before a key existed read
-        with that part absent: ``implementation``, ``evasion`` and ``extraction`` None, ``audited_at`` and
+        with that part absent: ``implementation``, ``evasion``, ``extraction`` and ``gradient_inversion`` None, ``audited_at`` and
         ``history_file`` None.
 
         Raises ``ValueError`` naming what is wrong when ``data`` is not an audit report.
@@ -555,6 +612,7 @@ class AuditReport:
                 extraction=None
                 if data.get("extraction") is None
                 else ExtractionAudit.from_dict(data["extraction"]),
+                gradient_inversion=_optional(GradientInversionResult, data.get("gradient_inversion")),
             )
         except KeyError as missing:
             raise ValueError(f"not an audit report: no {missing} key") from None

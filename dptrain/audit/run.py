@@ -1,6 +1,6 @@
 """The post-training audit of a run: membership inference (LOSS, RMIA, LiRA), attribute inference
 against imputation, the one-run canary bound, the white-box implementation audit, the evasion audit,
-the extraction audit, and sanity guards
+the extraction audit, the gradient inversion audit (federated runs), and sanity guards
 (``dptrain.views.panels`` draws them in TensorBoard)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dptrain.audit.canary import one_run_audit
 from dptrain.audit.canary_clients import CanaryClients
 from dptrain.audit.evasion import evasion_audit, evasion_warnings, preprocessing
 from dptrain.audit.extraction import equation_solving_audit, extraction_audit
+from dptrain.audit.gradient_inversion import gradient_inversion_audit
 from dptrain.audit.implementation import AuditedMechanism, implementation_audit
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import membership_metrics
@@ -30,6 +31,7 @@ from dptrain.audit.results import (
     AuditReport,
     EvasionCurve,
     ExtractionAudit,
+    GradientInversionResult,
     ImplementationAudit,
     MembershipMetrics,
     OneRunAudit,
@@ -379,6 +381,22 @@ def _extraction(target: AuditTarget) -> ExtractionAudit | None:
     return ExtractionAudit(curves, solving)
 
 
+def _gradient_inversion(target: AuditTarget) -> GradientInversionResult | None:
+    """The gradient inversion audit (``audit.gradient_inversion``) on the audited members, from the
+    trained global model, or None when it is off (validation admits it for federated runs only)."""
+    if not target.cfg.audit.gradient_inversion.enabled:
+        return None
+    return gradient_inversion_audit(
+        target.cfg,
+        target.run.plan,
+        target.run.model,
+        target.run.data.members,
+        target.run.data.units,
+        target.run.device,
+        derived_seed(target.cfg.audit.seed, Stream.GRADIENT_INVERSION),
+    )
+
+
 def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = None) -> AuditResult | None:
     """Audit ``target`` as ``target.cfg.audit`` says; return its report (``audit.json``) and the attacks' scores.
 
@@ -414,6 +432,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     implementation = _implementation(target, warnings)
     evasion = _evasion(target, warnings)
     extraction = _extraction(target)
+    gradient_inversion = _gradient_inversion(target)
     report = AuditReport(
         level=target.cfg.audit.name,
         accountant_epsilon=target.run.epsilon,
@@ -427,6 +446,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
         implementation=implementation,
         evasion=evasion,
         extraction=extraction,
+        gradient_inversion=gradient_inversion,
         reference_models=references,
         warnings=warnings,
         audit_seconds=time.perf_counter() - started,

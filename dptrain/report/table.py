@@ -85,6 +85,15 @@ def extraction_columns(audit: AuditReport) -> dict[str, float | None]:
     return columns
 
 
+def gradient_inversion_columns(audit: AuditReport) -> dict[str, float]:
+    """The gradient inversion audit's nearest-member match rate and median MSE, keyed
+    ``gradient_inversion.match_rate`` and ``gradient_inversion.median_mse`` (empty when it was off)."""
+    result = audit.gradient_inversion
+    if result is None:
+        return {}
+    return {"gradient_inversion.match_rate": result.member_match_rate, "gradient_inversion.median_mse": result.median_mse}
+
+
 def _results(run: RunRecord, attacks: list[str], federated: list[str], per_budget: list[str]) -> dict:
     metrics, audit = run.metrics or {}, run.audit
     columns = [
@@ -118,6 +127,7 @@ def _results(run: RunRecord, attacks: list[str], federated: list[str], per_budge
         row["aia.leakage"] = audit.aia.leakage["accuracy"]
     row.update(evasion_columns(audit))
     row.update(extraction_columns(audit))
+    row.update(gradient_inversion_columns(audit))
     row["audit_seconds"] = audit.audit_seconds
     row["audit_level"] = audit.level
     # Audits written before the history was kept do not name a history file.
@@ -131,7 +141,7 @@ def build_table(runs: list[RunRecord]) -> Table:
     (level and history file of the latest), per membership attack AUC / TPR at 1% FPR /
     empirical epsilon lower bound, the evasion audit's robust accuracy per attack and norm at its middle
     budget, the extraction audit's fidelity per output interface at its middle budget and its
-    equation-solving error, the canary bound, attribute-inference advantage and leakage, seconds; poisoned
+    equation-solving error, the gradient inversion audit's match rate and median MSE, the canary bound, attribute-inference advantage and leakage, seconds; poisoned
     runs add the members poisoned, the backdoor's success rate and a targeted flip's poisoned-class
     accuracy, federated runs the share of Byzantine updates selected."""
     override_keys = differing_overrides(runs)
@@ -146,7 +156,9 @@ def build_table(runs: list[RunRecord]) -> Table:
             column
             for run in runs
             if run.audit
-            for column in (*evasion_columns(run.audit), *extraction_columns(run.audit))
+            for column in (
+                *evasion_columns(run.audit), *extraction_columns(run.audit), *gradient_inversion_columns(run.audit)
+            )
         )
     )
     rows = []
@@ -170,7 +182,7 @@ def metric_columns(table: Table) -> list[str]:
     return [
         c
         for c in table.columns
-        if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith(("mia.", "evasion.", "extraction."))
+        if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith(("mia.", "evasion.", "extraction.", "gradient_inversion."))
     ]
 
 

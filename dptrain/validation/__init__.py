@@ -137,6 +137,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
+    _validate_gradient_inversion(cfg, info, members)
     # Last, so that a setup that is wrong on any machine says so before this machine's limits do.
     _validate_process_count(cfg.launcher)
     return info, sizes
@@ -548,6 +549,41 @@ def _extraction(extraction) -> None:
         raise UserError(
             f"audit.extraction.queries={budgets}: list the query budgets in increasing order without repeats, "
             "e.g. [100,1000,10000]"
+        )
+
+
+def _validate_gradient_inversion(cfg: Config, info: DatasetInfo, members: int) -> None:
+    """The gradient inversion audit inverts one federated client's update, read as a plain SGD gradient,
+    into images (``dptrain.audit.gradient_inversion``)."""
+    settings = cfg.audit.gradient_inversion
+    if not settings.enabled:
+        return
+    if cfg.federation.name != "fedavg":
+        raise UserError(
+            "audit.gradient_inversion.enabled=true attacks a federated client's update to the server: "
+            "use federation=fedavg, or set audit.gradient_inversion.enabled=false"
+        )
+    if info.modality != "image":
+        raise UserError(
+            f"audit.gradient_inversion reconstructs images and scores them in pixels (PSNR, total-variation "
+            f"prior): dataset={info.name} is a table; use an image dataset (digits, mnist, ...)"
+        )
+    if cfg.train.optimizer != "sgd" or cfg.train.weight_decay != 0:
+        raise UserError(
+            f"audit.gradient_inversion reads a client's update as -lr * steps * gradient, true of SGD without "
+            f"weight decay only (train.optimizer={cfg.train.optimizer}, train.weight_decay={cfg.train.weight_decay}): "
+            "use train.optimizer=sgd train.weight_decay=0"
+        )
+    if cfg.train.adversarial != "none":
+        raise UserError(
+            f"audit.gradient_inversion simulates local training on clean records, and train.adversarial="
+            f"{cfg.train.adversarial} trains on adversarial examples: use train.adversarial=none"
+        )
+    needed = settings.clients * settings.records
+    if needed > members:
+        raise UserError(
+            f"audit.gradient_inversion attacks clients * records = {needed} members and the split has {members}: "
+            "lower audit.gradient_inversion.clients or .records"
         )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, roc_curve
 from dptrain.audit.results import AttributeInferenceResult, AuditReport, OneRunAudit, Skipped
 from dptrain.tracking.figures import evasion_figure, extraction_figure, roc_image, score_histograms_image
-from dptrain.views.summary import format_evasion, format_extraction, format_implementation
+from dptrain.views.summary import format_evasion, format_extraction, format_gradient_inversion, format_implementation
 from dptrain.tracking.tensorboard import TensorBoardLog
 
 # Bins of the member / non-member score histograms.
@@ -18,7 +18,7 @@ def headline_metrics(report: AuditReport) -> dict[str, float | None]:
     AUC, TPR at 1% FPR and the epsilon lower bound; attribute inference's advantage on members and
     leakage; the canary bound; the evasion audit's robust accuracy per attack and norm at its middle
     budget; the extraction audit's fidelity per output interface at its middle budget and the
-    equation-solving error. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
+    equation-solving error; the gradient inversion audit's nearest-member match rate and median MSE. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
     values: dict[str, float | None] = {}
     for name, metrics in report.mia.items():
         values[f"mia/{name}/auc"] = metrics.auc
@@ -43,6 +43,9 @@ def headline_metrics(report: AuditReport) -> dict[str, float | None]:
             values[f"extraction/{output}/fidelity@{queries}"] = fidelity
         if report.extraction.equation_solving is not None:
             values["extraction/equation_solving/relative_error"] = report.extraction.equation_solving.relative_error
+    if report.gradient_inversion is not None:
+        values["gradient_inversion/match_rate"] = report.gradient_inversion.member_match_rate
+        values["gradient_inversion/median_mse"] = report.gradient_inversion.median_mse
     return values
 
 
@@ -95,6 +98,7 @@ def audit_text(report: AuditReport, step: int) -> str:
     parts += format_implementation(report.implementation)
     parts += format_evasion(report.evasion)
     parts += format_extraction(report.extraction)
+    parts += format_gradient_inversion(report.gradient_inversion)
     if report.warnings:
         parts.append("**Warnings**: " + "; ".join(report.warnings))
     return "\n\n".join(parts)

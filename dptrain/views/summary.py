@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dptrain.audit.results import AuditReport, EvasionCurve, ExtractionAudit, ImplementationAudit, Skipped
+from dptrain.audit.results import (
+    AuditReport,
+    EvasionCurve,
+    ExtractionAudit,
+    GradientInversionResult,
+    ImplementationAudit,
+    Skipped,
+)
 from dptrain.training.metrics import FederationMetrics, RunMetrics
 
 
@@ -182,6 +189,21 @@ def format_extraction(section: ExtractionAudit | None) -> list[str]:
     return lines
 
 
+def format_gradient_inversion(result: GradientInversionResult | None) -> list[str]:
+    """The gradient inversion audit's line: the attack, what the server saw, how many reconstructions'
+    nearest member is their record (against chance), the median MSE and PSNR, and iDLG's labels."""
+    if result is None:
+        return []
+    seen = "raw update" if result.update == "raw" else f"DP-SGD update (sigma {result.noise_multiplier:.3g})"
+    found = sum(result.nearest_member_is_true)
+    labels = "" if result.label_recovered is None else f"; iDLG labels {sum(result.label_recovered)}/{len(result.label_recovered)}"
+    return [
+        f"{'grad. inv.':<13}{result.method}, {result.clients} clients x {result.records} records, "
+        f"{result.local_steps} local steps, {seen}: nearest member is the record {found}/{len(result.mse)} "
+        f"(chance 1/{result.members}); median MSE {result.median_mse:.3g}, PSNR {result.median_psnr:.1f} dB{labels}"
+    ]
+
+
 def format_audit(report: AuditReport) -> str:
     """The audit's lines of the summary: each attack's AUC with its interval, TPR at 1% FPR and epsilon lower bound."""
     lines = []
@@ -214,5 +236,6 @@ def format_audit(report: AuditReport) -> str:
     lines += format_implementation(report.implementation)
     lines += format_evasion(report.evasion)
     lines += format_extraction(report.extraction)
+    lines += format_gradient_inversion(report.gradient_inversion)
     lines += [f"WARNING      {warning}" for warning in report.warnings]
     return "\n".join(f"{'audit' if i == 0 else '':<15}{line}" for i, line in enumerate(lines))

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import numpy as np
-
 import torch
 from torch import Tensor
 
@@ -75,9 +74,8 @@ def one_thread() -> Iterator[None]:
     For the (n, n) work after a Gram matrix: tens of thousands of elements, enough for torch to
     split each operation across its intra-op threads, too few to pay for waking them. Measured on
     the shared 2-core machine at n = 200, d = 1e5: with two threads each such operation could stall
-    for ~20 ms, and the distances took 2.3x the Gram product they come from; single-threaded they
-    cost under 1 ms in all. The setting is process-wide, so other threads running torch meanwhile
-    run single-threaded too.
+    for ~20 ms, and the distances took 2.3x the Gram product they come from; single-threaded, 1.03x.
+    The setting is process-wide, so other threads running torch meanwhile run single-threaded too.
     """
     threads = torch.get_num_threads()
     if threads == 1:

@@ -1,4 +1,4 @@
-"""Median, trimmed mean, Bulyan's window and Krum against independent references (NumPy, SciPy, a
+"""Mean, median, trimmed mean, Bulyan's window and Krum against independent references (NumPy, SciPy, a
 brute-force Krum) on inputs that span several column blocks of ``reduce_sorted_columns``, with ties
 and with non-finite rows; the block-wise sort's memory bound; Krum's single-threaded (n, n) work."""
 
@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from dptrain.config import AggregatorConfig
-from dptrain.robust import build_aggregator, krum_select, median, trimmed_mean
+from dptrain.robust import build_aggregator, krum_select, mean, median, trimmed_mean
 from dptrain.robust.aggregators import mean_around_median
 from dptrain.robust.primitives import _BLOCK_FLOATS, one_thread
 
@@ -27,6 +27,12 @@ def updates_with_ties(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     d = 3 * (_BLOCK_FLOATS // n) + 17
     grid = torch.randint(-4, 5, (n, d), generator=torch.Generator().manual_seed(seed))
     return (grid * 0.25).to(dtype)
+
+
+@pytest.mark.parametrize(("n", "f"), SIZES)
+def test_mean_matches_numpy_in_float64(n, f):
+    x = torch.randn(n, 1000, generator=torch.Generator().manual_seed(n))
+    np.testing.assert_allclose(mean(x).double().numpy(), x.double().numpy().mean(axis=0), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -28,20 +28,25 @@ from torch import Tensor
 
 from dptrain.robust.primitives import (
     check_updates,
+    one_thread,
     pairwise_sq_distances,
     require,
     require_f,
     require_honest_majority,
-    sort_columns,
+    reduce_sorted_columns,
     sq_distances_and_gram,
     sq_distances_to_mixture,
 )
 
 
 def mean(updates: Tensor) -> Tensor:
-    """Unweighted mean ``(1/n) sum_i x_i``; no robustness (one update can move it anywhere)."""
-    check_updates(updates, "mean")
-    return updates.mean(dim=0)
+    """Unweighted mean ``(1/n) sum_i x_i``; no robustness (one update can move it anywhere).
+
+    The sum is one GEMV with a vector of ones: on (50, 1e6) float32 at one thread it measured
+    11.7 ms against 25.3 ms for ``updates.mean(dim=0)`` and 16.2 ms for NumPy's mean, interleaved.
+    """
+    n = check_updates(updates, "mean")
+    return (updates.new_ones(n) @ updates) / n
 
 
 def _median_of_sorted(ordered: Tensor) -> Tensor:
@@ -58,7 +63,7 @@ def median(updates: Tensor) -> Tensor:
     Statistical Rates", ICML 2018. For even n the two middle values are averaged. Any n >= 1.
     """
     check_updates(updates, "median")
-    return _median_of_sorted(sort_columns(updates))
+    return reduce_sorted_columns(updates, _median_of_sorted)
 
 
 def check_trimmed_mean(n: int, f: int) -> None:
@@ -74,7 +79,7 @@ def trimmed_mean(updates: Tensor, f: int) -> Tensor:
     """
     n = check_updates(updates, "trimmed_mean")
     check_trimmed_mean(n, f)
-    return sort_columns(updates)[f : n - f].mean(dim=0)
+    return reduce_sorted_columns(updates, lambda ordered: ordered[f : n - f].mean(dim=0))
 
 
 def check_krum(n: int, f: int, rule: str = "krum") -> None:
@@ -105,8 +110,9 @@ def krum_select(updates: Tensor, f: int, m: int = 1) -> Tensor:
     n = check_updates(updates, "krum")
     check_krum(n, f, "krum" if m == 1 else "multi_krum")
     require(1 <= m <= n, f"multi_krum needs 1 <= m <= n (m={m}, n={n}): set aggregator.m in that range or null")
-    scores = _krum_scores(pairwise_sq_distances(updates), f)
-    return torch.sort(scores, stable=True).indices[:m]
+    dist = pairwise_sq_distances(updates)
+    with one_thread():
+        return torch.sort(_krum_scores(dist, f), stable=True).indices[:m]
 
 
 def krum_selection(updates: Tensor, f: int) -> tuple[Tensor, Tensor]:
@@ -167,19 +173,20 @@ def geometric_median(updates: Tensor, nu: float = 1e-6, tol: float = 1e-6, max_i
     n = check_updates(updates, "geometric_median")
     check_geometric_median(nu, tol, max_iter)
     dist, gram = sq_distances_and_gram(updates)
-    medoid = dist.sqrt().sum(dim=1).argmin()
-    core = dist[medoid].argsort(stable=True)[: (n + 2) // 2]
-    weights = torch.zeros(n, dtype=dist.dtype, device=dist.device)
-    weights[core] = 1.0 / core.numel()
-    for _ in range(max_iter):
-        to_estimate = sq_distances_to_mixture(gram, weights).sqrt()
-        inverse = 1.0 / to_estimate.clamp_min(nu)
-        step = inverse / inverse.sum() - weights
-        weights = weights + step
-        # ||v' - v||^2 = step^T G step about any anchor, since the step's weights sum to zero.
-        moved = (step @ gram @ step).clamp_min(0.0).sqrt()
-        if moved <= tol * to_estimate.median():
-            break
+    with one_thread():
+        medoid = dist.sqrt().sum(dim=1).argmin()
+        core = dist[medoid].argsort(stable=True)[: (n + 2) // 2]
+        weights = torch.zeros(n, dtype=dist.dtype, device=dist.device)
+        weights[core] = 1.0 / core.numel()
+        for _ in range(max_iter):
+            to_estimate = sq_distances_to_mixture(gram, weights).sqrt()
+            inverse = 1.0 / to_estimate.clamp_min(nu)
+            step = inverse / inverse.sum() - weights
+            weights = weights + step
+            # ||v' - v||^2 = step^T G step about any anchor, since the step's weights sum to zero.
+            moved = (step @ gram @ step).clamp_min(0.0).sqrt()
+            if moved <= tol * to_estimate.median():
+                break
     return weights.to(dtype=updates.dtype, device=updates.device) @ updates
 
 
@@ -199,13 +206,14 @@ def bulyan_select(updates: Tensor, f: int) -> Tensor:
     n = check_updates(updates, "bulyan")
     check_bulyan(n, f)
     dist = pairwise_sq_distances(updates)
-    alive = torch.ones(n, dtype=torch.bool, device=dist.device)
-    chosen = []
-    for _ in range(n - 2 * f):
-        remaining = alive.nonzero().flatten()
-        pick = remaining[_krum_scores(dist[remaining][:, remaining], f).argmin()]
-        chosen.append(pick)
-        alive[pick] = False
+    with one_thread():
+        alive = torch.ones(n, dtype=torch.bool, device=dist.device)
+        chosen = []
+        for _ in range(n - 2 * f):
+            remaining = alive.nonzero().flatten()
+            pick = remaining[_krum_scores(dist[remaining][:, remaining], f).argmin()]
+            chosen.append(pick)
+            alive[pick] = False
     return torch.stack(chosen)
 
 
@@ -237,7 +245,11 @@ def mean_around_median(updates: Tensor, beta: int, rows: Tensor | None = None) -
     if rows is not None:
         n = rows.numel()
     require(1 <= beta <= n, f"mean_around_median needs 1 <= beta <= n (beta={beta}, n={n})")
-    ordered = sort_columns(updates, rows)
+    return reduce_sorted_columns(updates, lambda ordered: _window_mean(ordered, beta), rows)
+
+
+def _window_mean(ordered: Tensor, beta: int) -> Tensor:
+    """Per column of sorted ``ordered``, the mean of the beta values closest to the median."""
     centre = _median_of_sorted(ordered)
     start = _window_start(ordered, centre, beta)[None]
     total = torch.zeros_like(centre)

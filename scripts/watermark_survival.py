@@ -1,15 +1,19 @@
-"""Does a trigger-set watermark survive fine-tuning and pruning? A thief who holds the owner's model and
-clean data of their own fine-tunes it, or prunes it, and the owner tests each copy (Adi et al. 2018,
-Section 5).
+"""Does a trigger-set watermark survive fine-tuning, pruning and extraction? A thief who holds the owner's
+model and clean data of their own fine-tunes it, or prunes it, or (holding only its prediction API) trains a
+surrogate on its answers, and the owner tests each copy (Adi et al. 2018, Section 5).
 
-    python scripts/watermark_survival.py <owner run dir> [--epochs 1 5 20] [--lr 0.1] [--prune 0.5 0.8] [--threads 1]
+    python scripts/watermark_survival.py <owner run dir> [--epochs 1 5 20] [--lr 0.1] [--prune 0.5 0.8]
+        [--extract 1000 10000] [--threads 1]
 
 The thief's data is the run's population split (records that are neither members nor audit
 non-members nor test records), trained on with plain SGD and cross-entropy at batch 64 from the owner's
 weights; the table gives, after each number of epochs, the test accuracy, the keys' accuracy and the
 binomial p-value of ``dptrain verify run_dir=<owner> model=<fine-tuned>``. Pruning (of the owner's model,
 not fine-tuned) zeroes the given fraction of smallest-magnitude entries of every weight matrix or kernel
-(biases and norms kept), without retraining.
+(biases and norms kept), without retraining. Extraction is the extraction audit's attacker
+(``dptrain.audit.extraction``): population records then mixup points as queries, the owner model's
+probabilities or top-1 labels as answers, a surrogate of the owner's architecture trained on them; the keys
+are never queried, so the surrogate carries the watermark only as far as it generalizes from the answers.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from dptrain.audit.extraction import answers, attacker_queries, train_surrogate
 from dptrain.config import Config
 from dptrain.training.recipe import resolve_device
 from dptrain.training.target import load_data, trained_model
@@ -52,6 +57,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 5, 20], help="fine-tuning epochs to report")
     parser.add_argument("--lr", type=float, default=0.1, help="the thief's SGD learning rate")
     parser.add_argument("--prune", type=float, nargs="*", default=[], help="fractions of weights to prune")
+    parser.add_argument("--extract", type=int, nargs="*", default=[], help="query budgets of extraction attacks")
     parser.add_argument("--threads", type=int, default=1)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
@@ -82,6 +88,22 @@ def main() -> None:
         check = watermark_test(agreement(pruned, keys, device), keys)
         print(f"pruned {fraction:.0%}: test accuracy {_accuracy(pruned, data.test, device):.3f}, "
               f"key accuracy {check.accuracy:.2f}, p-value {check.p_value:.2g}")
+    if options.extract:
+        owner = trained_model(cfg, options.run_dir, data, device).eval()
+        queries = attacker_queries(data.population.tensors[0], max(options.extract), torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = owner(queries.to(device)).cpu()
+        input_shape = tuple(queries.shape[1:])
+        for output in ("probabilities", "label"):
+            replies = answers(logits, output, decimals=2)
+            for budget in options.extract:
+                surrogate = train_surrogate(
+                    cfg.model, input_shape, keys.num_classes, queries[:budget], replies[:budget],
+                    cfg.audit.extraction.steps, device, seed=0,
+                )  # fmt: skip
+                check = watermark_test(agreement(surrogate, keys, device), keys)
+                print(f"extracted ({output}, {budget} queries): test accuracy {_accuracy(surrogate, data.test, device):.3f}, "
+                      f"key accuracy {check.accuracy:.2f}, p-value {check.p_value:.2g}")
 
 
 if __name__ == "__main__":

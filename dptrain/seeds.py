@@ -40,6 +40,8 @@ class Stream(IntEnum):
     SANITIZE = 20
     EXTRACTION = 21
     WATERMARK = 22
+    # 23 is left to the gradient inversion audit, built alongside.
+    INVERSION = 24
 
 
 def derived_seed(seed: int, stream: Stream, *keys: int) -> int:

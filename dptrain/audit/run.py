@@ -1,6 +1,6 @@
 """The post-training audit of a run: membership inference (LOSS, RMIA, LiRA), attribute inference
 against imputation, the one-run canary bound, the white-box implementation audit, the evasion audit,
-the extraction audit, and sanity guards
+the extraction audit, the model inversion audit, and sanity guards
 (``dptrain.views.panels`` draws them in TensorBoard)."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dptrain.audit.canary_clients import CanaryClients
 from dptrain.audit.evasion import evasion_audit, evasion_warnings, preprocessing
 from dptrain.audit.extraction import equation_solving_audit, extraction_audit
 from dptrain.audit.implementation import AuditedMechanism, implementation_audit
+from dptrain.audit.inversion import InversionImages, inversion_audit
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import membership_metrics
 from dptrain.audit.reference import ReferenceModels, default_workers, train_references
@@ -31,6 +32,7 @@ from dptrain.audit.results import (
     EvasionCurve,
     ExtractionAudit,
     ImplementationAudit,
+    InversionAudit,
     MembershipMetrics,
     OneRunAudit,
     ReferenceModelsRecord,
@@ -54,10 +56,12 @@ AUC_FLOOR = 0.4
 
 @dataclass(frozen=True)
 class AuditResult:
-    """The audit's report (``audit.json``) and, per membership attack, its (member, non-member) scores."""
+    """The audit's report (``audit.json``), per membership attack its (member, non-member) scores, and
+    the model inversion audit's images (None when it was off)."""
 
     report: AuditReport
     scores: dict[str, tuple[np.ndarray, np.ndarray]]
+    inversion_images: InversionImages | None = None
 
 
 @dataclass(frozen=True)
@@ -379,6 +383,32 @@ def _extraction(target: AuditTarget) -> ExtractionAudit | None:
     return ExtractionAudit(curves, solving)
 
 
+def _inversion(target: AuditTarget) -> tuple[InversionAudit, InversionImages] | tuple[None, None]:
+    """The model inversion audit (``audit.inversion``) of every class or those listed, its prior drawn
+    from the population (canaries removed: the attacker's records), scored against the audited
+    members and non-members; (None, None) when it is off. Image data only (``dptrain.validation``)."""
+    cfg = target.cfg.audit.inversion
+    if not cfg.enabled:
+        return None, None
+    data = target.run.data
+    keep = torch.from_numpy(population_without(data.split, target.run.canaries))
+    return inversion_audit(
+        target.run.model,
+        list(cfg.classes) or list(range(data.num_classes)),
+        data.population.tensors[0][keep],
+        data.members.tensors,
+        data.non_members.tensors,
+        data.units,
+        cfg.prior,
+        cfg.cost,
+        cfg.steps,
+        cfg.lr,
+        cfg.tv_weight,
+        cfg.l2_weight,
+        derived_seed(target.cfg.audit.seed, Stream.INVERSION),
+    )
+
+
 def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = None) -> AuditResult | None:
     """Audit ``target`` as ``target.cfg.audit`` says; return its report (``audit.json``) and the attacks' scores.
 
@@ -412,6 +442,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     implementation = _implementation(target, warnings)
     evasion = _evasion(target, warnings)
     extraction = _extraction(target)
+    inversion, inversion_images = _inversion(target)
     report = AuditReport(
         level=target.cfg.audit.name,
         accountant_epsilon=target.run.epsilon,
@@ -425,6 +456,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
         implementation=implementation,
         evasion=evasion,
         extraction=extraction,
+        inversion=inversion,
         reference_models=references,
         warnings=warnings,
         audit_seconds=time.perf_counter() - started,
@@ -432,4 +464,4 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     )
     for warning in warnings:
         log.error("audit: %s", warning)
-    return AuditResult(report, scores)
+    return AuditResult(report, scores, inversion_images)

@@ -251,7 +251,7 @@ class InversionAuditConfig:
     cost: str = "log_softmax"
     steps: int = 200
     lr: float = 0.1
-    tv_weight: float = 0.0
+    tv_weight: float = 0.05
     l2_weight: float = 0.0
 
 

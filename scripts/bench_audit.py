@@ -4,10 +4,10 @@
 
 For audit=fast, standard, thorough and implementation, trains the default job's
 target and audits it, printing the wall time of each stage and the audit /
-training ratio; ``fast+extraction`` is audit=fast with the extraction audit on
-(its cost is the difference to the fast line). The implementation audit trains audit.whitebox.runs separate
-audit runs of the target's mechanism (one of 100 000 canaries as shipped), so it
-costs about a minute where the others cost seconds; ``--levels`` picks levels.
+training ratio; ``fast+extraction`` and ``fast+inversion`` are audit=fast with the extraction or
+the model inversion audit on (its cost is the difference to the fast line). The implementation
+audit trains audit.whitebox.runs separate audit runs of the target's mechanism (one of 100 000
+canaries as shipped), so it costs about a minute where the others cost seconds; ``--levels`` picks levels.
 Training time is the whole training stage a user waits for (data loading,
 noise calibration, the epochs, per-epoch evaluation and checkpoints). One
 untimed ``audit=fast`` run goes first, so that the one-time imports of a
@@ -29,9 +29,12 @@ from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import centralized
 from dptrain.validation import validate
 
-LEVELS = ("fast", "standard", "thorough", "implementation", "fast+extraction")
+LEVELS = ("fast", "standard", "thorough", "implementation", "fast+extraction", "fast+inversion")
 # Audits off at every level, timed on top of a level: their own cost is the difference to its line.
-ADDED = {"fast+extraction": ("fast", ["audit.extraction.enabled=true"])}
+ADDED = {
+    "fast+extraction": ("fast", ["audit.extraction.enabled=true"]),
+    "fast+inversion": ("fast", ["audit.inversion.enabled=true"]),
+}
 
 
 def _config(level: str, overrides: list[str]):

@@ -62,7 +62,8 @@ def audit_target(
         return None
     report = record_audit(run_dir, result.report)
     if tb is not None:
-        draw_audit(tb, report, result.scores, step=len(audit_history(run_dir)), inversion_images=result.inversion_images)
+        step = len(audit_history(run_dir))
+        draw_audit(tb, report, result.scores, step=step, inversion_images=result.inversion_images)
     return report
 
 

@@ -141,14 +141,24 @@ def test_the_summary_the_headline_metrics_and_the_report_carry_the_leak_rate():
 
 
 def test_the_grid_puts_each_image_in_its_cell():
-    from dptrain.tracking.figures import INVERSION_CELL, INVERSION_GAP, INVERSION_HEADER, INVERSION_LABELS, inversion_grid_image
+    from dptrain.tracking.figures import (
+        INVERSION_CELL,
+        INVERSION_GAP,
+        INVERSION_HEADER,
+        INVERSION_LABELS,
+        inversion_grid_image,
+    )
 
     white, black = np.ones((1, 8, 8)), np.zeros((1, 8, 8))
     image = inversion_grid_image({"class 0": (white, black, white), "class 1": (black, white, black)})
     step = INVERSION_CELL + INVERSION_GAP
     assert image.size == (INVERSION_LABELS + 3 * step, INVERSION_HEADER + 2 * step)
-    centre = [(INVERSION_LABELS + step * column + INVERSION_CELL // 2, INVERSION_HEADER + step * row + INVERSION_CELL // 2)
-              for row in range(2) for column in range(3)]  # fmt: skip
+    half = INVERSION_CELL // 2
+    centre = [
+        (INVERSION_LABELS + step * column + half, INVERSION_HEADER + step * row + half)
+        for row in range(2)
+        for column in range(3)
+    ]
     assert [image.getpixel(p) for p in centre] == [(255,) * 3, (0,) * 3, (255,) * 3, (0,) * 3, (255,) * 3, (0,) * 3]
 
 
@@ -183,7 +193,7 @@ def test_inversion_refuses_tables_unknown_options_and_classes_the_data_lacks_wit
 
     for overrides, message in [
         (("dataset=breast_cancer",), "dataset=breast_cancer is a table: .* use audit.aia.enabled=true"),
-        (("audit.inversion.classes=[3,10]",), r"audit.inversion.classes=\[3, 10\]: list distinct classes .* \(0 to 9\)"),
+        (("audit.inversion.classes=[3,10]",), r"classes=\[3, 10\]: list distinct classes .* \(0 to 9\)"),
         (("audit.inversion.classes=[3,3]",), "list distinct classes"),
         (("audit.inversion.classes=[-1]",), "each entry must be at least 0"),
         (("audit.inversion.prior=blur",), "audit.inversion.prior=blur is unknown: choose one of mean, zeros, noise"),

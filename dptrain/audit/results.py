@@ -558,8 +558,8 @@ class AuditReport:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditReport:
         """The report ``data`` (a parsed ``audit.json``) holds. Files written before a key existed read
-        with that part absent: ``implementation``, ``evasion``, ``extraction`` and ``inversion`` None, ``audited_at`` and
-        ``history_file`` None.
+        with that part absent: ``implementation``, ``evasion``, ``extraction`` and ``inversion`` None,
+        ``audited_at`` and ``history_file`` None.
 
         Raises ``ValueError`` naming what is wrong when ``data`` is not an audit report.
         """

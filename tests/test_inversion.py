@@ -162,14 +162,33 @@ def test_the_grid_puts_each_image_in_its_cell():
     assert [image.getpixel(p) for p in centre] == [(255,) * 3, (0,) * 3, (255,) * 3, (0,) * 3, (255,) * 3, (0,) * 3]
 
 
+def test_draw_audit_logs_the_grid_beside_the_text(tmp_path):
+    from conftest import make_audit_report
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dptrain.audit.inversion import InversionImages
+    from dptrain.tracking.tensorboard import TensorBoardLog
+    from dptrain.views.panels import draw_audit
+
+    images = InversionImages(*(torch.rand(2, 1, 8, 8) for _ in range(3)))
+    tb = TensorBoardLog(tmp_path)
+    draw_audit(tb, make_audit_report(inversion=SECTION), {}, step=1, inversion_images=images)
+    tb.close()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    (grid,) = events.Images("audit/inversion")
+    assert (grid.step, grid.height) == (1, 22 + 2 * (88 + 4))  # a header and one row per class
+
+
+@pytest.mark.slow
 def test_a_tiny_run_writes_the_inversion_audit_and_its_grid(tmp_path, tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dptrain import pipeline
 
     cfg = tiny_config(
-        "audit=fast", "audit.aia.enabled=false", "audit.inversion.enabled=true", "audit.inversion.steps=3",
-        "audit.inversion.classes=[1,7]", "audit.inversion.prior=noise",
+        "audit=fast", "audit.mia.attacks=[]", "audit.aia.enabled=false", "audit.inversion.enabled=true",
+        "audit.inversion.steps=3", "audit.inversion.classes=[1,7]", "audit.inversion.prior=noise",
     )  # fmt: skip
     _, report = pipeline.train(cfg, tmp_path)
     section = report.inversion

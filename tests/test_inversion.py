@@ -224,3 +224,20 @@ def test_inversion_refuses_tables_unknown_options_and_classes_the_data_lacks_wit
         with pytest.raises(UserError, match=message) as refused:
             validate(make_config("audit.inversion.enabled=true", *overrides))
         assert "\n" not in str(refused.value)
+
+
+@pytest.mark.slow
+def test_classes_without_an_audited_member_or_non_member_are_left_out_with_a_warning(tmp_path, tiny_config):
+    from dptrain import pipeline
+
+    cfg = tiny_config(
+        "audit=fast", "audit.mia.attacks=[]", "audit.aia.enabled=false", "audit.inversion.enabled=true",
+        "audit.inversion.steps=3", "dataset.max_members=4", "train.batch_size=2", "privacy.target_epsilon=inf",
+    )  # fmt: skip
+    _, report = pipeline.train(cfg, tmp_path)
+    # 4 members and 4 non-members of 10 classes: here no class has both, so nothing is scored.
+    assert report.inversion is None
+    assert report.warnings == [
+        "inversion: classes [0, 1, 2, 3, 4, 5, 6, 7, 8, 9] have no audited member or non-member to score against; "
+        "left out"
+    ]

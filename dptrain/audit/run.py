@@ -383,18 +383,30 @@ def _extraction(target: AuditTarget) -> ExtractionAudit | None:
     return ExtractionAudit(curves, solving)
 
 
-def _inversion(target: AuditTarget) -> tuple[InversionAudit, InversionImages] | tuple[None, None]:
+def _inversion(
+    target: AuditTarget, warnings: list[str]
+) -> tuple[InversionAudit, InversionImages] | tuple[None, None]:
     """The model inversion audit (``audit.inversion``) of every class or those listed, its prior drawn
     from the population (canaries removed: the attacker's records), scored against the audited
-    members and non-members; (None, None) when it is off. Image data only (``dptrain.validation``)."""
+    members and non-members; (None, None) when it is off. Image data only (``dptrain.validation``).
+    A class without an audited member or non-member cannot be scored: it is left out with a warning
+    (and the audit too, with one, when no class is left)."""
     cfg = target.cfg.audit.inversion
     if not cfg.enabled:
         return None, None
     data = target.run.data
+    requested = list(cfg.classes) or list(range(data.num_classes))
+    present = set(data.members.tensors[1].tolist()) & set(data.non_members.tensors[1].tolist())
+    classes = [c for c in requested if c in present]
+    if len(classes) < len(requested):
+        missing = [c for c in requested if c not in present]
+        warnings.append(f"inversion: classes {missing} have no audited member or non-member to score against; left out")
+    if not classes:
+        return None, None
     keep = torch.from_numpy(population_without(data.split, target.run.canaries))
     return inversion_audit(
         target.run.model,
-        list(cfg.classes) or list(range(data.num_classes)),
+        classes,
         data.population.tensors[0][keep],
         data.members.tensors,
         data.non_members.tensors,
@@ -442,7 +454,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     implementation = _implementation(target, warnings)
     evasion = _evasion(target, warnings)
     extraction = _extraction(target)
-    inversion, inversion_images = _inversion(target)
+    inversion, inversion_images = _inversion(target, warnings)
     report = AuditReport(
         level=target.cfg.audit.name,
         accountant_epsilon=target.run.epsilon,

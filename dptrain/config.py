@@ -254,6 +254,22 @@ class GradientInversionAuditConfig:
 
 
 @dataclass
+class InversionAuditConfig:
+    # MI-Face (Fredrikson et al. 2015) on image data: per class in `classes` (empty: every class),
+    # `steps` steps of gradient descent of `lr` pixels on the class's cost (log_softmax: -log p_c;
+    # mi_face: 1 - p_c) plus tv_weight * total variation + l2_weight * squared distance to the prior
+    # (mean: the population's mean image; zeros; noise), scored against members and non-members.
+    enabled: bool = False
+    classes: List[int] = field(default_factory=list)
+    prior: str = "mean"
+    cost: str = "log_softmax"
+    steps: int = 200
+    lr: float = 0.1
+    tv_weight: float = 0.05
+    l2_weight: float = 0.0
+
+
+@dataclass
 class AuditConfig:
     name: str = "standard"
     mia: MembershipAuditConfig = field(default_factory=MembershipAuditConfig)
@@ -263,6 +279,7 @@ class AuditConfig:
     evasion: EvasionAuditConfig = field(default_factory=EvasionAuditConfig)
     extraction: ExtractionAuditConfig = field(default_factory=ExtractionAuditConfig)
     gradient_inversion: GradientInversionAuditConfig = field(default_factory=GradientInversionAuditConfig)
+    inversion: InversionAuditConfig = field(default_factory=InversionAuditConfig)
     confidence: float = 0.95
     seed: int = 0
     # Processes that train reference models; null: one per two cores, at most one per model.

@@ -67,7 +67,8 @@ def audit_target(
     # The panels are drawn before the report is recorded so that its time includes them; they are the
     # step of the audit about to be recorded.
     if tb is not None:
-        draw_audit(tb, result.report, result.scores, step=len(audit_history(run_dir)) + 1)
+        step = len(audit_history(run_dir)) + 1
+        draw_audit(tb, result.report, result.scores, step=step, inversion_images=result.inversion_images)
     return record_audit(run_dir, dataclasses.replace(result.report, audit_seconds=time.perf_counter() - started))
 
 

@@ -40,6 +40,7 @@ class Stream(IntEnum):
     SANITIZE = 20
     EXTRACTION = 21
     WATERMARK = 22
+    INVERSION = 23
     GRADIENT_INVERSION = 24
 
 

@@ -4,8 +4,8 @@
 
 For audit=fast, standard, thorough and implementation, trains the default job's
 target and audits it, printing the wall time of each stage and the audit /
-training ratio; ``fast+extraction`` is audit=fast with the extraction audit on
-(its cost is the difference to the fast line). ``fedavg+fast`` and ``fedavg+gradient_inversion`` train
+training ratio; ``fast+extraction`` and ``fast+inversion`` are audit=fast with the extraction or
+the model inversion audit on (its cost is the difference to the fast line). ``fedavg+fast`` and ``fedavg+gradient_inversion`` train
 the default job federated (``federation=fedavg``) and audit it at fast, the second with the gradient
 inversion audit on (federated runs only; its defaults: eight one-record updates). The implementation audit trains audit.whitebox.runs separate
 audit runs of the target's mechanism (one of 100 000 canaries as shipped), so it
@@ -40,12 +40,14 @@ from dptrain.validation import validate
 
 LEVELS = (
     "fast", "standard", "thorough", "implementation", "fast+extraction", "fedavg+fast", "fedavg+gradient_inversion",
+    "fast+inversion",
 )  # fmt: skip
 # Audits off at every level, timed on top of a level: their own cost is the difference to its line.
 ADDED = {
     "fast+extraction": ("fast", ["audit.extraction.enabled=true"]),
     "fedavg+fast": ("fast", ["federation=fedavg"]),
     "fedavg+gradient_inversion": ("fast", ["federation=fedavg", "audit.gradient_inversion.enabled=true"]),
+    "fast+inversion": ("fast", ["audit.inversion.enabled=true"]),
 }
 
 

@@ -51,7 +51,7 @@ def test_audit_json_is_the_reports_to_dict_and_reads_back_to_the_same_report(aud
 # audit.json's key names (docs/guide/outputs.md): a field renamed in a to_dict changes a documented format.
 REPORT_KEYS = {
     "level", "accountant_epsilon", "delta", "confidence", "members", "non_members", "mia", "aia", "canary",
-    "implementation", "evasion", "extraction", "gradient_inversion", "reference_models", "warnings", "audit_seconds", "audited_at", "history_file",
+    "implementation", "evasion", "extraction", "gradient_inversion", "inversion", "reference_models", "warnings", "audit_seconds", "audited_at", "history_file",
 }
 MEMBERSHIP_KEYS = {
     "auc", "auc_ci", "tpr_at_fpr", "tpr_at_fpr_ci", "advantage", "epsilon_lower_bound", "n_members", "n_nonmembers",

@@ -508,6 +508,35 @@ class GradientInversionResult:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class InversionAudit:
+    """The model inversion audit (``audit.json``'s ``inversion``, ``dptrain.audit.inversion``): per
+    reconstructed class, the L2 distance in pixels from its reconstruction to the nearest member of the
+    class, to the nearest audited non-member of the class and to the members' class mean; the share of
+    classes whose reconstruction is a leak (nearer a member than every non-member and than the mean),
+    the share nearer a member than every non-member, and ``chance``, the mean over classes of
+    members / (members + non-members) of the class, which bounds both for a model that leaks nothing.
+    ``members`` / ``non_members`` count the audited records of every class."""
+
+    classes: list[int]
+    member_distance: list[float]
+    nonmember_distance: list[float]
+    mean_distance: list[float]
+    leak_rate: float
+    nearest_member_rate: float
+    chance: float
+    prior: str
+    members: int
+    non_members: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InversionAudit:
+        return cls(**_known(cls, data))
+
+
 def _optional(part, data: Mapping[str, Any] | None):
     """``part.from_dict(data)``, a ``Skipped`` for ``{"skipped": why}``, None for None."""
     if data is None:
@@ -525,8 +554,8 @@ class AuditReport:
     bound, why there is none although canaries were asked for, or ``None`` when none were;
     ``implementation`` the white-box audit, why it was skipped, or ``None`` when it was off;
     ``evasion`` the evasion audit's curves by ``<attack>_<norm>``, or ``None`` when it was off;
-    ``extraction`` the extraction audit, or ``None`` when it was off; ``gradient_inversion`` the
-    gradient inversion audit, or ``None`` when it was off.
+    ``extraction`` the extraction audit, ``gradient_inversion`` the gradient inversion audit and
+    ``inversion`` the model inversion audit, each ``None`` when it was off.
     ``audited_at`` is the UTC time the audit finished (ISO 8601) and ``history_file`` the run's
     copy of this audit under ``audits/``, set when it is recorded (``None`` before, and in files
     written before either existed).
@@ -550,6 +579,7 @@ class AuditReport:
     evasion: dict[str, EvasionCurve] | None = None
     extraction: ExtractionAudit | None = None
     gradient_inversion: GradientInversionResult | None = None
+    inversion: InversionAudit | None = None
 
     @property
     def implementation_records(self) -> dict[str, ImplementationRecord]:
@@ -572,6 +602,7 @@ class AuditReport:
             "evasion": None if self.evasion is None else {key: curve.to_dict() for key, curve in self.evasion.items()},
             "extraction": None if self.extraction is None else self.extraction.to_dict(),
             "gradient_inversion": None if self.gradient_inversion is None else self.gradient_inversion.to_dict(),
+            "inversion": None if self.inversion is None else self.inversion.to_dict(),
             "reference_models": None if self.reference_models is None else self.reference_models.to_dict(),
             "warnings": list(self.warnings),
             "audit_seconds": self.audit_seconds,
@@ -584,8 +615,8 @@ class AuditReport:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditReport:
         """The report ``data`` (a parsed ``audit.json``) holds. Files written before a key existed read
-        with that part absent: ``implementation``, ``evasion``, ``extraction`` and ``gradient_inversion`` None, ``audited_at`` and
-        ``history_file`` None.
+        with that part absent: ``implementation``, ``evasion``, ``extraction``, ``gradient_inversion`` and
+        ``inversion`` None, ``audited_at`` and ``history_file`` None.
 
         Raises ``ValueError`` naming what is wrong when ``data`` is not an audit report.
         """
@@ -613,6 +644,7 @@ class AuditReport:
                 if data.get("extraction") is None
                 else ExtractionAudit.from_dict(data["extraction"]),
                 gradient_inversion=_optional(GradientInversionResult, data.get("gradient_inversion")),
+                inversion=_optional(InversionAudit, data.get("inversion")),
             )
         except KeyError as missing:
             raise ValueError(f"not an audit report: no {missing} key") from None

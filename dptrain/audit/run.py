@@ -1,6 +1,6 @@
 """The post-training audit of a run: membership inference (LOSS, RMIA, LiRA), attribute inference
 against imputation, the one-run canary bound, the white-box implementation audit, the evasion audit,
-the extraction audit, the gradient inversion audit (federated runs), and sanity guards
+the extraction audit, the gradient inversion audit (federated runs), the model inversion audit, and sanity guards
 (``dptrain.views.panels`` draws them in TensorBoard)."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dptrain.audit.evasion import evasion_audit, evasion_warnings, preprocessing
 from dptrain.audit.extraction import equation_solving_audit, extraction_audit
 from dptrain.audit.gradient_inversion import gradient_inversion_audit
 from dptrain.audit.implementation import AuditedMechanism, implementation_audit
+from dptrain.audit.inversion import InversionImages, inversion_audit
 from dptrain.audit.membership import compute_signals, lira_scores, loss_scores, rmia_scores
 from dptrain.audit.metrics import membership_metrics
 from dptrain.audit.reference import ReferenceModels, default_workers, train_references
@@ -33,6 +34,7 @@ from dptrain.audit.results import (
     ExtractionAudit,
     GradientInversionResult,
     ImplementationAudit,
+    InversionAudit,
     MembershipMetrics,
     OneRunAudit,
     ReferenceModelsRecord,
@@ -56,10 +58,12 @@ AUC_FLOOR = 0.4
 
 @dataclass(frozen=True)
 class AuditResult:
-    """The audit's report (``audit.json``) and, per membership attack, its (member, non-member) scores."""
+    """The audit's report (``audit.json``), per membership attack its (member, non-member) scores, and
+    the model inversion audit's images (None when it was off)."""
 
     report: AuditReport
     scores: dict[str, tuple[np.ndarray, np.ndarray]]
+    inversion_images: InversionImages | None = None
 
 
 @dataclass(frozen=True)
@@ -397,6 +401,44 @@ def _gradient_inversion(target: AuditTarget) -> GradientInversionResult | None:
     )
 
 
+def _inversion(
+    target: AuditTarget, warnings: list[str]
+) -> tuple[InversionAudit, InversionImages] | tuple[None, None]:
+    """The model inversion audit (``audit.inversion``) of every class or those listed, its prior drawn
+    from the population (canaries removed: the attacker's records), scored against the audited
+    members and non-members; (None, None) when it is off. Image data only (``dptrain.validation``).
+    A class without an audited member or non-member cannot be scored: it is left out with a warning
+    (and the audit too, with one, when no class is left)."""
+    cfg = target.cfg.audit.inversion
+    if not cfg.enabled:
+        return None, None
+    data = target.run.data
+    requested = list(cfg.classes) or list(range(data.num_classes))
+    present = set(data.members.tensors[1].tolist()) & set(data.non_members.tensors[1].tolist())
+    classes = [c for c in requested if c in present]
+    if len(classes) < len(requested):
+        missing = [c for c in requested if c not in present]
+        warnings.append(f"inversion: classes {missing} have no audited member or non-member to score against; left out")
+    if not classes:
+        return None, None
+    keep = torch.from_numpy(population_without(data.split, target.run.canaries))
+    return inversion_audit(
+        target.run.model,
+        classes,
+        data.population.tensors[0][keep],
+        data.members.tensors,
+        data.non_members.tensors,
+        data.units,
+        cfg.prior,
+        cfg.cost,
+        cfg.steps,
+        cfg.lr,
+        cfg.tv_weight,
+        cfg.l2_weight,
+        derived_seed(target.cfg.audit.seed, Stream.INVERSION),
+    )
+
+
 def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = None) -> AuditResult | None:
     """Audit ``target`` as ``target.cfg.audit`` says; return its report (``audit.json``) and the attacks' scores.
 
@@ -433,6 +475,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     evasion = _evasion(target, warnings)
     extraction = _extraction(target)
     gradient_inversion = _gradient_inversion(target)
+    inversion, inversion_images = _inversion(target, warnings)
     report = AuditReport(
         level=target.cfg.audit.name,
         accountant_epsilon=target.run.epsilon,
@@ -447,6 +490,7 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
         evasion=evasion,
         extraction=extraction,
         gradient_inversion=gradient_inversion,
+        inversion=inversion,
         reference_models=references,
         warnings=warnings,
         audit_seconds=time.perf_counter() - started,
@@ -454,4 +498,4 @@ def run_audit(target: AuditTarget, run_dir, canaries_requested: int | None = Non
     )
     for warning in warnings:
         log.error("audit: %s", warning)
-    return AuditResult(report, scores)
+    return AuditResult(report, scores, inversion_images)

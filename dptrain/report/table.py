@@ -94,6 +94,17 @@ def gradient_inversion_columns(audit: AuditReport) -> dict[str, float]:
     return {"gradient_inversion.match_rate": result.member_match_rate, "gradient_inversion.median_mse": result.median_mse}
 
 
+def inversion_columns(audit: AuditReport) -> dict[str, float]:
+    """The model inversion audit's leak rate and nearest-is-member rate, keyed ``inversion.leak_rate`` and
+    ``inversion.nearest_member_rate`` (empty when the audit was off)."""
+    if audit.inversion is None:
+        return {}
+    return {
+        "inversion.leak_rate": audit.inversion.leak_rate,
+        "inversion.nearest_member_rate": audit.inversion.nearest_member_rate,
+    }
+
+
 def _results(run: RunRecord, attacks: list[str], federated: list[str], per_budget: list[str]) -> dict:
     metrics, audit = run.metrics or {}, run.audit
     columns = [
@@ -128,6 +139,7 @@ def _results(run: RunRecord, attacks: list[str], federated: list[str], per_budge
     row.update(evasion_columns(audit))
     row.update(extraction_columns(audit))
     row.update(gradient_inversion_columns(audit))
+    row.update(inversion_columns(audit))
     row["audit_seconds"] = audit.audit_seconds
     row["audit_level"] = audit.level
     # Audits written before the history was kept do not name a history file.
@@ -141,7 +153,7 @@ def build_table(runs: list[RunRecord]) -> Table:
     (level and history file of the latest), per membership attack AUC / TPR at 1% FPR /
     empirical epsilon lower bound, the evasion audit's robust accuracy per attack and norm at its middle
     budget, the extraction audit's fidelity per output interface at its middle budget and its
-    equation-solving error, the gradient inversion audit's match rate and median MSE, the canary bound, attribute-inference advantage and leakage, seconds; poisoned
+    equation-solving error, the gradient inversion audit's match rate and median MSE, the model inversion audit's leak and nearest-is-member rates, the canary bound, attribute-inference advantage and leakage, seconds; poisoned
     runs add the members poisoned, the backdoor's success rate and a targeted flip's poisoned-class
     accuracy, federated runs the share of Byzantine updates selected."""
     override_keys = differing_overrides(runs)
@@ -150,14 +162,18 @@ def build_table(runs: list[RunRecord]) -> Table:
     if not any(run.metrics and run.metrics.get("poisoned") for run in runs):
         # Every centralized run records poisoned = 0: a column of zeros says nothing.
         federated = [key for key in federated if key != "poisoned"]
-    # The evasion and extraction audits' columns, named for the budget they were read at.
+    # The evasion and extraction audits' columns, named for the budget they were read at, and the
+    # inversion audit's where it ran.
     per_budget = list(
         dict.fromkeys(
             column
             for run in runs
             if run.audit
             for column in (
-                *evasion_columns(run.audit), *extraction_columns(run.audit), *gradient_inversion_columns(run.audit)
+                *evasion_columns(run.audit),
+                *extraction_columns(run.audit),
+                *gradient_inversion_columns(run.audit),
+                *inversion_columns(run.audit),
             )
         )
     )
@@ -182,7 +198,7 @@ def metric_columns(table: Table) -> list[str]:
     return [
         c
         for c in table.columns
-        if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith(("mia.", "evasion.", "extraction.", "gradient_inversion."))
+        if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith(("mia.", "evasion.", "extraction.", "gradient_inversion.", "inversion."))
     ]
 
 

@@ -1,5 +1,5 @@
 """The audit's figures: a log-log ROC of every attack with the chance diagonal and each attack's member /
-non-member score histograms overlaid on shared bins, both drawn with Pillow; robust accuracy and
+non-member score histograms overlaid on shared bins, both drawn with Pillow, the model inversion grid (Pillow); robust accuracy and
 extraction fidelity curves (matplotlib, imported only when one is drawn).
 
 The membership panels avoid matplotlib: its import (about 0.5 s, more on a loaded machine) and its ROC
@@ -42,6 +42,13 @@ BLACK = (0, 0, 0)
 # Gridlines and the chance diagonal.
 GRID = (222, 222, 222)
 CHANCE = (128, 128, 128)
+# The inversion grid: each image drawn at this many pixels a side (nearest neighbour) with a white gap
+# between images, under a header.
+INVERSION_CELL = 88
+INVERSION_GAP = 4
+INVERSION_HEADER = 22
+INVERSION_LABELS = 70
+INVERSION_COLUMNS = ("reconstruction", "class mean", "nearest member")
 
 
 def roc_image(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], floor: float) -> Image.Image:
@@ -219,6 +226,30 @@ def _histogram_panel(draw, origin, name, edges, member_counts, nonmember_counts,
         draw.text((left + 30, top + 8), "non-members", font=small, fill=BLACK, anchor="lm")
         draw.line([(left + 6, top + 24), (left + 24, top + 24)], fill=MEMBERS, width=2)
         draw.text((left + 30, top + 24), "members", font=small, fill=BLACK, anchor="lm")
+
+
+def inversion_grid_image(rows: Mapping[str, tuple[np.ndarray, ...]]) -> Image.Image:
+    """One row per reconstructed class, ``{label: (reconstruction, class_mean, nearest_member)}``, each a
+    (C, H, W) array of pixels in [0, 1] (1 or 3 channels), side by side under the column names, so a
+    reconstruction is seen against the class's average and the training record nearest to it."""
+    step = INVERSION_CELL + INVERSION_GAP
+    size = (INVERSION_LABELS + step * len(INVERSION_COLUMNS), INVERSION_HEADER + step * len(rows))
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    small = _font(11)
+    for column, name in enumerate(INVERSION_COLUMNS):
+        centre = INVERSION_LABELS + step * column + INVERSION_CELL / 2
+        draw.text((centre, INVERSION_HEADER / 2), name, font=small, fill=BLACK, anchor="mm")
+    for row, (label, images) in enumerate(rows.items()):
+        top = INVERSION_HEADER + step * row
+        draw.text((6, top + INVERSION_CELL / 2), label, font=_font(12), fill=BLACK, anchor="lm")
+        for column, pixels in enumerate(images):
+            grey = np.clip(np.asarray(pixels, dtype=np.float64), 0, 1)
+            grey = np.round(255 * np.moveaxis(grey, 0, -1)).astype(np.uint8)
+            cell = Image.fromarray(grey[:, :, 0] if grey.shape[2] == 1 else grey)
+            cell = cell.resize((INVERSION_CELL, INVERSION_CELL), Image.Resampling.NEAREST).convert("RGB")
+            image.paste(cell, (INVERSION_LABELS + step * column, top))
+    return image
 
 
 def _shared_edges(pooled: np.ndarray, bins: int) -> np.ndarray:

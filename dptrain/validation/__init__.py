@@ -16,6 +16,8 @@ import torch
 from dptrain.adversarial import NORMS, PREPROCESSORS
 from dptrain.adversarial import library
 from dptrain.audit.extraction import OUTPUTS as EXTRACTION_OUTPUTS
+from dptrain.audit.inversion import COSTS as INVERSION_COSTS
+from dptrain.audit.inversion import PRIORS as INVERSION_PRIORS
 from dptrain.audit.membership import LIRA_VARIANCES
 from dptrain.config import AuditConfig, Config, DefenseConfig, LauncherConfig
 from dptrain.data import DatasetInfo, SplitSizes, describe, split_sizes
@@ -134,6 +136,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     _validate_sanitization(cfg, info, members)
     _validate_preprocessing(cfg, info)
     _validate_watermark(cfg, info)
+    _validate_inversion(cfg.audit.inversion, info)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
     _validate_audit(cfg.audit, sizes.population)
@@ -355,6 +358,26 @@ def _validate_watermark(cfg: Config, info: DatasetInfo) -> None:
         raise UserError(
             "train.watermark.enabled=true trains the keys in the centralized recipe only: use federation=none, "
             "and with launcher.nproc_per_node > 1 private training with the mean aggregator and no Byzantine workers"
+        )
+
+
+def _validate_inversion(inversion, info: DatasetInfo) -> None:
+    """Model inversion reconstructs images in pixels: image data, and classes the dataset has."""
+    _choice("audit.inversion.prior", inversion.prior, INVERSION_PRIORS)
+    _choice("audit.inversion.cost", inversion.cost, INVERSION_COSTS)
+    if not inversion.enabled:
+        return
+    if info.modality != "image":
+        raise UserError(
+            f"audit.inversion.enabled=true reconstructs images and dataset={info.name} is a table: on tabular data "
+            "model inversion is attribute inference (Fredrikson et al. 2014), so use audit.aia.enabled=true "
+            "and audit.inversion.enabled=false"
+        )
+    classes = list(inversion.classes)
+    if len(set(classes)) != len(classes) or any(c >= info.num_classes for c in classes):
+        raise UserError(
+            f"audit.inversion.classes={classes}: list distinct classes of dataset={info.name} (0 to "
+            f"{info.num_classes - 1}), or [] for every class"
         )
 
 

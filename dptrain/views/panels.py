@@ -5,8 +5,20 @@ from __future__ import annotations
 
 from dptrain.audit.metrics import FPR_TARGETS, fpr_key, roc_curve
 from dptrain.audit.results import AttributeInferenceResult, AuditReport, OneRunAudit, Skipped
-from dptrain.tracking.figures import evasion_figure, extraction_figure, roc_image, score_histograms_image
-from dptrain.views.summary import format_evasion, format_extraction, format_gradient_inversion, format_implementation
+from dptrain.tracking.figures import (
+    evasion_figure,
+    extraction_figure,
+    inversion_grid_image,
+    roc_image,
+    score_histograms_image,
+)
+from dptrain.views.summary import (
+    format_evasion,
+    format_extraction,
+    format_gradient_inversion,
+    format_implementation,
+    format_inversion,
+)
 from dptrain.tracking.tensorboard import TensorBoardLog
 
 # Bins of the member / non-member score histograms.
@@ -18,7 +30,7 @@ def headline_metrics(report: AuditReport) -> dict[str, float | None]:
     AUC, TPR at 1% FPR and the epsilon lower bound; attribute inference's advantage on members and
     leakage; the canary bound; the evasion audit's robust accuracy per attack and norm at its middle
     budget; the extraction audit's fidelity per output interface at its middle budget and the
-    equation-solving error; the gradient inversion audit's nearest-member match rate and median MSE. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
+    equation-solving error; the gradient inversion audit's nearest-member match rate and median MSE; the model inversion audit's leak rate and nearest-is-member rate. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
     values: dict[str, float | None] = {}
     for name, metrics in report.mia.items():
         values[f"mia/{name}/auc"] = metrics.auc
@@ -46,6 +58,9 @@ def headline_metrics(report: AuditReport) -> dict[str, float | None]:
     if report.gradient_inversion is not None:
         values["gradient_inversion/match_rate"] = report.gradient_inversion.member_match_rate
         values["gradient_inversion/median_mse"] = report.gradient_inversion.median_mse
+    if report.inversion is not None:
+        values["inversion/leak_rate"] = report.inversion.leak_rate
+        values["inversion/nearest_member_rate"] = report.inversion.nearest_member_rate
     return values
 
 
@@ -99,15 +114,17 @@ def audit_text(report: AuditReport, step: int) -> str:
     parts += format_evasion(report.evasion)
     parts += format_extraction(report.extraction)
     parts += format_gradient_inversion(report.gradient_inversion)
+    parts += format_inversion(report.inversion)
     if report.warnings:
         parts.append("**Warnings**: " + "; ".join(report.warnings))
     return "\n\n".join(parts)
 
 
-def draw_audit(tb: TensorBoardLog, report: AuditReport, scores: dict, step: int) -> None:
+def draw_audit(tb: TensorBoardLog, report: AuditReport, scores: dict, step: int, inversion_images=None) -> None:
     """The audit's panels at ``step``: the ROC of every attack, the score histograms (one panel per
-    attack), robust accuracy against the evasion budget, extraction fidelity against the query budget
-    and the text summary. Single numbers go to the text and to HParams, not to one-point charts."""
+    attack), robust accuracy against the evasion budget, extraction fidelity against the query budget,
+    the model inversion grid (``inversion_images``, ``dptrain.audit.inversion.InversionImages``, when the
+    audit ran) and the text summary. Single numbers go to the text and to HParams, not to one-point charts."""
     if scores:
         curves = {}
         for name, (member_scores, nonmember_scores) in scores.items():
@@ -122,4 +139,15 @@ def draw_audit(tb: TensorBoardLog, report: AuditReport, scores: dict, step: int)
     if report.extraction is not None:
         curves = {output: (c.queries, c.fidelity) for output, c in report.extraction.curves.items()}
         tb.figure("audit/extraction", extraction_figure(curves), step)
+    if inversion_images is not None:
+        rows = {
+            f"class {c}": (r.numpy(), m.numpy(), n.numpy())
+            for c, r, m, n in zip(
+                report.inversion.classes,
+                inversion_images.reconstructions,
+                inversion_images.class_means,
+                inversion_images.nearest_members,
+            )
+        }
+        tb.image("audit/inversion", inversion_grid_image(rows), step)
     tb.text("audit/summary", audit_text(report, step), step)

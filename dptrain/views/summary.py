@@ -10,6 +10,7 @@ from dptrain.audit.results import (
     ExtractionAudit,
     GradientInversionResult,
     ImplementationAudit,
+    InversionAudit,
     Skipped,
 )
 from dptrain.training.metrics import FederationMetrics, RunMetrics
@@ -204,6 +205,29 @@ def format_gradient_inversion(result: GradientInversionResult | None) -> list[st
     ]
 
 
+def format_inversion(section: InversionAudit | None) -> list[str]:
+    """The model inversion audit's line: the leak rate and the nearest-is-member rate against chance,
+    and the mean distances (L2, pixels) from the reconstructions to the nearest member, nearest
+    non-member and class mean."""
+    if section is None:
+        return []
+    classes = len(section.classes)
+    mean = {
+        name: sum(values) / classes
+        for name, values in (
+            ("member", section.member_distance),
+            ("non-member", section.nonmember_distance),
+            ("class mean", section.mean_distance),
+        )
+    }
+    return [
+        f"{'inversion':<13}leak rate {section.leak_rate:.2f} of {classes} classes, nearest record a member"
+        f" {section.nearest_member_rate:.2f} (chance {section.chance:.2f}); mean L2 distance (pixels) to nearest"
+        f" member {mean['member']:.2f}, non-member {mean['non-member']:.2f}, class mean {mean['class mean']:.2f}"
+        f"  (prior {section.prior}; {section.members} members / {section.non_members} non-members)"
+    ]
+
+
 def format_audit(report: AuditReport) -> str:
     """The audit's lines of the summary: each attack's AUC with its interval, TPR at 1% FPR and epsilon lower bound."""
     lines = []
@@ -237,5 +261,6 @@ def format_audit(report: AuditReport) -> str:
     lines += format_evasion(report.evasion)
     lines += format_extraction(report.extraction)
     lines += format_gradient_inversion(report.gradient_inversion)
+    lines += format_inversion(report.inversion)
     lines += [f"WARNING      {warning}" for warning in report.warnings]
     return "\n".join(f"{'audit' if i == 0 else '':<15}{line}" for i, line in enumerate(lines))

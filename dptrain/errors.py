@@ -18,6 +18,12 @@ class UserError(Exception):
     """
 
 
+def require(condition: bool, message: str) -> None:
+    """Raise ``UserError(message)`` unless ``condition``; messages are one line naming the rule and its condition."""
+    if not condition:
+        raise UserError(message)
+
+
 def fail(message: str, status: int = 2) -> NoReturn:
     """Print ``dptrain: error: <message>`` to stderr and exit with ``status`` (2: bad input, as argparse)."""
     print(f"dptrain: error: {message}", file=sys.stderr)

@@ -26,6 +26,7 @@ STAGES = {
     "dptrain.models": 2,
     "dptrain.privacy": 3,
     "dptrain.robust": 3,
+    "dptrain.poisoning": 3,
     "dptrain.adversarial": 3,
     "dptrain.watermark": 3,
     "dptrain.training": 4,

@@ -15,7 +15,7 @@ from conftest import interrupt_at_epoch
 from dptrain import pipeline
 from dptrain.errors import UserError
 from dptrain.models import build_model
-from dptrain.robust import stamp_trigger
+from dptrain.poisoning import stamp_trigger
 from dptrain.training import centralized
 from dptrain.training.distributed import parallel_mode
 from dptrain.training.metrics import RunMetrics

@@ -18,7 +18,8 @@ from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import epsilon_spent
 from dptrain.privacy.crosscheck import pld_epsilon
-from dptrain.robust import build_attack, stamp_trigger
+from dptrain.poisoning import stamp_trigger
+from dptrain.robust import build_attack
 from dptrain.tracking.artifacts import METRICS_KEYS
 from dptrain.training.metrics import RunMetrics
 from dptrain.training import clients, federated

@@ -11,23 +11,20 @@ from omegaconf import OmegaConf
 
 from dptrain.config import AttackConfig
 from dptrain.errors import UserError
+from dptrain.poisoning import backdoor, label_flip, stamp_trigger, targeted_label_flip
 from dptrain.robust import (
     ATTACKS,
     alie,
     alie_z,
-    backdoor,
     build_attack,
     byzantine_rows,
     gaussian,
     ipm,
-    label_flip,
-    targeted_label_flip,
     mimic,
     min_max,
     min_sum,
     model_replacement_scale,
     sign_flip,
-    stamp_trigger,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -14,7 +14,8 @@ from dptrain import pipeline
 from dptrain.errors import UserError
 from dptrain.training import centralized
 from dptrain.training.poisoning import POISONED
-from dptrain.training.sanitization import SANITIZED, detection, spectral_scores, spectral_signatures
+from dptrain.poisoning import detection, spectral_scores, spectral_signatures
+from dptrain.training.sanitization import SANITIZED
 from dptrain.training.target import load_data
 from dptrain.validation import validate
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dptrain.errors import UserError
-from dptrain.training.sanitization import knn_label_consistency
+from dptrain.poisoning import knn_label_consistency
 from dptrain.validation import validate
 
 

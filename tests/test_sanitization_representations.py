@@ -23,7 +23,8 @@ from dptrain.training import centralized, recipe
 from dptrain.training.poisoning import poison_members
 from dptrain.training.recipe import train_model
 from dptrain.training.representations import has_hidden_layer, output_layer, penultimate
-from dptrain.training.sanitization import SANITIZED, activation_clustering, smaller_cluster, two_means
+from dptrain.poisoning import activation_clustering, smaller_cluster, two_means
+from dptrain.training.sanitization import SANITIZED
 from dptrain.training.target import load_data
 from dptrain.validation import validate
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from dptrain.errors import UserError
-from dptrain.training.sanitization import SANITIZED, activation_clustering, record_sanitized
+from dptrain.poisoning import activation_clustering
+from dptrain.training.sanitization import SANITIZED, record_sanitized
 from dptrain.validation import validate
 
 SILHOUETTE = ("defense.sanitize=activation_clustering", "defense.cluster_rule=silhouette")

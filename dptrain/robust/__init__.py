@@ -30,10 +30,10 @@ from dptrain.robust.attacks import (
     mimic,
     min_max,
     min_sum,
+    model_replacement_scale,
     sign_flip,
 )
 from dptrain.robust.pipeline import AggregationFailed, RobustAggregator, build_aggregator, tolerated_byzantine
-from dptrain.robust.poisoning import backdoor, label_flip, model_replacement_scale, stamp_trigger, targeted_label_flip
 from dptrain.robust.pre_aggregation import (
     NNM,
     PRE_AGGREGATORS,
@@ -82,7 +82,6 @@ __all__ = [
     "TrimmedMean",
     "alie",
     "alie_z",
-    "backdoor",
     "bucketing",
     "build_aggregator",
     "build_attack",
@@ -95,7 +94,6 @@ __all__ = [
     "ipm",
     "krum",
     "krum_select",
-    "label_flip",
     "mean",
     "mean_around_median",
     "median",
@@ -107,9 +105,7 @@ __all__ = [
     "nnm",
     "pairwise_sq_distances",
     "sign_flip",
-    "stamp_trigger",
     "static_clipping",
-    "targeted_label_flip",
     "tolerated_byzantine",
     "trimmed_mean",
 ]

@@ -26,11 +26,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dptrain.errors import require
 from dptrain.robust.primitives import (
     check_updates,
     one_thread,
     pairwise_sq_distances,
-    require,
     require_f,
     require_honest_majority,
     reduce_sorted_columns,

@@ -23,17 +23,11 @@ import torch
 from torch import Tensor
 
 from dptrain.config import AttackConfig
-from dptrain.robust.poisoning import (
-    backdoor,
-    label_flip,
-    model_replacement_scale,
-    stamp_trigger,
-    targeted_label_flip,
-)
+from dptrain.errors import require
+from dptrain.poisoning import backdoor, label_flip, stamp_trigger, targeted_label_flip
 from dptrain.robust.primitives import (
     check_updates,
     pairwise_sq_distances,
-    require,
     require_f,
     sq_distances_and_gram,
     sq_distances_to_mixture,
@@ -133,6 +127,18 @@ def mimic(honest: Tensor, f: int, target: int | None = None) -> Tensor:
         target = int(torch.linalg.eigh(centred_gram).eigenvectors[:, -1].abs().argmax())
     require(0 <= target < h, f"mimic needs 0 <= mimic_target < h (mimic_target={target}, h={h})")
     return _repeat(honest[target], f)
+
+
+def model_replacement_scale(n: int, server_lr: float = 1.0) -> float:
+    """Factor ``gamma = n / eta`` by which a backdoor attacker scales its update.
+
+    Bagdasaryan et al. 2020: the server applies ``eta / n`` times the sum of n updates, so an
+    update scaled by n / eta replaces the global model by the attacker's once the honest updates
+    roughly cancel. Preconditions n >= 1, eta > 0.
+    """
+    require(n >= 1, f"model_replacement needs n >= 1 updates, got {n}")
+    require(server_lr > 0, f"model_replacement needs server_lr > 0, got {server_lr}")
+    return n / server_lr
 
 
 def check_perturbation(kind: str) -> None:

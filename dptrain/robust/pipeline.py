@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from dptrain.config import AggregatorConfig, AttackConfig
-from dptrain.errors import UserError
+from dptrain.errors import UserError, require
 from dptrain.robust.pre_aggregation import PRE_AGGREGATORS, PreAggregator
-from dptrain.robust.primitives import check_updates, require, require_state, state_error
+from dptrain.robust.primitives import check_updates, require_state, state_error
 from dptrain.robust.rules import AGGREGATORS, Aggregation, AggregationRule
 
 

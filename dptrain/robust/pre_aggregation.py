@@ -24,7 +24,8 @@ from dptrain.robust.preaggregators import (
     nnm,
     static_clipping,
 )
-from dptrain.robust.primitives import check_updates, require, require_f, require_state, state_error
+from dptrain.errors import require
+from dptrain.robust.primitives import check_updates, require_f, require_state, state_error
 
 
 class PreAggregation(NamedTuple):

@@ -12,7 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from dptrain.robust.primitives import check_updates, pairwise_sq_distances, require, require_honest_majority
+from dptrain.errors import require
+from dptrain.robust.primitives import check_updates, pairwise_sq_distances, require_honest_majority
 
 
 def check_nnm(n: int, f: int) -> None:

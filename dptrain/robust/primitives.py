@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dptrain.errors import UserError
+from dptrain.errors import require
 
 # Relative accuracy the one-pass Gram distances must keep; beyond it we pay for a recentred pass.
 _CANCELLATION_BUDGET = 1e-5
@@ -28,12 +28,6 @@ def check_updates(updates: Tensor, rule: str) -> int:
     if updates.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{rule} takes float32 or float64 updates, got {updates.dtype}")
     return updates.shape[0]
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise ``UserError(message)`` unless ``condition``; messages are one line naming the rule and its condition."""
-    if not condition:
-        raise UserError(message)
 
 
 def require_f(f: int, rule: str) -> None:

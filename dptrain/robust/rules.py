@@ -14,6 +14,7 @@ from typing import Any, ClassVar, NamedTuple, Self
 from torch import Tensor
 
 from dptrain.config import AggregatorConfig
+from dptrain.errors import require
 from dptrain.robust.aggregators import (
     bulyan_selection,
     centered_clipping,
@@ -31,7 +32,6 @@ from dptrain.robust.aggregators import (
 )
 from dptrain.robust.primitives import (
     check_updates,
-    require,
     require_f,
     require_honest_majority,
     require_state,

@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from dptrain.config import Config
 from dptrain.data import Canaries, SplitData, SplitSizes, audited_split, canary_inclusion, subset
+from dptrain.poisoning import detection
 from dptrain.privacy import PrivacyPlan, plan_privacy
 from dptrain.robust import build_attack
 from dptrain.seeds import Stream, derived_seed
@@ -41,7 +42,7 @@ from dptrain.training.poisoning import (
     targets_class,
 )
 from dptrain.training.recipe import resolve_device, train_model
-from dptrain.training.sanitization import detection, record_sanitized, recorded_sanitized, sanitized_positions
+from dptrain.training.sanitization import record_sanitized, recorded_sanitized, sanitized_positions
 from dptrain.training.target import (
     TargetRun,
     independent_epsilon,

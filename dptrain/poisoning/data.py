@@ -1,12 +1,12 @@
-"""Data-level poisoning by Byzantine clients: label flipping and backdoor triggers on their own
-records, and the model-replacement factor a backdoor attacker scales its update by."""
+"""Data poisoning: label flipping (random and targeted) and backdoor triggers on the records an attacker
+controls, the centralized recipe's poisoned members or a Byzantine client's or worker's own records."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from dptrain.robust.primitives import require
+from dptrain.errors import require
 
 
 def label_flip(labels: Tensor, num_classes: int) -> Tensor:
@@ -83,15 +83,3 @@ def backdoor(
     poisoned_labels = labels.clone()
     poisoned_labels[chosen] = target_label
     return poisoned_inputs, poisoned_labels
-
-
-def model_replacement_scale(n: int, server_lr: float = 1.0) -> float:
-    """Factor ``gamma = n / eta`` by which a backdoor attacker scales its update.
-
-    Bagdasaryan et al. 2020: the server applies ``eta / n`` times the sum of n updates, so an
-    update scaled by n / eta replaces the global model by the attacker's once the honest updates
-    roughly cancel. Preconditions n >= 1, eta > 0.
-    """
-    require(n >= 1, f"model_replacement needs n >= 1 updates, got {n}")
-    require(server_lr > 0, f"model_replacement needs server_lr > 0, got {server_lr}")
-    return n / server_lr

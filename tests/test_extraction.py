@@ -145,7 +145,7 @@ def test_audit_json_carries_extraction_per_interface_and_equation_solving_and_re
 def test_the_summary_the_headline_metrics_and_the_report_read_fidelity_at_the_middle_budget():
     from conftest import make_audit_report
 
-    from dptrain.report.table import extraction_columns
+    from dptrain.report.table import threat_columns
     from dptrain.views.panels import headline_metrics
     from dptrain.views.summary import format_audit
 
@@ -154,7 +154,7 @@ def test_the_summary_the_headline_metrics_and_the_report_read_fidelity_at_the_mi
     assert "extraction   label         fidelity (surrogate accuracy) 0.800 (0.750) @ 100, 0.950 (0.900) @ 1000" in text
     assert "relative error 2.0e-13 of w_k - w_0, b_k - b_0 from 65 probability queries" in text
     assert headline_metrics(report)["extraction/label/fidelity@1000"] == 0.95
-    assert extraction_columns(report) == {
+    assert threat_columns(report) == {
         "extraction.label.fidelity@1000": 0.95, "extraction.equation_solving.relative_error": 2e-13,
     }  # fmt: skip
     assert "extraction" not in format_audit(make_audit_report())

@@ -127,7 +127,7 @@ def test_audit_json_carries_the_inversion_audit_and_reads_it_back():
 def test_the_summary_the_headline_metrics_and_the_report_carry_the_leak_rate():
     from conftest import make_audit_report
 
-    from dptrain.report.table import inversion_columns
+    from dptrain.report.table import threat_columns
     from dptrain.views.panels import headline_metrics
     from dptrain.views.summary import format_audit
 
@@ -136,8 +136,8 @@ def test_the_summary_the_headline_metrics_and_the_report_carry_the_leak_rate():
     assert "inversion    leak rate 0.50 of 2 classes, nearest record a member 0.50 (chance 0.50)" in text
     assert "to nearest member 1.50, non-member 2.00, class mean 3.00" in text
     assert headline_metrics(report)["inversion/leak_rate"] == 0.5
-    assert inversion_columns(report) == {"inversion.leak_rate": 0.5, "inversion.nearest_member_rate": 0.5}
-    assert "inversion" not in format_audit(make_audit_report()) and inversion_columns(make_audit_report()) == {}
+    assert threat_columns(report) == {"inversion.leak_rate": 0.5, "inversion.nearest_member_rate": 0.5}
+    assert "inversion" not in format_audit(make_audit_report()) and threat_columns(make_audit_report()) == {}
 
 
 def test_the_grid_puts_each_image_in_its_cell():

@@ -586,6 +586,32 @@ class AuditReport:
         """The implementation audit's records by setting; empty when it was off or skipped."""
         return self.implementation.records if isinstance(self.implementation, ImplementationAudit) else {}
 
+    def threat_headlines(self) -> dict[tuple[str, ...], float | None]:
+        """The evasion, extraction, gradient inversion and model inversion audits' headline numbers, keyed
+        by path (HParams joins it with "/", the report's columns with "."): robust accuracy per attack and
+        norm at the middle budget, ``("evasion", "<attack>_<norm>@<budget>")``; fidelity per output
+        interface at the middle query budget and the equation-solving error; the gradient inversion
+        audit's nearest-member match rate and median MSE; the model inversion audit's leak rate and
+        nearest-is-member rate. Audits that were off add nothing."""
+        values: dict[tuple[str, ...], float | None] = {}
+        for key, curve in (self.evasion or {}).items():
+            budget, accuracy = curve.middle()
+            values[("evasion", f"{key}@{budget:g}")] = accuracy
+        if self.extraction is not None:
+            for output, curve in self.extraction.curves.items():
+                queries, fidelity = curve.middle()
+                values[("extraction", output, f"fidelity@{queries}")] = fidelity
+            solving = self.extraction.equation_solving
+            if solving is not None:
+                values[("extraction", "equation_solving", "relative_error")] = solving.relative_error
+        if self.gradient_inversion is not None:
+            values[("gradient_inversion", "match_rate")] = self.gradient_inversion.member_match_rate
+            values[("gradient_inversion", "median_mse")] = self.gradient_inversion.median_mse
+        if self.inversion is not None:
+            values[("inversion", "leak_rate")] = self.inversion.leak_rate
+            values[("inversion", "nearest_member_rate")] = self.inversion.nearest_member_rate
+        return values
+
     def to_dict(self) -> dict[str, Any]:
         """``audit.json``'s content; ``history_file`` only once the audit is recorded."""
         report = {

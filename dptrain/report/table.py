@@ -60,49 +60,11 @@ def attack_column(attack: str, metric: str) -> str:
     return f"mia.{attack}.{metric}"
 
 
-def evasion_columns(audit: AuditReport) -> dict[str, float]:
-    """The evasion audit's robust accuracy per attack and norm at its middle budget, keyed
-    ``evasion.<attack>_<norm>@<budget>`` (empty when the audit was off)."""
-    columns = {}
-    for key, curve in (audit.evasion or {}).items():
-        budget, accuracy = curve.middle()
-        columns[f"evasion.{key}@{budget:g}"] = accuracy
-    return columns
-
-
-def extraction_columns(audit: AuditReport) -> dict[str, float | None]:
-    """The extraction audit's fidelity per output interface at its middle query budget, keyed
-    ``extraction.<output>.fidelity@<queries>``, and the equation-solving attack's relative parameter
-    error, ``extraction.equation_solving.relative_error`` (empty when the audit was off)."""
-    if audit.extraction is None:
-        return {}
-    columns: dict[str, float | None] = {}
-    for output, curve in audit.extraction.curves.items():
-        queries, fidelity = curve.middle()
-        columns[f"extraction.{output}.fidelity@{queries}"] = fidelity
-    if audit.extraction.equation_solving is not None:
-        columns["extraction.equation_solving.relative_error"] = audit.extraction.equation_solving.relative_error
-    return columns
-
-
-def gradient_inversion_columns(audit: AuditReport) -> dict[str, float]:
-    """The gradient inversion audit's nearest-member match rate and median MSE, keyed
-    ``gradient_inversion.match_rate`` and ``gradient_inversion.median_mse`` (empty when it was off)."""
-    result = audit.gradient_inversion
-    if result is None:
-        return {}
-    return {"gradient_inversion.match_rate": result.member_match_rate, "gradient_inversion.median_mse": result.median_mse}
-
-
-def inversion_columns(audit: AuditReport) -> dict[str, float]:
-    """The model inversion audit's leak rate and nearest-is-member rate, keyed ``inversion.leak_rate`` and
-    ``inversion.nearest_member_rate`` (empty when the audit was off)."""
-    if audit.inversion is None:
-        return {}
-    return {
-        "inversion.leak_rate": audit.inversion.leak_rate,
-        "inversion.nearest_member_rate": audit.inversion.nearest_member_rate,
-    }
+def threat_columns(audit: AuditReport) -> dict[str, float | None]:
+    """The evasion, extraction, gradient inversion and model inversion audits' headline numbers
+    (``AuditReport.threat_headlines``) as columns, e.g. ``evasion.pgd_linf@0.1``,
+    ``extraction.label.fidelity@1000``, ``inversion.leak_rate`` (none for audits that were off)."""
+    return {".".join(path): value for path, value in audit.threat_headlines().items()}
 
 
 def _results(run: RunRecord, attacks: list[str], federated: list[str], per_budget: list[str]) -> dict:
@@ -136,10 +98,7 @@ def _results(run: RunRecord, attacks: list[str], federated: list[str], per_budge
     if isinstance(audit.aia, AttributeInferenceResult):
         row["aia.advantage"] = audit.aia.members.advantage["accuracy"]
         row["aia.leakage"] = audit.aia.leakage["accuracy"]
-    row.update(evasion_columns(audit))
-    row.update(extraction_columns(audit))
-    row.update(gradient_inversion_columns(audit))
-    row.update(inversion_columns(audit))
+    row.update(threat_columns(audit))
     row["audit_seconds"] = audit.audit_seconds
     row["audit_level"] = audit.level
     # Audits written before the history was kept do not name a history file.
@@ -151,9 +110,8 @@ def build_table(runs: list[RunRecord]) -> Table:
     """One row per run (complete or not, in the given order): name, status, missing files, the differing
     overrides, test accuracy, epsilon, delta, noise multiplier, which audit the audit numbers come from
     (level and history file of the latest), per membership attack AUC / TPR at 1% FPR /
-    empirical epsilon lower bound, the evasion audit's robust accuracy per attack and norm at its middle
-    budget, the extraction audit's fidelity per output interface at its middle budget and its
-    equation-solving error, the gradient inversion audit's match rate and median MSE, the model inversion audit's leak and nearest-is-member rates, the canary bound, attribute-inference advantage and leakage, seconds; poisoned
+    empirical epsilon lower bound, the threat audits' headline numbers (``threat_columns``), the canary
+    bound, attribute-inference advantage and leakage, seconds; poisoned
     runs add the members poisoned, the backdoor's success rate and a targeted flip's poisoned-class
     accuracy, federated runs the share of Byzantine updates selected."""
     override_keys = differing_overrides(runs)
@@ -162,21 +120,8 @@ def build_table(runs: list[RunRecord]) -> Table:
     if not any(run.metrics and run.metrics.get("poisoned") for run in runs):
         # Every centralized run records poisoned = 0: a column of zeros says nothing.
         federated = [key for key in federated if key != "poisoned"]
-    # The evasion and extraction audits' columns, named for the budget they were read at, and the
-    # inversion audit's where it ran.
-    per_budget = list(
-        dict.fromkeys(
-            column
-            for run in runs
-            if run.audit
-            for column in (
-                *evasion_columns(run.audit),
-                *extraction_columns(run.audit),
-                *gradient_inversion_columns(run.audit),
-                *inversion_columns(run.audit),
-            )
-        )
-    )
+    # The threat audits' columns, the evasion and extraction ones named for the budget they were read at.
+    per_budget = list(dict.fromkeys(column for run in runs if run.audit for column in threat_columns(run.audit)))
     rows = []
     for run in runs:
         given = dict(map(_split, run.overrides))
@@ -198,7 +143,8 @@ def metric_columns(table: Table) -> list[str]:
     return [
         c
         for c in table.columns
-        if c in (*LEADING, *FEDERATED, *TRAILING) or c.startswith(("mia.", "evasion.", "extraction.", "gradient_inversion.", "inversion."))
+        if c in (*LEADING, *FEDERATED, *TRAILING)
+        or c.startswith(("mia.", "evasion.", "extraction.", "gradient_inversion.", "inversion."))
     ]
 
 

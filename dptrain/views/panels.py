@@ -28,9 +28,9 @@ SCORE_BINS = 40
 def headline_metrics(report: AuditReport) -> dict[str, float | None]:
     """The audit's headline numbers, the metrics of the run's HParams record: per membership attack
     AUC, TPR at 1% FPR and the epsilon lower bound; attribute inference's advantage on members and
-    leakage; the canary bound; the evasion audit's robust accuracy per attack and norm at its middle
-    budget; the extraction audit's fidelity per output interface at its middle budget and the
-    equation-solving error; the gradient inversion audit's nearest-member match rate and median MSE; the model inversion audit's leak rate and nearest-is-member rate. The rest (intervals, TPR at 0.1% and 10%, counts) is in the text summary."""
+    leakage; the canary bound; the implementation audit's bounds; the threat audits' headline numbers
+    (``AuditReport.threat_headlines``). The rest (intervals, TPR at 0.1% and 10%, counts) is in the text
+    summary."""
     values: dict[str, float | None] = {}
     for name, metrics in report.mia.items():
         values[f"mia/{name}/auc"] = metrics.auc
@@ -46,21 +46,7 @@ def headline_metrics(report: AuditReport) -> dict[str, float | None]:
         if record.steinke is not None:  # audits before the f-DP bound have one bound only
             values[f"implementation/{setting}/steinke_eps_lb"] = record.steinke.epsilon_lower_bound
         values[f"implementation/{setting}/eps_estimate"] = record.epsilon_estimate
-    for key, curve in (report.evasion or {}).items():
-        budget, accuracy = curve.middle()
-        values[f"evasion/{key}@{budget:g}"] = accuracy
-    if report.extraction is not None:
-        for output, curve in report.extraction.curves.items():
-            queries, fidelity = curve.middle()
-            values[f"extraction/{output}/fidelity@{queries}"] = fidelity
-        if report.extraction.equation_solving is not None:
-            values["extraction/equation_solving/relative_error"] = report.extraction.equation_solving.relative_error
-    if report.gradient_inversion is not None:
-        values["gradient_inversion/match_rate"] = report.gradient_inversion.member_match_rate
-        values["gradient_inversion/median_mse"] = report.gradient_inversion.median_mse
-    if report.inversion is not None:
-        values["inversion/leak_rate"] = report.inversion.leak_rate
-        values["inversion/nearest_member_rate"] = report.inversion.nearest_member_rate
+    values.update({"/".join(path): value for path, value in report.threat_headlines().items()})
     return values
 
 

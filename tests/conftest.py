@@ -90,6 +90,21 @@ def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
     monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted)
 
 
+def interrupt_at_round(monkeypatch, round_index: int) -> None:
+    """Make this process's federated training raise KeyboardInterrupt when round ``round_index`` would
+    start; ``monkeypatch.undo()`` lets the next run train again."""
+    from dptrain.training import federated
+
+    real = federated.FederatedServer.run_round
+
+    def interrupted(self, index):
+        if index == round_index:
+            raise KeyboardInterrupt
+        return real(self, index)
+
+    monkeypatch.setattr(federated.FederatedServer, "run_round", interrupted)
+
+
 def on_pixels(model, units):
     """``model`` fed pixels in [0, 1] (mapped to its units by ``low + scale * pixel``), in eval mode: the input
     attack libraries work on."""

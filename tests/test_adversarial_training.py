@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from conftest import hand_dp_step, interrupt_at_epoch, make_config
+from conftest import hand_dp_step, interrupt_at_epoch, interrupt_at_round, make_config
 from dptrain import pipeline
 from dptrain.adversarial import pgd
 from dptrain.config import ModelConfig, PrivacyConfig
@@ -178,14 +178,7 @@ def test_a_resumed_federated_trades_run_matches_the_uninterrupted_run(tmp_path, 
                  "privacy.noise_multiplier=1.0", "privacy.accountant=rdp", "privacy.grad_sample_mode=hooks",
                  "train.adversarial=trades", "train.adversarial_steps=2")  # fmt: skip
     pipeline.train(make_config(*overrides), tmp_path / "a")
-    real_round = federated.FederatedServer.run_round
-
-    def interrupted_round(self, round_index):
-        if round_index == 2:
-            raise KeyboardInterrupt
-        return real_round(self, round_index)
-
-    monkeypatch.setattr(federated.FederatedServer, "run_round", interrupted_round)
+    interrupt_at_round(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.train(make_config(*overrides), tmp_path / "b")
     monkeypatch.undo()

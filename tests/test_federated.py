@@ -12,13 +12,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import TensorDataset
 
+from conftest import interrupt_at_round
 from dptrain import pipeline
 from dptrain.audit import reference
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.privacy import epsilon_spent
-from dptrain.privacy.crosscheck import pld_epsilon
 from dptrain.poisoning import stamp_trigger
+from dptrain.privacy.crosscheck import pld_epsilon
 from dptrain.robust import build_attack
 from dptrain.tracking.artifacts import METRICS_KEYS
 from dptrain.training.metrics import RunMetrics
@@ -291,18 +292,11 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(fed_config, 
     )
     uninterrupted = pipeline.train(fed_config(*overrides), tmp_path / "a")[0]
 
-    real_round = federated.FederatedServer.run_round
-
-    def interrupted_round(self, round_index):
-        if round_index == 2:
-            raise KeyboardInterrupt
-        return real_round(self, round_index)
-
-    monkeypatch.setattr(federated.FederatedServer, "run_round", interrupted_round)
+    interrupt_at_round(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.train(fed_config(*overrides), tmp_path / "b")
     assert not (tmp_path / "b" / "metrics.json").exists()
-    monkeypatch.setattr(federated.FederatedServer, "run_round", real_round)
+    monkeypatch.undo()
 
     resumed = pipeline.train(fed_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")[0]
     assert resumed.epsilon == uninterrupted.epsilon

@@ -90,6 +90,12 @@ def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
     monkeypatch.setattr("dptrain.training.recipe.train_epoch", interrupted)
 
 
+def same_weights(run_a, run_b) -> bool:
+    """Whether the two run directories' ``model.pt`` hold the same tensors, bit for bit."""
+    a, b = (torch.load(Path(run) / "model.pt", weights_only=True) for run in (run_a, run_b))
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def interrupt_at_round(monkeypatch, round_index: int) -> None:
     """Make this process's federated training raise KeyboardInterrupt when round ``round_index`` would
     start; ``monkeypatch.undo()`` lets the next run train again."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from conftest import hand_dp_step, interrupt_at_epoch, interrupt_at_round, make_config
+from conftest import hand_dp_step, interrupt_at_epoch, interrupt_at_round, make_config, same_weights
 from dptrain import pipeline
 from dptrain.adversarial import pgd
 from dptrain.config import ModelConfig, PrivacyConfig
@@ -133,9 +133,7 @@ def test_a_resumed_adversarial_run_matches_the_uninterrupted_run(tmp_path, monke
         pipeline.train(make_config(*overrides), tmp_path / "b")
     monkeypatch.undo()
     pipeline.train(make_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.parametrize("mode", [pytest.param("pgd", marks=pytest.mark.slow), "trades"])
@@ -183,9 +181,7 @@ def test_a_resumed_federated_trades_run_matches_the_uninterrupted_run(tmp_path, 
         pipeline.train(make_config(*overrides), tmp_path / "b")
     monkeypatch.undo()
     pipeline.train(make_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.parametrize(

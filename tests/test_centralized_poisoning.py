@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import TensorDataset
 
-from conftest import interrupt_at_epoch
+from conftest import interrupt_at_epoch, same_weights
 from dptrain import pipeline
 from dptrain.errors import UserError
 from dptrain.models import build_model
@@ -183,9 +183,7 @@ def test_a_resumed_run_poisons_the_same_records(tiny_config, tmp_path, monkeypat
     monkeypatch.undo()
     pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
     assert _recorded(tmp_path / "b") == interrupted == _recorded(tmp_path / "a")
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
 def test_poisoning_keeps_dpddp_and_robust_parallelism_keeps_its_attackers(tiny_config):

@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import TensorDataset
 
-from conftest import interrupt_at_round
+from conftest import interrupt_at_round, same_weights
 from dptrain import pipeline
 from dptrain.audit import reference
 from dptrain.errors import UserError
@@ -301,9 +301,7 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(fed_config, 
     resumed = pipeline.train(fed_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")[0]
     assert resumed.epsilon == uninterrupted.epsilon
     assert resumed.federation.client_epsilons == uninterrupted.federation.client_epsilons
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
 def test_audit_of_the_federated_model_takes_the_honest_records_as_members(fed_config, tmp_path):

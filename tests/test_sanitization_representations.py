@@ -14,7 +14,7 @@ from sklearn.cluster import KMeans
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from conftest import interrupt_at_epoch
+from conftest import interrupt_at_epoch, same_weights
 from dptrain import pipeline
 from dptrain.errors import UserError
 from dptrain.models import build_model
@@ -135,9 +135,7 @@ def test_a_resumed_sanitized_run_removes_the_same_records_without_a_second_preli
     assert len(epochs) == 2
     removed = [json.loads((tmp_path / run / SANITIZED).read_text())["member_positions"] for run in ("a", "b")]
     assert removed[0] == removed[1] and removed[0]
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.parametrize(

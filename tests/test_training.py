@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import interrupt_at_epoch
+from conftest import interrupt_at_epoch, same_weights
 from dptrain.data import Split
 from dptrain.errors import UserError
 from dptrain.models import build_model
@@ -181,9 +181,7 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(tiny_config,
     resumed = pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")[0]
     assert resumed.steps == uninterrupted.steps
     assert resumed.epsilon == pytest.approx(uninterrupted.epsilon, rel=1e-9)
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,34 @@ def hand_dp_step(weight, bias, inputs, labels, clip: float, per_layer: bool, noi
     return weight - lr * sum_w / len(labels), bias - lr * sum_b / len(labels)
 
 
+def full_batch_dp_training(
+    model, inputs, labels, *, noise: float, clip: float, lr: float, noise_seed: int = 0, **privacy
+):
+    """``model`` made private for one full-batch DP-SGD step (sample rate 1, one step) on ``inputs`` and
+    ``labels`` by plain SGD at ``lr``: the setting of the hand-computed steps. ``privacy`` are further
+    ``PrivacyConfig`` fields (``grad_sample_mode``, ``clipping``, ...); noise is drawn from ``noise_seed``."""
+    from torch.utils.data import TensorDataset
+
+    from dptrain.config import PrivacyConfig
+    from dptrain.privacy import PrivacyPlan, make_private
+
+    plan = PrivacyPlan(
+        private=True, accountant="prv", delta=1e-5, target_epsilon=None, noise_multiplier=noise,
+        max_grad_norm=clip, sample_rate=1.0, steps_per_epoch=1, steps=1, planned_epsilon=None,
+    )  # fmt: skip
+    return make_private(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        dataset=TensorDataset(inputs, labels),
+        plan=plan,
+        cfg=PrivacyConfig(**privacy),
+        batch_size=len(labels),
+        max_physical_batch_size=None,
+        sampling_generator=torch.Generator(),
+        noise_generator=torch.Generator().manual_seed(noise_seed),
+    )
+
+
 def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
     """Make this process's training raise KeyboardInterrupt (what Ctrl-C raises) when its ``epoch``-th
     epoch would start; ``monkeypatch.undo()`` lets the next run train again."""

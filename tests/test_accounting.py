@@ -11,14 +11,13 @@ import torch
 from dp_accounting.pld import PLDAccountant
 from opacus.accountants import create_accountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch.utils.data import TensorDataset
 
-from conftest import TINY, hand_dp_step, make_config
+from conftest import TINY, full_batch_dp_training, hand_dp_step, make_config
 from dptrain import pipeline
-from dptrain.config import ModelConfig, PrivacyConfig
+from dptrain.config import ModelConfig
 from dptrain.errors import UserError
 from dptrain.models import build_model
-from dptrain.privacy import PrivacyPlan, epsilon_spent, make_private
+from dptrain.privacy import epsilon_spent
 from dptrain.privacy import crosscheck
 from dptrain.privacy.engine import PoissonBatches
 from dptrain.privacy.ledger import PrivacyLedger
@@ -127,21 +126,10 @@ def test_one_dp_sgd_step_equals_the_step_computed_by_hand(mode, clipping):
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="logreg"), (3,), 2).double()
     weight, bias = (p.detach().clone() for p in model.parameters())
-    plan = PrivacyPlan(
-        private=True, accountant="prv", delta=DELTA, target_epsilon=None, noise_multiplier=0.7,
-        max_grad_norm=1.0, sample_rate=1.0, steps_per_epoch=1, steps=1, planned_epsilon=None,
-    )
-    training = make_private(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-        dataset=TensorDataset(inputs.double(), labels),
-        plan=plan,
-        cfg=PrivacyConfig(grad_sample_mode=mode, clipping=clipping),
-        batch_size=6,
-        max_physical_batch_size=None,
-        sampling_generator=torch.Generator(),
-        noise_generator=torch.Generator().manual_seed(11),
-    )
+    training = full_batch_dp_training(
+        model, inputs.double(), labels, noise=0.7, clip=1.0, lr=0.5, noise_seed=11, grad_sample_mode=mode,
+        clipping=clipping,
+    )  # fmt: skip
     for batch_inputs, batch_labels in training.loader:
         training.optimizer.zero_grad()
         training.loss_fn(training.model(batch_inputs), batch_labels).backward()

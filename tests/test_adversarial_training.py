@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
-from conftest import hand_dp_step, interrupt_at_epoch, interrupt_at_round, make_config, same_weights
+from conftest import (
+    full_batch_dp_training,
+    hand_dp_step,
+    interrupt_at_epoch,
+    interrupt_at_round,
+    make_config,
+    same_weights,
+)
 from dptrain import pipeline
 from dptrain.adversarial import pgd
-from dptrain.config import ModelConfig, PrivacyConfig
+from dptrain.config import ModelConfig
 from dptrain.data import InputUnits
 from dptrain.errors import UserError
 from dptrain.models import build_model
-from dptrain.privacy import PrivacyPlan, make_private
 from dptrain.training import federated
 from dptrain.training.adversarial import AdversarialExamples, Trades
 from dptrain.training.loop import train_epoch
@@ -33,20 +38,8 @@ def _pixels(generator: torch.Generator, n: int) -> torch.Tensor:
 
 
 def _private(model, inputs, labels, noise_seed: int, mode: str = "hooks"):
-    plan = PrivacyPlan(
-        private=True, accountant="prv", delta=1e-5, target_epsilon=None, noise_multiplier=0.7,
-        max_grad_norm=1.0, sample_rate=1.0, steps_per_epoch=1, steps=1, planned_epsilon=None,
-    )
-    return make_private(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-        dataset=TensorDataset(inputs, labels),
-        plan=plan,
-        cfg=PrivacyConfig(grad_sample_mode=mode),
-        batch_size=len(labels),
-        max_physical_batch_size=None,
-        sampling_generator=torch.Generator(),
-        noise_generator=torch.Generator().manual_seed(noise_seed),
+    return full_batch_dp_training(
+        model, inputs, labels, noise=0.7, clip=1.0, lr=0.5, noise_seed=noise_seed, grad_sample_mode=mode
     )
 
 

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
+from conftest import full_batch_dp_training
 from dptrain.config import ModelConfig, PrivacyConfig
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.models.zoo import MODELS
-from dptrain.privacy import PrivacyPlan, calibrate_noise, epsilon_spent, make_private, plan_privacy
+from dptrain.privacy import calibrate_noise, epsilon_spent, plan_privacy
 from dptrain.privacy.accounting import CALIBRATION_TOLERANCE
 
 
@@ -46,20 +46,8 @@ def test_target_that_no_noise_can_meet_is_a_user_error():
 def _one_noiseless_step(model_cfg: ModelConfig, mode: str, inputs, labels) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = build_model(model_cfg, inputs.shape[1:], 3)
-    plan = PrivacyPlan(
-        private=True, accountant="rdp", delta=1e-5, target_epsilon=None, noise_multiplier=0.0,
-        max_grad_norm=0.1, sample_rate=1.0, steps_per_epoch=1, steps=1, planned_epsilon=None,
-    )
-    training = make_private(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        dataset=TensorDataset(inputs, labels),
-        plan=plan,
-        cfg=PrivacyConfig(grad_sample_mode=mode, poisson_sampling=False),
-        batch_size=len(labels),
-        max_physical_batch_size=None,
-        sampling_generator=torch.Generator(),
-        noise_generator=torch.Generator(),
+    training = full_batch_dp_training(
+        model, inputs, labels, noise=0.0, clip=0.1, lr=1.0, grad_sample_mode=mode, poisson_sampling=False
     )
     training.optimizer.zero_grad()
     training.loss_fn(training.model(inputs), labels).backward()

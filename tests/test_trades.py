@@ -9,15 +9,13 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
-from torch.utils.data import TensorDataset
 
-from conftest import make_config
+from conftest import full_batch_dp_training, make_config
 from dptrain import pipeline
 from dptrain.adversarial import trades_pgd
-from dptrain.config import ModelConfig, PrivacyConfig
+from dptrain.config import ModelConfig
 from dptrain.data import InputUnits
 from dptrain.models import build_model
-from dptrain.privacy import PrivacyPlan, make_private
 from dptrain.training.adversarial import Trades
 from dptrain.training.loop import train_epoch
 
@@ -37,20 +35,8 @@ def _mlp() -> torch.nn.Module:
 
 def _private_trades_step(model, inputs, labels, clip: float, noise: float, mode: str, clipping: str):
     """One private TRADES step through dptrain's loop; returns the adversarial inputs it trained on."""
-    plan = PrivacyPlan(
-        private=True, accountant="prv", delta=1e-5, target_epsilon=None, noise_multiplier=noise,
-        max_grad_norm=clip, sample_rate=1.0, steps_per_epoch=1, steps=1, planned_epsilon=None,
-    )  # fmt: skip
-    training = make_private(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-        dataset=TensorDataset(inputs, labels),
-        plan=plan,
-        cfg=PrivacyConfig(grad_sample_mode=mode, clipping=clipping),
-        batch_size=len(labels),
-        max_physical_batch_size=None,
-        sampling_generator=torch.Generator(),
-        noise_generator=torch.Generator().manual_seed(11),
+    training = full_batch_dp_training(
+        model, inputs, labels, noise=noise, clip=clip, lr=LR, noise_seed=11, grad_sample_mode=mode, clipping=clipping
     )
     crafted = []
 

@@ -4,10 +4,11 @@
 
 Each round trains the job's target once per setting, in turn (1, 2, auto), so a change of the
 machine's load shifts every setting alike; the medians over rounds are printed last. ``train s`` is
-the training stage as ``train_model`` runs it (model, the auto race, the epochs and their per-epoch
-evaluation skipped: no TensorBoard), ``steps s`` the optimizer steps alone (metrics.json's
-``train_seconds``), ``race s`` what auto's race cost, and ``threads`` the count each run trained at.
-The first round also pays one-time costs (Opacus' first wrap); compare the medians.
+``train_model``'s wall time (the model, auto's race, Opacus' wrapping, the epochs and the final
+accounting; no per-epoch evaluation, which runs only for TensorBoard), ``steps s`` the optimizer
+steps alone (metrics.json's ``train_seconds``), ``race s`` what auto's race cost, and ``threads``
+the count each run trained at. The first round also pays one-time costs (Opacus' first wrap);
+compare the medians.
 """
 
 from __future__ import annotations

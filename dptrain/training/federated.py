@@ -519,10 +519,10 @@ def train_federation(
     poisoning = build_attack(cfg.attack, derived_seed(cfg.train.seed, Stream.POISON), cfg.federation.server_lr)
     clients = build_clients(members, num_classes, parts, plan, poisoning)
     # Timed on the first client that trains: every local step is one of the same model at the same batch size.
-    training = [client for client in clients if client.plan is not None]
+    trainers = [client for client in clients if client.plan is not None]
     threads = thread_choice(
-        cfg, model, training[0].data, training[0].plan,
-        planned_steps=sum(client.plan.steps for client in training), batch_size=cfg.train.batch_size,
+        cfg, model, trainers[0].data, trainers[0].plan,
+        planned_steps=sum(client.plan.steps for client in trainers), batch_size=cfg.train.batch_size,
         device=device, units=units,
     )  # fmt: skip
     server = FederatedServer(cfg, plan, clients, model, device, units)

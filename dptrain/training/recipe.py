@@ -103,10 +103,12 @@ def thread_choice(
     units: InputUnits | None,
 ) -> ThreadChoice:
     """Set the intra-op threads ``cfg.train.threads`` asks for training ``model`` on ``records`` under
-    ``plan`` for ``planned_steps`` steps in all (``choose_threads``). ``auto`` races the counts on throwaway steps of a copy of ``model``
-    with its own optimizer, ledger and random streams (torch's global one restored after), so the
-    run's model, budget and streams are untouched; each step is the run's own (same batch, clipping,
-    noise and ``train.adversarial``). Uses no collective, so ranks may each choose their own."""
+    ``plan`` for ``planned_steps`` steps in all (``choose_threads``).
+
+    ``auto`` races the counts on throwaway steps of a copy of ``model`` with its own optimizer, ledger
+    and random streams (torch's global one restored after), so the run's model, budget and streams
+    are untouched; each step is the run's own (same batch, clipping, noise and ``train.adversarial``).
+    Uses no collective, so ranks may each choose their own."""
 
     def race(calibration: ThreadCalibration) -> None:
         throwaway = copy.deepcopy(model)

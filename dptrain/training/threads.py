@@ -2,9 +2,9 @@
 few training steps at each candidate count on the run's own model and batch.
 
 Why measure rather than default to every core: on small models the threads cost more in wake-ups
-and synchronization than they save. On the shared 2-core machine the default job (logreg) trained
-7-10x slower at two threads than at one, and the digits CNN 13x (30 s against 2.3 s); a wide model
-on a quiet many-core machine gains from them. No rule on parameters and batch alone transfers
+and synchronization than they save. On the shared, loaded 2-core machine the default job (logreg)
+trained 9x slower at two threads than at one, and the digits CNN 13x (medians of 78 s against 6 s,
+scripts/bench_threads.py); a wide model on a quiet many-core machine gains from them. No rule on parameters and batch alone transfers
 between machines and loads, so ``auto`` asks the machine.
 """
 
@@ -119,7 +119,7 @@ class ThreadCalibration:
             # An empty Poisson batch times nothing of the model.
             if self.warmed and len(batch[-1]):
                 self.seconds[count].append(elapsed)
-                if count == 1 and self.planned_steps * elapsed < WORTH_RACING_SECONDS:
+                if count == 1 and len(self.seconds[1]) == 1 and self.planned_steps * elapsed < WORTH_RACING_SECONDS:
                     self.racing = [1]
                 self._drop_losers()
             self.warmed = True

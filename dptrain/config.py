@@ -90,6 +90,9 @@ class TrainConfig:
     lr_schedule: str = "constant"
     seed: int = 0
     device: str = "auto"
+    # Torch intra-op threads: auto (timed on a few throwaway steps of the run's model, within this
+    # process's share of the cores: dptrain.training.threads) or a count, e.g. "1".
+    threads: str = "auto"
     resume: Optional[str] = None
     checkpoint: bool = True
     progress: bool = True
@@ -335,7 +338,7 @@ class Config:
 
 
 # Keys that change where or how visibly a run executes, not what it computes.
-NOT_IN_RECIPE = ("train.resume", "train.progress", "train.device", "train.checkpoint")
+NOT_IN_RECIPE = ("train.resume", "train.progress", "train.device", "train.threads", "train.checkpoint")
 
 
 def recipe_hash(cfg) -> str:

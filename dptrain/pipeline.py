@@ -15,6 +15,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from dptrain.audit.results import AuditReport
 from dptrain.config import NOT_IN_RECIPE, Config, flat_config, recipe_hash
 from dptrain.data.registry import data_files
@@ -33,6 +35,7 @@ from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.metrics import RunMetrics
 from dptrain.training.recipes import recipe_for
 from dptrain.training.target import TargetRun
+from dptrain.training.threads import recorded_threads
 from dptrain.validation import validate
 
 log = logging.getLogger(__name__)
@@ -197,6 +200,8 @@ def audit(cfg: Config, run_dir: str | Path, requested=None) -> AuditReport:
     audited = _audit_config(cfg, requested)
     validate(audited)
     target = recipe_for(audited).load_target(audited, run_dir)
+    # The audit's predictions run at the threads the run chose for its model (reference models too).
+    torch.set_num_threads(recorded_threads(target.metrics.threads))
     tb = TensorBoardLog(run_dir)
     try:
         report = audit_target(audited, target, run_dir, tb, canaries_requested=requested.canaries.count)

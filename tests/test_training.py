@@ -46,7 +46,8 @@ CENTRALIZED_METRICS = {
     "test_accuracy", "train_accuracy", "test_loss", "train_loss", "epsilon", "delta", "target_epsilon",
     "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm", "private", "epsilon_pld", "members",
     "audited_members", "non_members", "population", "test_size", "train_seconds", "wall_seconds",
-    "replaced_modules", "epochs", "canaries_included", "world_size", "parallel_mode", "poisoned", "sanitized",
+    "replaced_modules", "threads", "threads_calibration", "epochs", "canaries_included", "world_size",
+    "parallel_mode", "poisoned", "sanitized",
 }  # fmt: skip
 
 
@@ -57,10 +58,24 @@ def test_metrics_json_has_exactly_the_documented_fields_and_reads_back_as_the_sa
     assert RunMetrics.from_dict(on_disk) == metrics and metrics.federation is None
 
 
+def test_metrics_json_records_the_threads_auto_chose_and_its_race(default_run):
+    on_disk = _metrics(default_run[1])
+    race = on_disk["threads_calibration"]
+    # The tiny run is far too short to race more threads (WORTH_RACING_SECONDS): one timed step at one
+    # thread decides, on any machine; on one core nothing is raced.
+    assert on_disk["threads"] == 1
+    if race is not None:
+        steps = race["step_seconds"]
+        assert len(steps.pop("1")) == 1 and all(timed == [] for timed in steps.values()) and race["seconds"] > 0
+
+
 def test_a_run_written_before_the_newer_metrics_fields_is_audited_again(tiny_config, tmp_path):
     cfg = tiny_config("audit=none")
     pipeline.train(cfg, tmp_path)
-    newer = ("epsilon_pld", "audited_members", "wall_seconds", "replaced_modules", "parallel_mode", "sanitized")
+    newer = (
+        "epsilon_pld", "audited_members", "wall_seconds", "replaced_modules", "threads", "threads_calibration",
+        "parallel_mode", "sanitized",
+    )  # fmt: skip
     older = {key: value for key, value in _metrics(tmp_path).items() if key not in newer}
     (tmp_path / "metrics.json").write_text(json.dumps(older))
     read = RunMetrics.from_dict(older)

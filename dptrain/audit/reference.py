@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from dptrain.tracking.atomic import save_torch_atomic, write_json_atomic
 from dptrain.training import ranks
 from dptrain.training.lifetime import child_pool
 from dptrain.training.recipes import recipe_for
+from dptrain.training.threads import core_share, recorded_threads
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,11 @@ def federated_halves(cfgs: list, labels: np.ndarray, seed: int) -> tuple[list[np
     return orders, plans, audited_in
 
 
-def _train_one(
-    cfg, train_set: TensorDataset, input_shape, num_classes, plan, threads: int, gpu: int | None = None
-) -> dict:
+def _train_one(cfg, train_set: TensorDataset, input_shape, num_classes, plan, gpu: int | None = None) -> dict:
     """One reference model's state dict: the target's recipe (``train_reference``) on ``train_set``, under
-    ``plan`` for a federated target."""
+    ``plan`` for a federated target, at the intra-op threads ``cfg.train.threads`` sets."""
     from dptrain.training.recipe import resolve_device
 
-    torch.set_num_threads(threads)
     if gpu is not None:
         # A spawned process starts on GPU 0; it trains on its parent rank's GPU.
         torch.cuda.set_device(gpu)
@@ -115,8 +112,17 @@ def _train_one(
 
 
 def default_workers(count: int) -> int:
-    """One process per two cores (each keeps two threads), never more than there are models."""
-    return max(1, min(count, (os.cpu_count() or 1) // 2))
+    """One process per two cores of this process's share (``core_share``: a rank's, in a multi-process
+    run), never more than there are models."""
+    return max(1, min(count, core_share() // 2))
+
+
+def reference_threads(target_threads: int | None, workers: int) -> int:
+    """Intra-op threads of each reference model: the target's (they train the same model at the same
+    batch, so ``train.threads=auto``'s choice holds for them: ``recorded_threads``), at most each of
+    ``workers`` pool processes' share of the cores."""
+    threads = recorded_threads(target_threads)
+    return min(threads, core_share(workers)) if workers > 1 else threads
 
 
 def train_references(
@@ -133,6 +139,7 @@ def train_references(
     workers: int,
     cache_dir: Path | None,
     min_in: int = 0,
+    target_threads: int | None = None,
 ) -> ReferenceModels:
     """Train (or load from ``cache_dir``) ``count`` reference models under ``scheme``; ``plan`` is the
     target's recipe plan (``dptrain.training.recipes``), handed back to the recipe.
@@ -147,7 +154,7 @@ def train_references(
     ranks get no models), so the audit's wall time falls with the number of
     workers. A cache is reused only when scheme, count, seed and recipe hash all
     match, so a later ``dptrain audit`` never mixes models of another recipe into
-    its attacks.
+    its attacks. Each model trains at ``reference_threads(target_threads, workers)`` intra-op threads.
     """
     n = len(audited)
     recipe = recipe_for(cfg)
@@ -191,18 +198,21 @@ def train_references(
     # In a multi-process run each rank trains every world-th model and rank 0 gathers them.
     mine = list(range(rank, count, world))
     workers = min(workers, len(mine))
-    log.info("rank %d trains %s reference models %s in %d process(es)", rank, scheme, mine, max(workers, 1))
+    threads = reference_threads(target_threads, workers)
+    for derived in cfgs:
+        derived.train.threads = str(threads)
+    log.info(
+        "rank %d trains %s reference models %s in %d process(es) at %d thread(s) each",
+        rank, scheme, mine, max(workers, 1), threads,
+    )  # fmt: skip
     if workers > 1:
         from dptrain.training.recipe import resolve_device
 
-        threads = max(1, torch.get_num_threads() // workers)
         gpu = torch.cuda.current_device() if resolve_device(cfg.train.device).type == "cuda" else None
         with child_pool(workers) as pool:
-            trained = list(
-                pool.map(_train_one, *zip(*(jobs[j] for j in mine)), [threads] * len(mine), [gpu] * len(mine))
-            )
+            trained = list(pool.map(_train_one, *zip(*(jobs[j] for j in mine)), [gpu] * len(mine)))
     else:
-        trained = [_train_one(*jobs[j], threads=torch.get_num_threads()) for j in mine]
+        trained = [_train_one(*jobs[j]) for j in mine]
     parts = ranks.gather_to_main(dict(zip(mine, trained)))
     seconds = time.perf_counter() - started
     if parts is None:

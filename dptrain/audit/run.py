@@ -113,6 +113,7 @@ def _references(target: AuditTarget, run_dir) -> ReferenceModels:
         workers=cfg.workers or default_workers(cfg.mia.reference_models),
         cache_dir=run_dir,
         min_in=(2 if cfg.mia.lira_variance == "per_example" else 1) if lira else 0,
+        target_threads=target.run.metrics.threads,
     )
 
 

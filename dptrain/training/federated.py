@@ -67,7 +67,7 @@ from dptrain.training.clients import (
 )
 from dptrain.training.loop import evaluate, predict
 from dptrain.training.metrics import FederationMetrics, RunMetrics
-from dptrain.training.recipe import resolve_device
+from dptrain.training.recipe import resolve_device, thread_choice
 from dptrain.training.target import (
     TargetRun,
     independent_epsilon,
@@ -76,6 +76,7 @@ from dptrain.training.target import (
     run_metrics,
     trained_model,
 )
+from dptrain.training.threads import ThreadChoice
 
 log = logging.getLogger(__name__)
 
@@ -486,6 +487,7 @@ class Federation:
     wall_seconds: float
     aggregation_seconds: float
     byzantine_fractions: list[float]
+    threads: ThreadChoice
 
 
 def train_federation(
@@ -516,6 +518,13 @@ def train_federation(
     model, replaced = _global_model(cfg, input_shape, num_classes, plan, device)
     poisoning = build_attack(cfg.attack, derived_seed(cfg.train.seed, Stream.POISON), cfg.federation.server_lr)
     clients = build_clients(members, num_classes, parts, plan, poisoning)
+    # Timed on the first client that trains: every local step is one of the same model at the same batch size.
+    trainers = [client for client in clients if client.plan is not None]
+    threads = thread_choice(
+        cfg, model, trainers[0].data, trainers[0].plan,
+        planned_steps=sum(client.plan.steps for client in trainers), batch_size=cfg.train.batch_size,
+        device=device, units=units,
+    )  # fmt: skip
     server = FederatedServer(cfg, plan, clients, model, device, units)
     # The poisoning clients' own attack, for its trigger.
     backdoor = poisoning if poisoning.trigger is not None else None
@@ -559,7 +568,9 @@ def train_federation(
     bar.close()
     server.check_spent()
     wall_seconds = time.perf_counter() - loop_started
-    return Federation(server, parts, replaced, backdoor, train_seconds, wall_seconds, aggregation_seconds, fractions)
+    return Federation(
+        server, parts, replaced, backdoor, train_seconds, wall_seconds, aggregation_seconds, fractions, threads
+    )
 
 
 def train_target(
@@ -601,6 +612,7 @@ def train_target(
         train_seconds=federation.train_seconds,
         wall_seconds=federation.wall_seconds,
         replaced_modules=federation.replaced_modules,
+        threads=federation.threads,
         federation=_federation_metrics(cfg, plan, federation, data.test, device),
     )
     save_model(run_dir, server.model.state_dict())

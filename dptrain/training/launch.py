@@ -21,6 +21,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from dptrain.config import Config
 from dptrain.training import ranks
 from dptrain.training.lifetime import end_with_parent
+from dptrain.training.threads import core_share
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,9 @@ def _worker(job: Job, config: dict, run_dir: str, launcher: int):
     end_with_parent(launcher)
     _log_to(run_dir)
     cfg = OmegaConf.merge(OmegaConf.structured(Config), config)
-    if not torch.cuda.is_available():
-        # The elastic launcher, unlike torchrun, leaves every worker all cores' threads.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.launcher.nproc_per_node))
+    # The elastic launcher leaves every worker all cores' threads; each rank gets its share until its
+    # training chooses (``train.threads``).
+    torch.set_num_threads(core_share())
     with process_group(cfg.launcher.backend):
         metrics, report = job(cfg, run_dir)
     return (metrics, report) if ranks.is_main() else None

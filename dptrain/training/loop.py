@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -36,11 +36,13 @@ def train_epoch(
     training: PrivateTraining,
     device: torch.device,
     adversarial: AdversarialObjective | None = None,
+    pace: Callable[[Iterable], Iterable] | None = None,
 ) -> EpochStats:
     """Run one epoch of ``training``'s loader; the optimizer clips and noises when the plan is private.
     With ``adversarial`` (``dptrain.training.adversarial``) each batch's loss and logits are
     ``adversarial.loss(model, loss_fn, inputs, labels)``: the loss on adversarial inputs (``pgd``; the
-    accuracy is then on them) or TRADES' (the accuracy on the clean inputs).
+    accuracy is then on them) or TRADES' (the accuracy on the clean inputs). ``pace`` wraps the batches
+    (``ThreadCalibration.paced``: it times each step and may end the epoch early).
 
     Poisson sampling can draw an empty batch; it still goes through the
     optimizer, because skipping it would make whether an update happened
@@ -52,7 +54,7 @@ def train_epoch(
     with warnings.catch_warnings(), training.batches() as batches:
         # Opacus' backward hooks on the input layer fire although inputs need no gradient; harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for inputs, labels in batches:
+        for inputs, labels in batches if pace is None else pace(batches):
             inputs, labels = inputs.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
             if adversarial is None:

@@ -4,7 +4,7 @@ recipe writes, and the centralized or federated recipe's own fields beside them.
 ``to_dict`` is the JSON layout documented in docs/guide/outputs.md (one flat object); ``from_dict``
 reads it back, from this release's files and from older ones that lack the fields added since
 (``epsilon_pld``, ``audited_members``, ``wall_seconds``, ``replaced_modules``, ``parallel_mode``,
-``sanitized``).
+``sanitized``, ``threads``).
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class FederationMetrics:
 class RunMetrics:
     """A trained run's numbers: accuracy and loss on the audited members and the test split, the
     reported guarantee (``epsilon`` spent at ``delta``, None for the non-private baseline, with
-    dp-accounting's ``epsilon_pld`` beside it), the split's sizes and the training time.
+    dp-accounting's ``epsilon_pld`` beside it), the split's sizes and the training time, and the
+    intra-op ``threads`` it trained at (with ``threads_calibration``, ``ThreadChoice.record``, when
+    ``train.threads=auto`` timed them; rank 0's in a multi-process run).
 
     Exactly one of ``centralized`` and ``federation`` is set, by the recipe that trained the run.
     """
@@ -109,6 +111,8 @@ class RunMetrics:
     audited_members: int | None = None
     wall_seconds: float | None = None
     replaced_modules: list[str] | None = None
+    threads: int | None = None
+    threads_calibration: dict | None = None
     centralized: CentralizedMetrics | None = None
     federation: FederationMetrics | None = None
 

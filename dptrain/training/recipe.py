@@ -6,6 +6,7 @@ own data, never by a second copy of this loop.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, make_private, plan_privacy, unwrap
 from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.tensorboard import TensorBoardLog
-from dptrain.training import ranks
+from dptrain.training import loop, ranks
 from dptrain.training.adversarial import adversarial_examples
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.distributed import gather_updates, local_batch_size, parallel_mode
 from dptrain.training.loop import EpochStats, evaluate, train_epoch
+from dptrain.training.threads import ROUNDS, ThreadCalibration, ThreadChoice, choose_threads
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class TrainedModel:
     replaced_modules: list[str]
     # The ledger's charged (noise_multiplier, sample_rate, steps) blocks; [] for the baseline.
     mechanisms: list[dict]
+    threads: ThreadChoice
 
 
 @dataclass
@@ -86,6 +89,51 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
         milestones = sorted({max(1, cfg.epochs // 2), max(1, 3 * cfg.epochs // 4)})
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     return None
+
+
+def thread_choice(
+    cfg: Config,
+    model: nn.Module,
+    records: TensorDataset,
+    plan: PrivacyPlan,
+    *,
+    planned_steps: int,
+    batch_size: int,
+    device: torch.device,
+    units: InputUnits | None,
+) -> ThreadChoice:
+    """Set the intra-op threads ``cfg.train.threads`` asks for training ``model`` on ``records`` under
+    ``plan`` for ``planned_steps`` steps in all (``choose_threads``).
+
+    ``auto`` races the counts on throwaway steps of a copy of ``model`` with its own optimizer, ledger
+    and random streams (torch's global one restored after), so the run's model, budget and streams
+    are untouched; each step is the run's own (same batch, clipping, noise and ``train.adversarial``).
+    Uses no collective, so ranks may each choose their own."""
+
+    def race(calibration: ThreadCalibration) -> None:
+        throwaway = copy.deepcopy(model)
+        with torch.random.fork_rng(devices=[]):
+            training = make_private(
+                model=throwaway,
+                optimizer=make_optimizer(cfg.train, throwaway.parameters()),
+                dataset=records,
+                plan=plan,
+                cfg=cfg.privacy,
+                batch_size=batch_size,
+                max_physical_batch_size=cfg.train.max_physical_batch_size,
+                sampling_generator=torch.Generator().manual_seed(0),
+                noise_generator=torch.Generator(device=device).manual_seed(0),
+            )
+            # Every epoch times at least one step, so these epochs are enough to finish the race. Through
+            # ``loop`` rather than this module's ``train_epoch``: what hooks the run's epochs (a test
+            # interrupting the run at its k-th) must not count the throwaway ones.
+            for _ in range(ROUNDS * len(calibration.counts) + 1):
+                if calibration.done:
+                    break
+                adversarial = adversarial_examples(cfg, units, 0, device)
+                loop.train_epoch(training, device, adversarial, pace=calibration.paced)
+
+    return choose_threads(cfg.train.threads, race, planned_steps)
 
 
 def _rng_states(sampling: torch.Generator, noise: torch.Generator, data_parallel: bool) -> list[dict]:
@@ -148,6 +196,9 @@ def train_model(
     if plan.private:
         model, replaced = ensure_dp_compatible(model)
     model.to(device)
+    threads = thread_choice(
+        cfg, model, train_set, plan, planned_steps=plan.steps, batch_size=batch_size, device=device, units=units
+    )
     if mode == "dpddp":
         model = DifferentiallyPrivateDistributedDataParallel(model)
     # Each rank draws its own batches and noise: shared streams would correlate the
@@ -256,4 +307,5 @@ def train_model(
         last_epoch=stats,
         replaced_modules=replaced,
         mechanisms=[] if training.ledger is None else training.ledger.mechanisms(),
+        threads=threads,
     )

@@ -20,6 +20,7 @@ from dptrain.tracking.artifacts import SPLIT, load_model
 from dptrain.training import ranks
 from dptrain.training.loop import evaluate
 from dptrain.training.metrics import CentralizedMetrics, FederationMetrics, RunMetrics
+from dptrain.training.threads import ThreadChoice
 
 
 @dataclass
@@ -77,13 +78,14 @@ def run_metrics(
     train_seconds: float,
     wall_seconds: float,
     replaced_modules: list[str],
+    threads: ThreadChoice,
     centralized: CentralizedMetrics | None = None,
     federation: FederationMetrics | None = None,
 ) -> RunMetrics:
     """The run's metrics, the one builder every recipe uses: accuracy and loss of ``model`` on the audited
     members and the test split, the reported ``guarantee`` (noise, rate, steps, accountant, clipping
     norm and the ``epsilon`` spent, with PLD's beside it), the split's sizes, the training time and
-    the recipe's own fields."""
+    ``threads``, and the recipe's own fields."""
     train_loss, train_accuracy = evaluate(model, audited.members, device)
     test_loss, test_accuracy = evaluate(model, data.test, device)
     sizes = data.split.sizes
@@ -110,6 +112,8 @@ def run_metrics(
         train_seconds=train_seconds,
         wall_seconds=wall_seconds,
         replaced_modules=replaced_modules,
+        threads=threads.threads,
+        threads_calibration=threads.record(),
         centralized=centralized,
         federation=federation,
     )

@@ -33,6 +33,7 @@ from dptrain.training.distributed import parallel_mode
 from dptrain.training.poisoning import POISONING_ATTACKS, poisoned_count, poisons_members
 from dptrain.training.representations import has_hidden_layer, output_layer
 from dptrain.training.sanitization import CLUSTER_RULES, REPRESENTATIONS, SANITIZERS
+from dptrain.training.threads import thread_count, usable_cores
 from dptrain.validation.keys import check_known_keys, check_ranges
 
 PRIVACY_NAMES = ("dpsgd", "none")
@@ -124,6 +125,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
             f"dataset={info.name}: lower it"
         )
     _validate_device(train.device)
+    _validate_threads(train.threads)
     check_adversarial(cfg)
     if train.resume is not None and not (Path(train.resume) / "checkpoint.pt").is_file():
         raise UserError(
@@ -187,14 +189,6 @@ def _validate_launcher(cfg: Config) -> None:
     _validate_robust_step(cfg, world, f"over {world} workers")
 
 
-def _usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under taskset or a
-    container's cpuset), else all of them."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _validate_process_count(launcher: LauncherConfig) -> None:
     """At most as many worker processes as devices to run them: nccl gives each rank the GPU of its local
     rank, so never more ranks than GPUs; gloo ranks at most one per usable CPU core unless
@@ -214,7 +208,7 @@ def _validate_process_count(launcher: LauncherConfig) -> None:
                 f"use launcher.nproc_per_node={gpus} (or launcher.backend=gloo for CPU processes)"
             )
         return
-    cores = _usable_cores()
+    cores = usable_cores()
     if nproc > cores and not launcher.oversubscribe:
         raise UserError(
             f"launcher.nproc_per_node={nproc} exceeds the {cores} CPU cores available here: use at most "
@@ -613,6 +607,13 @@ def _validate_gradient_inversion(cfg: Config, info: DatasetInfo, members: int) -
 def _suggest_delta(members: int) -> str:
     exponent = math.ceil(math.log10(members)) + 1
     return f"1e-{exponent}"
+
+
+def _validate_threads(setting: str) -> None:
+    try:
+        thread_count(setting)
+    except ValueError as error:
+        raise UserError(f"{error}: use train.threads=auto (timed on the run's model) or e.g. train.threads=1") from None
 
 
 def _validate_device(device: str) -> None:

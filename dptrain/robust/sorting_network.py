@@ -60,9 +60,11 @@ _SOURCE = r"""
     enum { LANES = LANE_BYTES / sizeof(T) };                                                    \
     _Pragma("GCC ivdep") for (int l = 0; l < LANES; l++) {                                      \
       T u = p[l], v = q[l];                                                                     \
-      int swap = v < u;                                                                         \
-      p[l] = swap ? v : u;                                                                      \
-      q[l] = swap ? u : v;                                                                      \
+      /* Two independent selects, which compile to vector min and max; one shared "swap" flag made  \
+         gcc 12 branch on every comparator (1.16x slower on (50, 1e6) float32). A (-0, +0) pair may \
+         leave one of its zeros on both wires: equal values, so no sum or mean changes. */           \
+      p[l] = v < u ? v : u;                                                                     \
+      q[l] = u < v ? v : u;                                                                     \
     }                                                                                           \
   }                                                                                             \
   CLONES int NAME(const T *x, int64_t n, int64_t d, int64_t c0, int64_t c1, int64_t lo, int64_t hi, \

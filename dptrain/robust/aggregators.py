@@ -37,6 +37,7 @@ from dptrain.robust.primitives import (
     sq_distances_and_gram,
     sq_distances_to_mixture,
 )
+from dptrain.robust.sorting_network import mean_of_ranks
 
 
 def mean(updates: Tensor) -> Tensor:
@@ -47,6 +48,15 @@ def mean(updates: Tensor) -> Tensor:
     """
     n = check_updates(updates, "mean")
     return (updates.new_ones(n) @ updates) / n
+
+
+def _mean_of_ranks(updates: Tensor, lo: int, hi: int) -> Tensor:
+    """Per coordinate, the mean of the order statistics of ranks [lo, hi) across the updates: by the
+    compiled sorting network on CPU (``mean_of_ranks``), else by sorting each coordinate."""
+    by_network = mean_of_ranks(updates, lo, hi)
+    if by_network is not None:
+        return by_network
+    return reduce_sorted_columns(updates, lambda ordered: ordered[lo:hi].mean(dim=0))
 
 
 def _median_of_sorted(ordered: Tensor) -> Tensor:
@@ -62,8 +72,8 @@ def median(updates: Tensor) -> Tensor:
     Yin, Chen, Kannan, Bartlett, "Byzantine-Robust Distributed Learning: Towards Optimal
     Statistical Rates", ICML 2018. For even n the two middle values are averaged. Any n >= 1.
     """
-    check_updates(updates, "median")
-    return reduce_sorted_columns(updates, _median_of_sorted)
+    n = check_updates(updates, "median")
+    return _mean_of_ranks(updates, (n - 1) // 2, n // 2 + 1)
 
 
 def check_trimmed_mean(n: int, f: int) -> None:
@@ -79,7 +89,7 @@ def trimmed_mean(updates: Tensor, f: int) -> Tensor:
     """
     n = check_updates(updates, "trimmed_mean")
     check_trimmed_mean(n, f)
-    return reduce_sorted_columns(updates, lambda ordered: ordered[f : n - f].mean(dim=0))
+    return _mean_of_ranks(updates, f, n - f)
 
 
 def check_krum(n: int, f: int, rule: str = "krum") -> None:

@@ -157,12 +157,13 @@ def reduce_sorted_columns(updates: Tensor, reduce: Callable[[Tensor], Tensor], r
 
     On CPU each block of columns is transposed into a cache-sized buffer and sorted there by NumPy's
     SIMD sort (x86-simd-sort on AVX2/AVX-512), so the sorted (n, d) copy is never written to memory:
-    the updates are read once and the extra memory is one block, not n * d. Single-threaded. A full sort
-    rather than a selection because, measured on (50, 1e6) float32 at one thread (the shared 2-core
-    machine, a ``torch.sum`` over the stack 47-60 ms there), NumPy's sort of each 50-value column
-    (143 ms on the transposed array) beats every selection on offer: ``np.partition`` (207 ms for one
-    kth, 1.8 s for two), ``torch.topk`` of 11 (1.2 s), ``torch.kthvalue`` (3.4 s). On other devices
-    ``torch.sort``.
+    the updates are read once and the extra memory is one block, not n * d. Single-threaded. Measured on
+    (50, 1e6) float32 at one thread (the shared 2-core machine, a ``torch.sum`` over the stack 47-60 ms
+    there), NumPy's sort of each 50-value column (143 ms on the transposed array) beats every selection
+    torch and NumPy offer: ``np.partition`` (207 ms for one kth, 1.8 s for two), ``torch.topk`` of 11
+    (1.2 s), ``torch.kthvalue`` (3.4 s); the median and the trimmed mean run the compiled network of
+    ``sorting_network`` instead where a C compiler works, and this sort where none does. On other
+    devices ``torch.sort``.
     """
     n, d = updates.shape if rows is None else (rows.numel(), updates.shape[1])
     if updates.device.type != "cpu":

@@ -7,7 +7,9 @@ target and audits it, printing the wall time of each stage and the audit /
 training ratio; ``fast+extraction`` and ``fast+inversion`` are audit=fast with the extraction or
 the model inversion audit on (its cost is the difference to the fast line). ``fedavg+fast`` and ``fedavg+gradient_inversion`` train
 the default job federated (``federation=fedavg``) and audit it at fast, the second with the gradient
-inversion audit on (federated runs only; its defaults: eight one-record updates). The implementation audit trains audit.whitebox.runs separate
+inversion audit on (federated runs only; its defaults: eight one-record updates). ``thorough+64`` is
+audit=thorough with 64 reference models instead of 16 (the LiRA paper's smallest count; the zoo's
+models train them stacked, ``dptrain.training.stacked``). The implementation audit trains audit.whitebox.runs separate
 audit runs of the target's mechanism (one of 100 000 canaries as shipped), so it
 costs about a minute where the others cost seconds; ``--levels`` picks levels.
 Training time is the whole training stage a user waits for (data loading,
@@ -40,7 +42,7 @@ from dptrain.validation import validate
 
 LEVELS = (
     "fast", "standard", "thorough", "implementation", "fast+extraction", "fedavg+fast", "fedavg+gradient_inversion",
-    "fast+inversion",
+    "fast+inversion", "thorough+64",
 )  # fmt: skip
 # Audits off at every level, timed on top of a level: their own cost is the difference to its line.
 ADDED = {
@@ -48,6 +50,7 @@ ADDED = {
     "fedavg+fast": ("fast", ["federation=fedavg"]),
     "fedavg+gradient_inversion": ("fast", ["federation=fedavg", "audit.gradient_inversion.enabled=true"]),
     "fast+inversion": ("fast", ["audit.inversion.enabled=true"]),
+    "thorough+64": ("thorough", ["audit.mia.reference_models=64"]),
 }
 
 

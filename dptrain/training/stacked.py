@@ -6,7 +6,7 @@ The K models' parameters are stacked along a leading dimension (``stack_module_s
 every model's per-example gradients in one call (the functorch recipe of Opacus'
 ``grad_sample_mode=functorch``). Each model keeps its own streams, derived from its ``train.seed``
 as ``train_model`` derives them: its initialization, its batches (Poisson at the plan's rate, or the
-baseline's shuffled batches: the very loaders ``make_private`` builds, drawn over record positions)
+baseline's shuffled batches: the batch samplers of the loaders ``make_private`` builds)
 and its noise. Batches of different sizes are padded to the largest, and a padded example's
 weight is zero, so model k's update is DP-SGD's (Abadi et al. 2016, Algorithm 1, with Opacus'
 conventions): the sum over its batch of per-example gradients clipped to norm C (factor
@@ -18,7 +18,7 @@ so one optimizer over the stacked parameters steps each model as its own optimiz
 from __future__ import annotations
 
 import copy
-from itertools import groupby
+import itertools
 
 import torch
 from torch import nn
@@ -111,20 +111,28 @@ def private_gradients(
     return noised
 
 
-def _padded_batch(
-    train_sets: list[TensorDataset], positions: list[torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, labels, mask) of shape (K, B, ...): model k's records at ``positions[k]`` followed by
-    copies of its first record (mask False) up to the largest batch (at least one)."""
-    width = max(1, max(len(p) for p in positions))
-    mask = torch.zeros(len(positions), width, dtype=torch.bool)
-    padded = []
-    for k, p in enumerate(positions):
-        mask[k, : len(p)] = True
-        padded.append(torch.cat([p, p.new_zeros(width - len(p))]))
-    inputs = torch.stack([data.tensors[0][p] for data, p in zip(train_sets, padded)])
-    labels = torch.stack([data.tensors[1][p] for data, p in zip(train_sets, padded)])
-    return inputs.to(device), labels.to(device), mask.to(device)
+class _Records:
+    """The models' training sets side by side on ``device`` (a set several models share, once), so that a
+    step's batches are gathered by one indexing."""
+
+    def __init__(self, train_sets: list[TensorDataset], device: torch.device) -> None:
+        distinct = list({id(data): data for data in train_sets}.values())
+        offsets = dict(zip(map(id, distinct), [0, *itertools.accumulate(len(data) for data in distinct)]))
+        self.starts = torch.tensor([offsets[id(data)] for data in train_sets])
+        self.inputs, self.labels = (torch.cat(parts).to(device) for parts in zip(*(data.tensors for data in distinct)))
+        self.device = device
+
+    def batch(self, positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, labels, mask) of shape (K, B, ...): model k's records at ``positions[k]``, then copies
+        of its first record (mask False) up to the largest batch (at least one)."""
+        width = max(1, max(map(len, positions)))
+        index = torch.zeros(len(positions), width, dtype=torch.long)
+        mask = torch.zeros(len(positions), width, dtype=torch.bool)
+        for k, batch in enumerate(positions):
+            index[k, : len(batch)] = torch.as_tensor(batch, dtype=torch.long)
+            mask[k, : len(batch)] = True
+        index = (index + self.starts[:, None]).to(self.device)
+        return self.inputs[index], self.labels[index], mask.to(self.device)
 
 
 def _train_group(
@@ -147,17 +155,21 @@ def _train_group(
     scheduler = make_scheduler(train, optimizer)
     sampling = [torch.Generator().manual_seed(derived_seed(cfg.train.seed, Stream.SAMPLING, 0)) for cfg in cfgs]
     noise = [torch.Generator(device=device).manual_seed(derived_seed(cfg.train.seed, Stream.NOISE, 0)) for cfg in cfgs]
-    # The loaders train_model's make_private builds, over record positions: the same draws from the same streams.
-    positions = [TensorDataset(torch.arange(len(data))) for data in train_sets]
+    # The loaders train_model's make_private builds: the same draws from the same streams.
     if plan.private:
-        loaders = [poisson_loader(p, plan, g) for p, g in zip(positions, sampling)]
+        loaders = [poisson_loader(data, plan, g) for data, g in zip(train_sets, sampling)]
         # Opacus' expected batch size for a loader of len(data) records at rate 1 / len(loader).
         expected = torch.tensor([int(len(data) * (1 / plan.steps_per_epoch)) for data in train_sets])
     else:
-        loaders = [baseline_loader(p, plan, train.batch_size, g) for p, g in zip(positions, sampling)]
+        loaders = [baseline_loader(data, plan, train.batch_size, g) for data, g in zip(train_sets, sampling)]
+    records = _Records(train_sets, device)
     for _ in range(train.epochs):
-        for batches in zip(*loaders):
-            inputs, labels, mask = _padded_batch(train_sets, [b[0] for b in batches], device)
+        # Starting an epoch, a DataLoader draws its workers' base seed from its generator, then its batch
+        # sampler draws the batches: the same draws here, with the records gathered by position at once.
+        for loader in loaders:
+            iter(loader)
+        for batches in zip(*(loader.batch_sampler for loader in loaders)):
+            inputs, labels, mask = records.batch(batches)
             if plan.private:
                 sums = weighted_gradient_sums(base, params, buffers, inputs, labels, mask.float(), plan.max_grad_norm)
                 grads = private_gradients(
@@ -189,7 +201,7 @@ def train_stacked(cfgs: list[Config], train_sets: list[TensorDataset], *, input_
              for cfg, data in zip(cfgs, train_sets)]  # fmt: skip
     states: list[dict | None] = [None] * len(cfgs)
     order = sorted(range(len(cfgs)), key=lambda k: plans[k].steps_per_epoch)
-    for _, group in groupby(order, key=lambda k: plans[k].steps_per_epoch):
+    for _, group in itertools.groupby(order, key=lambda k: plans[k].steps_per_epoch):
         group = list(group)
         trained = _train_group(
             [cfgs[k] for k in group], [train_sets[k] for k in group], plans[group[0]], input_shape, num_classes,

@@ -125,14 +125,14 @@ class _Records:
     def batch(self, positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs, labels, mask) of shape (K, B, ...): model k's records at ``positions[k]``, then copies
         of its first record (mask False) up to the largest batch (at least one)."""
-        width = max(1, max(map(len, positions)))
-        index = torch.zeros(len(positions), width, dtype=torch.long)
-        mask = torch.zeros(len(positions), width, dtype=torch.bool)
-        for k, batch in enumerate(positions):
-            index[k, : len(batch)] = torch.as_tensor(batch, dtype=torch.long)
-            mask[k, : len(batch)] = True
-        index = (index + self.starts[:, None]).to(self.device)
-        return self.inputs[index], self.labels[index], mask.to(self.device)
+        lengths = torch.tensor([len(batch) for batch in positions])
+        mask = torch.arange(max(1, int(lengths.max()))) < lengths[:, None]
+        index = torch.zeros(mask.shape, dtype=torch.long)
+        index[mask] = torch.tensor(list(itertools.chain.from_iterable(positions)), dtype=torch.long)
+        index = (index + self.starts[:, None]).flatten().to(self.device)
+        # index_select: several times faster than advanced indexing on the CPU.
+        inputs = self.inputs.index_select(0, index).view(*mask.shape, *self.inputs.shape[1:])
+        return inputs, self.labels.index_select(0, index).view(mask.shape), mask.to(self.device)
 
 
 def _train_group(

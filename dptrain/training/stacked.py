@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ from torch.utils.data import TensorDataset
 
 from dptrain.config import Config
 from dptrain.models import build_model, ensure_dp_compatible
-from dptrain.privacy import PrivacyPlan, plan_privacy
+from dptrain.privacy import PrivacyPlan
+from dptrain.privacy.plan import is_private
 from dptrain.privacy.engine import baseline_loader, poisson_loader
 from dptrain.seeds import Stream, derived_seed
 from dptrain.training.recipe import make_optimizer, make_scheduler
@@ -191,14 +193,28 @@ def _train_group(
     ]
 
 
+def _plan(cfg: Config, records: int) -> PrivacyPlan:
+    """``plan_privacy``'s plan for ``records`` at ``cfg``'s fixed noise multiplier, without its epsilon:
+    a reference model reports none, and a PRV epsilon costs more than training a small stack."""
+    steps_per_epoch = math.ceil(records / cfg.train.batch_size)
+    private = is_private(cfg.privacy)
+    if private and cfg.privacy.noise_multiplier is None:
+        raise ValueError("stacked models train at a fixed privacy.noise_multiplier (reference_config sets the target's)")
+    return PrivacyPlan(
+        private=private, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta, target_epsilon=None,
+        noise_multiplier=cfg.privacy.noise_multiplier if private else 0.0,
+        max_grad_norm=cfg.privacy.max_grad_norm if private else None, sample_rate=1.0 / steps_per_epoch,
+        steps_per_epoch=steps_per_epoch, steps=cfg.train.epochs * steps_per_epoch, planned_epsilon=None,
+    )  # fmt: skip
+
+
 def train_stacked(cfgs: list[Config], train_sets: list[TensorDataset], *, input_shape, num_classes: int, device) -> list[dict]:
     """The state dicts ``train_model(cfgs[k], train_sets[k])`` would train (to float rounding), for
-    configs that differ only in ``train.seed`` and that ``unstackable`` lets through. Models whose
+    configs that differ only in ``train.seed``, that ``unstackable`` lets through and, when private, fix
+``privacy.noise_multiplier`` (``reference_config``: the target's). Models whose
     plans take the same steps per epoch train in one stack (the halves scheme's training sets differ
     in size, so a few groups)."""
-    train = cfgs[0].train
-    plans = [plan_privacy(cfg.privacy, members=len(data), batch_size=train.batch_size, epochs=train.epochs)
-             for cfg, data in zip(cfgs, train_sets)]  # fmt: skip
+    plans = [_plan(cfg, len(data)) for cfg, data in zip(cfgs, train_sets)]
     states: list[dict | None] = [None] * len(cfgs)
     order = sorted(range(len(cfgs)), key=lambda k: plans[k].steps_per_epoch)
     for _, group in itertools.groupby(order, key=lambda k: plans[k].steps_per_epoch):

@@ -60,7 +60,7 @@ def test_stacked_models_equal_models_trained_one_by_one_weight_for_weight(privac
     # Sizes 40, 50 and 40 at batch 16: 3, 4 and 3 steps per epoch (two stacks), ragged last batches.
     cfg = make_config(
         "train.progress=false", "audit=none", "model=mlp", "model.hidden=[8]", "train.batch_size=16",
-        "train.epochs=2", "train.momentum=0.9", "train.lr=0.3", *privacy,
+        "train.epochs=2", "train.momentum=0.9", "train.lr=0.3", "privacy.accountant=gdp", *privacy,
     )  # fmt: skip
     data, sets = _digits_subsets(cfg, (40, 50, 40))
     cfgs = [centralized.reference_base(cfg, seed) for seed in (5, 6, 7)]

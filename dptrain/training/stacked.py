@@ -137,7 +137,7 @@ class _Records:
         return inputs, self.labels.index_select(0, index).view(mask.shape), mask.to(self.device)
 
 
-def _train_group(
+def _train_stack(
     cfgs: list[Config], train_sets: list[TensorDataset], plan: PrivacyPlan, input_shape, num_classes: int,
     device: torch.device,
 ) -> list[dict]:
@@ -219,7 +219,7 @@ def train_stacked(cfgs: list[Config], train_sets: list[TensorDataset], *, input_
     order = sorted(range(len(cfgs)), key=lambda k: plans[k].steps_per_epoch)
     for _, group in itertools.groupby(order, key=lambda k: plans[k].steps_per_epoch):
         group = list(group)
-        trained = _train_group(
+        trained = _train_stack(
             [cfgs[k] for k in group], [train_sets[k] for k in group], plans[group[0]], input_shape, num_classes,
             device,
         )  # fmt: skip

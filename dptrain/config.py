@@ -285,7 +285,8 @@ class AuditConfig:
     inversion: InversionAuditConfig = field(default_factory=InversionAuditConfig)
     confidence: float = 0.95
     seed: int = 0
-    # Processes that train reference models; null: one per two cores, at most one per model.
+    # Processes that train reference models; null: one for stacked models (logreg, mlp, cnn:
+    # dptrain.training.stacked), else one per two cores, at most one per model.
     workers: Optional[int] = None
 
 

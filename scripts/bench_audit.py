@@ -7,7 +7,9 @@ target and audits it, printing the wall time of each stage and the audit /
 training ratio; ``fast+extraction`` and ``fast+inversion`` are audit=fast with the extraction or
 the model inversion audit on (its cost is the difference to the fast line). ``fedavg+fast`` and ``fedavg+gradient_inversion`` train
 the default job federated (``federation=fedavg``) and audit it at fast, the second with the gradient
-inversion audit on (federated runs only; its defaults: eight one-record updates). The implementation audit trains audit.whitebox.runs separate
+inversion audit on (federated runs only; its defaults: eight one-record updates). ``thorough+64`` is
+audit=thorough with 64 reference models instead of 16 (the LiRA paper's smallest count; the zoo's
+models train them stacked, ``dptrain.training.stacked``). The implementation audit trains audit.whitebox.runs separate
 audit runs of the target's mechanism (one of 100 000 canaries as shipped), so it
 costs about a minute where the others cost seconds; ``--levels`` picks levels.
 Training time is the whole training stage a user waits for (data loading,
@@ -16,7 +18,8 @@ first line, ``fast (first)``, is an ``audit=fast`` run as a ``dptrain train``
 process has it: the audit pays its one-time imports (matplotlib's, for the ROC
 figure). The levels after it run in the same process, so their imports are
 done. ``audit.json`` is the ``audit_seconds`` the audit recorded (the whole
-audit stage, panels included); ``audit s`` is the stage timed from outside.
+audit stage, panels included); ``audit s`` is the stage timed from outside; ``refs s`` is the part of it spent training
+reference models (audit.json's ``reference_models.train_seconds``), where the level has them.
 One intra-op thread (torch.set_num_threads(1)): with two on this 2-core VM
 small-model training is several times slower and noisier.
 """
@@ -40,7 +43,7 @@ from dptrain.validation import validate
 
 LEVELS = (
     "fast", "standard", "thorough", "implementation", "fast+extraction", "fedavg+fast", "fedavg+gradient_inversion",
-    "fast+inversion",
+    "fast+inversion", "thorough+64",
 )  # fmt: skip
 # Audits off at every level, timed on top of a level: their own cost is the difference to its line.
 ADDED = {
@@ -48,6 +51,7 @@ ADDED = {
     "fedavg+fast": ("fast", ["federation=fedavg"]),
     "fedavg+gradient_inversion": ("fast", ["federation=fedavg", "audit.gradient_inversion.enabled=true"]),
     "fast+inversion": ("fast", ["audit.inversion.enabled=true"]),
+    "thorough+64": ("thorough", ["audit.mia.reference_models=64"]),
 }
 
 
@@ -60,9 +64,9 @@ def _config(level: str, overrides: list[str]):
         )
 
 
-def measure(level: str, overrides: list[str]) -> tuple[float, float, float]:
-    """(training seconds, audit seconds, audit.json's audit_seconds) of one run at ``level``, each
-    stage timed on its own."""
+def measure(level: str, overrides: list[str]) -> tuple[float, float, float, float | None]:
+    """(training seconds, audit seconds, audit.json's audit_seconds, its reference models' training
+    seconds or None) of one run at ``level``, each stage timed on its own."""
     cfg = _config(level, overrides)
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-audit-{level}-"))
     started = time.perf_counter()
@@ -74,8 +78,9 @@ def measure(level: str, overrides: list[str]) -> tuple[float, float, float]:
     pipeline.audit_target(cfg, target, run_dir, tb)
     audited = time.perf_counter()
     tb.close()
-    recorded = json.loads((run_dir / "audit.json").read_text())["audit_seconds"]
-    return trained - started, audited - trained, recorded
+    recorded = json.loads((run_dir / "audit.json").read_text())
+    references = recorded["reference_models"]
+    return trained - started, audited - trained, recorded["audit_seconds"], references and references["train_seconds"]
 
 
 def main() -> None:
@@ -89,10 +94,11 @@ def main() -> None:
     overrides = arguments
     torch.set_num_threads(1)
     print(f"overrides: {' '.join(overrides) or '(none: the default job)'}; torch threads = 1")
-    print(f"{'audit':26} {'train s':>8} {'audit s':>8} {'audit.json':>10} {'audit / train':>14}")
+    print(f"{'audit':26} {'train s':>8} {'audit s':>8} {'audit.json':>10} {'audit / train':>14} {'refs s':>7} {'refs / train':>13}")
     for name, level in [("fast (first)", "fast"), *((level, level) for level in levels)]:
-        train_seconds, audit_seconds, recorded = measure(level, overrides)
-        print(f"{name:26} {train_seconds:8.2f} {audit_seconds:8.2f} {recorded:10.2f} {audit_seconds / train_seconds:14.2f}")
+        train_seconds, audit_seconds, recorded, references = measure(level, overrides)
+        refs = "" if references is None else f" {references:7.2f} {references / train_seconds:13.2f}"
+        print(f"{name:26} {train_seconds:8.2f} {audit_seconds:8.2f} {recorded:10.2f} {audit_seconds / train_seconds:14.2f}{refs}")
 
 
 if __name__ == "__main__":

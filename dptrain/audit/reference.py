@@ -1,6 +1,7 @@
 """Reference models for membership attacks, trained by the run's own recipe (``train_model``, or
-``train_federation`` for a federated target) with a derived config, in parallel processes where
-cores allow, cached in the run directory."""
+``train_federation`` for a federated target) with a derived config: the zoo's small models all at
+once as one stacked model (``dptrain.training.stacked``), others in parallel processes where cores
+allow; cached in the run directory."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from dptrain.tracking.atomic import save_torch_atomic, write_json_atomic
 from dptrain.training import ranks
 from dptrain.training.lifetime import child_pool
 from dptrain.training.recipes import recipe_for
-from dptrain.training.threads import core_share, recorded_threads
+from dptrain.training.stacked import train_stacked, unstackable
+from dptrain.training.threads import core_share, recorded_threads, thread_count
 
 log = logging.getLogger(__name__)
 
@@ -96,24 +98,38 @@ def federated_halves(cfgs: list, labels: np.ndarray, seed: int) -> tuple[list[np
     return orders, plans, audited_in
 
 
-def _train_one(cfg, train_set: TensorDataset, input_shape, num_classes, plan, gpu: int | None = None) -> dict:
-    """One reference model's state dict: the target's recipe (``train_reference``) on ``train_set``, under
-    ``plan`` for a federated target, at the intra-op threads ``cfg.train.threads`` sets."""
+def _train_group(jobs: list[tuple], gpu: int | None = None) -> list[dict]:
+    """The state dicts of reference models ``jobs`` (config, training set, input shape, classes, plan), at
+    the intra-op threads their ``cfg.train.threads`` sets: trained together as one stacked model
+    (``dptrain.training.stacked``) where their config allows, else one by one by the target's recipe
+    (``train_reference``, under the plan for a federated target)."""
     from dptrain.training.recipe import resolve_device
 
     if gpu is not None:
         # A spawned process starts on GPU 0; it trains on its parent rank's GPU.
         torch.cuda.set_device(gpu)
+    cfg, _, input_shape, num_classes, _ = jobs[0]
     device = resolve_device(cfg.train.device)
-    model = recipe_for(cfg).train_reference(
-        cfg, plan, train_set, input_shape=input_shape, num_classes=num_classes, device=device
-    )
-    return {key: value.cpu() for key, value in model.state_dict().items()}
+    if unstackable(cfg) is None:
+        # train_model sets its threads itself; the stacked loop is not train_model.
+        torch.set_num_threads(thread_count(cfg.train.threads) or torch.get_num_threads())
+        states = train_stacked(
+            [job[0] for job in jobs], [job[1] for job in jobs], input_shape=input_shape, num_classes=num_classes,
+            device=device,
+        )  # fmt: skip
+        return [{key: value.cpu() for key, value in state.items()} for state in states]
+    models = [
+        recipe_for(cfg).train_reference(cfg, plan, train_set, input_shape=input_shape, num_classes=num_classes, device=device)
+        for cfg, train_set, input_shape, num_classes, plan in jobs
+    ]
+    return [{key: value.cpu() for key, value in model.state_dict().items()} for model in models]
 
 
-def default_workers(count: int) -> int:
-    """One process per two cores of this process's share (``core_share``: a rank's, in a multi-process
-    run), never more than there are models."""
+def default_workers(count: int, cfg=None) -> int:
+    """One process when ``cfg``'s models train stacked; else one per two cores of this process's share
+    (``core_share``: a rank's, in a multi-process run), never more than there are models."""
+    if cfg is not None and unstackable(cfg) is None:
+        return 1
     return max(1, min(count, core_share() // 2))
 
 
@@ -201,18 +217,23 @@ def train_references(
     threads = reference_threads(target_threads, workers)
     for derived in cfgs:
         derived.train.threads = str(threads)
+    stacked = unstackable(cfg) is None
+    # Stacked: each process trains one stack of models; one by one: each model is a task of the pool.
+    groups = [list(part) for part in np.array_split(mine, max(workers, 1))] if stacked else [[j] for j in mine]
+    groups = [group for group in groups if group]
     log.info(
-        "rank %d trains %s reference models %s in %d process(es) at %d thread(s) each",
-        rank, scheme, mine, max(workers, 1), threads,
+        "rank %d trains %s reference models %s %s in %d process(es) at %d thread(s) each",
+        rank, scheme, mine, "stacked" if stacked else "one by one", max(workers, 1), threads,
     )  # fmt: skip
     if workers > 1:
         from dptrain.training.recipe import resolve_device
 
         gpu = torch.cuda.current_device() if resolve_device(cfg.train.device).type == "cuda" else None
         with child_pool(workers) as pool:
-            trained = list(pool.map(_train_one, *zip(*(jobs[j] for j in mine)), [gpu] * len(mine)))
+            trained_groups = list(pool.map(_train_group, [[jobs[j] for j in group] for group in groups], [gpu] * len(groups)))
     else:
-        trained = [_train_one(*jobs[j]) for j in mine]
+        trained_groups = [_train_group([jobs[j] for j in group]) for group in groups]
+    trained = [state for group in trained_groups for state in group]
     parts = ranks.gather_to_main(dict(zip(mine, trained)))
     seconds = time.perf_counter() - started
     if parts is None:

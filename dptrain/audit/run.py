@@ -110,7 +110,7 @@ def _references(target: AuditTarget, run_dir) -> ReferenceModels:
         scheme="halves" if lira else "population",
         count=cfg.mia.reference_models,
         seed=cfg.seed,
-        workers=cfg.workers or default_workers(cfg.mia.reference_models),
+        workers=cfg.workers or default_workers(cfg.mia.reference_models, target.cfg),
         cache_dir=run_dir,
         min_in=(2 if cfg.mia.lira_variance == "per_example" else 1) if lira else 0,
         target_threads=target.run.metrics.threads,

@@ -74,6 +74,15 @@ def poisson_loader(
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator)
 
 
+def baseline_loader(dataset: Dataset, plan: PrivacyPlan, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """The data loader of the non-private baseline: ``plan.steps_per_epoch`` shuffled batches of
+    ``batch_size`` distinct records (the last one shorter when the records run out)."""
+    # At most steps_per_epoch * batch_size distinct records per epoch: exactly the plan's steps.
+    records = min(len(dataset), plan.steps_per_epoch * batch_size)
+    sampler = RandomSampler(dataset, num_samples=records, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator)
+
+
 @dataclass
 class PrivateTraining:
     """The objects a training loop uses; private or not, the loop is the same.
@@ -164,10 +173,7 @@ def make_private(
     """
     loss_fn = nn.CrossEntropyLoss()
     if not plan.private:
-        # At most steps_per_epoch * batch_size distinct records per epoch: exactly the plan's steps.
-        records = min(len(dataset), plan.steps_per_epoch * batch_size)
-        sampler = RandomSampler(dataset, num_samples=records, generator=sampling_generator)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=sampling_generator)
+        loader = baseline_loader(dataset, plan, batch_size, sampling_generator)
         return PrivateTraining(model, optimizer, loader, loss_fn, plan, None, None)
     distributed = isinstance(model, DifferentiallyPrivateDistributedDataParallel)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)

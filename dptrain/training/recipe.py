@@ -1,7 +1,9 @@
 """Train one model on one dataset under the run's privacy settings: the unit every recipe and audit reuses.
 
 Reference models for audits are trained by calling ``train_model`` with their
-own data, never by a second copy of this loop.
+own data, never by a second copy of this loop; the one exception, the zoo's small
+models trained K at once (``dptrain.training.stacked``), is tested to give the
+models this loop gives, to float rounding.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from dptrain.training.distributed import parallel_mode
 from dptrain.training.poisoning import POISONING_ATTACKS, poisoned_count, poisons_members
 from dptrain.training.representations import has_hidden_layer, output_layer
 from dptrain.training.sanitization import CLUSTER_RULES, REPRESENTATIONS, SANITIZERS
+from dptrain.validation.engine import validate_engine
 from dptrain.validation.keys import check_known_keys, check_ranges
 
 PRIVACY_NAMES = ("dpsgd", "none")
@@ -139,6 +140,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     _validate_inversion(cfg.audit.inversion, info)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
+    validate_engine(cfg, _usable_cores())
     _validate_audit(cfg.audit, sizes.population)
     _validate_gradient_inversion(cfg, info, members)
     # Last, so that a setup that is wrong on any machine says so before this machine's limits do.

@@ -13,7 +13,7 @@ from pathlib import Path
 from dptrain.config import Config
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.checkpoint import Checkpoint
-from dptrain.training.federated import (  # noqa: F401  (the Recipe interface, shared with the builtin engine)
+from dptrain.training.federated import (
     FederatedPlan,
     load_target,
     plan,
@@ -23,12 +23,15 @@ from dptrain.training.federated import (  # noqa: F401  (the Recipe interface, s
 )
 from dptrain.training.target import TargetRun
 
+# The Recipe interface (training.recipes): all but train_target are the builtin engine's.
+__all__ = ["load_target", "plan", "reference_config", "resumed_step", "train_reference", "train_target"]
+
 
 def train_target(
-    cfg: Config, run_dir: Path, plan: FederatedPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
+    cfg: Config, run_dir: Path, planned: FederatedPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
 ) -> TargetRun:
     """``federated.train_target`` with every round's clients trained by Flower ClientApps under the
     Simulation Engine (``dptrain.flower.engine.simulate``)."""
     from dptrain.flower.engine import simulate
 
-    return simulate(cfg, run_dir, plan, tb, checkpoint)
+    return simulate(cfg, run_dir, planned, tb, checkpoint)

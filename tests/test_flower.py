@@ -1,0 +1,221 @@
+"""The Flower engine (``federation.engine=flower``) and ``RobustStrategy``: the same rounds as the
+builtin engine, the same accounting, and one clear line for each setup it cannot run.
+
+The default-tier tests deliver the engine's Messages to its ClientApp in this process (``InProcessGrid``),
+so they exercise the messages, the ClientApp and the server's side without starting Ray; the slow one
+runs ``dptrain train`` under Flower's Simulation Engine."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dptrain.data import load, make_split, prepare
+from dptrain.errors import UserError
+from dptrain.training import federated
+from dptrain.validation.engine import validate_engine
+
+FED = ("federation=fedavg", "federation.clients=3", "federation.rounds=2", "model=logreg", "aggregator=median")
+NON_PRIVATE = ("privacy=none",)
+# An explicit noise multiplier: no calibration, so the test stays fast.
+PRIVATE = ("privacy.target_epsilon=null", "privacy.noise_multiplier=1.0", "train.batch_size=32")
+
+
+@pytest.fixture
+def flower_task(monkeypatch):
+    """The task identity Flower's runtime gives a ServerApp process, which every new Message reads."""
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+
+class InProcessGrid:
+    """A Flower Grid stand-in: each Message goes to the ClientApp of its node, in this process, one
+    SuperNode per partition id; replies come back in reverse order (the engine must key them by client)."""
+
+    def __init__(self, app, clients: int) -> None:
+        self.app, self.partitions = app, {1000 + i: i for i in range(clients)}
+
+    def get_node_ids(self):
+        return list(self.partitions)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Context, RecordDict
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            config = {"partition-id": self.partitions[node], "num-partitions": len(self.partitions)}
+            context = Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
+            replies.append(self.app(message, context))
+        return replies[::-1]
+
+
+AGGREGATE = federated.FederatedServer._aggregate
+
+
+def _rounds(cfg, monkeypatch, flower: bool):
+    """Train the federation of ``cfg`` on one engine; return each round's aggregate and the federation."""
+    aggregates = []
+
+    def recording(self, updates):
+        aggregation = AGGREGATE(self, updates)
+        aggregates.append(aggregation[0].clone())
+        return aggregation
+
+    monkeypatch.setattr(federated.FederatedServer, "_aggregate", recording)
+    local_training = None
+    if flower:
+        from dptrain.flower.engine import GridTraining, client_app
+
+        local_training = GridTraining(InProcessGrid(client_app(cfg), cfg.federation.clients), cfg.federation.clients)
+    raw = load(cfg.dataset)
+    data = prepare(raw, make_split(raw, cfg.dataset))
+    plan = federated.federation_plan(cfg, len(data.members), data.members.tensors[1].numpy())
+    run = federated.train_federation(
+        cfg, plan, data.members, input_shape=data.input_shape, num_classes=data.num_classes,
+        device=torch.device("cpu"), units=data.units, local_training=local_training,
+    )  # fmt: skip
+    return aggregates, run
+
+
+@pytest.mark.parametrize("attack", ["alie", pytest.param("label_flip", marks=pytest.mark.slow)])
+def test_flower_rounds_equal_the_builtin_engines_without_noise(tiny_config, monkeypatch, flower_task, attack):
+    """ALIE is crafted at the server from the honest replies, label flipping by the Byzantine client
+    on its own records: either way both engines aggregate the same updates in every round."""
+    cfg = tiny_config(*FED, *NON_PRIVATE, f"attack={attack}", "attack.byzantine=1")
+    builtin, _ = _rounds(cfg, monkeypatch, flower=False)
+    flower, _ = _rounds(cfg, monkeypatch, flower=True)
+    assert len(builtin) == len(flower) == 2
+    for ours, theirs in zip(builtin, flower):
+        assert ours.norm() > 0
+        torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_flower_private_run_charges_each_clients_ledger_as_the_builtin_engine(tiny_config, monkeypatch, flower_task):
+    """The ClientApp charges the client's own accountant and sends its state back: the server's record
+    of every client's DP-SGD steps, and so every epsilon, equals the builtin engine's."""
+    cfg = tiny_config(*FED, *PRIVATE, "attack=alie", "attack.byzantine=1")
+    builtin_aggregates, builtin = _rounds(cfg, monkeypatch, flower=False)
+    flower_aggregates, flower = _rounds(cfg, monkeypatch, flower=True)
+    ours, theirs = builtin.server, flower.server
+    histories = [[None if c.ledger is None else c.ledger.state_dict() for c in s.clients] for s in (ours, theirs)]
+    assert histories[0] == histories[1]
+    # Every honest client trained in both rounds, one local epoch each: b = ceil(n / 32) Poisson steps
+    # per round at rate 1 / b (the plan's batches of 32 over b * 32 records), noise 1.0.
+    for client in (c for c in theirs.clients if not c.byzantine):
+        batches = math.ceil(len(client.data) / 32)
+        assert [tuple(block) for block in client.ledger.history] == [(1.0, 1 / batches, 2 * batches)]
+    assert theirs.client_epsilons() == ours.client_epsilons()
+    assert theirs.check_spent() == ours.check_spent() > 0
+    for a, b in zip(builtin_aggregates, flower_aggregates):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def _validation_config(tiny_config, *overrides):
+    return tiny_config(*FED, *NON_PRIVATE, "federation.engine=flower", *overrides)
+
+
+def test_flower_engine_without_flwr_is_refused_in_one_line(tiny_config, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a))
+    with pytest.raises(UserError, match=r'needs Flower, which is not installed: pip install "dptrain\[flower\]"'):
+        validate_engine(_validation_config(tiny_config), cores=2)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("federation.engine=spark",), "unknown federation.engine 'spark'; choose one of: builtin, flower"),
+        (("federation.flower.backend=mp",), "federation.flower.backend=mp: flwr 1.42's Simulation Engine has one"),
+        (("federation.flower.client_cpus=3",), "client_cpus=3.0 exceeds the 2 usable CPU cores"),
+    ],
+)
+def test_flower_engine_setups_it_cannot_run_are_refused(tiny_config, overrides, message):
+    pytest.importorskip("flwr")
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_engine(_validation_config(tiny_config, *overrides), cores=2)
+
+
+def test_flower_engine_needs_a_federation(tiny_config):
+    with pytest.raises(UserError, match="federation.engine=flower runs a federation: add federation=fedavg"):
+        validate_engine(tiny_config("federation.engine=flower"), cores=2)
+
+
+def _replies(strategy, global_arrays, locals_):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    strategy._global = global_arrays.to_torch_state_dict()
+    replies = []
+    for i, local in enumerate(locals_):
+        request = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=10 + i, message_type="train")
+        content = RecordDict({"arrays": ArrayRecord(torch_state_dict=local), "metrics": MetricRecord({"num-examples": 1})})
+        replies.append(Message(content, reply_to=request))
+    return replies
+
+
+def test_robust_strategy_takes_the_coordinatewise_median_of_updates(flower_task):
+    """Flower's replies are models; the strategy aggregates their updates from the global model it sent:
+    median over 5 replies, one of them Byzantine (f=1), checked against NumPy's median."""
+    pytest.importorskip("flwr")
+    from flwr.app import ArrayRecord
+
+    from dptrain.flower import RobustStrategy
+
+    rng = np.random.default_rng(0)
+    start = {"w": torch.tensor(rng.normal(size=(2, 3)), dtype=torch.float32), "b": torch.zeros(2)}
+    locals_ = [{k: v + torch.tensor(rng.normal(size=v.shape), dtype=torch.float32) for k, v in start.items()} for _ in range(4)]
+    locals_.append({k: v + 1e6 for k, v in start.items()})
+    strategy = RobustStrategy("median", f=1, server_lr=0.5)
+    arrays, metrics = strategy.aggregate_train(1, _replies(strategy, ArrayRecord(torch_state_dict=start), locals_))
+    result = arrays.to_torch_state_dict()
+    for key in start:
+        updates = np.stack([(local[key] - start[key]).numpy() for local in locals_])
+        expected = start[key].numpy() + 0.5 * np.median(updates, axis=0)
+        np.testing.assert_allclose(result[key].numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert metrics["updates"] == 5
+
+
+def test_robust_strategy_refuses_a_round_below_krums_precondition(flower_task):
+    pytest.importorskip("flwr")
+    from flwr.app import ArrayRecord
+
+    from dptrain.flower import RobustStrategy
+
+    start = {"w": torch.zeros(3)}
+    strategy = RobustStrategy("krum", f=1)
+    replies = _replies(strategy, ArrayRecord(torch_state_dict=start), [{"w": torch.ones(3) * i} for i in range(4)])
+    with pytest.raises(UserError, match=r"krum needs n > 2f \+ 2 \(n=4, f=1\)"):
+        strategy.aggregate_train(1, replies)
+
+
+@pytest.mark.slow
+def test_dptrain_train_on_the_simulation_engine_matches_the_builtin_run(tmp_path):
+    """``dptrain train federation.engine=flower`` under Ray: the run directory the builtin engine writes,
+    the same model to float tolerance and the same epsilon."""
+    pytest.importorskip("flwr")
+    from conftest import run_dptrain
+
+    common = [*FED, "attack=alie", "attack.byzantine=1", *PRIVATE, "audit=none", "train.progress=false"]
+    runs = {}
+    for engine in ("builtin", "flower"):
+        result = run_dptrain("train", *common, f"federation.engine={engine}", f"hydra.run.dir={engine}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[engine] = tmp_path / engine
+    metrics = {engine: json.loads((run / "metrics.json").read_text()) for engine, run in runs.items()}
+    assert metrics["flower"]["epsilon"] == metrics["builtin"]["epsilon"] > 0
+    assert metrics["flower"]["federation"]["client_epsilons"] == metrics["builtin"]["federation"]["client_epsilons"]
+    models = {engine: torch.load(run / "model.pt", weights_only=True) for engine, run in runs.items()}
+    for key, value in models["builtin"].items():
+        torch.testing.assert_close(models["flower"][key], value, rtol=1e-5, atol=1e-6)
+    assert (runs["flower"] / "checkpoint.pt").exists() or not (runs["builtin"] / "checkpoint.pt").exists()
+    assert sorted(p.name for p in runs["flower"].iterdir()) == sorted(p.name for p in runs["builtin"].iterdir())

@@ -213,9 +213,8 @@ def test_dptrain_train_on_the_simulation_engine_matches_the_builtin_run(tmp_path
         runs[engine] = tmp_path / engine
     metrics = {engine: json.loads((run / "metrics.json").read_text()) for engine, run in runs.items()}
     assert metrics["flower"]["epsilon"] == metrics["builtin"]["epsilon"] > 0
-    assert metrics["flower"]["federation"]["client_epsilons"] == metrics["builtin"]["federation"]["client_epsilons"]
+    assert metrics["flower"]["client_epsilons"] == metrics["builtin"]["client_epsilons"]
     models = {engine: torch.load(run / "model.pt", weights_only=True) for engine, run in runs.items()}
     for key, value in models["builtin"].items():
         torch.testing.assert_close(models["flower"][key], value, rtol=1e-5, atol=1e-6)
-    assert (runs["flower"] / "checkpoint.pt").exists() or not (runs["builtin"] / "checkpoint.pt").exists()
     assert sorted(p.name for p in runs["flower"].iterdir()) == sorted(p.name for p in runs["builtin"].iterdir())

@@ -74,7 +74,8 @@ def _rounds(cfg, monkeypatch, flower: bool):
     if flower:
         from dptrain.flower.engine import GridTraining, client_app
 
-        local_training = GridTraining(InProcessGrid(client_app(cfg), cfg.federation.clients), cfg.federation.clients)
+        app = client_app(lambda context: cfg)
+        local_training = GridTraining(InProcessGrid(app, cfg.federation.clients), cfg.federation.clients)
     raw = load(cfg.dataset)
     data = prepare(raw, make_split(raw, cfg.dataset))
     plan = federated.federation_plan(cfg, len(data.members), data.members.tensors[1].numpy())

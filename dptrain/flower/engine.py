@@ -21,8 +21,10 @@ import json
 import logging
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -36,6 +38,9 @@ from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.clients import Client, LocalUpdate
 from dptrain.training.recipe import resolve_device
 from dptrain.training.target import TargetRun
+
+if TYPE_CHECKING:
+    from flwr.app import Context
 
 # How long the ServerApp waits for every client's SuperNode to connect.
 NODE_TIMEOUT_S = 300.0
@@ -151,8 +156,9 @@ def client_side(cfg: Config) -> ClientSide:
     return _CLIENT_SIDES[key]
 
 
-def client_app(cfg: Config):
-    """The ClientApp of ``cfg``: ``query`` answers the SuperNode's partition id; ``train`` runs that
+def client_app(config_of: Callable[[Context], Config]):
+    """The ClientApp of the recipe ``config_of(context)`` gives (the simulated run's config, or a
+    deployed app's run config): ``query`` answers the SuperNode's partition id; ``train`` runs that
     client's ``federated.client_round`` from the global model and replies with the delta, the mean
     local loss, the client's epsilon so far (private plans) and its ledger state."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -171,6 +177,7 @@ def client_app(cfg: Config):
         client_id, partition_id = int(config["client"]), int(context.node_config["partition-id"])
         if client_id != partition_id:
             raise RuntimeError(f"asked to train client {client_id} on the SuperNode of partition {partition_id}")
+        cfg = config_of(context)
         side = client_side(cfg)
         client = side.clients[client_id]
         if client.ledger is not None:
@@ -205,6 +212,32 @@ def _quiet_flower():
         logger.setLevel(level)
 
 
+_DEPLOYED_GRID: ContextVar = ContextVar("dptrain_flower_grid", default=None)
+
+
+@contextmanager
+def deployed_on(grid):
+    """Within it, Flower runs of the recipe train their clients over ``grid`` (a deployed ServerApp's,
+    ``dptrain.flower.app``) instead of starting the Simulation Engine."""
+    token = _DEPLOYED_GRID.set(grid)
+    try:
+        yield
+    finally:
+        _DEPLOYED_GRID.reset(token)
+
+
+def train_on_flower(
+    cfg: Config, run_dir: Path, plan: federated.FederatedPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
+) -> TargetRun:
+    """``federated.train_target`` with the clients trained over the deployed app's grid (``deployed_on``)
+    or, by default, under the Simulation Engine (``simulate``)."""
+    grid = _DEPLOYED_GRID.get()
+    if grid is None:
+        return simulate(cfg, run_dir, plan, tb, checkpoint)
+    training = GridTraining(grid, cfg.federation.clients)
+    return federated.train_target(cfg, run_dir, plan, tb, checkpoint, local_training=training)
+
+
 def simulate(
     cfg: Config, run_dir: Path, plan: federated.FederatedPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
 ) -> TargetRun:
@@ -229,7 +262,7 @@ def simulate(
     with _quiet_flower():
         run_simulation(
             server_app,
-            client_app(cfg),
+            client_app(lambda context: cfg),
             num_supernodes=cfg.federation.clients,
             backend_name=flower.backend,
             backend_config=backend_config,

@@ -30,8 +30,8 @@ __all__ = ["load_target", "plan", "reference_config", "resumed_step", "train_ref
 def train_target(
     cfg: Config, run_dir: Path, planned: FederatedPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
 ) -> TargetRun:
-    """``federated.train_target`` with every round's clients trained by Flower ClientApps under the
-    Simulation Engine (``dptrain.flower.engine.simulate``)."""
-    from dptrain.flower.engine import simulate
+    """``federated.train_target`` with every round's clients trained by Flower ClientApps, under the
+    Simulation Engine or a deployed app's SuperLink (``dptrain.flower.engine.train_on_flower``)."""
+    from dptrain.flower.engine import train_on_flower
 
-    return simulate(cfg, run_dir, planned, tb, checkpoint)
+    return train_on_flower(cfg, run_dir, planned, tb, checkpoint)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -219,3 +220,85 @@ def test_dptrain_train_on_the_simulation_engine_matches_the_builtin_run(tmp_path
     for key, value in models["builtin"].items():
         torch.testing.assert_close(models["flower"][key], value, rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in runs["flower"].iterdir()) == sorted(p.name for p in runs["builtin"].iterdir())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_examples_flower_app_runs_on_a_superlink_with_three_supernodes(tmp_path):
+    """Deployment on loopback, insecure (TLS is for real machines): a SuperLink, 3 SuperNodes holding
+    partitions 0, 1, 2, and ``flwr run examples/flower_app`` for 2 private rounds, which writes the run
+    directory with each client's epsilon."""
+    pytest.importorskip("flwr")
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    port = _free_port()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    app = tmp_path / "app"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "flower_app", app)
+    logs, processes = [], []
+
+    def start(*command: str):
+        log = open(tmp_path / f"process{len(processes)}.log", "w")
+        logs.append(log)
+        processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
+
+    def flwr(*args: str, timeout: float = 60):
+        return subprocess.run([str(bin_dir / "flwr"), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+    try:
+        start(str(bin_dir / "flower-superlink"), "--insecure", "--port", str(port), "--disable-runtime-dependency-installation")
+        _wait_for(lambda: flwr("ls", "local-test").returncode == 0, 120, "the SuperLink")
+        for partition in range(3):
+            start(
+                str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                "--node-config", f"partition-id={partition} num-partitions=3", "--port", str(_free_port()),
+            )  # fmt: skip
+        superlink_log = tmp_path / "process0.log"
+        _wait_for(lambda: superlink_log.read_text().count("Activated node") >= 3, 120, "3 SuperNodes")
+        run_dir = tmp_path / "run"
+        overrides = (
+            "federation=fedavg federation.clients=3 federation.rounds=2 model=logreg aggregator=median "
+            "privacy.target_epsilon=3 audit=none train.progress=false"
+        )
+        result = flwr(
+            "run", str(app), "local-test", "--stream",
+            "--run-config", f"overrides='{overrides}' run-dir='{run_dir}'", timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        _wait_for(lambda: (run_dir / "manifest.json").exists(), 60, "the run directory")
+    finally:
+        for process in processes[::-1]:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+        for log in logs:
+            log.close()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["rounds"] == 2 and metrics["clients"] == 3
+    assert len(metrics["client_epsilons"]) == 3 and 0 < metrics["epsilon"] <= 3

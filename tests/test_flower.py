@@ -302,3 +302,43 @@ def test_examples_flower_app_runs_on_a_superlink_with_three_supernodes(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["rounds"] == 2 and metrics["clients"] == 3
     assert len(metrics["client_epsilons"]) == 3 and 0 < metrics["epsilon"] <= 3
+
+
+@pytest.mark.slow
+def test_robust_strategy_in_a_flower_simulation_keeps_a_byzantine_client_out():
+    """RobustStrategy("krum", f=1, pre=["nnm"]) driving a plain Flower ServerApp under the Simulation
+    Engine: clients 1..4 move every coordinate by 1.01..1.04, client 0 by 1000. NNM replaces each honest
+    update by the mean of the 4 honest ones (1.025) and the Byzantine one by (1000 + 1.04 + 1.03 + 1.02) / 4;
+    Krum picks 1.025, so after 2 rounds every coordinate is 2.05."""
+    pytest.importorskip("flwr")
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from dptrain.flower import RobustStrategy
+
+    final = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        strategy = RobustStrategy("krum", f=1, pre=["nnm"], min_train_nodes=5, min_available_nodes=5, fraction_evaluate=0.0)
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_state_dict={"w": torch.zeros(4)}), num_rounds=2)
+        final.update(result.arrays.to_torch_state_dict())
+
+    client = ClientApp()
+
+    @client.train()
+    def train(message, context):
+        # Imported here: ArrayRecord.to_torch_state_dict needs torch imported in the ClientApp's process.
+        import torch as client_torch
+
+        partition = int(context.node_config["partition-id"])
+        shift = client_torch.tensor(1000.0 if partition == 0 else 1.0 + 0.01 * partition)
+        w = message.content["arrays"].to_torch_state_dict()["w"] + shift
+        content = RecordDict({"arrays": ArrayRecord(torch_state_dict={"w": w}), "metrics": MetricRecord({"num-examples": 1})})
+        return Message(content, reply_to=message)
+
+    run_simulation(server, client, num_supernodes=5, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    torch.testing.assert_close(final["w"], torch.full((4,), 2.05), rtol=0, atol=1e-5)

@@ -342,3 +342,35 @@ def test_robust_strategy_in_a_flower_simulation_keeps_a_byzantine_client_out():
 
     run_simulation(server, client, num_supernodes=5, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     torch.testing.assert_close(final["w"], torch.full((4,), 2.05), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_flower_run_resumed_after_an_interruption_matches_the_uninterrupted_builtin_run(
+    tiny_config, tmp_path, monkeypatch, flower_task
+):
+    """The whole pipeline on the Flower recipe (over an in-process grid, as a deployed ServerApp runs it):
+    interrupted before round 3 and resumed, it spends what the uninterrupted builtin run spends, neither
+    forgetting nor repeating a client's steps (their ledgers travel back from the checkpoint to the
+    clients), and ends at its model."""
+    from conftest import interrupt_at_round
+
+    from dptrain import pipeline
+    from dptrain.flower.engine import client_app, deployed_on
+
+    overrides = (*FED, *PRIVATE, "federation.rounds=3", "attack=alie", "attack.byzantine=1")
+    builtin = pipeline.train(tiny_config(*overrides), tmp_path / "builtin")[0]
+
+    def on_flower(*more: str):
+        cfg = tiny_config(*overrides, "federation.engine=flower", *more)
+        with deployed_on(InProcessGrid(client_app(lambda context: cfg), cfg.federation.clients)):
+            return pipeline.train(cfg, tmp_path / "flower")[0]
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        interrupt_at_round(patch, 2)
+        on_flower()
+    resumed = on_flower(f"train.resume={tmp_path / 'flower'}")
+    assert resumed.epsilon == builtin.epsilon > 0
+    assert resumed.federation.client_epsilons == builtin.federation.client_epsilons
+    models = [torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("builtin", "flower")]
+    for key in models[0]:
+        torch.testing.assert_close(models[1][key], models[0][key], rtol=1e-5, atol=1e-6)

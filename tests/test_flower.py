@@ -121,6 +121,20 @@ def test_flower_private_run_charges_each_clients_ledger_as_the_builtin_engine(ti
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
+def test_flower_dp_fedavg_adds_the_builtin_engines_server_noise(tiny_config, monkeypatch, flower_task):
+    """dp_level=user: Poisson-sampled clients (a round may send no message), clipping and Gaussian noise
+    at the server: the same noisy aggregate each round, the same server ledger (one step per round)."""
+    cfg = tiny_config(*FED[:-1], "federation.dp_level=user", "federation.clients_per_round=2",
+                      "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0")  # fmt: skip
+    builtin_aggregates, builtin = _rounds(cfg, monkeypatch, flower=False)
+    flower_aggregates, flower = _rounds(cfg, monkeypatch, flower=True)
+    assert flower.server.ledger.history == builtin.server.ledger.history == [(1.0, 2 / 3, 2)]
+    assert len(flower_aggregates) == len(builtin_aggregates) == 2
+    for a, b in zip(builtin_aggregates, flower_aggregates):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
 def _validation_config(tiny_config, *overrides):
     return tiny_config(*FED, *NON_PRIVATE, "federation.engine=flower", *overrides)
 

@@ -1,9 +1,10 @@
 """The Flower engine (``federation.engine=flower``) and ``RobustStrategy``: the same rounds as the
 builtin engine, the same accounting, and one clear line for each setup it cannot run.
 
-The default-tier tests deliver the engine's Messages to its ClientApp in this process (``InProcessGrid``),
-so they exercise the messages, the ClientApp and the server's side without starting Ray; the slow one
-runs ``dptrain train`` under Flower's Simulation Engine."""
+The equivalence tests deliver the engine's Messages to its ClientApp in this process (``InProcessGrid``),
+exercising the messages, the ClientApp and the server's side without starting Ray; others run
+``dptrain train`` under Flower's Simulation Engine and a deployment. All of them train (3 to 300 s on
+2 shared cores) and are slow; the default tier checks validation and ``RobustStrategy``'s arithmetic."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def _rounds(cfg, monkeypatch, flower: bool):
     return aggregates, run
 
 
-@pytest.mark.parametrize("attack", ["alie", pytest.param("label_flip", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["alie", "label_flip"])
 def test_flower_rounds_equal_the_builtin_engines_without_noise(tiny_config, monkeypatch, flower_task, attack):
     """ALIE is crafted at the server from the honest replies, label flipping by the Byzantine client
     on its own records: either way both engines aggregate the same updates in every round."""

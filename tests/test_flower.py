@@ -390,3 +390,37 @@ def test_flower_run_resumed_after_an_interruption_matches_the_uninterrupted_buil
     models = [torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("builtin", "flower")]
     for key in models[0]:
         torch.testing.assert_close(models[1][key], models[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_epsilon_mod_reports_the_epsilon_composed_over_the_rounds_a_node_trained(flower_task):
+    """A ClientApp with a fresh Opacus accountant each round (100 DP-SGD steps, sigma 1.1, q 0.05): the
+    mod reports RDP's epsilon of 100 steps after the first round and of 200 after the second (RDP
+    composes additively, so two blocks of 100 equal one of 200), and passes other messages unchanged."""
+    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from opacus.accountants import RDPAccountant
+
+    from dptrain.flower.mods import epsilon_mod, record_accountant
+
+    def train(message, context):
+        accountant = RDPAccountant()
+        accountant.history = [(1.1, 0.05, 100)]
+        record_accountant(context, accountant)
+        return Message(RecordDict({"metrics": MetricRecord({"loss": 0.5})}), reply_to=message)
+
+    def epsilon_of(steps: int) -> float:
+        accountant = RDPAccountant()
+        accountant.history = [(1.1, 0.05, steps)]
+        return accountant.get_epsilon(1e-5)
+
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    mod = epsilon_mod(delta=1e-5)
+
+    def message(kind: str):
+        return Message(RecordDict({"config": ConfigRecord()}), dst_node_id=7, message_type=kind)
+
+    first, second = (mod(message("train"), context, train).content["metrics"] for _ in range(2))
+    assert first["epsilon"] == pytest.approx(epsilon_of(100), rel=1e-9)
+    assert second["epsilon"] == pytest.approx(epsilon_of(200), rel=1e-9) and second["epsilon"] > first["epsilon"]
+    assert second["loss"] == 0.5
+    query = mod(message("query"), context, lambda m, c: Message(RecordDict({"metrics": MetricRecord({})}), reply_to=m))
+    assert "epsilon" not in query.content["metrics"]

@@ -107,6 +107,14 @@ class TrainConfig:
 
 
 @dataclass
+class FlowerConfig:
+    # Simulation Engine backend (flwr 1.42 ships "ray") and each ClientApp's share of the machine.
+    backend: str = "ray"
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+
+
+@dataclass
 class FederationConfig:
     name: str = "none"
     clients: int = 10
@@ -121,6 +129,10 @@ class FederationConfig:
     # sample: each client runs DP-SGD on its records; user: DP-FedAvg, clipped updates and server noise.
     dp_level: str = "sample"
     server_lr: float = 1.0
+    # builtin: clients trained in this process; flower: a Flower ServerApp / ClientApp run under the
+    # Simulation Engine (pip install "dptrain[flower]"), same rounds and aggregates.
+    engine: str = "builtin"
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
 
 @dataclass

@@ -30,6 +30,10 @@ STAGES = {
     "dptrain.adversarial": 3,
     "dptrain.watermark": 3,
     "dptrain.training": 4,
+    # The Flower engine: a recipe beside federated's (training.recipes picks it), flwr imported lazily.
+    "dptrain.flower": 4,
+    # The deployable Flower app runs the whole pipeline, as the CLI does.
+    "dptrain.flower.app": 9,
     "dptrain.audit": 5,
     "dptrain.views": 6,
     "dptrain.report": 7,

@@ -169,6 +169,8 @@ def check_train(command: Command, arguments: list[str]) -> None:
         config = make_config(*point)
         if config.dataset.name in ("mnist", "fashion_mnist", "cifar10"):
             pytest.importorskip("torchvision")
+        if config.federation.engine == "flower":
+            pytest.importorskip("flwr")
         if not compose_only:
             validate(config)
 

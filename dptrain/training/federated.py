@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ from dptrain.training.adversarial import adversarial_examples
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.clients import (
     Client,
+    LocalUpdate,
     byzantine_clients,
     clients_per_round,
     local_plans,
@@ -218,6 +220,37 @@ def _nominal_attack_config(cfg: Config):
     return OmegaConf.merge(cfg.attack, {"z": alie_z(clients_per_round(cfg), cfg.attack.byzantine)})
 
 
+def client_round(
+    cfg: Config, client: Client, global_model: nn.Module, round_index: int, device, units: InputUnits | None
+) -> LocalUpdate:
+    """Client ``client``'s update in round ``round_index`` (``local_update`` from ``global_model``).
+
+    Its batch sampling, DP noise and ``train.adversarial`` examples draw from streams seeded by
+    (train.seed, round, client) alone, so the update is the same whichever process or machine
+    computes it, in whatever order (the builtin and the Flower engine agree), and a resumed run
+    draws what the uninterrupted one would.
+    """
+    seed = cfg.train.seed
+    sampling = torch.Generator().manual_seed(derived_seed(seed, Stream.SAMPLING, round_index, client.id))
+    noise = torch.Generator(device=device).manual_seed(derived_seed(seed, Stream.NOISE, round_index, client.id))
+    adversarial = adversarial_examples(
+        cfg, units, derived_seed(seed, Stream.ADVERSARIAL, round_index, client.id), device
+    )
+    return local_update(cfg, client, global_model, sampling, noise, device, adversarial)
+
+
+# How a server gets the round's local updates: ``(server, round_index, client ids) -> {id: update}``.
+LocalTraining = Callable[["FederatedServer", int, list[int]], dict[int, LocalUpdate]]
+
+
+def train_in_process(server: FederatedServer, round_index: int, clients: list[int]) -> dict[int, LocalUpdate]:
+    """The builtin engine: each client's ``client_round`` in this process, one after another."""
+    return {
+        i: client_round(server.cfg, server.clients[i], server.model, round_index, server.device, server.units)
+        for i in clients
+    }
+
+
 @dataclass(frozen=True)
 class RoundRecord:
     """What one round did: who trained, how large the updates were, whom a selecting rule kept."""
@@ -252,15 +285,23 @@ class FederatedServer:
     DP-FedAvg ledger (user level), and the random generators whose state a checkpoint must carry."""
 
     def __init__(
-        self, cfg: Config, plan: FederatedPlan, clients: list[Client], model: nn.Module, device, units: InputUnits | None
+        self,
+        cfg: Config,
+        plan: FederatedPlan,
+        clients: list[Client],
+        model: nn.Module,
+        device,
+        units: InputUnits | None,
+        local_training: LocalTraining | None = None,
     ) -> None:
         self.cfg, self.plan, self.clients, self.model, self.device = cfg, plan, clients, model, device
         self.units = units
+        self.local_training: LocalTraining = local_training or train_in_process
         seed = cfg.train.seed
         f = tolerated_byzantine(cfg.aggregator, cfg.attack)
         self.aggregator = build_aggregator(cfg.aggregator, f, derived_seed(seed, Stream.AGGREGATOR))
         self.attack_cfg = _nominal_attack_config(cfg)
-        self.sampling = torch.Generator().manual_seed(derived_seed(seed, Stream.SAMPLING))
+        # The DP-FedAvg server's noise; clients draw from their own per-round streams (``client_round``).
         self.noise = torch.Generator(device=device).manual_seed(derived_seed(seed, Stream.NOISE))
         self.user_level = plan.dp_level == "user"
         self.ledger = PrivacyLedger.for_plan(plan.guarantee) if self.user_level and plan.private else None
@@ -272,12 +313,6 @@ class FederatedServer:
         seed = derived_seed(self.cfg.train.seed, Stream.ATTACK, round_index)
         return build_attack(self.attack_cfg, seed, self.cfg.federation.server_lr)
 
-    def adversarial(self, round_index: int, client: int):
-        """Client ``client``'s ``train.adversarial`` objective for round ``round_index`` (None for none),
-        seeded by both, so that a resumed run crafts what the uninterrupted one would."""
-        seed = derived_seed(self.cfg.train.seed, Stream.ADVERSARIAL, round_index, client)
-        return adversarial_examples(self.cfg, self.units, seed, self.device)
-
     def run_round(self, round_index: int) -> RoundRecord:
         """Train the round's clients, craft the Byzantine updates, aggregate, and step the global model."""
         sampled = np.flatnonzero(self.plan.participation[round_index])
@@ -285,13 +320,7 @@ class FederatedServer:
         byzantine = [int(i) for i in sampled if self.clients[i].byzantine]
         attack = self.attack(round_index)
         trained = honest if attack.omniscient else sorted(honest + byzantine)
-        local = {
-            i: local_update(
-                self.cfg, self.clients[i], self.model, self.sampling, self.noise, self.device,
-                self.adversarial(round_index, i),
-            )  # fmt: skip
-            for i in trained
-        }
+        local = self.local_training(self, round_index, trained)
         dimension = sum(p.numel() for p in self.model.parameters())
         empty = torch.zeros(0, dimension, device=self.device)
         honest_updates = torch.stack([local[i].delta for i in honest]) if honest else empty
@@ -362,7 +391,7 @@ class FederatedServer:
         state = FederatedState(
             aggregator=self.aggregator.state_dict(),
             ledgers=ledgers,
-            rng={"torch": torch.get_rng_state(), "sampling": self.sampling.get_state(), "noise": self.noise.get_state()},
+            rng={"torch": torch.get_rng_state(), "noise": self.noise.get_state()},
         )
         return Checkpoint.of(rounds_done, self.config_hash, self.model.state_dict(), state, train_seconds, wall_seconds)
 
@@ -384,7 +413,6 @@ class FederatedServer:
             for client_id, ledger in state.ledgers["clients"].items():
                 self.clients[client_id].ledger.load_state_dict(ledger)
         torch.set_rng_state(state.rng["torch"])
-        self.sampling.set_state(state.rng["sampling"])
         self.noise.set_state(state.rng["noise"])
 
 
@@ -438,9 +466,18 @@ def planned_federation(cfg: Config, labels: np.ndarray) -> tuple[FederatedPlan, 
     return federation, honest_trained(partition_members(cfg, len(labels), labels), federation)
 
 
-def _global_model(
-    cfg: Config, input_shape, num_classes: int, plan: FederatedPlan, device
-) -> tuple[nn.Module, list[str]]:
+def federation_clients(
+    cfg: Config, plan: FederatedPlan, members: TensorDataset, num_classes: int
+) -> tuple[list[np.ndarray], list[Client], Attack]:
+    """The partition of ``members``, the clients holding it (Byzantine ones' data poisoned), and the
+    poisoning clients' attack, all drawn from train.seed."""
+    parts = client_partition(cfg, members, plan)
+    poisoning = build_attack(cfg.attack, derived_seed(cfg.train.seed, Stream.POISON), cfg.federation.server_lr)
+    return parts, build_clients(members, num_classes, parts, plan, poisoning), poisoning
+
+
+def global_model(cfg: Config, input_shape, num_classes: int, plan: FederatedPlan, device) -> tuple[nn.Module, list[str]]:
+    """The initial global model (seeded by train.seed) and the modules made DP-compatible for it."""
     torch.manual_seed(derived_seed(cfg.train.seed, Stream.MODEL))
     model = build_model(cfg.model, input_shape, num_classes)
     replaced: list[str] = []
@@ -503,6 +540,7 @@ def train_federation(
     run_dir: Path | None = None,
     checkpoint: Checkpoint | None = None,
     units: InputUnits | None = None,
+    local_training: LocalTraining | None = None,
 ) -> Federation:
     """Run ``federation.rounds`` rounds of FedAvg under ``plan`` with ``members`` partitioned over the
     clients: the one round loop the target and its reference models share.
@@ -513,11 +551,10 @@ def train_federation(
     final parameters and epsilon are the uninterrupted run's. Each accountant charges exactly the
     planned steps within the target, checked again at the end. ``units`` (the data's) is needed by
     ``train.adversarial``, under which each client trains on adversarial examples of its own records.
+    ``local_training`` gets the round's local updates (default: ``train_in_process``).
     """
-    parts = client_partition(cfg, members, plan)
-    model, replaced = _global_model(cfg, input_shape, num_classes, plan, device)
-    poisoning = build_attack(cfg.attack, derived_seed(cfg.train.seed, Stream.POISON), cfg.federation.server_lr)
-    clients = build_clients(members, num_classes, parts, plan, poisoning)
+    parts, clients, poisoning = federation_clients(cfg, plan, members, num_classes)
+    model, replaced = global_model(cfg, input_shape, num_classes, plan, device)
     # Timed on the first client that trains: every local step is one of the same model at the same batch size.
     trainers = [client for client in clients if client.plan is not None]
     threads = thread_choice(
@@ -525,7 +562,7 @@ def train_federation(
         planned_steps=sum(client.plan.steps for client in trainers), batch_size=cfg.train.batch_size,
         device=device, units=units,
     )  # fmt: skip
-    server = FederatedServer(cfg, plan, clients, model, device, units)
+    server = FederatedServer(cfg, plan, clients, model, device, units, local_training)
     # The poisoning clients' own attack, for its trigger.
     backdoor = poisoning if poisoning.trigger is not None else None
     start, train_seconds, wall_seconds = 0, 0.0, 0.0
@@ -574,10 +611,16 @@ def train_federation(
 
 
 def train_target(
-    cfg: Config, run_dir: Path, plan: FederatedPlan, tb: TensorBoardLog, checkpoint: Checkpoint | None
+    cfg: Config,
+    run_dir: Path,
+    plan: FederatedPlan,
+    tb: TensorBoardLog,
+    checkpoint: Checkpoint | None,
+    local_training: LocalTraining | None = None,
 ) -> TargetRun:
-    """Load the data, train the federation (``train_federation``) and write ``split.json``,
-    ``model.pt`` and ``metrics.json``; a checkpoint is written after every round.
+    """Load the data, train the federation (``train_federation``, its clients trained by
+    ``local_training``) and write ``split.json``, ``model.pt`` and ``metrics.json``; a checkpoint is
+    written after every round.
 
     ``epsilon`` is the largest honest client's (sample level) or the server's (user level), and
     never exceeds the target. The audit sees the honest, trained clients' records (``audited_data``).
@@ -596,6 +639,7 @@ def train_target(
         run_dir=run_dir,
         checkpoint=checkpoint,
         units=data.units,
+        local_training=local_training,
     )
     server = federation.server
     epsilon = server.epsilon()

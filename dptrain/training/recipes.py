@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 from dptrain.config import Config
 from dptrain.data import SplitSizes
+from dptrain.flower import recipe as flower
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import centralized, federated
 from dptrain.training.checkpoint import Checkpoint
@@ -51,5 +52,7 @@ class Recipe(Protocol[RecipePlan]):
 
 
 def recipe_for(cfg: Config) -> Recipe:
-    """The recipe ``cfg`` describes."""
-    return federated if cfg.federation.name == "fedavg" else centralized
+    """The recipe ``cfg`` describes; a federation on ``federation.engine=flower`` trains its clients on Flower."""
+    if cfg.federation.name != "fedavg":
+        return centralized
+    return flower if cfg.federation.engine == "flower" else federated

@@ -34,6 +34,7 @@ from dptrain.training.poisoning import POISONING_ATTACKS, poisoned_count, poison
 from dptrain.training.representations import has_hidden_layer, output_layer
 from dptrain.training.sanitization import CLUSTER_RULES, REPRESENTATIONS, SANITIZERS
 from dptrain.training.threads import thread_count, usable_cores
+from dptrain.validation.engine import validate_engine
 from dptrain.validation.keys import check_known_keys, check_ranges
 
 PRIVACY_NAMES = ("dpsgd", "none")
@@ -141,6 +142,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     _validate_inversion(cfg.audit.inversion, info)
     _validate_launcher(cfg)
     _validate_federation(cfg, sizes)
+    validate_engine(cfg, usable_cores())
     _validate_audit(cfg.audit, sizes.population)
     _validate_gradient_inversion(cfg, info, members)
     # Last, so that a setup that is wrong on any machine says so before this machine's limits do.

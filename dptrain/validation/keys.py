@@ -117,6 +117,8 @@ RANGES: dict[str, Range] = {
     "federation.local_epochs": at_least(1),
     "federation.alpha": positive("small alpha skews the clients' labels, large approaches IID"),
     "federation.server_lr": positive("the server adds server_lr times the aggregate, e.g. 1.0"),
+    "federation.flower.client_cpus": positive("CPU cores each Flower ClientApp reserves, e.g. 1"),
+    "federation.flower.client_gpus": at_least(0, "GPUs (or a share of one) each Flower ClientApp reserves"),
     "aggregator.f": at_least(0, "or null for attack.byzantine"),
     "aggregator.m": at_least(1, "or null for n - f"),
     "aggregator.nu": positive("Weiszfeld's smoothing, e.g. 1e-6"),

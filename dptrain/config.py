@@ -101,6 +101,15 @@ class TrainConfig:
     adversarial_steps: int = 7
     trades_beta: float = 6.0
     watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
+    # Public pretraining (dptrain.training.pretrain): none, or population: train without privacy on the
+    # population split (assumed public, never the members) for pretrain_epochs at pretrain_lr, then
+    # fine-tune with DP-SGD on the members, every parameter (finetune=full) or the last layer only
+    # (last_layer). Epsilon covers the fine-tuning alone. pretrain_seed null: train.seed.
+    pretrain: str = "none"
+    finetune: str = "full"
+    pretrain_epochs: int = 30
+    pretrain_lr: float = 0.1
+    pretrain_seed: Optional[int] = None
 
 
 @dataclass

@@ -30,6 +30,7 @@ from dptrain.training.adversarial import adversarial_examples
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.distributed import gather_updates, local_batch_size, parallel_mode
 from dptrain.training.loop import EpochStats, evaluate, train_epoch
+from dptrain.training.pretrain import freeze_for_finetuning, public_start
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,10 @@ def train_model(
 
     ``units`` (the data's, ``dptrain.data.InputUnits``) is needed by ``train.adversarial=pgd``, which
     trains on adversarial examples of each batch (``dptrain.training.adversarial``).
+
+    With ``train.pretrain=population`` the model starts from the public model (``public_start``,
+    trained without privacy on the population) and ``plan`` covers the fine-tuning on ``train_set``
+    alone; ``train.finetune=last_layer`` trains only its output layer.
     """
     train = cfg.train
     mode = parallel_mode(cfg) if data_parallel else None
@@ -142,8 +147,13 @@ def train_model(
     device = resolve_device(train.device)
     batch_size = local_batch_size(cfg) if mode == "robust" else train.batch_size
     plan = plan or plan_privacy(cfg.privacy, members=len(train_set), batch_size=batch_size, epochs=train.epochs)
+    # Before the model's seed: pretraining trains a model of its own.
+    start = public_start(cfg, input_shape, num_classes)
     torch.manual_seed(derived_seed(train.seed, Stream.MODEL))
     model = build_model(cfg.model, input_shape, num_classes)
+    if start is not None:
+        model.load_state_dict(start.state)
+        freeze_for_finetuning(model, train.finetune)
     replaced: list[str] = []
     if plan.private:
         model, replaced = ensure_dp_compatible(model)

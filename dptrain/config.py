@@ -110,6 +110,9 @@ class TrainConfig:
     pretrain_epochs: int = 30
     pretrain_lr: float = 0.1
     pretrain_seed: Optional[int] = None
+    # Parameter averaging (dptrain.training.averaging): null, or the decay of an exponential moving average
+    # of the iterates after every step, which the run returns (post-processing: epsilon unchanged).
+    ema: Optional[float] = None
 
 
 @dataclass

@@ -27,6 +27,7 @@ from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
 from dptrain.training.adversarial import adversarial_examples
+from dptrain.training.averaging import WeightAverage
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.distributed import gather_updates, local_batch_size, parallel_mode
 from dptrain.training.loop import EpochStats, evaluate, train_epoch
@@ -139,7 +140,8 @@ def train_model(
 
     With ``train.pretrain=population`` the model starts from the public model (``public_start``,
     trained without privacy on the population) and ``plan`` covers the fine-tuning on ``train_set``
-    alone; ``train.finetune=last_layer`` trains only its output layer.
+    alone; ``train.finetune=last_layer`` trains only its output layer. With ``train.ema`` the model
+    returned is the average of the iterates (``WeightAverage``); checkpoints hold the last iterate.
     """
     train = cfg.train
     mode = parallel_mode(cfg) if data_parallel else None
@@ -176,6 +178,9 @@ def train_model(
         noise_generator=noise,
     )
     scheduler = make_scheduler(train, training.optimizer)
+    average = None if train.ema is None else WeightAverage(unwrap(training.model), train.ema)
+    if average is not None:
+        average.follow(training.optimizer, unwrap(training.model))
     if mode == "robust":
         gather_updates(training, cfg)
     config_hash = recipe_hash(cfg)
@@ -256,8 +261,11 @@ def train_model(
     if mode == "robust" and epsilon is not None:
         # Local noise: each worker's records are protected by that worker's own ledger.
         epsilon = max(ranks.all_gather_object(epsilon))
+    model = training.standard_model()
+    if average is not None:
+        model.load_state_dict(average.average)
     return TrainedModel(
-        model=training.standard_model(),
+        model=model,
         plan=plan,
         epsilon=epsilon,
         steps=train.epochs * plan.steps_per_epoch,

@@ -50,6 +50,8 @@ class ModelConfig:
     blocks: List[int] = field(default_factory=lambda: [1, 1, 1])
     groups: int = 4
     activation: str = "relu"
+    # Start the output layer (the last nn.Linear) at zero, as De et al. 2022 do for DP-SGD.
+    zero_head: bool = False
 
 
 @dataclass

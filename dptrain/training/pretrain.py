@@ -44,7 +44,8 @@ _STARTS: dict[str, PublicStart] = {}
 def pretrain_config(cfg: Config) -> Config:
     """``cfg`` for the pretraining run: the non-private baseline (``privacy.target_epsilon=inf``) for
     ``train.pretrain_epochs`` at ``train.pretrain_lr``, seeded by ``train.pretrain_seed`` (null:
-    ``train.seed``), no watermark, checkpoint or progress bar, and no pretraining of its own."""
+    ``train.seed``), on clean inputs (no adversarial training), no watermark, checkpoint or progress bar,
+    and no pretraining of its own."""
     derived = copy.deepcopy(cfg)
     train = derived.train
     train.seed = cfg.train.seed if cfg.train.pretrain_seed is None else cfg.train.pretrain_seed
@@ -57,6 +58,7 @@ def pretrain_config(cfg: Config) -> Config:
     train.checkpoint = False
     train.progress = False
     train.watermark.enabled = False
+    train.adversarial = "none"
     derived.privacy.target_epsilon = float("inf")
     derived.privacy.noise_multiplier = None
     return derived

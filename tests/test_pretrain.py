@@ -47,7 +47,7 @@ def pretrained_run(tmp_path_factory):
         calls.append((cfg.privacy.target_epsilon, train_set.tensors[0].clone()))
         return original(cfg, train_set, **kwargs)
 
-    pretrain._STARTS.clear()
+    recipe._STARTS.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(recipe, "train_model", spy)
         cfg = make_config(*PRETRAINED, "train.finetune=last_layer", "model=cnn", "model.channels=[4]")
@@ -71,7 +71,7 @@ def test_pretraining_trains_on_the_population_records_and_no_member(pretrained_r
     # No pretraining record is a member's input.
     members = {row.numpy().tobytes() for row in prepared.members.tensors[0]}
     assert not any(row.numpy().tobytes() in members for row in calls[0][1])
-    start = pretrain._STARTS[next(iter(pretrain._STARTS))]
+    start = recipe._STARTS[next(iter(recipe._STARTS))]
     np.testing.assert_array_equal(start.population, split["population"])
 
 
@@ -101,7 +101,7 @@ def test_metrics_json_states_the_public_and_the_private_data(pretrained_run):
 def test_last_layer_fine_tuning_moves_the_output_layer_alone(pretrained_run):
     _, run_dir, _, _, _ = pretrained_run
     trained = torch.load(run_dir / "model.pt", weights_only=True)
-    public = next(iter(pretrain._STARTS.values())).state
+    public = next(iter(recipe._STARTS.values())).state
     # The cnn's one 2-D weight is its output layer's (convolutions' are 4-D, GroupNorm's 1-D).
     (head,) = [name.rsplit(".", 1)[0] for name in public if public[name].dim() == 2]
     for name in public:

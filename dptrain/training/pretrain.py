@@ -1,5 +1,6 @@
-"""Public pretraining (``train.pretrain=population``): the model trained without privacy on the population
-split, the starting point of DP-SGD fine-tuning on the members (Tramer & Boneh 2021, "Differentially
+"""Public pretraining (``train.pretrain=population``): the settings of the run that trains the model without
+privacy on the population split (``dptrain.training.recipe.public_start`` runs it), the starting point of
+DP-SGD fine-tuning on the members (Tramer & Boneh 2021, "Differentially
 Private Learning Needs Better Features"; Li et al. 2022 and Mehta et al. 2023 on DP fine-tuning).
 
 The population is disjoint from members, non-members and test (``dptrain.data.splits``) and is data
@@ -11,34 +12,17 @@ accountant charges the fine-tuning steps alone (post-processing of nothing priva
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 from torch import nn
 
-from dptrain.config import Config, recipe_hash
-from dptrain.data import load, make_split, prepare
+from dptrain.config import Config
 from dptrain.errors import UserError
 from dptrain.models import build_model
 from dptrain.training.representations import output_layer
 
 PRETRAIN_DATA = ("none", "population")
 FINETUNE = ("full", "last_layer")
-
-
-@dataclass(frozen=True)
-class PublicStart:
-    """The public model's state dict and the population indices (into the dataset's canonical order) it
-    was trained on, for ``pretrain_epochs`` epochs."""
-
-    state: dict
-    population: np.ndarray
-    epochs: int
-
-
-# One public model per pretraining recipe and process: the target and its reference models share it.
-_STARTS: dict[str, PublicStart] = {}
 
 
 def pretrain_config(cfg: Config) -> Config:
@@ -62,30 +46,6 @@ def pretrain_config(cfg: Config) -> Config:
     derived.privacy.target_epsilon = float("inf")
     derived.privacy.noise_multiplier = None
     return derived
-
-
-def public_start(cfg: Config, input_shape: Sequence[int], num_classes: int) -> PublicStart | None:
-    """The public model ``cfg.train.pretrain`` asks for, None for ``none``.
-
-    ``population``: the dataset loaded and split by ``cfg.dataset`` (the split every run of this
-    dataset config records), and the model trained non-privately on its population part by
-    ``train_model`` under ``pretrain_config``. Deterministic on CPU for a config, and cached per
-    process, so reference models start from the target's public model.
-    """
-    if cfg.train.pretrain == "none":
-        return None
-    from dptrain.training.recipe import train_model
-
-    derived = pretrain_config(cfg)
-    key = f"{recipe_hash(derived)}:{tuple(input_shape)}:{num_classes}"
-    if key not in _STARTS:
-        data = load(cfg.dataset)
-        split = make_split(data, cfg.dataset)
-        population = prepare(data, split).population
-        trained = train_model(derived, population, input_shape=input_shape, num_classes=num_classes)
-        state = {name: value.detach().cpu().clone() for name, value in trained.model.state_dict().items()}
-        _STARTS[key] = PublicStart(state=state, population=split.population, epochs=derived.train.epochs)
-    return _STARTS[key]
 
 
 def freeze_for_finetuning(model: nn.Module, finetune: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from dp_accounting.pld import PLDAccountant
 
-from conftest import TINY, make_config
+from conftest import TINY, interrupt_at_epoch, make_config, same_weights
 from dptrain import pipeline
 from dptrain.errors import UserError
 from dptrain.privacy import PrivacyPlan
@@ -117,6 +117,19 @@ def test_reference_models_start_from_the_targets_public_model():
     assert reference.train.seed == 99
     target_start, reference_start = pretrain.pretrain_config(cfg), pretrain.pretrain_config(reference)
     assert reference_start.train.seed == target_start.train.seed == 4
+
+
+@pytest.mark.slow
+def test_a_resumed_fine_tuning_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    overrides = (*PRETRAINED, "train.epochs=3", "train.finetune=last_layer", "model=cnn", "model.channels=[4]")
+    pipeline.train(make_config(*overrides), tmp_path / "a")
+    interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(make_config(*overrides), tmp_path / "b")
+    monkeypatch.undo()
+    recipe._STARTS.clear()
+    pipeline.train(make_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
+    assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.parametrize(

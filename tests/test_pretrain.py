@@ -98,6 +98,17 @@ def test_metrics_json_states_the_public_and_the_private_data(pretrained_run):
     }
 
 
+def test_the_run_summary_states_that_the_population_is_assumed_public(pretrained_run):
+    from dptrain.training.metrics import RunMetrics
+    from dptrain.views.summary import format_summary
+
+    _, run_dir, metrics, split, _ = pretrained_run
+    line = next(line for line in format_summary(RunMetrics.from_dict(metrics), None, run_dir).splitlines()
+                if line.startswith("pretraining"))  # fmt: skip
+    assert "population" in line and "ASSUMED PUBLIC" in line and "not covered by epsilon" in line
+    assert f"{len(split['members'])} private records is what epsilon covers" in line
+
+
 def test_last_layer_fine_tuning_moves_the_output_layer_alone(pretrained_run):
     _, run_dir, _, _, _ = pretrained_run
     trained = torch.load(run_dir / "model.pt", weights_only=True)

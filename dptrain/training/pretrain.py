@@ -1,7 +1,7 @@
 """Public pretraining (``train.pretrain=population``): the settings of the run that trains the model without
 privacy on the population split (``dptrain.training.recipe.public_start`` runs it), the starting point of
-DP-SGD fine-tuning on the members (Tramer & Boneh 2021, "Differentially
-Private Learning Needs Better Features"; Li et al. 2022 and Mehta et al. 2023 on DP fine-tuning).
+DP-SGD fine-tuning on the members (Tramer & Boneh 2021, "Differentially Private Learning Needs Better
+Features"; Li et al. 2022 and Mehta et al. 2023 on DP fine-tuning).
 
 The population is disjoint from members, non-members and test (``dptrain.data.splits``) and is data
 the guarantee does not cover: the audit's attacker holds it too. Pretraining reads only the population
@@ -82,8 +82,8 @@ def pretrain_record(cfg: Config, population: int, private_records: int) -> dict 
 def check_pretrain(cfg: Config, world: int, input_shape: Sequence[int], num_classes: int) -> None:
     """Refuse, in one line each, pretraining settings that cannot run soundly: unknown names, last-layer
     fine-tuning without a public model or without an output layer (in the model the config builds for
-    ``input_shape`` and ``num_classes``), and recipes other than the centralized one in one process (``world`` processes), whose clients or
-    ranks would each need the public model."""
+    ``input_shape`` and ``num_classes``), and recipes other than the centralized one in one process
+    (``world`` processes), whose clients or ranks would each need the public model."""
     train = cfg.train
     if train.pretrain not in PRETRAIN_DATA:
         raise UserError(f"train.pretrain={train.pretrain} is unknown: choose one of {', '.join(PRETRAIN_DATA)}")

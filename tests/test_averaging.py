@@ -59,9 +59,8 @@ def test_the_run_returns_the_average_of_its_own_iterates_at_the_same_epsilon():
     finally:
         for hook in hooks:
             hook.remove()
-    averaged = train_model(
-        make_config(*FIXED_NOISE, f"train.ema={decay}"), data.members, input_shape=data.input_shape, num_classes=data.num_classes
-    )
+    averaged_cfg = make_config(*FIXED_NOISE, f"train.ema={decay}")
+    averaged = train_model(averaged_cfg, data.members, input_shape=data.input_shape, num_classes=data.num_classes)
     assert len(iterates) == plain.steps + 1
     expected = iterates[0]
     for step in iterates[1:]:

@@ -123,7 +123,8 @@ def test_last_layer_fine_tuning_moves_the_output_layer_alone(pretrained_run):
 def test_reference_models_start_from_the_targets_public_model():
     cfg = make_config(*PRETRAINED, "train.seed=4")
     plan = PrivacyPlan(private=True, accountant="prv", delta=1e-5, target_epsilon=None, noise_multiplier=1.5,
-                       max_grad_norm=1.0, sample_rate=0.2, steps_per_epoch=5, steps=10, planned_epsilon=None)  # fmt: skip
+                       max_grad_norm=1.0, sample_rate=0.2, steps_per_epoch=5, steps=10,
+                       planned_epsilon=None)  # fmt: skip
     reference = reference_config(cfg, plan, seed=99)
     assert reference.train.seed == 99
     target_start, reference_start = pretrain.pretrain_config(cfg), pretrain.pretrain_config(reference)

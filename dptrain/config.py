@@ -50,6 +50,8 @@ class ModelConfig:
     blocks: List[int] = field(default_factory=lambda: [1, 1, 1])
     groups: int = 4
     activation: str = "relu"
+    # Start the output layer (the last nn.Linear) at zero, as De et al. 2022 do for DP-SGD.
+    zero_head: bool = False
 
 
 @dataclass
@@ -104,6 +106,18 @@ class TrainConfig:
     adversarial_steps: int = 7
     trades_beta: float = 6.0
     watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
+    # Public pretraining (dptrain.training.pretrain): none, or population: train without privacy on the
+    # population split (assumed public, never the members) for pretrain_epochs at pretrain_lr, then
+    # fine-tune with DP-SGD on the members, every parameter (finetune=full) or the last layer only
+    # (last_layer). Epsilon covers the fine-tuning alone. pretrain_seed null: train.seed.
+    pretrain: str = "none"
+    finetune: str = "full"
+    pretrain_epochs: int = 30
+    pretrain_lr: float = 0.1
+    pretrain_seed: Optional[int] = None
+    # Parameter averaging (dptrain.training.averaging): null, or the decay of an exponential moving average
+    # of the iterates after every step, which the run returns (post-processing: epsilon unchanged).
+    ema: Optional[float] = None
 
 
 @dataclass

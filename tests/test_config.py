@@ -236,7 +236,9 @@ def test_the_cli_refuses_a_misspelt_plus_key_with_one_line_before_training(tmp_p
     assert not list(tmp_path.rglob("metrics.json"))
 
 
-@pytest.mark.parametrize("experiment", ["epsilon_sweep", "robustness_matrix"])
+@pytest.mark.parametrize(
+    "experiment", ["epsilon_sweep", "robustness_matrix", "best_logreg", "best_cnn", "pretrained_cnn"]
+)
 def test_the_experiment_overlays_hold_only_known_keys(experiment):
     check_known_keys(make_config(f"experiment={experiment}"))
 

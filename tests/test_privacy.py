@@ -88,6 +88,20 @@ def test_zoo_models_are_dp_compatible_without_fixing():
         assert fixed is model and replaced == [], name
 
 
+def test_zero_head_starts_every_zoo_models_output_layer_at_zero_and_nothing_else():
+    shapes = {"logreg": (64,), "mlp": (64,), "cnn": (3, 16, 16), "resnet": (3, 16, 16)}
+    for name in MODELS:
+        torch.manual_seed(0)
+        plain = build_model(ModelConfig(name=name), shapes[name], 10)
+        torch.manual_seed(0)
+        zeroed = build_model(ModelConfig(name=name, zero_head=True), shapes[name], 10)
+        # Every class equally likely on any input, and every other parameter as the seed draws it.
+        logits = zeroed(torch.randn(2, *shapes[name]))
+        assert torch.equal(logits, torch.zeros_like(logits)), name
+        moved = [key for key, value in zeroed.state_dict().items() if not torch.equal(value, plain.state_dict()[key])]
+        assert len(moved) == 2 and all(torch.count_nonzero(zeroed.state_dict()[key]) == 0 for key in moved), name
+
+
 def test_a_model_that_needs_fixing_is_fixed_and_reported():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     fixed, replaced = ensure_dp_compatible(model)

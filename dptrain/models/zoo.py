@@ -124,8 +124,17 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
     """Return a freshly initialised ``cfg.name`` model for inputs of ``input_shape``.
 
     Precondition: image models (``IMAGE_ONLY``) get (C, H, W) inputs; config
-    validation checks this before any data is loaded.
+    validation checks this before any data is loaded. ``model.zero_head`` starts the last
+    ``nn.Linear`` (every zoo model's output layer) at zero.
     """
     if cfg.name not in MODELS:
         raise UserError(f"model={cfg.name} is unknown: choose one of {', '.join(MODELS)}")
-    return MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+    model = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+    if cfg.zero_head:
+        # De et al. 2022 ("Unlocking High-Accuracy Differentially Private Image Classification through
+        # Scale", section 3.2): every class starts equally likely, so the first noisy steps do not have to
+        # undo a random head first.
+        head = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return model

@@ -41,6 +41,7 @@ from dptrain.training.poisoning import (
     record_poisoned,
     targets_class,
 )
+from dptrain.training.pretrain import pretrain_record
 from dptrain.training.recipe import resolve_device, train_model
 from dptrain.training.sanitization import record_sanitized, recorded_sanitized, sanitized_positions
 from dptrain.training.target import (
@@ -208,9 +209,10 @@ def train_target(
     keys = watermark_keys(cfg, data)
     if keys is not None and ranks.is_main():
         keys.save(run_dir)
+    records = training_set(cfg, data, canaries, poisoned, sanitized, keys)
     trained = train_model(
         cfg,
-        training_set(cfg, data, canaries, poisoned, sanitized, keys),
+        records,
         input_shape=data.input_shape,
         num_classes=data.num_classes,
         plan=plan,
@@ -252,6 +254,7 @@ def train_target(
             sanitize_precision=None if detected is None else detected[0],
             sanitize_recall=None if detected is None else detected[1],
             watermark=None if keys is None else watermark_test(agreement(trained.model, keys, device), keys).record(),
+            pretrain=pretrain_record(cfg, data.split.sizes.population, len(records)),
         ),
     )
     if ranks.is_main():

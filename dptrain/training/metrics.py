@@ -19,7 +19,8 @@ class CentralizedMetrics:
     (``parallel_mode`` None for one process, ``dpddp`` or ``robust``), the member records poisoned
     (``dptrain.training.poisoning``), what a backdoor achieved, and the members sanitization removed
     (``dptrain.training.sanitization``) with its precision and recall against the poisoned ones, and
-    the trigger-set watermark's ``{"keys", "accuracy", "p_value"}`` (``dptrain.watermark``).
+    the trigger-set watermark's ``{"keys", "accuracy", "p_value"}`` (``dptrain.watermark``), and under
+    public pretraining which data were public and which private (``dptrain.training.pretrain.pretrain_record``).
 
     ``backdoor_success_rate`` is None (and absent from the JSON) unless a backdoor was planted,
     ``poisoned_class_accuracy`` (test accuracy on the source class) unless a targeted label flip was;
@@ -37,6 +38,7 @@ class CentralizedMetrics:
     sanitize_precision: float | None = None
     sanitize_recall: float | None = None
     watermark: dict | None = None
+    pretrain: dict | None = None
 
 
 # Fields absent from metrics.json when None (the measurement did not apply).
@@ -46,6 +48,7 @@ ABSENT_WHEN_NONE = (
     "sanitize_precision",
     "sanitize_recall",
     "watermark",
+    "pretrain",
 )
 
 

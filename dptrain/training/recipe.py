@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from torch import nn
@@ -22,7 +23,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from dptrain.config import Config, TrainConfig, recipe_hash
-from dptrain.data import InputUnits
+from dptrain.data import InputUnits, load, make_split, prepare
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, make_private, plan_privacy, unwrap
@@ -30,9 +31,11 @@ from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import loop, ranks
 from dptrain.training.adversarial import adversarial_examples
+from dptrain.training.averaging import WeightAverage
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.distributed import gather_updates, local_batch_size, parallel_mode
 from dptrain.training.loop import EpochStats, evaluate, train_epoch
+from dptrain.training.pretrain import freeze_for_finetuning, pretrain_config
 from dptrain.training.threads import ROUNDS, ThreadCalibration, ThreadChoice, choose_threads
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,42 @@ class CentralizedState:
     scheduler: dict | None
     ledger: dict | None
     rng: list
+
+
+@dataclass(frozen=True)
+class PublicStart:
+    """The public model's state dict and the population indices (into the dataset's canonical order) it
+    was trained on, for ``pretrain_epochs`` epochs."""
+
+    state: dict
+    population: np.ndarray
+    epochs: int
+
+
+# One public model per pretraining recipe and process: the target and its reference models share it.
+_STARTS: dict[str, PublicStart] = {}
+
+
+def public_start(cfg: Config, input_shape: Sequence[int], num_classes: int) -> PublicStart | None:
+    """The public model ``cfg.train.pretrain`` asks for, None for ``none``.
+
+    ``population``: the dataset loaded and split by ``cfg.dataset`` (the split every run of this
+    dataset config records), and the model trained non-privately on its population part by
+    ``train_model`` under ``pretrain_config``. Deterministic on CPU for a config, and cached per
+    process, so reference models start from the target's public model.
+    """
+    if cfg.train.pretrain == "none":
+        return None
+    derived = pretrain_config(cfg)
+    key = f"{recipe_hash(derived)}:{tuple(input_shape)}:{num_classes}"
+    if key not in _STARTS:
+        data = load(cfg.dataset)
+        split = make_split(data, cfg.dataset)
+        population = prepare(data, split).population
+        trained = train_model(derived, population, input_shape=input_shape, num_classes=num_classes)
+        state = {name: value.detach().cpu().clone() for name, value in trained.model.state_dict().items()}
+        _STARTS[key] = PublicStart(state=state, population=split.population, epochs=derived.train.epochs)
+    return _STARTS[key]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -185,6 +224,11 @@ def train_model(
 
     ``units`` (the data's, ``dptrain.data.InputUnits``) is needed by ``train.adversarial=pgd``, which
     trains on adversarial examples of each batch (``dptrain.training.adversarial``).
+
+    With ``train.pretrain=population`` the model starts from the public model (``public_start``,
+    trained without privacy on the population by this function) and ``plan`` covers the fine-tuning on ``train_set``
+    alone; ``train.finetune=last_layer`` trains only its output layer. With ``train.ema`` the model
+    returned is the average of the iterates (``WeightAverage``); checkpoints hold the last iterate.
     """
     train = cfg.train
     mode = parallel_mode(cfg) if data_parallel else None
@@ -192,8 +236,13 @@ def train_model(
     device = resolve_device(train.device)
     batch_size = local_batch_size(cfg) if mode == "robust" else train.batch_size
     plan = plan or plan_privacy(cfg.privacy, members=len(train_set), batch_size=batch_size, epochs=train.epochs)
+    # Before the model's seed: pretraining trains a model of its own.
+    start = public_start(cfg, input_shape, num_classes)
     torch.manual_seed(derived_seed(train.seed, Stream.MODEL))
     model = build_model(cfg.model, input_shape, num_classes)
+    if start is not None:
+        model.load_state_dict(start.state)
+        freeze_for_finetuning(model, train.finetune)
     replaced: list[str] = []
     if plan.private:
         model, replaced = ensure_dp_compatible(model)
@@ -219,6 +268,9 @@ def train_model(
         noise_generator=noise,
     )
     scheduler = make_scheduler(train, training.optimizer)
+    average = None if train.ema is None else WeightAverage(unwrap(training.model), train.ema)
+    if average is not None:
+        average.follow(training.optimizer, unwrap(training.model))
     if mode == "robust":
         gather_updates(training, cfg)
     config_hash = recipe_hash(cfg)
@@ -299,8 +351,11 @@ def train_model(
     if mode == "robust" and epsilon is not None:
         # Local noise: each worker's records are protected by that worker's own ledger.
         epsilon = max(ranks.all_gather_object(epsilon))
+    model = training.standard_model()
+    if average is not None:
+        model.load_state_dict(average.average)
     return TrainedModel(
-        model=training.standard_model(),
+        model=model,
         plan=plan,
         epsilon=epsilon,
         steps=train.epochs * plan.steps_per_epoch,

@@ -50,6 +50,12 @@ def unstackable(cfg: Config) -> str | None:
         return f"train.adversarial={cfg.train.adversarial}"
     if cfg.privacy.clipping != "flat":
         return f"privacy.clipping={cfg.privacy.clipping}"
+    # The stacked loop starts from fresh weights and returns the last iterate: train_model alone starts
+    # from the public model (and freezes for last_layer) and returns the average of the iterates.
+    if cfg.train.pretrain != "none":
+        return f"train.pretrain={cfg.train.pretrain}"
+    if cfg.train.ema is not None:
+        return f"train.ema={cfg.train.ema}"
     return None
 
 

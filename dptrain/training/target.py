@@ -126,8 +126,11 @@ def trained_model(cfg: Config, run_dir: Path, data: SplitData, device: torch.dev
 
 def reference_base(cfg: Config, seed: int) -> Config:
     """``cfg`` for a reference model: its own ``train.seed`` (whose streams are the model's), no resume,
-    checkpoint or progress bar; each recipe then fixes the noise its mechanism needs."""
+    checkpoint or progress bar; each recipe then fixes the noise its mechanism needs. Under public
+    pretraining it keeps the target's pretraining seed, so it starts from the target's public model."""
     derived = copy.deepcopy(cfg)
+    if cfg.train.pretrain_seed is None:
+        derived.train.pretrain_seed = cfg.train.seed
     derived.train.seed = seed
     derived.train.resume = None
     derived.train.checkpoint = False

@@ -44,6 +44,8 @@ def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str
     ]
     if federation is not None:
         lines += format_federation(metrics, federation)
+    if centralized is not None and centralized.pretrain is not None:
+        lines.append(format_pretrain(centralized.pretrain))
     if centralized is not None and centralized.world_size > 1:
         how = {
             "dpddp": "DP data parallelism (DPDDP), one noise draw per step",
@@ -90,6 +92,15 @@ def format_training_time(metrics: RunMetrics) -> str:
     return (
         f"{metrics.train_seconds:.1f} s in {measured}, {metrics.wall_seconds:.1f} s wall incl. per-{unit}"
         " evaluation, accounting, TensorBoard, checkpoints"
+    )
+
+
+def format_pretrain(pretrain: dict) -> str:
+    """The assumption public pretraining rests on: the public data are public; epsilon covers the private phase."""
+    return (
+        f"pretraining    non-private on the {pretrain['public']} ({pretrain['public_records']} records,"
+        f" {pretrain['public_epochs']} epochs), ASSUMED PUBLIC: not covered by epsilon; DP-SGD fine-tuning"
+        f" ({pretrain['finetune']}) on the {pretrain['private_records']} private records is what epsilon covers"
     )
 
 

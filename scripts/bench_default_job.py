@@ -4,13 +4,14 @@ against a previous commit's, interleaved, and print medians and ratios.
     python scripts/bench_default_job.py [--rev 9eefced] [--runs 5] [-- OVERRIDES...]
 
 Each run is `python -m dptrain OVERRIDES` as a fresh process in its own empty directory; its wall
-time is measured around the process (imports, calibration, training, audit, artifacts), and the
-training stage is read from the run's metrics.json: `train_seconds` (optimizer steps) and
-`wall_seconds` (the epoch loop with per-epoch evaluation, accounting and TensorBoard). The previous
-commit runs from a temporary `git worktree` of `--rev` put first on PYTHONPATH, with the same
-interpreter and libraries. Runs alternate between the trees (ABBA order), so a change in the
-machine's load biases neither, after one untimed warm-up run of each (which also fills this tree's
-noise-calibration cache, in a temporary directory, as a user's second run would find it).
+time is measured around the process (imports, calibration, training, audit, artifacts), with its
+CPU seconds (user + system, child processes included: less sensitive than wall time to other load
+on a shared machine), and the training stage is read from the run's metrics.json: `train_seconds`
+(optimizer steps) and `wall_seconds` (the epoch loop with per-epoch evaluation, accounting and
+TensorBoard). The previous commit runs from a temporary `git worktree` of `--rev` put first on
+PYTHONPATH, with the same interpreter and libraries. Runs alternate between the trees (ABBA order),
+so a change in the machine's load biases neither, after one untimed warm-up run of each (which also
+fills this tree's noise-calibration cache, in a temporary directory, as a user's second run finds it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,14 +60,22 @@ def run_job(tree: Path | None, overrides: list[str], cache: Path) -> dict[str, f
     """One default job; ``tree`` None is this tree (the installed package). Returns its seconds."""
     env = _env(tree, cache)
     with tempfile.TemporaryDirectory(prefix="bench-default-") as cwd:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "dptrain", *overrides], cwd=cwd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         if done.returncode != 0:
             raise RuntimeError(f"dptrain failed in {tree or ROOT}:\n{done.stderr[-2000:]}")
         (metrics_path,) = Path(cwd).glob("outputs/*/*/metrics.json")
         metrics = json.loads(metrics_path.read_text())
-    return {"wall": wall, "train_seconds": metrics["train_seconds"], "train_wall_seconds": metrics["wall_seconds"]}
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "train_seconds": metrics["train_seconds"],
+        "train_wall_seconds": metrics["wall_seconds"],
+    }
 
 
 def main() -> None:
@@ -90,7 +100,7 @@ def main() -> None:
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
     print(f"\nmedians of {args.runs} interleaved runs, {args.rev} vs this tree (dptrain {' '.join(args.overrides)}):")
-    for key in ("wall", "train_seconds", "train_wall_seconds"):
+    for key in ("wall", "cpu", "train_seconds", "train_wall_seconds"):
         before = statistics.median(t[key] for t in times["previous"])
         after = statistics.median(t[key] for t in times["current"])
         print(f"  {key:<20} {before:7.2f} s -> {after:7.2f} s   {before / after:5.2f}x")

@@ -1,7 +1,7 @@
 """Time the default job (`dptrain` with no arguments: training, audit and artifacts) of this tree
 against a previous commit's, interleaved, and print medians and ratios.
 
-    python scripts/bench_default_job.py [--rev 9eefced] [--runs 5] [-- OVERRIDES...]
+    python scripts/bench_default_job.py [--rev 9eefced] [--runs 5] [--threads N] [-- OVERRIDES...]
 
 Each run is `python -m dptrain OVERRIDES` as a fresh process in its own empty directory; its wall
 time is measured around the process (imports, calibration, training, audit, artifacts), with its
@@ -35,7 +35,8 @@ DEFAULT_REV = "9eefced"
 def previous_tree(rev: str, into: Path) -> Path:
     """A detached worktree of ``rev`` at ``into``, importable as ``dptrain`` from PYTHONPATH: the
     config tree (``conf/``, installed as ``dptrain.conf``) is linked into the package."""
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(into), rev], check=True, capture_output=True)
+    add = ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(into), rev]
+    subprocess.run(add, check=True, capture_output=True)
     (into / "dptrain" / "conf").symlink_to(into / "conf", target_is_directory=True)
     probe = "import dptrain.conf; print(dptrain.conf.__file__)"
     found = subprocess.run(
@@ -47,7 +48,8 @@ def previous_tree(rev: str, into: Path) -> Path:
 
 
 def _env(tree: Path | None, cache: Path | None) -> dict[str, str]:
-    """This process's environment, with ``tree`` first on PYTHONPATH and ``cache`` as the calibration cache."""
+    """This process's environment, with ``tree`` first on PYTHONPATH and ``cache`` as the calibration cache
+    (and ``OMP_NUM_THREADS`` as ``--threads`` set it)."""
     env = dict(os.environ)
     if cache is not None:
         env["DPTRAIN_CACHE"] = str(cache)
@@ -62,7 +64,8 @@ def run_job(tree: Path | None, overrides: list[str], cache: Path) -> dict[str, f
     with tempfile.TemporaryDirectory(prefix="bench-default-") as cwd:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "dptrain", *overrides], cwd=cwd, env=env, capture_output=True, text=True)
+        command = [sys.executable, "-m", "dptrain", *overrides]
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
@@ -82,8 +85,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rev", default=DEFAULT_REV, help="the previous commit (default %(default)s)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per tree (default %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS for both trees (default: torch's own choice)"
+    )
     parser.add_argument("overrides", nargs="*", help="overrides for both trees' `dptrain` (default: none)")
     args = parser.parse_args()
+    if args.threads is not None:
+        # torch reads it at import: both trees' training, evaluation and reference models use it.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-default-") as scratch:
         scratch = Path(scratch)
         old = previous_tree(args.rev, scratch / "previous")
@@ -96,10 +105,13 @@ def main() -> None:
                 order = list(trees) if index % 2 == 0 else list(reversed(trees))
                 for name in order:
                     times[name].append(run_job(trees[name], args.overrides, scratch / "cache"))
-                    print(f"run {index + 1} {name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times[name][-1].items()), flush=True)
+                    seconds = ", ".join(f"{key} {value:.2f} s" for key, value in times[name][-1].items())
+                    print(f"run {index + 1} {name}: {seconds}", flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
-    print(f"\nmedians of {args.runs} interleaved runs, {args.rev} vs this tree (dptrain {' '.join(args.overrides)}):")
+    threads = "torch's default" if args.threads is None else args.threads
+    job = " ".join(["dptrain", *args.overrides])
+    print(f"\nmedians of {args.runs} interleaved runs, {args.rev} vs this tree ({job}), threads {threads}:")
     for key in ("wall", "cpu", "train_seconds", "train_wall_seconds"):
         before = statistics.median(t[key] for t in times["previous"])
         after = statistics.median(t[key] for t in times["current"])

@@ -11,7 +11,8 @@ from dptrain.privacy import calibrate_noise, epsilon_spent, plan_privacy
 from dptrain.privacy import calibration_cache
 from dptrain.privacy.calibration_cache import CACHE_ENV, cache_dir, cached_calibration, calibration_key
 
-ACCOUNT = dict(accountant="rdp", sample_rate=0.2, steps=75, delta=1e-5)
+# Full batches (q = 1), where RDP has a closed form: each calibration takes milliseconds.
+ACCOUNT = dict(accountant="rdp", sample_rate=1.0, steps=10, delta=1e-5)
 TARGET = 3.0
 
 
@@ -85,7 +86,7 @@ def test_off_disables_the_cache(monkeypatch, tmp_path):
 
 def test_the_plan_reads_its_noise_and_epsilon_from_a_hit(cache, monkeypatch):
     cfg = PrivacyConfig(target_epsilon=TARGET, accountant="rdp")
-    cold = plan_privacy(cfg, members=575, batch_size=115, epochs=15)
+    cold = plan_privacy(cfg, members=100, batch_size=100, epochs=10)
     _no_accountant(monkeypatch)
-    warm = plan_privacy(cfg, members=575, batch_size=115, epochs=15)
-    assert warm == cold and (cold.sample_rate, cold.steps) == (0.2, 75)
+    warm = plan_privacy(cfg, members=100, batch_size=100, epochs=10)
+    assert warm == cold and (cold.sample_rate, cold.steps) == (1.0, 10)

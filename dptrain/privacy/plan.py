@@ -17,7 +17,8 @@ class PrivacyPlan:
 
     ``private`` is False for the non-private baseline (no clipping, no noise,
     ``epsilon`` is None). For a private run ``planned_epsilon`` is the
-    accountant's epsilon after all ``steps`` (None in a reference model's plan, never reported); it never exceeds
+    accountant's epsilon after all ``steps`` (None in a reference model's plan,
+    whose epsilon is never reported); it never exceeds
     ``target_epsilon`` when a target is set, and the training loop never takes
     more than ``steps`` steps, so the run cannot spend beyond its target.
     """

@@ -27,7 +27,13 @@ def cache_dir() -> Path | None:
     chosen = os.environ.get(CACHE_ENV)
     if chosen is not None:
         return None if chosen.strip().lower() in ("", "off") else Path(chosen)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dptrain"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "dptrain"
+    try:
+        return Path.home() / ".cache" / "dptrain"
+    except RuntimeError:
+        # No home directory to resolve (a service account): calibrate every time.
+        return None
 
 
 # The digest of the module that searches and computes epsilon: any change to either gives new keys,

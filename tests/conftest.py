@@ -21,6 +21,21 @@ from dptrain.config import register_configs
 TINY = ("train.epochs=2", "train.progress=false", "audit=none")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def calibration_cache(tmp_path_factory):
+    """Noise calibrations are cached in this session's own directory, never in the user's cache; runs in
+    subprocesses inherit it."""
+    from dptrain.privacy.calibration_cache import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("dptrain-cache"))
+    yield
+    if before is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 def make_config(*overrides: str):
     """The config ``dptrain train <overrides>`` would run with."""
     register_configs()

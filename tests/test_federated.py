@@ -217,7 +217,10 @@ def test_user_level_epsilon_is_the_accountants_over_rounds_at_the_client_samplin
     )
     assert metrics["epsilon"] == expected
     assert 0.99 * 3.0 <= metrics["epsilon"] <= 3.0
-    assert _scalars(_events(tmp_path), "privacy/epsilon")[-1] == pytest.approx(expected)
+    rdp = epsilon_spent(
+        accountant="rdp", noise_multiplier=metrics["noise_multiplier"], sample_rate=0.5, steps=8, delta=1e-5
+    )
+    assert _scalars(_events(tmp_path), "privacy/epsilon_rdp")[-1] == pytest.approx(rdp)
     # The independent PLD recomputation of the server's mechanism, and the reported epsilon covers it.
     assert metrics["epsilon_pld"] == pytest.approx(
         pld_epsilon([{"noise_multiplier": metrics["noise_multiplier"], "sample_rate": 0.5, "steps": 8}], 1e-5)

@@ -13,10 +13,6 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, matthews_corrcoef
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from dptrain.audit.membership import compute_signals
 from dptrain.audit.results import AttributeGroup, AttributeInferenceResult, AttributeScores
@@ -126,6 +122,12 @@ def fit_imputation(
     if np.unique(codes).size == 1:
         constant = np.eye(n_values)[int(codes[0])]
         return lambda x_new, y_new: np.tile(constant, (x_new.shape[0], 1))
+    # scikit-learn is imported where attribute inference runs: most runs' datasets have no sensitive
+    # attribute, and its import costs a default job 0.1-0.3 s.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     model.fit(_imputation_features(x, y, columns, n_classes), codes)
 
@@ -138,6 +140,8 @@ def fit_imputation(
 
 
 def _scores(true_codes: np.ndarray, predicted: np.ndarray) -> AttributeScores:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, matthews_corrcoef  # as in fit_imputation
+
     return AttributeScores(
         accuracy=float(accuracy_score(true_codes, predicted)),
         balanced_accuracy=float(balanced_accuracy_score(true_codes, predicted)),

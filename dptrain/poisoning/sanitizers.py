@@ -16,10 +16,6 @@ import logging
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
-from sklearn.metrics import silhouette_score
-from sklearn.neighbors import NearestNeighbors
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +52,11 @@ def spectral_signatures(features: torch.Tensor, labels: torch.Tensor, remove_fra
 def two_means(features: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(reduced rows, cluster of each row): the rows projected on their top ``CLUSTERING_DIMENSIONS``
     principal components, then 2-means (k-means++, 10 starts, ``seed``) on the projections."""
+    # scikit-learn is imported where a sanitizer runs: every run imports this module (the attacks
+    # poison with it), and sklearn's clustering costs 0.3-0.7 s of a default job's start.
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
     dimensions = min(CLUSTERING_DIMENSIONS, *features.shape)
     reduced = PCA(n_components=dimensions, svd_solver="full").fit_transform(features)
     return reduced, KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
@@ -77,6 +78,8 @@ def activation_clustering(
     and, unless ``silhouette_threshold`` is None, the class's silhouette score (sklearn's, on the
     reduced rows and 2-means labels) exceeds ``silhouette_threshold``; any other class is taken to
     be clean. A class whose rows are all equal has no silhouette and is kept."""
+    from sklearn.metrics import silhouette_score  # imported where it runs, as in two_means
+
     flat = features.reshape(len(features), -1).double().numpy()
     labels = labels.numpy()
     removed = []
@@ -106,6 +109,8 @@ def knn_label_consistency(features: torch.Tensor, labels: torch.Tensor, neighbou
     is not a plurality label of its ``neighbours`` nearest other records (Euclidean distance between
     the flattened ``features``; a record tied for the plurality is kept). Its own row is left out of
     the vote by position, so duplicates of it still vote. Precondition: ``neighbours < len(labels)``."""
+    from sklearn.neighbors import NearestNeighbors  # imported where it runs, as in two_means
+
     flat = features.reshape(len(features), -1).double().numpy()
     labels = labels.numpy()
     # One neighbour more than asked, then the record itself dropped wherever the search put it.

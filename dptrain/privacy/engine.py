@@ -116,9 +116,10 @@ class PrivateTraining:
             optimizer=self.optimizer,
         )
 
-    def epsilon(self) -> float | None:
-        """Epsilon spent so far at the plan's delta (None for the non-private baseline)."""
-        return None if self.ledger is None else self.ledger.epsilon()
+    def epsilon(self, accountant: str | None = None) -> float | None:
+        """Epsilon spent so far at the plan's delta, by the plan's accountant or the named one (None for
+        the non-private baseline)."""
+        return None if self.ledger is None else self.ledger.epsilon(accountant)
 
     def standard_model(self) -> nn.Module:
         """The trained ``nn.Module`` with Opacus' hooks, per-example gradient buffers and DPDDP wrapper removed."""

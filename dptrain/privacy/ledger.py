@@ -55,9 +55,10 @@ class PrivacyLedger:
         """Steps charged so far."""
         return sum(steps for _, _, steps in self.history)
 
-    def epsilon(self) -> float:
-        """Epsilon spent so far at the ledger's delta (0 before the first step)."""
-        return composed_epsilon(self.accountant, tuple(self.history), self.delta)
+    def epsilon(self, accountant: str | None = None) -> float:
+        """Epsilon spent so far at the ledger's delta (0 before the first step), by the ledger's
+        accountant or the named one (the RDP curve drawn per epoch, ``CURVE_ACCOUNTANT``)."""
+        return composed_epsilon(accountant or self.accountant, tuple(self.history), self.delta)
 
     def mechanisms(self) -> list[dict[str, float | int]]:
         """The charged blocks as ``metrics.json`` records them, for an independent recomputation."""
@@ -76,6 +77,12 @@ class PrivacyLedger:
                 f"the plan was {self.planned_steps} steps within {self.target_epsilon}"
             )
         return epsilon
+
+    def check_steps(self, what: str) -> None:
+        """``check_spent``'s step check alone, for a mechanism whose epsilon is never reported (a
+        reference model's), so no accountant runs."""
+        if self.steps() != self.planned_steps:
+            raise RuntimeError(f"{what}: the ledger charged {self.steps()} steps; the plan was {self.planned_steps}")
 
     def state_dict(self) -> dict[str, Any]:
         """The charges, in the shape of Opacus' accountant state (``history`` and ``mechanism``)."""

@@ -56,7 +56,7 @@ def training_layout(federated: bool) -> dict:
         }
     privacy = {
         "privacy": {
-            "epsilon spent": _multiline("privacy/epsilon"),
+            "epsilon spent (RDP)": _multiline("privacy/epsilon_rdp"),
             "noise multiplier": _multiline("privacy/noise_multiplier"),
         }
     }

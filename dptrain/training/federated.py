@@ -41,6 +41,7 @@ from dptrain.data import (
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan
+from dptrain.privacy.accounting import CURVE_ACCOUNTANT
 from dptrain.privacy.ledger import PrivacyLedger
 from dptrain.privacy.plan import plan_mechanism
 from dptrain.robust import (
@@ -362,13 +363,15 @@ class FederatedServer:
         """Each client's epsilon so far (sample level; None for a client without a private plan)."""
         return [None if c.ledger is None else c.ledger.epsilon() for c in self.clients]
 
-    def epsilon(self) -> float | None:
-        """The reported epsilon so far: the DP-FedAvg ledger's, or the largest honest client's."""
+    def epsilon(self, accountant: str | None = None) -> float | None:
+        """The reported epsilon so far: the DP-FedAvg ledger's, or the largest honest client's (by the
+        plan's accountant, or the named one for the per-round curve)."""
         if not self.plan.private:
             return None
         if self.ledger is not None:
-            return self.ledger.epsilon()
-        return max((c.ledger.epsilon() for c in self.clients if c.ledger is not None and not c.byzantine), default=0.0)
+            return self.ledger.epsilon(accountant)
+        honest = (c.ledger.epsilon(accountant) for c in self.clients if c.ledger is not None and not c.byzantine)
+        return max(honest, default=0.0)
 
     def check_spent(self) -> float | None:
         """The final epsilon, after every ledger that backs the guarantee (the server's, or each honest
@@ -587,19 +590,19 @@ def train_federation(
             fractions.append(fraction)
         if tb is not None:
             test_loss, test_accuracy = evaluate(server.model, test, device)
-            epsilon = server.epsilon()
+            epsilon = server.epsilon(CURVE_ACCOUNTANT)
             values = {
                 "fed/test_accuracy": test_accuracy,
                 "fed/test_loss": test_loss,
                 "fed/byzantine_selected_fraction": fraction,
-                "privacy/epsilon": epsilon,
+                "privacy/epsilon_rdp": epsilon,
             }
             if backdoor is not None:
                 values["fed/backdoor_success_rate"] = backdoor_success_rate(
                     server.model, test, backdoor, cfg.attack.target_label, device
                 )
             _log_round(tb, round_index + 1, record, values)
-            bar.set_postfix(acc=f"{test_accuracy:.3f}", eps="inf" if epsilon is None else f"{epsilon:.2f}")
+            bar.set_postfix(acc=f"{test_accuracy:.3f}", eps_rdp="inf" if epsilon is None else f"{epsilon:.2f}")
         if run_dir is not None and cfg.train.checkpoint:
             server.checkpoint(round_index + 1, train_seconds, time.perf_counter() - loop_started).save(run_dir)
     bar.close()

@@ -27,6 +27,7 @@ from dptrain.data import InputUnits, load, make_split, prepare
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
 from dptrain.privacy import PrivacyPlan, make_private, plan_privacy, unwrap
+from dptrain.privacy.accounting import CURVE_ACCOUNTANT
 from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import loop, ranks
@@ -209,6 +210,7 @@ def train_model(
     checkpoint: Checkpoint | None = None,
     data_parallel: bool = False,
     units: InputUnits | None = None,
+    accounted: bool = True,
 ) -> TrainedModel:
     """Train ``cfg.model`` on ``train_set`` with ``cfg.train`` and ``cfg.privacy``; return the model and its spend.
 
@@ -229,13 +231,18 @@ def train_model(
     trained without privacy on the population by this function) and ``plan`` covers the fine-tuning on ``train_set``
     alone; ``train.finetune=last_layer`` trains only its output layer. With ``train.ema`` the model
     returned is the average of the iterates (``WeightAverage``); checkpoints hold the last iterate.
+
+    ``accounted=False`` trains a model whose epsilon nobody reports (a reference model, at ``cfg``'s
+    fixed noise multiplier): no accountant runs, only the step count is checked, and ``epsilon`` is None.
     """
     train = cfg.train
     mode = parallel_mode(cfg) if data_parallel else None
     rank = ranks.rank() if mode else 0
     device = resolve_device(train.device)
     batch_size = local_batch_size(cfg) if mode == "robust" else train.batch_size
-    plan = plan or plan_privacy(cfg.privacy, members=len(train_set), batch_size=batch_size, epochs=train.epochs)
+    plan = plan or plan_privacy(
+        cfg.privacy, members=len(train_set), batch_size=batch_size, epochs=train.epochs, accounted=accounted
+    )
     # Before the model's seed: pretraining trains a model of its own.
     start = public_start(cfg, input_shape, num_classes)
     torch.manual_seed(derived_seed(train.seed, Stream.MODEL))
@@ -273,7 +280,8 @@ def train_model(
         average.follow(training.optimizer, unwrap(training.model))
     if mode == "robust":
         gather_updates(training, cfg)
-    config_hash = recipe_hash(cfg)
+    # Only checkpoints carry the hash, and hashing the config costs 0.06-0.2 s a model (OmegaConf).
+    config_hash = recipe_hash(cfg) if run_dir is not None and train.checkpoint else None
     start_epoch, train_seconds, wall_seconds = 0, 0.0, 0.0
     if checkpoint is not None:
         state = checkpoint.state_as(CentralizedState)
@@ -308,7 +316,7 @@ def train_model(
         train_seconds += time.perf_counter() - started
         step = (epoch + 1) * plan.steps_per_epoch
         if tb is not None:
-            epsilon = training.epsilon()
+            epsilon = training.epsilon(CURVE_ACCOUNTANT)
             test_accuracy = evaluate(training.model, eval_set, device)[1] if eval_set is not None else None
             tb.scalars(
                 step,
@@ -316,7 +324,7 @@ def train_model(
                     "train/loss": stats.loss,
                     "train/accuracy": stats.accuracy,
                     "test/accuracy": test_accuracy,
-                    "privacy/epsilon": epsilon,
+                    "privacy/epsilon_rdp": epsilon,
                     "privacy/noise_multiplier": plan.noise_multiplier,
                     "train/lr": lr,
                 },
@@ -324,7 +332,7 @@ def train_model(
             bar.set_postfix(
                 loss=f"{stats.loss:.3f}",
                 acc=f"{stats.accuracy:.3f}",
-                eps="inf" if epsilon is None else f"{epsilon:.2f}",
+                eps_rdp="inf" if epsilon is None else f"{epsilon:.2f}",
             )
         if run_dir is not None and train.checkpoint:
             # Every rank of a data-parallel run gets here together: the RNG gather is collective.
@@ -347,7 +355,11 @@ def train_model(
     bar.close()
     wall_seconds = time.perf_counter() - loop_started
 
-    epsilon = None if training.ledger is None else training.ledger.check_spent("training")
+    epsilon = None
+    if training.ledger is not None and accounted:
+        epsilon = training.ledger.check_spent("training")
+    elif training.ledger is not None:
+        training.ledger.check_steps("training")
     if mode == "robust" and epsilon is not None:
         # Local noise: each worker's records are protected by that worker's own ledger.
         epsilon = max(ranks.all_gather_object(epsilon))

@@ -117,7 +117,7 @@ def test_per_layer_clipping_over_dpddp_needs_hooks():
 
 @pytest.mark.parametrize(
     "mode, clipping",
-    [("hooks", "flat"), ("functorch", "flat"), ("ghost", "flat"), ("hooks", "per_layer"), ("functorch", "per_layer")],
+    [("hooks", "flat"), ("functorch", "flat"), ("ghost", "flat"), ("bk", "flat"), ("hooks", "per_layer"), ("functorch", "per_layer")],
 )
 def test_one_dp_sgd_step_equals_the_step_computed_by_hand(mode, clipping):
     generator = torch.Generator().manual_seed(3)

@@ -235,6 +235,7 @@ def train_target(
         train_seconds=trained.train_seconds,
         wall_seconds=trained.wall_seconds,
         replaced_modules=trained.replaced_modules,
+        grad_sample=trained.grad_sample,
         centralized=CentralizedMetrics(
             epochs=cfg.train.epochs,
             canaries_included=0 if canaries is None else int(canaries.included.sum()),

@@ -109,6 +109,10 @@ class RunMetrics:
     audited_members: int | None = None
     wall_seconds: float | None = None
     replaced_modules: list[str] | None = None
+    # The per-example clipping method (privacy.grad_sample_mode, auto resolved) and, when auto timed the
+    # candidates, each one's median seconds per step; None for the baseline and federated runs.
+    grad_sample_mode: str | None = None
+    grad_sample_seconds: dict[str, float] | None = None
     centralized: CentralizedMetrics | None = None
     federation: FederationMetrics | None = None
 

@@ -22,7 +22,7 @@ from dptrain.config import Config, TrainConfig, recipe_hash
 from dptrain.data import InputUnits
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
-from dptrain.privacy import PrivacyPlan, make_private, plan_privacy, unwrap
+from dptrain.privacy import ModeChoice, PrivacyPlan, make_private, plan_privacy, unwrap
 from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import ranks
@@ -50,6 +50,8 @@ class TrainedModel:
     replaced_modules: list[str]
     # The ledger's charged (noise_multiplier, sample_rate, steps) blocks; [] for the baseline.
     mechanisms: list[dict]
+    # The grad-sample mode that clipped and, under auto, each candidate's seconds per step (None: baseline).
+    grad_sample: ModeChoice | None = None
 
 
 @dataclass
@@ -164,6 +166,7 @@ def train_model(
         max_physical_batch_size=train.max_physical_batch_size,
         sampling_generator=sampling,
         noise_generator=noise,
+        per_example_loss=train.adversarial != "trades",
     )
     scheduler = make_scheduler(train, training.optimizer)
     if mode == "robust":
@@ -256,4 +259,5 @@ def train_model(
         last_epoch=stats,
         replaced_modules=replaced,
         mechanisms=[] if training.ledger is None else training.ledger.mechanisms(),
+        grad_sample=training.grad_sample,
     )

@@ -14,7 +14,7 @@ from torch import nn
 from dptrain.config import Config
 from dptrain.data import Canaries, Split, SplitData, draw_canaries, load, make_split, prepare
 from dptrain.models import build_model
-from dptrain.privacy import PrivacyPlan
+from dptrain.privacy import ModeChoice, PrivacyPlan
 from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.tracking.artifacts import SPLIT, load_model
 from dptrain.training import ranks
@@ -77,6 +77,7 @@ def run_metrics(
     train_seconds: float,
     wall_seconds: float,
     replaced_modules: list[str],
+    grad_sample: ModeChoice | None = None,
     centralized: CentralizedMetrics | None = None,
     federation: FederationMetrics | None = None,
 ) -> RunMetrics:
@@ -110,6 +111,8 @@ def run_metrics(
         train_seconds=train_seconds,
         wall_seconds=wall_seconds,
         replaced_modules=replaced_modules,
+        grad_sample_mode=None if grad_sample is None else grad_sample.mode,
+        grad_sample_seconds=None if grad_sample is None else grad_sample.seconds,
         centralized=centralized,
         federation=federation,
     )

@@ -1,0 +1,119 @@
+"""``privacy.grad_sample_mode=auto``: the per-example clipping method timed on the run's own model and
+batch shape, the fastest chosen.
+
+Every mode computes the same clipped, noised sum (up to float rounding), so the choice changes speed,
+never the mechanism. The race runs on copies of the model and optimizer, on random inputs of the
+records' shape, with its own noise generator and a throwaway accountant, inside ``fork_rng``: the
+private data, the privacy ledger, the model's weights, the optimizer's state and every RNG stream are
+untouched, so a run with ``auto`` is the run with the mode it picked.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dptrain.config import PrivacyConfig
+from dptrain.privacy.bookkeeping import unsupported_layers
+
+# One warm-up step per mode (allocators, kernels), then ROUNDS timed steps each, interleaved.
+WARMUP_STEPS, ROUNDS = 1, 3
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """The mode picked and each candidate's median seconds per step (empty when there was no race)."""
+
+    mode: str
+    seconds: dict[str, float]
+
+
+# (model's structure, batch shape, candidates, device, threads) -> choice: one race per process per
+# workload, so federated clients and reference models with the target's shape do not race again.
+_CHOICES: dict[tuple, ModeChoice] = {}
+
+
+def candidate_modes(cfg: PrivacyConfig, model: nn.Module, per_example_loss: bool) -> tuple[str, ...]:
+    """The modes that can clip ``model`` as ``cfg`` asks: per-layer clipping needs per-example gradients
+    (hooks, functorch); ghost and book-keeping clipping need the loss of each example (not TRADES'
+    two-pass loss), book-keeping clipping layers it supports (``bookkeeping.unsupported_layers``)."""
+    if cfg.clipping == "per_layer" or not per_example_loss:
+        return ("hooks", "functorch")
+    return ("hooks", "functorch", "ghost") + (() if unsupported_layers(model) else ("bk",))
+
+
+def race_modes(
+    modes: Sequence[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    record: Sequence[torch.Tensor],
+    batch_size: int,
+    wrap: Callable,
+    device: torch.device,
+) -> ModeChoice:
+    """The fastest of ``modes`` for one DP-SGD step of ``model`` on ``batch_size`` random records shaped
+    like ``record`` (inputs, label), each mode wrapped by ``wrap(mode, model, optimizer, loader)`` ->
+    (model, optimizer, loss_fn). Modes are timed round-robin (each round in a rotated order) so a load
+    change cannot favour one; the median of ``ROUNDS`` steps decides. One candidate is not timed."""
+    if len(modes) == 1:
+        return ModeChoice(modes[0], {})
+    key = (repr(model), tuple(record[0].shape), record[0].dtype, batch_size, tuple(modes), str(device),
+           torch.get_num_threads())  # fmt: skip
+    if key not in _CHOICES:
+        _CHOICES[key] = _race(modes, model, optimizer, record, batch_size, wrap, device)
+    return _CHOICES[key]
+
+
+def _race(modes, model, optimizer, record, batch_size, wrap, device) -> ModeChoice:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+        generator = torch.Generator().manual_seed(0)
+        inputs, labels = record
+        shape = (batch_size, *inputs.shape)
+        fake_inputs = torch.randn(shape, generator=generator).to(inputs.dtype) if inputs.is_floating_point() else (
+            torch.zeros(shape, dtype=inputs.dtype)
+        )
+        with torch.no_grad():
+            classes = copy.deepcopy(model)(fake_inputs[:1].to(device)).shape[-1]
+        fake_labels = torch.randint(0, classes, (batch_size, *labels.shape), generator=generator).to(labels.dtype)
+        loader = DataLoader(TensorDataset(fake_inputs, fake_labels), batch_size=batch_size)
+        steppers = {}
+        for mode in modes:
+            copied = copy.deepcopy(model)
+            # The optimizer's kind and hyper-parameters on the copy, with fresh state.
+            fresh = type(optimizer)(copied.parameters(), **optimizer.defaults)
+            steppers[mode] = _stepper(*wrap(mode, copied, fresh, loader), fake_inputs.to(device), fake_labels.to(device), device)
+        seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+        for round_index in range(WARMUP_STEPS + ROUNDS):
+            order = list(modes[round_index % len(modes):]) + list(modes[: round_index % len(modes)])
+            for mode in order:
+                elapsed = steppers[mode]()
+                if round_index >= WARMUP_STEPS:
+                    seconds[mode].append(elapsed)
+    medians = {mode: statistics.median(times) for mode, times in seconds.items()}
+    return ModeChoice(min(medians, key=medians.get), medians)
+
+
+def _stepper(model, optimizer, loss_fn, inputs, labels, device) -> Callable[[], float]:
+    def step() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(inputs), labels).backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    return step

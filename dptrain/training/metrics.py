@@ -4,7 +4,7 @@ recipe writes, and the centralized or federated recipe's own fields beside them.
 ``to_dict`` is the JSON layout documented in docs/guide/outputs.md (one flat object); ``from_dict``
 reads it back, from this release's files and from older ones that lack the fields added since
 (``epsilon_pld``, ``audited_members``, ``wall_seconds``, ``replaced_modules``, ``parallel_mode``,
-``sanitized``).
+``sanitized``, ``grad_sample_mode``, ``grad_sample_seconds``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ No second backward pass (ghost clipping's) and no per-example weight gradients (
 Supported layers: Linear (any leading dimensions), Conv2d (zero padding, one group; via unfold),
 Embedding (no max_norm, dense), LayerNorm and GroupNorm (whose per-example gradients are one value per
 channel, taken from Opacus' grad samplers). The noise is left to Opacus' ``DPOptimizerFastGradientClipping``,
-the optimizer of ghost clipping, so noise and accounting are those of the other modes.
+the optimizer of ghost clipping (``BookkeepingOptimizer``), so noise and accounting are those of the other modes.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def _pair_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if steps == 1:
         return a[:, 0].norm(dim=1) * b[:, 0].norm(dim=1)
     if steps * steps < d * p:
-        gram = (a @ a.transpose(1, 2)) * (b @ b.transpose(1, 2))
+        gram = (a @ a.mT) * (b @ b.mT)
         return gram.flatten(1).sum(1).clamp(min=0).sqrt()
-    return torch.einsum("ntp,ntd->npd", b, a).flatten(1).norm(dim=1)
+    return (b.mT @ a).flatten(1).norm(dim=1)
 
 
 def _positions(t: torch.Tensor) -> torch.Tensor:
@@ -85,17 +85,39 @@ def _linear(layer: nn.Linear, x: torch.Tensor, grad: torch.Tensor):
 
 def _conv2d(layer: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor):
     # Unfolded, a convolution is a linear map over the L output positions: A_i (D, L), B_i (C_out, L).
-    a = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-    a, b = a.transpose(1, 2), grad.flatten(2).transpose(1, 2)
-    norms = {layer.weight: _pair_norms(a, b)}
+    # The ghost norm needs the unfolded A; the per-example gradients B_i A_i^T come faster from torch's
+    # convolution weight-gradient kernel with the batch as groups (2-3x im2col and a batched product at
+    # one thread, measured on the zoo CNN's layers at 28x28). The clipped sum is that kernel once, on the
+    # weighted output gradients.
+    n, b = len(x), grad.flatten(2)
+    positions, fan_in, channels = b.shape[2], layer.weight[0].numel(), layer.out_channels
+    if n == 0 or positions * positions < fan_in * channels:
+        a = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        weight_norms = _pair_norms(a.mT, b.mT)
+    else:
+        per_example = torch.nn.grad.conv2d_weight(
+            x.reshape(1, n * x.shape[1], *x.shape[2:]),
+            (n * channels, *layer.weight.shape[1:]),
+            grad.reshape(1, n * channels, *grad.shape[2:]),
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            groups=n,
+        )
+        weight_norms = per_example.reshape(n, -1).norm(dim=1)
+    norms = {layer.weight: weight_norms}
     if layer.bias is not None:
-        norms[layer.bias] = b.sum(1).norm(dim=1)
+        norms[layer.bias] = b.sum(2).norm(dim=1)
 
     def clipped_sum(c: torch.Tensor) -> dict:
-        weighted = (b * c[:, None, None]).flatten(0, 1)
-        sums = {layer.weight: (weighted.T @ a.flatten(0, 1)).view_as(layer.weight)}
+        weighted = grad * c.view(-1, 1, 1, 1)
+        sums = {
+            layer.weight: torch.nn.grad.conv2d_weight(
+                x, layer.weight.shape, weighted, layer.stride, layer.padding, layer.dilation
+            )
+        }
         if layer.bias is not None:
-            sums[layer.bias] = weighted.sum(0)
+            sums[layer.bias] = weighted.sum((0, 2, 3))
         return sums
 
     return norms, clipped_sum
@@ -223,6 +245,19 @@ class BookkeepingModule(AbstractGradSampleModule):
         self._handles = []
 
 
+class BookkeepingOptimizer(DPOptimizerFastGradientClipping):
+    """Ghost clipping's optimizer (noise N(0, (sigma C)^2) on the clipped sum, divided by the expected
+    batch size), whose accumulation clones each gradient where Opacus' deep-copies it: the same sums,
+    without ``copy.deepcopy``'s Python overhead (0.4 ms a step for the default job's logistic regression)."""
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad)
+            else:
+                p.summed_grad = p.grad.detach().clone()
+
+
 class BookkeepingLoss:
     """``criterion`` for book-keeping clipping: called on (logits, labels) it returns a loss whose
     ``backward()`` runs the one backward pass and the clipping (Opacus' ghost clipping packs its two
@@ -266,14 +301,14 @@ def make_bookkeeping_private(
     noise_multiplier: float,
     max_grad_norm: float,
     noise_generator: torch.Generator,
-) -> tuple[BookkeepingModule, DPOptimizerFastGradientClipping, BookkeepingLoss]:
+) -> tuple[BookkeepingModule, BookkeepingOptimizer, BookkeepingLoss]:
     """What ``engine.make_private(..., grad_sample_mode="ghost")`` returns, with book-keeping clipping in
     place of ghost clipping: the model (checked by Opacus' ``ModuleValidator`` as every mode is), ghost
-    clipping's optimizer, which adds N(0, (noise_multiplier * max_grad_norm)^2) to the clipped sum and
+    clipping's optimizer (``BookkeepingOptimizer``), which adds N(0, (noise_multiplier * max_grad_norm)^2) to the clipped sum and
     divides by Opacus' expected batch size, and the loss. The loader is the caller's, unchanged."""
     engine.validate(module=model, optimizer=optimizer, data_loader=loader)
     module = BookkeepingModule(model, max_grad_norm=max_grad_norm)
-    private_optimizer = DPOptimizerFastGradientClipping(
+    private_optimizer = BookkeepingOptimizer(
         optimizer=optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,

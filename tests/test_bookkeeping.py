@@ -58,6 +58,8 @@ def _layers(name: str) -> tuple[nn.Module, torch.Tensor]:
     if name == "embedding":  # repeated tokens add into one row; the padding row gets no gradient
         tokens = torch.tensor([[1, 1, 0, 2, 1], [3, 4, 5, 6, 0], [2, 2, 2, 2, 2], [0, 0, 0, 0, 0], [6, 5, 4, 3, 2], [1, 0, 1, 0, 1]])
         return nn.Sequential(nn.Embedding(7, 4, padding_idx=0), nn.Flatten(), nn.Linear(20, 3)), tokens
+    if name == "embedding_one_token":  # one index per example, as the canary probe's
+        return nn.Sequential(nn.Embedding(7, 3), nn.Linear(3, 3)), torch.tensor([1, 1, 0, 6, 5, 1])
     if name == "layer_norm":
         return nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)), torch.randn(6, 6)
     if name == "group_norm":
@@ -79,7 +81,8 @@ def _assert_same_step(model: nn.Module, inputs, labels) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["linear_ghost_norm", "linear_instantiated", "conv2d_strided", "conv2d_ghost_norm", "embedding", "layer_norm", "group_norm"],
+    ["linear_ghost_norm", "linear_instantiated", "conv2d_strided", "conv2d_ghost_norm", "embedding", "embedding_one_token", "layer_norm",
+     "group_norm"],
 )
 def test_bookkeeping_step_equals_explicit_per_example_clipping_for_each_layer_type(name):
     model, inputs = _layers(name)

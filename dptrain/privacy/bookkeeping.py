@@ -124,7 +124,8 @@ def _conv2d(layer: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor):
 
 
 def _embedding(layer: nn.Embedding, x: torch.Tensor, grad: torch.Tensor):
-    ids, b = x.flatten(1), _positions(grad)
+    b = _positions(grad)
+    ids = x.reshape(b.shape[:2])
     if layer.padding_idx is not None:
         # torch gives the padding row no gradient.
         b = b * (ids != layer.padding_idx)[:, :, None]

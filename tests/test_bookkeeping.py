@@ -12,6 +12,8 @@ from tests.conftest import full_batch_dp_training
 
 NOISE, CLIP, LR, NOISE_SEED = 0.5, 0.3, 0.7, 5
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def explicit_dp_step(model: nn.Module, inputs, labels, *, noise: float, clip: float, lr: float, noise_seed: int):
     """One DP-SGD step by definition: each example's gradient by torch.func (vmap of grad), scaled by

@@ -11,20 +11,23 @@ from dptrain import pipeline
 from dptrain.config import ModelConfig, PrivacyConfig
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, make_private
-from dptrain.privacy.mode_race import candidate_modes
+from dptrain.privacy.mode_race import MIN_STEPS_TO_RACE, candidate_modes
 from dptrain.training.loop import train_epoch
 from tests.conftest import same_weights
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-def _private_epoch(mode: str):
-    """A digits-shaped logistic regression after one private epoch (4 Poisson steps) under ``mode``."""
+
+def _private_epoch(mode: str, planned_steps: int = MIN_STEPS_TO_RACE):
+    """A digits-shaped logistic regression after the first private epoch (4 Poisson steps) of a run of
+    ``planned_steps`` (long enough for ``auto`` to race by default) under ``mode``."""
     data = torch.Generator().manual_seed(0)
     dataset = TensorDataset(torch.randn(64, 1, 8, 8, generator=data), torch.randint(0, 10, (64,), generator=data))
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="logreg"), (1, 8, 8), 10)
     plan = PrivacyPlan(
         private=True, accountant="prv", delta=1e-5, target_epsilon=None, noise_multiplier=1.0,
-        max_grad_norm=1.0, sample_rate=0.25, steps_per_epoch=4, steps=4, planned_epsilon=None,
+        max_grad_norm=1.0, sample_rate=0.25, steps_per_epoch=4, steps=planned_steps, planned_epsilon=None,
     )  # fmt: skip
     training = make_private(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), dataset=dataset,
@@ -44,14 +47,25 @@ def test_auto_takes_the_steps_of_the_mode_it_picked():
         assert torch.equal(a, b)
 
 
+def test_a_run_too_short_to_pay_for_a_race_takes_the_benchmarks_fastest_mode_untimed():
+    auto = _private_epoch("auto", planned_steps=MIN_STEPS_TO_RACE - 1)
+    assert auto.grad_sample.mode == "bk" and auto.grad_sample.seconds == {}
+    picked = _private_epoch("bk", planned_steps=MIN_STEPS_TO_RACE - 1)
+    for a, b in zip(auto.standard_model().parameters(), picked.standard_model().parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.slow
 def test_a_run_with_auto_trains_the_weights_of_the_mode_it_picked(tiny_config, tmp_path):
-    auto = pipeline.train(tiny_config(), tmp_path / "auto")[0]
+    # 15 epochs of 5 steps: long enough to race.
+    auto = pipeline.train(tiny_config("train.epochs=15"), tmp_path / "auto")[0]
     assert set(auto.grad_sample_seconds) == {"hooks", "functorch", "ghost", "bk"}
     assert auto.grad_sample_mode == min(auto.grad_sample_seconds, key=auto.grad_sample_seconds.get)
     recorded = json.loads((tmp_path / "auto" / "metrics.json").read_text())
     assert recorded["grad_sample_mode"] == auto.grad_sample_mode
-    picked = pipeline.train(tiny_config(f"privacy.grad_sample_mode={auto.grad_sample_mode}"), tmp_path / "picked")[0]
+    picked = pipeline.train(
+        tiny_config("train.epochs=15", f"privacy.grad_sample_mode={auto.grad_sample_mode}"), tmp_path / "picked"
+    )[0]
     assert picked.grad_sample_seconds == {}
     assert same_weights(tmp_path / "auto", tmp_path / "picked")
 
@@ -70,7 +84,7 @@ def test_the_race_leaves_weights_optimizer_state_rng_streams_and_ledger_untouche
     before = (torch.get_rng_state(), sampling.get_state(), noise.get_state())
     plan = PrivacyPlan(
         private=True, accountant="prv", delta=1e-5, target_epsilon=None, noise_multiplier=1.0,
-        max_grad_norm=1.0, sample_rate=0.25, steps_per_epoch=4, steps=4, planned_epsilon=None,
+        max_grad_norm=1.0, sample_rate=0.25, steps_per_epoch=4, steps=MIN_STEPS_TO_RACE, planned_epsilon=None,
     )  # fmt: skip
     training = make_private(
         model=model, optimizer=optimizer, dataset=dataset,

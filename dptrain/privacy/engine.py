@@ -226,6 +226,7 @@ def make_private(
         # The race's batches are the size of a logical batch on average (of a physical one if smaller).
         batch = max(1, round(plan.sample_rate * len(dataset)))
         choice = race_modes(
+            plan.steps,
             candidate_modes(cfg, model, per_example_loss),
             model,
             optimizer,

@@ -29,6 +29,13 @@ from dptrain.privacy.bookkeeping import unsupported_layers
 # per-example gradients of a wide MLP run 30-80x slower than ghost clipping, and would make the race
 # cost seconds (measured in docs/benchmarks.md).
 WARMUP_STEPS, ROUNDS, OUTPACED = 1, 3, 4.0
+# A race of the four modes takes up to RACE_STEPS steps; a run planned for fewer than 4 times that many
+# would spend over a quarter of its training on it, so it takes the benchmarks' order instead: book-keeping
+# clipping was the fastest mode for every model of docs/benchmarks.md, ghost clipping never more than
+# 1.6x hooks where hooks won, hooks faster than functorch everywhere.
+RACE_STEPS = 4 * (WARMUP_STEPS + ROUNDS)
+MIN_STEPS_TO_RACE = 4 * RACE_STEPS
+PREFERENCE = ("bk", "ghost", "hooks", "functorch")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ def candidate_modes(cfg: PrivacyConfig, model: nn.Module, per_example_loss: bool
 
 
 def race_modes(
+    planned_steps: int,
     modes: Sequence[str],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -63,14 +71,15 @@ def race_modes(
     wrap: Callable,
     device: torch.device,
 ) -> ModeChoice:
-    """The fastest of ``modes`` for one DP-SGD step of ``model`` on ``batch_size`` random records shaped
+    """For a run of ``planned_steps``, the fastest of ``modes`` for one DP-SGD step of ``model`` on ``batch_size`` random records shaped
     like ``record`` (inputs, label), each mode wrapped by ``wrap(mode, model, optimizer, loader)`` ->
     (model, optimizer, loss_fn). Modes are timed round-robin (each round in a rotated order) so a load
     change cannot favour one; the median of ``ROUNDS`` steps decides, among the modes whose warm-up
     step was within ``OUTPACED`` times the fastest (the others are recorded with their warm-up time).
-    One candidate is not timed."""
-    if len(modes) == 1:
-        return ModeChoice(modes[0], {})
+    One candidate, or a run shorter than ``MIN_STEPS_TO_RACE``, is not timed: the first of ``modes``
+    in ``PREFERENCE`` runs."""
+    if len(modes) == 1 or planned_steps < MIN_STEPS_TO_RACE:
+        return ModeChoice(min(modes, key=PREFERENCE.index), {})
     key = (repr(model), tuple(record[0].shape), record[0].dtype, batch_size, tuple(modes), str(device),
            torch.get_num_threads())  # fmt: skip
     if key not in _CHOICES:

@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 from dptrain.config import ModelConfig, PrivacyConfig
 from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, make_private
+from dptrain.privacy.mode_race import MIN_STEPS_TO_RACE
 
 # name -> (model, input shape, batch size)
 MODELS = {
@@ -35,6 +36,7 @@ CLASSES, WARMUP = 10, 3
 
 
 def _plan(private: bool) -> PrivacyPlan:
+    # Planned long enough that auto races, as it does for a run of that many steps.
     return PrivacyPlan(
         private=private,
         accountant="prv",
@@ -44,7 +46,7 @@ def _plan(private: bool) -> PrivacyPlan:
         max_grad_norm=1.0 if private else None,
         sample_rate=1.0,
         steps_per_epoch=1,
-        steps=1,
+        steps=MIN_STEPS_TO_RACE,
         planned_epsilon=None,
     )
 

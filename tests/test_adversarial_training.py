@@ -201,7 +201,7 @@ def test_adversarial_settings_that_run_soundly_are_accepted(overrides):
         (["train.adversarial=pgd", "audit=standard"], "reference models"),
         (["train.adversarial=trades", "train.trades_beta=0"], "train.trades_beta=0"),
         (["train.adversarial=trades", "privacy.grad_sample_mode=ghost"], "privacy.grad_sample_mode=ghost"),
-        (["train.adversarial=trades", "privacy.grad_sample_mode=bk"], "privacy.grad_sample_mode=bk"),
+        (["train.adversarial=trades", "privacy.grad_sample_mode=bk"], "grad_sample_mode=bk: bk clipping takes"),
         (["train.adversarial=trades", "federation=fedavg", "privacy.grad_sample_mode=ghost"], "privacy.grad_sample_mode=ghost"),
     ],
 )

@@ -8,10 +8,11 @@ inputs with a sequence or spatial dimension), and the clipped sum of a layer is 
 of the stored A and B: for a linear map sum_i c_i B_i^T A_i = (c B)^T A, with c_i = min(1, C / ||g_i||).
 No second backward pass (ghost clipping's) and no per-example weight gradients (hooks mode's).
 
-Supported layers: Linear (any leading dimensions), Conv2d (zero padding, one group; via unfold),
-Embedding (no max_norm, dense), LayerNorm and GroupNorm (whose per-example gradients are one value per
-channel, taken from Opacus' grad samplers). The noise is left to Opacus' ``DPOptimizerFastGradientClipping``,
-the optimizer of ghost clipping (``BookkeepingOptimizer``), so noise and accounting are those of the other modes.
+Supported layers (``unsupported_layers`` names the others): Linear (any leading dimensions), Conv2d
+(zero padding, one group), Embedding (dense, no max_norm, no scale_grad_by_freq), LayerNorm and
+GroupNorm (whose per-example gradients are one value per channel, taken from Opacus' grad samplers).
+The noise is left to Opacus' ``DPOptimizerFastGradientClipping``, the optimizer of ghost clipping
+(``BookkeepingOptimizer``), so noise and accounting are those of the other modes.
 """
 
 from __future__ import annotations
@@ -29,10 +30,6 @@ from opacus.utils.module_utils import trainable_modules, trainable_parameters
 from torch import nn
 from torch.utils.data import DataLoader
 
-# Per-example gradients of these layers are one value per channel: Opacus' grad samplers form them cheaply.
-_NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm)
-
-
 def unsupported_layers(model: nn.Module) -> list[str]:
     """Names (and types) of ``model``'s trainable layers book-keeping clipping cannot handle; [] if none."""
     unsupported = []
@@ -41,9 +38,13 @@ def unsupported_layers(model: nn.Module) -> list[str]:
             ok = type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros"
             ok = ok and not isinstance(layer.padding, str)
         elif isinstance(layer, nn.Embedding):
+            # scale_grad_by_freq divides by counts over the whole batch: no per-example gradient.
             ok = type(layer) is nn.Embedding and layer.max_norm is None and not layer.sparse
+            ok = ok and not layer.scale_grad_by_freq
+        elif type(layer) is nn.LayerNorm:
+            ok = layer.bias is not None  # Opacus' grad sampler reads the bias
         else:
-            ok = type(layer) in (nn.Linear, *_NORM_LAYERS)
+            ok = type(layer) in (nn.Linear, nn.GroupNorm)
         if not ok:
             unsupported.append(f"{name} ({type(layer).__name__})")
     return unsupported
@@ -141,6 +142,8 @@ def _embedding(layer: nn.Embedding, x: torch.Tensor, grad: torch.Tensor):
 
 
 def _normalization(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    # LayerNorm's and GroupNorm's per-example gradients are one value per channel: Opacus' grad
+    # samplers form them cheaply.
     samples = GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, [x], grad)
     norms = {p: g.flatten(1).norm(dim=1) for p, g in samples.items()}
 
@@ -171,11 +174,12 @@ class BookkeepingModule(AbstractGradSampleModule):
     disabled it is ``m``.
     """
 
-    def __init__(self, m: nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean") -> None:
+    def __init__(self, m: nn.Module, *, max_grad_norm: float) -> None:
         unsupported = unsupported_layers(m)
         if unsupported:
             raise ValueError(f"book-keeping clipping does not support {', '.join(unsupported)}")
-        super().__init__(m, batch_first=True, loss_reduction=loss_reduction)
+        # "mean" as for the optimizer, which divides the noised sum by the expected batch size.
+        super().__init__(m, batch_first=True, loss_reduction="mean")
         self.max_grad_norm = max_grad_norm
         self.hooks_enabled = True
         self._recording = False

@@ -71,8 +71,9 @@ def race_modes(
     wrap: Callable,
     device: torch.device,
 ) -> ModeChoice:
-    """For a run of ``planned_steps``, the fastest of ``modes`` for one DP-SGD step of ``model`` on ``batch_size`` random records shaped
-    like ``record`` (inputs, label), each mode wrapped by ``wrap(mode, model, optimizer, loader)`` ->
+    """For a run of ``planned_steps``, the fastest of ``modes`` for one DP-SGD step of ``model`` on
+    ``batch_size`` random records shaped like ``record`` (inputs, label), each mode wrapped by
+    ``wrap(mode, model, optimizer, loader)`` ->
     (model, optimizer, loss_fn). Modes are timed round-robin (each round in a rotated order) so a load
     change cannot favour one; the median of ``ROUNDS`` steps decides, among the modes whose warm-up
     step was within ``OUTPACED`` times the fastest (the others are recorded with their warm-up time).
@@ -92,22 +93,24 @@ def _race(modes, model, optimizer, record, batch_size, wrap, device) -> ModeChoi
     with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+        # Random records of the private ones' shape and dtype (integer inputs, e.g. token ids: zeros).
         generator = torch.Generator().manual_seed(0)
         inputs, labels = record
         shape = (batch_size, *inputs.shape)
-        fake_inputs = torch.randn(shape, generator=generator).to(inputs.dtype) if inputs.is_floating_point() else (
-            torch.zeros(shape, dtype=inputs.dtype)
-        )
+        if inputs.is_floating_point():
+            inputs = torch.randn(shape, generator=generator).to(inputs.dtype)
+        else:
+            inputs = torch.zeros(shape, dtype=inputs.dtype)
         with torch.no_grad():
-            classes = copy.deepcopy(model)(fake_inputs[:1].to(device)).shape[-1]
-        fake_labels = torch.randint(0, classes, (batch_size, *labels.shape), generator=generator).to(labels.dtype)
-        loader = DataLoader(TensorDataset(fake_inputs, fake_labels), batch_size=batch_size)
+            classes = copy.deepcopy(model)(inputs[:1].to(device)).shape[-1]
+        labels = torch.randint(0, classes, (batch_size, *labels.shape), generator=generator).to(labels.dtype)
+        loader = DataLoader(TensorDataset(inputs, labels), batch_size=batch_size)
         steppers = {}
         for mode in modes:
             copied = copy.deepcopy(model)
             # The optimizer's kind and hyper-parameters on the copy, with fresh state.
             fresh = type(optimizer)(copied.parameters(), **optimizer.defaults)
-            steppers[mode] = _stepper(*wrap(mode, copied, fresh, loader), fake_inputs.to(device), fake_labels.to(device), device)
+            steppers[mode] = _stepper(*wrap(mode, copied, fresh, loader), inputs.to(device), labels.to(device), device)
         warmup = {mode: min(steppers[mode]() for _ in range(WARMUP_STEPS)) for mode in modes}
         racing = [mode for mode in modes if warmup[mode] <= OUTPACED * min(warmup.values())]
         seconds: dict[str, list[float]] = {mode: [] for mode in racing}

@@ -8,7 +8,7 @@ from torch.func import functional_call, grad, vmap
 from dptrain.config import ModelConfig
 from dptrain.models import build_model
 from dptrain.privacy.bookkeeping import BookkeepingModule, unsupported_layers
-from tests.conftest import full_batch_dp_training
+from conftest import full_batch_dp_training
 
 NOISE, CLIP, LR, NOISE_SEED = 0.5, 0.3, 0.7, 5
 

@@ -13,7 +13,7 @@ from dptrain.models import build_model
 from dptrain.privacy import PrivacyPlan, make_private
 from dptrain.privacy.mode_race import MIN_STEPS_TO_RACE, candidate_modes
 from dptrain.training.loop import train_epoch
-from tests.conftest import same_weights
+from conftest import same_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -65,7 +65,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: str = "prv"
     clipping: str = "flat"
-    grad_sample_mode: str = "ghost"
+    # auto: time hooks, functorch, ghost and bk (book-keeping) clipping on the run's model and batch
+    # shape before training and take the fastest (dptrain.privacy.mode_race).
+    grad_sample_mode: str = "auto"
     poisson_sampling: bool = True
     # Recompute epsilon with dp-accounting's PLD accountant (metrics.json epsilon_pld) and warn when the
     # reported one is lower: null where dp-accounting is installed, true to require it, false to skip.

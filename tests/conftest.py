@@ -44,6 +44,16 @@ def make_config(*overrides: str):
 
 
 @pytest.fixture
+def one_thread():
+    """torch at one intra-op thread for the test: with two on the shared 2-core machine, a small model's
+    step can stall for 0.15-0.25 s instead of taking a millisecond (timed races then take seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_config():
     return lambda *overrides: make_config(*TINY, *overrides)
 

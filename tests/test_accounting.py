@@ -106,6 +106,11 @@ def test_dpddp_ranks_share_the_records_and_yield_every_step_empty_or_not():
     assert seen[0] <= {0, 2, 4, 6} and seen[1] <= {1, 3, 5}
 
 
+def test_bookkeeping_clipping_over_dpddp_is_refused():
+    with pytest.raises(UserError, match="grad_sample_mode=bk over 2 workers .DPDDP. is not supported"):
+        validate(make_config(*TINY, "launcher.nproc_per_node=2", "privacy.grad_sample_mode=bk"))
+
+
 def test_per_layer_clipping_over_dpddp_needs_hooks():
     with pytest.raises(UserError, match="per_layer over 2 workers .* needs privacy.grad_sample_mode=hooks"):
         validate(
@@ -117,7 +122,7 @@ def test_per_layer_clipping_over_dpddp_needs_hooks():
 
 @pytest.mark.parametrize(
     "mode, clipping",
-    [("hooks", "flat"), ("functorch", "flat"), ("ghost", "flat"), ("hooks", "per_layer"), ("functorch", "per_layer")],
+    [("hooks", "flat"), ("functorch", "flat"), ("ghost", "flat"), ("bk", "flat"), ("hooks", "per_layer"), ("functorch", "per_layer")],
 )
 def test_one_dp_sgd_step_equals_the_step_computed_by_hand(mode, clipping):
     generator = torch.Generator().manual_seed(3)

@@ -202,8 +202,9 @@ def test_adversarial_settings_that_run_soundly_are_accepted(overrides):
         (["train.adversarial=pgd", "train.adversarial_steps=0"], "train.adversarial_steps=0"),
         (["train.adversarial=pgd", "audit=standard"], "reference models"),
         (["train.adversarial=trades", "train.trades_beta=0"], "train.trades_beta=0"),
-        (["train.adversarial=trades"], "privacy.grad_sample_mode=ghost"),
-        (["train.adversarial=trades", "federation=fedavg"], "privacy.grad_sample_mode=ghost"),
+        (["train.adversarial=trades", "privacy.grad_sample_mode=ghost"], "privacy.grad_sample_mode=ghost"),
+        (["train.adversarial=trades", "privacy.grad_sample_mode=bk"], "grad_sample_mode=bk: bk clipping takes"),
+        (["train.adversarial=trades", "federation=fedavg", "privacy.grad_sample_mode=ghost"], "privacy.grad_sample_mode=ghost"),
     ],
 )
 def test_bad_adversarial_settings_are_refused_in_one_line(overrides, message):

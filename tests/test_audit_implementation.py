@@ -151,7 +151,7 @@ def _mechanism(*overrides: str, job: tuple[str, ...] = SMALL):
 
 
 @pytest.mark.parametrize(
-    "mode, clipping", [("hooks", "flat"), ("functorch", "flat"), ("ghost", "flat"), ("hooks", "per_layer")]
+    "mode, clipping", [("hooks", "flat"), ("functorch", "flat"), ("ghost", "flat"), ("bk", "flat"), ("hooks", "per_layer")]
 )
 def test_probe_releases_one_clipped_norm_per_sampled_canary_and_nothing_else(mode, clipping):
     cfg, mechanism = _mechanism(

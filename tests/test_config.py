@@ -48,6 +48,7 @@ def _error(cfg) -> str:
         ("privacy.target_epsilon=null", "privacy.target_epsilon=null needs privacy.noise_multiplier"),
         ("train.device=tpu", "train.device=tpu"),
         ("privacy.grad_sample_mode=ghost privacy.clipping=per_layer", "flat clipping only"),
+        ("privacy.grad_sample_mode=bk privacy.clipping=per_layer", "grad_sample_mode=bk supports flat clipping only"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_key(tiny_config, override, expected):

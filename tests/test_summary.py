@@ -75,6 +75,16 @@ def test_summary_names_the_records_and_both_training_times():
     )
 
 
+def test_summary_names_the_clipping_method_and_the_timings_auto_chose_it_by():
+    timed = dataclasses.replace(
+        CENTRALIZED, grad_sample_mode="bk", grad_sample_seconds={"hooks": 0.0049, "ghost": 0.0011, "bk": 0.0008}
+    )
+    assert "clipping       bk (auto, ms per step: bk 0.8, ghost 1.1, hooks 4.9)" in format_summary(timed, None, "out")
+    chosen = dataclasses.replace(CENTRALIZED, grad_sample_mode="hooks", grad_sample_seconds={})
+    assert "clipping       hooks\n" in format_summary(chosen, None, "out")
+    assert "clipping       " not in format_summary(CENTRALIZED, None, "out")
+
+
 def test_federated_summary_says_which_member_records_are_audited():
     lines = _lines(FEDERATED)
     assert lines[0] == "test accuracy  0.9000   (train 0.9500 on 461 audited member records)"

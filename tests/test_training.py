@@ -46,7 +46,8 @@ CENTRALIZED_METRICS = {
     "test_accuracy", "train_accuracy", "test_loss", "train_loss", "epsilon", "delta", "target_epsilon",
     "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm", "private", "epsilon_pld", "members",
     "audited_members", "non_members", "population", "test_size", "train_seconds", "wall_seconds",
-    "replaced_modules", "threads", "threads_calibration", "epochs", "canaries_included", "world_size",
+    "replaced_modules", "threads", "threads_calibration", "grad_sample_mode", "grad_sample_seconds", "epochs",
+    "canaries_included", "world_size",
     "parallel_mode", "poisoned", "sanitized",
 }  # fmt: skip
 
@@ -74,7 +75,7 @@ def test_a_run_written_before_the_newer_metrics_fields_is_audited_again(tiny_con
     pipeline.train(cfg, tmp_path)
     newer = (
         "epsilon_pld", "audited_members", "wall_seconds", "replaced_modules", "threads", "threads_calibration",
-        "parallel_mode", "sanitized",
+        "parallel_mode", "sanitized", "grad_sample_mode", "grad_sample_seconds",
     )  # fmt: skip
     older = {key: value for key, value in _metrics(tmp_path).items() if key not in newer}
     (tmp_path / "metrics.json").write_text(json.dumps(older))

@@ -121,9 +121,9 @@ def run_mechanism(
     batch_size = math.ceil((len(mechanism.records) + canaries) / plan.steps_per_epoch)
     dataset = probe_records(mechanism.records, included, batch_size * plan.steps_per_epoch)
     physical = cfg.train.max_physical_batch_size
-    if cfg.privacy.grad_sample_mode != "ghost" and batch_size * (canaries + 1) > PROBE_GRADIENT_FLOATS:
+    if cfg.privacy.grad_sample_mode not in ("ghost", "bk") and batch_size * (canaries + 1) > PROBE_GRADIENT_FLOATS:
         # Opacus' BatchMemoryManager splits only the computation: the logical batches, the
-        # mechanism, are the same. Ghost clipping never holds per-example gradients.
+        # mechanism, are the same. Ghost and book-keeping clipping never hold per-example gradients.
         physical = min(physical or batch_size, max(1, PROBE_GRADIENT_FLOATS // (canaries + 1)))
     training = make_private(
         model=wrapped,

@@ -20,7 +20,9 @@ from torch.utils.data._utils.collate import default_collate
 from dptrain.config import PrivacyConfig
 from dptrain.errors import UserError
 from dptrain.privacy.accounting import accountant_warnings_silenced
+from dptrain.privacy.bookkeeping import make_bookkeeping_private
 from dptrain.privacy.ledger import PrivacyLedger
+from dptrain.privacy.mode_race import ModeChoice, candidate_modes, race_modes
 from dptrain.privacy.plan import PrivacyPlan
 
 
@@ -101,6 +103,8 @@ class PrivateTraining:
     plan: PrivacyPlan
     ledger: PrivacyLedger | None
     max_physical_batch_size: int | None
+    # The grad-sample mode that ran and, under ``auto``, each candidate's seconds per step (None: baseline).
+    grad_sample: ModeChoice | None = None
 
     def batches(self) -> ContextManager[Iterable]:
         """The logical batches of one epoch, split into physical ones of at most ``max_physical_batch_size``.
@@ -146,6 +150,16 @@ def _per_layer_norms(model: nn.Module, max_grad_norm: float) -> list[float]:
     return [max_grad_norm / math.sqrt(len(trainable))] * len(trainable)
 
 
+def _fixed_mode(cfg: PrivacyConfig, distributed: bool) -> ModeChoice | None:
+    """The mode ``cfg`` names, or under ``auto`` the one a data-parallel (DPDDP) run takes without a race
+    (ranks timing on their own could pick different modes): None when the modes are to be raced."""
+    if cfg.grad_sample_mode != "auto":
+        return ModeChoice(cfg.grad_sample_mode, {})
+    if distributed:
+        return ModeChoice("hooks" if cfg.clipping == "per_layer" else "ghost", {})
+    return None
+
+
 def make_private(
     *,
     model: nn.Module,
@@ -158,6 +172,7 @@ def make_private(
     sampling_generator: torch.Generator,
     noise_generator: torch.Generator,
     ledger: PrivacyLedger | None = None,
+    per_example_loss: bool = True,
 ) -> PrivateTraining:
     """Return the training objects for ``plan``: Opacus-wrapped when private, plain when not.
 
@@ -170,46 +185,71 @@ def make_private(
     run step together though the canaries they hold make their datasets differ by a few records). The
     baseline takes ``plan.steps_per_epoch`` shuffled batches of ``batch_size`` distinct records.
     A ``ledger`` given (a federated client's, which composes over the rounds it trains in) is charged
-    instead of a fresh one.
+    instead of a fresh one. ``grad_sample_mode=auto`` races the modes that can run (``mode_race``);
+    ``per_example_loss=False`` (TRADES' own two-pass loss) leaves out ghost and book-keeping clipping,
+    which need ``loss_fn``'s per-example losses.
     """
-    loss_fn = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss()
     if not plan.private:
         loader = baseline_loader(dataset, plan, batch_size, sampling_generator)
-        return PrivateTraining(model, optimizer, loader, loss_fn, plan, None, None)
+        return PrivateTraining(model, optimizer, loader, criterion, plan, None, None)
     distributed = isinstance(model, DifferentiallyPrivateDistributedDataParallel)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     loader = poisson_loader(dataset, plan, sampling_generator, rank, world)
-    with accountant_warnings_silenced(), warnings.catch_warnings():
-        # dptrain does not offer torchcsprng's secure mode; the README says so.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=plan.accountant)
     max_grad_norm = (
         _per_layer_norms(model, plan.max_grad_norm) if cfg.clipping == "per_layer" else plan.max_grad_norm
     )
-    wrapped = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        criterion=loss_fn,
-        data_loader=loader,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        # The loader above already samples as the plan says; Opacus' own Poisson loader would not.
-        poisson_sampling=False,
-        clipping=cfg.clipping,
-        noise_generator=noise_generator,
-        grad_sample_mode=cfg.grad_sample_mode,
-    )
-    if cfg.grad_sample_mode == "ghost":
-        private_model, private_optimizer, loss_fn, private_loader = wrapped
-    else:
-        private_model, private_optimizer, private_loader = wrapped
+
+    def wrap(mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, generator):
+        with accountant_warnings_silenced(), warnings.catch_warnings():
+            # dptrain does not offer torchcsprng's secure mode; the README says so.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=plan.accountant)
+        if mode == "bk":
+            return make_bookkeeping_private(
+                engine, module, optimizer, criterion, loader, plan.noise_multiplier, max_grad_norm, generator
+            )
+        wrapped = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            # The loader above already samples as the plan says; Opacus' own Poisson loader would not.
+            poisson_sampling=False,
+            clipping=cfg.clipping,
+            noise_generator=generator,
+            grad_sample_mode=mode,
+        )
+        if wrapped[-1] is not loader:
+            raise RuntimeError("Opacus replaced the plan's data loader")
+        # Ghost clipping's loss packs its two backward passes; the other modes keep the plain loss.
+        return wrapped[:2] + ((wrapped[2],) if mode == "ghost" else (criterion,))
+
+    choice = _fixed_mode(cfg, distributed)
+    if choice is None:
+        record = dataset[0]
+        # The race's batches are the size of a logical batch on average (of a physical one if smaller).
+        batch = max(1, round(plan.sample_rate * len(dataset)))
+        choice = race_modes(
+            plan.steps,
+            candidate_modes(cfg, model, per_example_loss),
+            model,
+            optimizer,
+            record,
+            min(batch, max_physical_batch_size or batch),
+            lambda mode, *objects: wrap(mode, *objects, torch.Generator(device=noise_generator.device)),
+            next(model.parameters()).device,
+        )
+    private_model, private_optimizer, loss_fn = wrap(choice.mode, model, optimizer, loader, noise_generator)
     # What Opacus does for its own Poisson loader: a step must follow every backward pass.
     private_model.forbid_grad_accumulation()
-    if private_loader is not loader or len(private_loader) != plan.steps_per_epoch:
-        raise RuntimeError(f"the private loader takes {len(private_loader)} steps per epoch, the plan {plan.steps_per_epoch}")
+    if len(loader) != plan.steps_per_epoch:
+        raise RuntimeError(f"the private loader takes {len(loader)} steps per epoch, the plan {plan.steps_per_epoch}")
     # The ledger replaces the accountant Opacus attached: one charge per step, at the plan's rate.
     ledger = PrivacyLedger.for_plan(plan) if ledger is None else ledger
     private_optimizer.attach_step_hook(ledger.optimizer_hook(plan.sample_rate))
     return PrivateTraining(
-        private_model, private_optimizer, private_loader, loss_fn, plan, ledger, max_physical_batch_size
+        private_model, private_optimizer, loader, loss_fn, plan, ledger, max_physical_batch_size, choice
     )

@@ -69,11 +69,12 @@ def check_adversarial(cfg: Config) -> None:
             "reference models are not trained adversarially, so they would not imitate the target; use "
             "audit.mia.reference_models=0 (e.g. audit=fast)"
         )
-    if train.adversarial == "trades" and _clips_per_example(cfg) and cfg.privacy.grad_sample_mode == "ghost":
+    mode = cfg.privacy.grad_sample_mode
+    if train.adversarial == "trades" and _clips_per_example(cfg) and mode in ("ghost", "bk"):
         raise UserError(
-            "train.adversarial=trades with privacy.grad_sample_mode=ghost: ghost clipping takes each example's "
+            f"train.adversarial=trades with privacy.grad_sample_mode={mode}: {mode} clipping takes each example's "
             "gradient norm from one forward pass and TRADES' loss needs two (clean and adversarial); use "
-            "privacy.grad_sample_mode=hooks"
+            "privacy.grad_sample_mode=hooks (or auto)"
         )
 
 

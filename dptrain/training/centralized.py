@@ -238,6 +238,7 @@ def train_target(
         wall_seconds=trained.wall_seconds,
         replaced_modules=trained.replaced_modules,
         threads=trained.threads,
+        grad_sample=trained.grad_sample,
         centralized=CentralizedMetrics(
             epochs=cfg.train.epochs,
             canaries_included=0 if canaries is None else int(canaries.included.sum()),

@@ -168,6 +168,7 @@ def local_update(
         sampling_generator=sampling,
         noise_generator=noise,
         ledger=client.ledger,
+        per_example_loss=cfg.train.adversarial != "trades",
     )
     losses = [train_epoch(training, device, adversarial).loss for _ in range(cfg.federation.local_epochs)]
     with torch.no_grad():

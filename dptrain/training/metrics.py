@@ -4,7 +4,7 @@ recipe writes, and the centralized or federated recipe's own fields beside them.
 ``to_dict`` is the JSON layout documented in docs/guide/outputs.md (one flat object); ``from_dict``
 reads it back, from this release's files and from older ones that lack the fields added since
 (``epsilon_pld``, ``audited_members``, ``wall_seconds``, ``replaced_modules``, ``parallel_mode``,
-``sanitized``, ``threads``).
+``sanitized``, ``threads``, ``grad_sample_mode``, ``grad_sample_seconds``).
 """
 
 from __future__ import annotations
@@ -116,6 +116,10 @@ class RunMetrics:
     replaced_modules: list[str] | None = None
     threads: int | None = None
     threads_calibration: dict | None = None
+    # The per-example clipping method (privacy.grad_sample_mode, auto resolved) and, when auto timed the
+    # candidates, each one's median seconds per step; None for the baseline and federated runs.
+    grad_sample_mode: str | None = None
+    grad_sample_seconds: dict[str, float] | None = None
     centralized: CentralizedMetrics | None = None
     federation: FederationMetrics | None = None
 

@@ -26,7 +26,7 @@ from dptrain.config import Config, TrainConfig, recipe_hash
 from dptrain.data import InputUnits, load, make_split, prepare
 from dptrain.errors import UserError
 from dptrain.models import build_model, ensure_dp_compatible
-from dptrain.privacy import PrivacyPlan, make_private, plan_privacy, unwrap
+from dptrain.privacy import ModeChoice, PrivacyPlan, make_private, plan_privacy, unwrap
 from dptrain.privacy.accounting import CURVE_ACCOUNTANT
 from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.tensorboard import TensorBoardLog
@@ -59,6 +59,8 @@ class TrainedModel:
     # The ledger's charged (noise_multiplier, sample_rate, steps) blocks; [] for the baseline.
     mechanisms: list[dict]
     threads: ThreadChoice
+    # The grad-sample mode that clipped and, under auto, each candidate's seconds per step (None: baseline).
+    grad_sample: ModeChoice | None = None
 
 
 @dataclass
@@ -165,6 +167,7 @@ def thread_choice(
                 max_physical_batch_size=cfg.train.max_physical_batch_size,
                 sampling_generator=torch.Generator().manual_seed(0),
                 noise_generator=torch.Generator(device=device).manual_seed(0),
+                per_example_loss=cfg.train.adversarial != "trades",
             )
             # Every epoch times at least one step, so these epochs are enough to finish the race. Through
             # ``loop`` rather than this module's ``train_epoch``: what hooks the run's epochs (a test
@@ -273,6 +276,7 @@ def train_model(
         max_physical_batch_size=train.max_physical_batch_size,
         sampling_generator=sampling,
         noise_generator=noise,
+        per_example_loss=train.adversarial != "trades",
     )
     scheduler = make_scheduler(train, training.optimizer)
     average = None if train.ema is None else WeightAverage(unwrap(training.model), train.ema)
@@ -377,4 +381,5 @@ def train_model(
         replaced_modules=replaced,
         mechanisms=[] if training.ledger is None else training.ledger.mechanisms(),
         threads=threads,
+        grad_sample=training.grad_sample,
     )

@@ -14,7 +14,7 @@ from torch import nn
 from dptrain.config import Config
 from dptrain.data import Canaries, Split, SplitData, draw_canaries, load, make_split, prepare
 from dptrain.models import build_model
-from dptrain.privacy import PrivacyPlan
+from dptrain.privacy import ModeChoice, PrivacyPlan
 from dptrain.privacy.crosscheck import cross_check, pld_check_enabled, pld_epsilon
 from dptrain.tracking.artifacts import SPLIT, load_model
 from dptrain.training import ranks
@@ -79,6 +79,7 @@ def run_metrics(
     wall_seconds: float,
     replaced_modules: list[str],
     threads: ThreadChoice,
+    grad_sample: ModeChoice | None = None,
     centralized: CentralizedMetrics | None = None,
     federation: FederationMetrics | None = None,
 ) -> RunMetrics:
@@ -114,6 +115,8 @@ def run_metrics(
         replaced_modules=replaced_modules,
         threads=threads.threads,
         threads_calibration=threads.record(),
+        grad_sample_mode=None if grad_sample is None else grad_sample.mode,
+        grad_sample_seconds=None if grad_sample is None else grad_sample.seconds,
         centralized=centralized,
         federation=federation,
     )

@@ -41,7 +41,7 @@ from dptrain.validation.keys import check_known_keys, check_ranges
 
 PRIVACY_NAMES = ("dpsgd", "none")
 CLIPPING_MODES = ("flat", "per_layer")
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost", "bk")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "step")
 FEDERATIONS = ("none", "fedavg")
@@ -113,10 +113,10 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
                 f"training records: use e.g. privacy.delta={_suggest_delta(members)}"
             )
         crosscheck.pld_check_enabled(privacy.pld_check)
-        if privacy.grad_sample_mode == "ghost" and privacy.clipping != "flat":
+        if privacy.grad_sample_mode in ("ghost", "bk") and privacy.clipping != "flat":
             raise UserError(
-                f"privacy.grad_sample_mode=ghost supports flat clipping only, not privacy.clipping={privacy.clipping}: "
-                "use privacy.clipping=flat or privacy.grad_sample_mode=hooks"
+                f"privacy.grad_sample_mode={privacy.grad_sample_mode} supports flat clipping only, not "
+                f"privacy.clipping={privacy.clipping}: use privacy.clipping=flat or privacy.grad_sample_mode=hooks"
             )
 
     train = cfg.train
@@ -178,6 +178,12 @@ def _validate_launcher(cfg: Config) -> None:
 
     if parallel_mode(cfg, world) == "dpddp":
         privacy = cfg.privacy
+        if privacy.grad_sample_mode == "bk":
+            # DPDDP all-reduces gradients as autograd accumulates them; book-keeping clipping writes them after.
+            raise UserError(
+                f"privacy.grad_sample_mode=bk over {world} workers (DPDDP) is not supported: "
+                "use privacy.grad_sample_mode=auto (ghost there) or ghost"
+            )
         if privacy.clipping == "per_layer" and privacy.grad_sample_mode != "hooks":
             # Opacus' distributed per-layer optimizer computes per-example gradients with hooks only.
             raise UserError(

@@ -42,6 +42,8 @@ def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str
         f"training       {format_training_time(metrics)}",
         f"privacy        {privacy}",
     ]
+    if metrics.grad_sample_mode is not None:
+        lines.append(f"clipping       {format_grad_sample(metrics)}")
     if federation is not None:
         lines += format_federation(metrics, federation)
     if centralized is not None and centralized.pretrain is not None:
@@ -79,6 +81,15 @@ def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str
         f"tensorboard    tensorboard --logdir {run_dir}",
     ]
     return "\n".join(lines)
+
+
+def format_grad_sample(metrics: RunMetrics) -> str:
+    """The per-example clipping method and, when ``auto`` timed the candidates, each one's ms per step."""
+    seconds = metrics.grad_sample_seconds or {}
+    if not seconds:
+        return metrics.grad_sample_mode
+    timed = ", ".join(f"{mode} {value * 1e3:.1f}" for mode, value in sorted(seconds.items(), key=lambda kv: kv[1]))
+    return f"{metrics.grad_sample_mode} (auto, ms per step: {timed})"
 
 
 def format_training_time(metrics: RunMetrics) -> str:

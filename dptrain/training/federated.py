@@ -602,7 +602,7 @@ def train_federation(
                     server.model, test, backdoor, cfg.attack.target_label, device
                 )
             _log_round(tb, round_index + 1, record, values)
-            bar.set_postfix(acc=f"{test_accuracy:.3f}", eps_rdp="inf" if epsilon is None else f"{epsilon:.2f}")
+            bar.set_postfix(acc=f"{test_accuracy:.3f}")  # no epsilon: see train_model's bar
         if run_dir is not None and cfg.train.checkpoint:
             server.checkpoint(round_index + 1, train_seconds, time.perf_counter() - loop_started).save(run_dir)
     bar.close()

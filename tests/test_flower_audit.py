@@ -67,7 +67,7 @@ def test_memorised_members_are_found_and_unseen_records_are_not():
     assert unseen.auc_ci.low < 0.5 < unseen.auc_ci.high
 
 
-def test_attribute_inference_runs_on_the_sensitive_column():
+def test_attribute_inference_guesses_the_value_the_model_fits_best_on_members_and_non_members():
     members, non_members, population = _records(6), _records(7), _records(11, 60)
     parts = (members, non_members, population)
     # Column 0 becomes a binary sensitive attribute: the attacker writes 0 or 1 into it.
@@ -82,6 +82,18 @@ def test_attribute_inference_runs_on_the_sensitive_column():
     assert isinstance(aia, AttributeInferenceResult)
     assert (aia.n_members, aia.n_nonmembers, aia.n_population) == (N, N, 60)
     assert aia.value_names == ["negative", "positive"]
+    model = _memorised(members)
+    for part, group in ((members, aia.members), (non_members, aia.nonmembers)):
+        # The attack by hand: write each candidate value into column 0 and keep the one of lower loss.
+        x, y = part.tensors
+        losses = []
+        for value in (0.0, 1.0):
+            candidate = x.clone()
+            candidate[:, 0] = value
+            with torch.no_grad():
+                losses.append(torch.nn.functional.cross_entropy(model(candidate), y, reduction="none"))
+        guesses = torch.stack(losses, dim=1).argmin(dim=1)
+        assert group.attack.accuracy == pytest.approx((guesses == x[:, 0].long()).double().mean().item())
     assert aia.leakage["accuracy"] == pytest.approx(
         aia.members.advantage["accuracy"] - aia.nonmembers.advantage["accuracy"]
     )

@@ -34,6 +34,8 @@ STAGES = {
     "dptrain.flower": 4,
     # The deployable Flower app runs the whole pipeline, as the CLI does.
     "dptrain.flower.app": 9,
+    # The audit helper for Flower apps runs dptrain's audits on a model: it sits with them.
+    "dptrain.flower.audit": 5,
     "dptrain.audit": 5,
     "dptrain.views": 6,
     "dptrain.report": 7,

@@ -18,10 +18,10 @@ from torch.utils.data import TensorDataset
 from dptrain.config import Config, PrivacyConfig
 from dptrain.data import dirichlet_partition, iid_partition
 from dptrain.errors import UserError
-from dptrain.privacy import PrivacyPlan, make_private, plan_privacy
+from dptrain.privacy import PrivacyPlan, plan_privacy
 from dptrain.privacy.ledger import PrivacyLedger
 from dptrain.training.loop import AdversarialObjective, train_epoch
-from dptrain.training.recipe import make_optimizer
+from dptrain.training.recipe import private_training
 from dptrain.seeds import Stream, derived_seed
 
 
@@ -148,7 +148,7 @@ def local_update(
     adversarial: AdversarialObjective | None = None,
 ) -> LocalUpdate:
     """Train a copy of ``global_model`` for ``federation.local_epochs`` epochs on the client's records
-    with ``train.*`` and the client's plan, through the shared step loop (``make_private``,
+    with ``train.*`` and the client's plan, through the shared step loop (``private_training``,
     ``train_epoch``); return the parameter delta.
 
     Under a private plan the client runs DP-SGD (Abadi et al. 2016) and its ledger charges exactly
@@ -157,19 +157,10 @@ def local_update(
     Precondition: the client trains in this round of the schedule its plan was made for.
     """
     model = copy.deepcopy(global_model)
-    training = make_private(
-        model=model,
-        optimizer=make_optimizer(cfg.train, model.parameters()),
-        dataset=client.data,
-        plan=client.plan,
-        cfg=cfg.privacy,
-        batch_size=cfg.train.batch_size,
-        max_physical_batch_size=cfg.train.max_physical_batch_size,
-        sampling_generator=sampling,
-        noise_generator=noise,
+    training = private_training(
+        cfg, model, client.data, client.plan, batch_size=cfg.train.batch_size, sampling=sampling, noise=noise,
         ledger=client.ledger,
-        per_example_loss=cfg.train.adversarial != "trades",
-    )
+    )  # fmt: skip
     losses = [train_epoch(training, device, adversarial).loss for _ in range(cfg.federation.local_epochs)]
     with torch.no_grad():
         delta = parameters_to_vector(model.parameters()) - parameters_to_vector(global_model.parameters())

@@ -125,6 +125,35 @@ def make_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def private_training(
+    cfg: Config,
+    model: nn.Module,
+    records: TensorDataset,
+    plan: PrivacyPlan,
+    *,
+    batch_size: int,
+    sampling: torch.Generator,
+    noise: torch.Generator,
+    ledger=None,
+):
+    """``make_private`` for training ``model`` on ``records`` by ``cfg``'s recipe: its optimizer, its
+    physical batches, and the clipping modes its loss allows (TRADES' two-pass loss has no per-example
+    loss for ghost or book-keeping clipping). One place for the run, its clients and the thread race."""
+    return make_private(
+        model=model,
+        optimizer=make_optimizer(cfg.train, model.parameters()),
+        dataset=records,
+        plan=plan,
+        cfg=cfg.privacy,
+        batch_size=batch_size,
+        max_physical_batch_size=cfg.train.max_physical_batch_size,
+        sampling_generator=sampling,
+        noise_generator=noise,
+        ledger=ledger,
+        per_example_loss=cfg.train.adversarial != "trades",
+    )
+
+
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     """Per-epoch learning-rate schedule: constant, cosine to zero, or x0.1 at 1/2 and 3/4 of training."""
     if cfg.lr_schedule == "cosine":
@@ -157,18 +186,10 @@ def thread_choice(
     def race(calibration: ThreadCalibration) -> None:
         throwaway = copy.deepcopy(model)
         with torch.random.fork_rng(devices=[]):
-            training = make_private(
-                model=throwaway,
-                optimizer=make_optimizer(cfg.train, throwaway.parameters()),
-                dataset=records,
-                plan=plan,
-                cfg=cfg.privacy,
-                batch_size=batch_size,
-                max_physical_batch_size=cfg.train.max_physical_batch_size,
-                sampling_generator=torch.Generator().manual_seed(0),
-                noise_generator=torch.Generator(device=device).manual_seed(0),
-                per_example_loss=cfg.train.adversarial != "trades",
-            )
+            training = private_training(
+                cfg, throwaway, records, plan, batch_size=batch_size,
+                sampling=torch.Generator().manual_seed(0), noise=torch.Generator(device=device).manual_seed(0),
+            )  # fmt: skip
             # Every epoch times at least one step, so these epochs are enough to finish the race. Through
             # ``loop`` rather than this module's ``train_epoch``: what hooks the run's epochs (a test
             # interrupting the run at its k-th) must not count the throwaway ones.
@@ -266,18 +287,7 @@ def train_model(
     # inclusion of records on different ranks, which Poisson sampling's analysis forbids.
     sampling = torch.Generator().manual_seed(derived_seed(train.seed, Stream.SAMPLING, rank))
     noise = torch.Generator(device=device).manual_seed(derived_seed(train.seed, Stream.NOISE, rank))
-    training = make_private(
-        model=model,
-        optimizer=make_optimizer(train, model.parameters()),
-        dataset=train_set,
-        plan=plan,
-        cfg=cfg.privacy,
-        batch_size=batch_size,
-        max_physical_batch_size=train.max_physical_batch_size,
-        sampling_generator=sampling,
-        noise_generator=noise,
-        per_example_loss=train.adversarial != "trades",
-    )
+    training = private_training(cfg, model, train_set, plan, batch_size=batch_size, sampling=sampling, noise=noise)
     scheduler = make_scheduler(train, training.optimizer)
     average = None if train.ema is None else WeightAverage(unwrap(training.model), train.ema)
     if average is not None:

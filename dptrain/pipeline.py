@@ -33,7 +33,8 @@ from dptrain.tracking.tensorboard import TensorBoardLog, training_layout
 from dptrain.training import ranks
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.metrics import RunMetrics
-from dptrain.training.recipes import recipe_for
+from dptrain.flower import recipe as flower_recipe
+from dptrain.training.recipes import Recipe, recipe_for
 from dptrain.training.target import TargetRun
 from dptrain.training.threads import recorded_threads
 from dptrain.validation import validate
@@ -121,6 +122,14 @@ def _seeds(cfg: Config) -> dict:
     return {"train": cfg.train.seed, "dataset": cfg.dataset.seed, "audit": cfg.audit.seed}
 
 
+
+def _training_recipe(cfg: Config) -> Recipe:
+    """``recipe_for(cfg)``, but a federation on ``federation.engine=flower`` trains its target's clients as
+    Flower ClientApps (``dptrain.flower.recipe``: the federated recipe with its own ``train_target``)."""
+    if cfg.federation.name == "fedavg" and cfg.federation.engine == "flower":
+        return flower_recipe
+    return recipe_for(cfg)
+
 def train(cfg: Config, run_dir: str | Path) -> tuple[RunMetrics, AuditReport | None]:
     """Train and audit the run ``cfg`` describes in ``run_dir``; return its metrics (``metrics.json``) and
     the audit's report (``audit.json``; None without an audit).
@@ -132,7 +141,7 @@ def train(cfg: Config, run_dir: str | Path) -> tuple[RunMetrics, AuditReport | N
     started = datetime.now(timezone.utc)
     run_dir = Path(run_dir)
     info, sizes = validate(cfg)
-    recipe = recipe_for(cfg)
+    recipe = _training_recipe(cfg)
     plan = recipe.plan(cfg, sizes)
     log.info("%s: %s", info.name, sizes)
     log.info("plan: %s", plan)

@@ -30,19 +30,18 @@ STAGES = {
     "dptrain.adversarial": 3,
     "dptrain.watermark": 3,
     "dptrain.training": 4,
-    # The Flower engine: a recipe beside federated's (training.recipes picks it), flwr imported lazily.
-    "dptrain.flower": 4,
-    # The deployable Flower app runs the whole pipeline, as the CLI does.
-    "dptrain.flower.app": 9,
-    # The audit helper for Flower apps runs dptrain's audits on a model: it sits with them.
-    "dptrain.flower.audit": 5,
     "dptrain.audit": 5,
     "dptrain.views": 6,
+    # The Flower engine (the federated recipe with Flower ClientApps, which the pipeline picks), the
+    # strategy, the client mod and the audit helper for Flower apps: above training and the audits.
+    "dptrain.flower": 6,
     "dptrain.report": 7,
     "dptrain.validation": 8,
     "dptrain.pipeline": 8,
     "dptrain.preflight": 9,
     "dptrain.cli": 9,
+    # The deployable Flower app runs the whole pipeline, as the CLI does.
+    "dptrain.flower_app": 9,
     "dptrain.__main__": 10,
     "dptrain": 0,
 }

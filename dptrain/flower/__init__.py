@@ -1,5 +1,5 @@
 """dptrain on Flower (flwr 1.42, Message API): the Flower engine (``federation.engine=flower``: a
-ServerApp and ClientApp over the federated recipe, deployable as ``dptrain.flower.app``), and for any
+ServerApp and ClientApp over the federated recipe, deployable as ``dptrain.flower_app``), and for any
 Flower app ``RobustStrategy`` (dptrain's robust rules as a strategy) and ``mods.epsilon_mod`` (each
 Opacus client's epsilon in its replies), and ``audit.audit_global_model`` (dptrain's membership and
 attribute inference on a final global model, where the app can see the records).

@@ -218,7 +218,7 @@ _DEPLOYED_GRID: ContextVar = ContextVar("dptrain_flower_grid", default=None)
 @contextmanager
 def deployed_on(grid):
     """Within it, Flower runs of the recipe train their clients over ``grid`` (a deployed ServerApp's,
-    ``dptrain.flower.app``) instead of starting the Simulation Engine."""
+    ``dptrain.flower_app``) instead of starting the Simulation Engine."""
     token = _DEPLOYED_GRID.set(grid)
     try:
         yield

@@ -1,9 +1,10 @@
 """The federated recipe on the Flower engine (``federation.engine=flower``): the builtin recipe's plan,
 artifacts and reference models, with the target's clients trained by Flower ClientApps.
 
-Reference models for the audits are trained in process (``federated.train_reference``): the builtin
-engine computes the same rounds as the Flower engine (same partition, Byzantine clients, local
-updates and aggregates; tests/test_flower.py), so they imitate the target's mechanism exactly.
+The pipeline picks it for the target; the audit's reference models train in process by the builtin
+recipe (``training.recipes.recipe_for``), which computes the same rounds as the Flower engine (same
+partition, Byzantine clients, local updates and aggregates; tests/test_flower.py), so they imitate the
+target's mechanism exactly.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """The training recipes the pipeline runs, behind one interface: ``recipe_for(cfg)`` is the centralized
-recipe (one data holder, or several processes over its data) or the federated one (``federation=fedavg``)."""
+recipe (one data holder, or several processes over its data) or the federated one (``federation=fedavg``;
+on ``federation.engine=flower`` the pipeline trains the target's clients on Flower, ``dptrain.flower.recipe``,
+while its reference models train here, on the builtin engine, which computes the same rounds)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from torch.utils.data import TensorDataset
 
 from dptrain.config import Config
 from dptrain.data import SplitSizes
-from dptrain.flower import recipe as flower
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import centralized, federated
 from dptrain.training.checkpoint import Checkpoint
@@ -52,7 +53,5 @@ class Recipe(Protocol[RecipePlan]):
 
 
 def recipe_for(cfg: Config) -> Recipe:
-    """The recipe ``cfg`` describes; a federation on ``federation.engine=flower`` trains its clients on Flower."""
-    if cfg.federation.name != "fedavg":
-        return centralized
-    return flower if cfg.federation.engine == "flower" else federated
+    """The recipe ``cfg`` describes."""
+    return federated if cfg.federation.name == "fedavg" else centralized

@@ -78,11 +78,10 @@ class CentralizedState:
 @dataclass(frozen=True)
 class PublicStart:
     """The public model's state dict and the population indices (into the dataset's canonical order) it
-    was trained on, for ``pretrain_epochs`` epochs."""
+    was trained on."""
 
     state: dict
     population: np.ndarray
-    epochs: int
 
 
 # One public model per pretraining recipe and process: the target and its reference models share it.
@@ -107,7 +106,7 @@ def public_start(cfg: Config, input_shape: Sequence[int], num_classes: int) -> P
         population = prepare(data, split).population
         trained = train_model(derived, population, input_shape=input_shape, num_classes=num_classes)
         state = {name: value.detach().cpu().clone() for name, value in trained.model.state_dict().items()}
-        _STARTS[key] = PublicStart(state=state, population=split.population, epochs=derived.train.epochs)
+        _STARTS[key] = PublicStart(state=state, population=split.population)
     return _STARTS[key]
 
 

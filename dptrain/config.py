@@ -120,6 +120,12 @@ class TrainConfig:
     # Parameter averaging (dptrain.training.averaging): null, or the decay of an exponential moving average
     # of the iterates after every step, which the run returns (post-processing: epsilon unchanged).
     ema: Optional[float] = None
+    # Augmentation multiplicity (dptrain.training.augmult): each example becomes augmult views (image
+    # translations by up to augment_shift pixels, horizontal flips if augment_flip) whose gradients are
+    # averaged before clipping (epsilon unchanged). 1: off.
+    augmult: int = 1
+    augment_shift: int = 1
+    augment_flip: bool = False
 
 
 @dataclass

@@ -15,6 +15,14 @@ from dptrain.privacy import PrivateTraining, unwrap
 EVAL_BATCH_SIZE = 1024
 
 
+class Views(Protocol):
+    """Several augmented views per example, averaged before clipping (``dptrain.training.augmult``)."""
+
+    def expand(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def average(self, model: nn.Module) -> None: ...
+
+
 class AdversarialObjective(Protocol):
     """A training objective on adversarial inputs (``dptrain.training.adversarial``)."""
 
@@ -25,7 +33,8 @@ class AdversarialObjective(Protocol):
 
 @dataclass(frozen=True)
 class EpochStats:
-    """Mean training loss and accuracy over the examples the epoch's batches held."""
+    """Mean training loss and accuracy over the examples the epoch's batches held (over their views, which
+    ``examples`` then counts, under ``train.augmult``)."""
 
     loss: float
     accuracy: float
@@ -37,12 +46,15 @@ def train_epoch(
     device: torch.device,
     adversarial: AdversarialObjective | None = None,
     pace: Callable[[Iterable], Iterable] | None = None,
+    views: Views | None = None,
 ) -> EpochStats:
     """Run one epoch of ``training``'s loader; the optimizer clips and noises when the plan is private.
     With ``adversarial`` (``dptrain.training.adversarial``) each batch's loss and logits are
     ``adversarial.loss(model, loss_fn, inputs, labels)``: the loss on adversarial inputs (``pgd``; the
     accuracy is then on them) or TRADES' (the accuracy on the clean inputs). ``pace`` wraps the batches
-    (``ThreadCalibration.paced``: it times each step and may end the epoch early).
+    (``ThreadCalibration.paced``: it times each step and may end the epoch early). With ``views``
+    (``train.augmult``) each batch is replaced by its examples' views, whose per-example gradients are
+    averaged over each example's views before the optimizer clips them.
 
     Poisson sampling can draw an empty batch; it still goes through the
     optimizer, because skipping it would make whether an update happened
@@ -56,6 +68,8 @@ def train_epoch(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for inputs, labels in batches if pace is None else pace(batches):
             inputs, labels = inputs.to(device), labels.to(device)
+            if views is not None:
+                inputs, labels = views.expand(inputs, labels)
             optimizer.zero_grad(set_to_none=True)
             if adversarial is None:
                 logits = model(inputs)
@@ -63,6 +77,8 @@ def train_epoch(
             else:
                 loss, logits = adversarial.loss(model, training.loss_fn, inputs, labels)
             loss.backward()
+            if views is not None:
+                views.average(model)
             optimizer.step()
             if len(labels):
                 loss_sum += loss.item() * len(labels)

@@ -28,7 +28,7 @@ FINETUNE = ("full", "last_layer")
 def pretrain_config(cfg: Config) -> Config:
     """``cfg`` for the pretraining run: the non-private baseline (``privacy.target_epsilon=inf``) for
     ``train.pretrain_epochs`` at ``train.pretrain_lr``, seeded by ``train.pretrain_seed`` (null:
-    ``train.seed``), on clean inputs (no adversarial training), no watermark, checkpoint or progress bar,
+    ``train.seed``), on clean inputs (no adversarial training, one view per example), no watermark, checkpoint or progress bar,
     and no pretraining of its own."""
     derived = copy.deepcopy(cfg)
     train = derived.train
@@ -43,6 +43,7 @@ def pretrain_config(cfg: Config) -> Config:
     train.progress = False
     train.watermark.enabled = False
     train.adversarial = "none"
+    train.augmult = 1
     derived.privacy.target_epsilon = float("inf")
     derived.privacy.noise_multiplier = None
     return derived

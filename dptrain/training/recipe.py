@@ -32,6 +32,7 @@ from dptrain.seeds import Stream, derived_seed
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training import loop, ranks
 from dptrain.training.adversarial import adversarial_examples
+from dptrain.training.augmult import view_averaging
 from dptrain.training.averaging import WeightAverage
 from dptrain.training.checkpoint import Checkpoint
 from dptrain.training.distributed import gather_updates, local_batch_size, parallel_mode
@@ -137,7 +138,8 @@ def private_training(
 ):
     """``make_private`` for training ``model`` on ``records`` by ``cfg``'s recipe: its optimizer, its
     physical batches, and the clipping modes its loss allows (TRADES' two-pass loss has no per-example
-    loss for ghost or book-keeping clipping). One place for the run, its clients and the thread race."""
+    loss for ghost or book-keeping clipping, and under ``train.augmult`` a row's loss is one view's).
+    One place for the run, its clients and the thread race."""
     return make_private(
         model=model,
         optimizer=make_optimizer(cfg.train, model.parameters()),
@@ -149,7 +151,7 @@ def private_training(
         sampling_generator=sampling,
         noise_generator=noise,
         ledger=ledger,
-        per_example_loss=cfg.train.adversarial != "trades",
+        per_example_loss=cfg.train.adversarial != "trades" and cfg.train.augmult == 1,
     )
 
 
@@ -196,7 +198,8 @@ def thread_choice(
                 if calibration.done:
                     break
                 adversarial = adversarial_examples(cfg, units, 0, device)
-                loop.train_epoch(training, device, adversarial, pace=calibration.paced)
+                views = view_averaging(cfg, 0, 0)
+                loop.train_epoch(training, device, adversarial, pace=calibration.paced, views=views)
 
     return choose_threads(cfg.train.threads, race, planned_steps)
 
@@ -323,7 +326,7 @@ def train_model(
         lr = training.optimizer.param_groups[0]["lr"]
         # Seeded per epoch, so that a resumed run crafts what the uninterrupted one would.
         adversarial = adversarial_examples(cfg, units, derived_seed(train.seed, Stream.ADVERSARIAL, rank, epoch), device)
-        stats = train_epoch(training, device, adversarial)
+        stats = train_epoch(training, device, adversarial, views=view_averaging(cfg, rank, epoch))
         if scheduler is not None:
             scheduler.step()
         train_seconds += time.perf_counter() - started

@@ -56,6 +56,8 @@ def unstackable(cfg: Config) -> str | None:
         return f"train.pretrain={cfg.train.pretrain}"
     if cfg.train.ema is not None:
         return f"train.ema={cfg.train.ema}"
+    if cfg.train.augmult > 1:
+        return f"train.augmult={cfg.train.augmult}"
     return None
 
 

@@ -29,6 +29,7 @@ from dptrain.privacy.plan import is_private
 from dptrain.robust import alie_z, build_aggregator, build_attack, tolerated_byzantine
 from dptrain.training import ranks
 from dptrain.training.adversarial import check_adversarial
+from dptrain.training.augmult import check_augmult
 from dptrain.training.averaging import check_averaging
 from dptrain.training.distributed import parallel_mode
 from dptrain.training.pretrain import check_pretrain
@@ -132,6 +133,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     check_adversarial(cfg)
     check_pretrain(cfg, _world_size(cfg), info.input_shape, info.num_classes)
     check_averaging(cfg)
+    check_augmult(cfg, info.modality, info.input_shape, _world_size(cfg))
     if train.resume is not None and not (Path(train.resume) / "checkpoint.pt").is_file():
         raise UserError(
             f"train.resume={train.resume} holds no checkpoint.pt, so there is nothing to resume: the run stopped "

@@ -115,6 +115,8 @@ RANGES: dict[str, Range] = {
     "train.pretrain_lr": positive("e.g. train.pretrain_lr=0.1"),
     "train.pretrain_seed": SEED,
     "train.ema": within(0, 1, "()", "the average's decay per step, e.g. 0.9, or null for none"),
+    "train.augmult": at_least(1, "augmented views per example, 1 for none"),
+    "train.augment_shift": at_least(0, "pixels a view may move, e.g. 1 for digits"),
     "federation.clients": at_least(2, "a federation needs several clients"),
     "federation.rounds": at_least(1),
     "federation.clients_per_round": at_least(1, "or null for every client in every round"),

@@ -8,11 +8,12 @@ import copy
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import TINY, full_batch_dp_training, make_config
 from dptrain.errors import UserError
-from dptrain.training.augmult import ViewAveraging, random_translation
+from dptrain.training.augmult import ViewAveraging, check_augmult, random_translation
 from dptrain.training.loop import train_epoch
 from dptrain.training.recipe import train_model
 from dptrain.validation import validate
@@ -112,19 +113,36 @@ def test_views_leave_epsilon_and_the_ledger_alone_and_the_seed_fixes_the_weights
         torch.testing.assert_close(s, p)
 
 
+@pytest.fixture(scope="module")
+def augmult_config():
+    return make_config(*TINY, "train.augmult=2")
+
+
 @pytest.mark.parametrize(
-    "overrides, message",
+    "settings, modality, world, message",
     [
-        (("train.augmult=2", "dataset=breast_cancer"), "is a table"),
-        (("train.augmult=2", "privacy.grad_sample_mode=ghost"), "clips each view"),
-        (("train.augmult=2", "privacy.grad_sample_mode=bk"), "clips each view"),
-        (("train.augmult=2", "federation=fedavg"), "use federation=none"),
-        (("train.augmult=2", "launcher.nproc_per_node=2"), "one process"),
-        (("train.augmult=2", "train.adversarial=pgd"), "adversarial training"),
-        (("train.augmult=2", "train.augment_shift=8"), "use at most 7"),
-        (("train.augmult=0",), "train.augmult"),
+        ({}, "table", 1, "is a table"),
+        ({"privacy.grad_sample_mode": "ghost"}, "image", 1, "clips each view"),
+        ({"privacy.grad_sample_mode": "bk"}, "image", 1, "clips each view"),
+        ({"federation.name": "fedavg"}, "image", 1, "use federation=none"),
+        ({}, "image", 2, "one process"),
+        ({"train.adversarial": "pgd"}, "image", 1, "adversarial training"),
+        ({"train.augment_shift": 8}, "image", 1, "use at most 7"),
     ],
 )
-def test_augmult_it_cannot_do_soundly_is_refused(overrides, message):
+def test_augmult_it_cannot_do_soundly_is_refused(augmult_config, settings, modality, world, message):
+    cfg = copy.deepcopy(augmult_config)
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value)
     with pytest.raises(UserError, match=message):
-        validate(make_config(*TINY, *overrides))
+        check_augmult(cfg, modality, (1, 8, 8), world)
+
+
+def test_validation_refuses_augmult_below_one_and_with_ghost_clipping(augmult_config):
+    cfg = copy.deepcopy(augmult_config)
+    cfg.privacy.grad_sample_mode = "ghost"
+    with pytest.raises(UserError, match="clips each view"):
+        validate(cfg)
+    cfg.train.augmult = 0
+    with pytest.raises(UserError, match="train.augmult=0"):
+        validate(cfg)

@@ -128,6 +128,7 @@ def augmult_config():
         ({}, "image", 2, "one process"),
         ({"train.adversarial": "pgd"}, "image", 1, "adversarial training"),
         ({"train.augment_shift": 8}, "image", 1, "use at most 7"),
+        ({"audit.whitebox.enabled": True}, "image", 1, "implementation audit"),
     ],
 )
 def test_augmult_it_cannot_do_soundly_is_refused(augmult_config, settings, modality, world, message):

@@ -96,9 +96,11 @@ def view_averaging(cfg: Config, rank: int, epoch: int) -> ViewAveraging | None:
 
 def check_augmult(cfg: Config, modality: str, input_shape, world: int) -> None:
     """Refuse, in one line each, ``train.augmult`` settings that cannot run soundly: views need images
-    (C, H, W) a shift smaller than them; the per-view gradients must be averaged before clipping, which
-    ghost and book-keeping clipping do not allow; federated clients and several processes train outside
-    what was tested, and adversarial training would craft its examples from the views."""
+    (C, H, W) and a shift smaller than them; the per-view gradients must be averaged before clipping,
+    which ghost and book-keeping clipping do not allow; federated clients and several processes train
+    outside ``train_model``'s loop, adversarial training would craft its examples from the views, and the
+    white-box implementation audit trains the mechanism without views, so it would not test their
+    averaging."""
     train = cfg.train
     if train.augmult == 1:
         return
@@ -127,4 +129,9 @@ def check_augmult(cfg: Config, modality: str, input_shape, world: int) -> None:
         raise UserError(
             f"{key} with train.adversarial={train.adversarial}: adversarial training of augmented views is not "
             "supported, use one of the two"
+        )
+    if cfg.audit.whitebox.enabled:
+        raise UserError(
+            f"{key} with audit.whitebox.enabled=true: the implementation audit trains DP-SGD without views, so it "
+            "would not test their averaging; use train.augmult=1 to audit the mechanism, or another audit"
         )

@@ -78,9 +78,7 @@ class ViewAveraging:
                 # A list means backward passes were accumulated without a step: the views of an example
                 # could straddle two of them. make_private forbids that; this guards the invariant.
                 raise RuntimeError("train.augmult: per-example gradients of several backward passes")
-            rows = per_view.shape[0]
-            parameter.grad_sample = per_view.reshape(rows // self.multiplicity, self.multiplicity,
-                                                     *per_view.shape[1:]).mean(dim=1)  # fmt: skip
+            parameter.grad_sample = per_view.unflatten(0, (-1, self.multiplicity)).mean(dim=1)
 
 
 def view_averaging(cfg: Config, rank: int, epoch: int) -> ViewAveraging | None:

@@ -28,8 +28,8 @@ FINETUNE = ("full", "last_layer")
 def pretrain_config(cfg: Config) -> Config:
     """``cfg`` for the pretraining run: the non-private baseline (``privacy.target_epsilon=inf``) for
     ``train.pretrain_epochs`` at ``train.pretrain_lr``, seeded by ``train.pretrain_seed`` (null:
-    ``train.seed``), on clean inputs (no adversarial training, one view per example), no watermark, checkpoint or progress bar,
-    and no pretraining of its own."""
+    ``train.seed``), on clean inputs (no adversarial training, one view per example), no watermark,
+    checkpoint or progress bar, and no pretraining of its own."""
     derived = copy.deepcopy(cfg)
     train = derived.train
     train.seed = cfg.train.seed if cfg.train.pretrain_seed is None else cfg.train.pretrain_seed

@@ -4,7 +4,7 @@ Each cell is ``dptrain train <recipe> privacy.target_epsilon=E train.seed=S audi
 in this process (one thread, seeds one after another), reported as mean ± sample standard deviation.
 
     python scripts/recipe_table.py "model=logreg" "model=cnn" "experiment=best_logreg" \
-        "experiment=best_cnn" "experiment=pretrained_cnn" --epsilons 1,3,8 --seeds 0,1,2
+        "experiment=pretrained_cnn" --epsilons 1,3,8 --seeds 0,1,2
 """
 
 from __future__ import annotations

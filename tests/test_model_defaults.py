@@ -1,0 +1,56 @@
+"""Each ``model=`` option carries its own training defaults (conf/model/<name>.yaml sets ``train.*`` keys),
+below the command line and a named experiment, and per job in a sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.test_utils.test_utils import SweepTaskFunction
+from omegaconf import OmegaConf
+
+from conftest import make_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "model").glob("*.yaml")), ids=lambda p: p.stem)
+def test_a_model_file_sets_the_training_keys_it_names_and_train_default_the_rest(path):
+    own = OmegaConf.load(path).get("train", {})
+    composed = make_config(f"model={path.stem}")
+    assert composed.model.name == path.stem
+    for key, value in OmegaConf.load(CONF / "train" / "default.yaml").items():
+        assert composed.train[key] == own.get(key, value), key
+
+
+def test_cnn_defaults_are_its_recipe_and_the_command_line_wins_over_them():
+    cnn = make_config("model=cnn")
+    recipe = (cnn.train.lr, list(cnn.model.channels), cnn.model.groups, cnn.model.activation, cnn.model.zero_head)
+    assert recipe == (0.5, [8], 1, "elu", True)
+    # logistic regression (the default job) keeps train/default.yaml's step
+    assert make_config().train.lr == 1.0
+    assert make_config("model=cnn", "train.lr=0.3").train.lr == 0.3
+
+
+def test_an_experiment_wins_over_the_model_defaults_it_selects(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "probe.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: cnn\ntrain:\n  lr: 0.125\n"
+    )
+    probe = make_config(f"hydra.searchpath=[file://{tmp_path}]", "experiment=probe")
+    assert probe.model.name == "cnn" and probe.train.lr == 0.125 and list(probe.model.channels) == [8]
+    # pretrained_cnn pins the architecture its table was measured with, over the cnn's defaults
+    pretrained = make_config("experiment=pretrained_cnn").model
+    assert (list(pretrained.channels), pretrained.groups, pretrained.activation) == ([16, 32], 4, "tanh")
+
+
+def test_each_job_of_a_model_sweep_gets_its_own_model_defaults(tmp_path):
+    """Through Hydra's basic sweeper, as ``dptrain train -m model=logreg,cnn`` runs it."""
+    sweep = SweepTaskFunction()
+    sweep.calling_file, sweep.calling_module = None, "dptrain.cli"
+    sweep.config_path, sweep.config_name = "pkg://dptrain.conf", "config"
+    sweep.overrides, sweep.temp_dir = ["model=logreg,cnn", "audit=none"], str(tmp_path)
+    sweep.task_function = lambda cfg: (cfg.model.name, cfg.train.lr)
+    with sweep:
+        jobs = [job.return_value for batch in sweep.returns for job in batch]
+    assert jobs == [("logreg", 1.0), ("cnn", 0.5)]

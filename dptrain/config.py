@@ -120,6 +120,10 @@ class TrainConfig:
     # Parameter averaging (dptrain.training.averaging): null, or the decay of an exponential moving average
     # of the iterates after every step, which the run returns (post-processing: epsilon unchanged).
     ema: Optional[float] = None
+    # Tuning on a proxy (dptrain.training.proxy): none, or population: train on half of the population split
+    # (assumed public, never the members) at the members' sample rate, steps and noise-to-batch ratio, and
+    # report the accuracy on its other half; audit=none, nothing accounted (scripts/tune_recipe.py --proxy).
+    proxy: str = "none"
 
 
 @dataclass

@@ -42,6 +42,7 @@ class Stream(IntEnum):
     WATERMARK = 22
     INVERSION = 23
     GRADIENT_INVERSION = 24
+    PROXY = 25
 
 
 def derived_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from conftest import TINY, make_config
 from dptrain import pipeline
@@ -26,7 +28,7 @@ from dptrain.report.proxy_search import proxy_search, proxy_search_markdown
 from dptrain.report.selection import select
 from dptrain.report.table import build_table
 from dptrain.report.tuning import ORDERS
-from dptrain.training import proxy
+from dptrain.training import proxy, recipe
 from dptrain.training.metrics import RunMetrics
 from dptrain.validation import validate
 from dptrain.views.summary import format_summary
@@ -91,6 +93,22 @@ def test_the_proxy_keeps_the_members_sample_rate_steps_and_noise_to_batch_ratio(
     assert recorded["members_noise_multiplier"] == 2.3
     assert recorded["noise_to_batch"] == pytest.approx(2.3 / 115)
     assert proxy_run[1]["noise_multiplier"] == pytest.approx(2.3 * 28 / 115)
+
+
+def test_opacus_adds_the_same_noise_to_the_proxy_s_averaged_gradient_as_to_the_members(one_thread):
+    # Opacus' DPOptimizer adds N(0, (noise_multiplier * C)^2) to the clipped sum and divides by its
+    # expected_batch_size: the averaged gradient's noise is noise_multiplier * C / expected_batch_size.
+    cfg = make_config(*PROXY)
+    sizes = SplitSizes(members=575, non_members=575, population=288, test=359)
+    noise = {}
+    for records, plan in ((575, proxy.members_plan(cfg, sizes)), (144, proxy.proxy_plan(cfg, sizes))):
+        data = TensorDataset(torch.randn(records, 64), torch.randint(0, 10, (records,)))
+        training = recipe.private_training(
+            cfg, nn.Linear(64, 10), data, plan, batch_size=128, sampling=torch.Generator(), noise=torch.Generator()
+        )
+        optimizer = training.optimizer
+        noise[records] = optimizer.noise_multiplier * optimizer.max_grad_norm / optimizer.expected_batch_size
+    assert noise[144] == pytest.approx(noise[575], rel=1e-12) and noise[575] == pytest.approx(2.3 / 115)
 
 
 def test_the_run_summary_says_the_proxy_read_no_member_and_what_it_imitates(proxy_run):

@@ -25,7 +25,9 @@ from dptrain.validation.keys import check_known_keys
         ("cifar10_scatternet_cnn", 3, 3, 180),
     ],
 )
-def test_the_cifar10_recipes_compose_and_validate_without_the_data(tmp_path, experiment, epsilon, members_per_step, steps):
+def test_the_cifar10_recipes_compose_and_validate_without_the_data(
+    tmp_path, experiment, epsilon, members_per_step, steps
+):
     cfg = make_config(
         f"experiment={experiment}", f"privacy.target_epsilon={epsilon}", "audit=none", "dataset.download=true",
         f"dataset.root={tmp_path / 'data'}",

@@ -75,7 +75,8 @@ def _results(
 ) -> dict:
     metrics, audit = run.metrics or {}, run.audit
     columns = [
-        *LEADING, *(PROXY if proxied else ()), *federated, *AUDIT_COLUMNS, *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS),
+        *LEADING, *(PROXY if proxied else ()), *federated, *AUDIT_COLUMNS,
+        *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS),
         *per_budget, *TRAILING,
     ]  # fmt: skip
     row = dict.fromkeys(columns)

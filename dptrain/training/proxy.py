@@ -27,6 +27,7 @@ from dptrain.errors import UserError
 from dptrain.privacy import PrivacyPlan
 from dptrain.privacy.plan import is_private, plan_mechanism, plan_privacy
 from dptrain.seeds import Stream, derived_seed
+from dptrain.tracking.artifacts import save_model, write_metrics
 from dptrain.tracking.atomic import write_json_atomic
 from dptrain.tracking.tensorboard import TensorBoardLog
 from dptrain.training.loop import evaluate
@@ -109,8 +110,10 @@ def check_proxy(cfg: Config, world: int) -> None:
         return
     name = f"train.proxy={train.proxy}"
     refusals = [
-        (train.pretrain != "none", f"train.pretrain={train.pretrain} also trains on the population: use train.pretrain=none"),
-        (cfg.audit.name != "none", f"audit={cfg.audit.name} would audit members the proxy never trained on: use audit=none"),
+        (train.pretrain != "none",
+         f"train.pretrain={train.pretrain} also trains on the population: use train.pretrain=none"),
+        (cfg.audit.name != "none",
+         f"audit={cfg.audit.name} would audit members the proxy never trained on: use audit=none"),
         (cfg.audit.canaries.count > 0, "audit.canaries.count must be 0: canaries join the members' training"),
         (train.watermark.enabled, "train.watermark.enabled=true adds keys to the members' training: disable it"),
         (cfg.attack.name != "none" or cfg.defense.sanitize != "none",
@@ -118,7 +121,7 @@ def check_proxy(cfg: Config, world: int) -> None:
         (not is_private(cfg.privacy), "the non-private baseline spends no budget: tune it on the members"),
         (cfg.federation.name != "none" or world > 1,
          "the proxy runs the centralized recipe in one process: use federation=none and launcher.nproc_per_node=1"),
-        (train.resume is not None, "train.resume: start the proxy run again (it takes seconds)"),
+        (train.resume is not None, "train.resume: start the proxy run again"),
     ]  # fmt: skip
     for refused, why in refusals:
         if refused:
@@ -133,7 +136,9 @@ def record_proxy(run_dir: Path, data: SplitData, train: np.ndarray, validation: 
     )
 
 
-def proxy_record(cfg: Config, members: PrivacyPlan, plan: PrivacyPlan, sizes: SplitSizes, validation_accuracy: float) -> dict:
+def proxy_record(
+    cfg: Config, members: PrivacyPlan, plan: PrivacyPlan, sizes: SplitSizes, validation_accuracy: float
+) -> dict:
     """``metrics.json``'s ``proxy``: what the proxy trained on, its validation accuracy (what a search
     selects on), and the members' mechanism it imitates (sigma, sample rate, steps and the epsilon the
     members' run would spend: what a search on the members pays per run)."""
@@ -160,8 +165,6 @@ def train_proxy_target(
     """Train ``cfg``'s recipe on the proxy under ``plan`` (``proxy_plan``) and write ``proxy.json``,
     ``model.pt`` and ``metrics.json``: train accuracy on the proxy's training records, test accuracy on
     the test split, ``proxy.validation_accuracy`` on the validation half, and ``epsilon`` null."""
-    from dptrain.tracking.artifacts import save_model, write_metrics
-
     sizes = data.split.sizes
     train, validation = proxy_positions(sizes.population, cfg.dataset.seed)
     record_proxy(run_dir, data, train, validation)
@@ -173,14 +176,12 @@ def train_proxy_target(
     device = resolve_device(cfg.train.device)
     proxy = dataclasses.replace(data, members=records)
     _, validation_accuracy = evaluate(trained.model, held_out, device)
-    members = members_plan(cfg, sizes)
+    record = proxy_record(cfg, members_plan(cfg, sizes), plan, sizes, validation_accuracy)
     metrics = run_metrics(
         trained.model, plan, None, None, data, proxy, device,
         train_seconds=trained.train_seconds, wall_seconds=trained.wall_seconds,
         replaced_modules=trained.replaced_modules, threads=trained.threads, grad_sample=trained.grad_sample,
-        centralized=CentralizedMetrics(
-            epochs=cfg.train.epochs, canaries_included=0, proxy=proxy_record(cfg, members, plan, sizes, validation_accuracy)
-        ),
+        centralized=CentralizedMetrics(epochs=cfg.train.epochs, canaries_included=0, proxy=record),
     )  # fmt: skip
     save_model(run_dir, trained.model.state_dict())
     write_metrics(run_dir, metrics.to_dict())

@@ -126,6 +126,10 @@ class TrainConfig:
     augmult: int = 1
     augment_shift: int = 1
     augment_flip: bool = False
+    # Tuning on a proxy (dptrain.training.proxy): none, or population: train on half of the population split
+    # (assumed public, never the members) at the members' sample rate, steps and noise-to-batch ratio, and
+    # report the accuracy on its other half; audit=none, nothing accounted (scripts/tune_recipe.py --proxy).
+    proxy: str = "none"
 
 
 @dataclass

@@ -43,6 +43,7 @@ class Stream(IntEnum):
     INVERSION = 23
     GRADIENT_INVERSION = 24
     AUGMULT = 25
+    PROXY = 26
 
 
 def derived_seed(seed: int, stream: Stream, *keys: int) -> int:

@@ -32,6 +32,7 @@ COMPOSE_ONLY = {
     "dataset=csv dataset.path=adult.csv": "reads adult.csv, the reader's own file",
     "train.resume=outputs/": "continues a run directory of the author's machine",
     "dataset=cifar10 dataset.root=/shared/data": "reads CIFAR-10 from a cluster's shared file system",
+    "experiment=cifar10_": "reads CIFAR-10 from a cluster's shared file system (tests/test_cifar_recipes.py validates)",
 }
 # Hydra's joblib and submitit launchers (the `sweep` extra) decide where jobs run, not what they run.
 LAUNCHER = ("hydra/launcher=", "hydra.launcher.")

@@ -61,7 +61,8 @@ class EpsilonAxis:
 
 
 def _complete(table: Table) -> list[dict]:
-    return [row for row in table.rows if row["status"] == "complete"]
+    """The complete runs that have the members' epsilon to plot against: runs on a proxy have none."""
+    return [row for row in table.rows if row["status"] == "complete" and not row.get("proxy")]
 
 
 def _series(table: Table, column: str, name: str = "") -> dict[str, list[tuple[float, float]]]:

@@ -86,10 +86,18 @@ def select(table: Table, runs: list[RunRecord], metric: str, maximize: bool) -> 
 
     Candidates are the complete runs with a finite epsilon and a value of the metric: the
     non-private baseline has no finite guarantee to charge, so it is left out (and named when it
-    would have won). Raises ``UserError`` when no private run has the metric.
+    would have won). Raises ``UserError`` when no private run has the metric, or when a run trained on a
+    proxy (``train.proxy``) is among them.
     """
     records = {run.name: run for run in runs}
     scored = [row for row in table.rows if row["status"] == "complete" and row[metric] is not None]
+    proxied = [row["run"] for row in scored if row.get("proxy")]
+    if proxied:
+        raise UserError(
+            f"--select {metric}: run {proxied[0]} trained on a proxy (train.proxy), not on the members: its numbers "
+            "are not the members' and it spent none of their budget; scripts/tune_recipe.py --proxy selects among "
+            "such runs and trains the choice on the members"
+        )
     candidates = [row for row in scored if math.isfinite(row["epsilon"]) and row["noise_multiplier"] > 0]
     if not candidates:
         raise UserError(f"--select {metric}: no complete private run has a value of {metric} to choose from")

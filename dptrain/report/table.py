@@ -24,6 +24,9 @@ AUDIT_COLUMNS = ("audit_level", "audit_file")
 # members poisoned (centralized, shown only when some run poisoned any), the backdoor's success rate,
 # a targeted label flip's source-class test accuracy, and the Byzantine updates a federated rule selected.
 FEDERATED = ("poisoned", "backdoor_success_rate", "poisoned_class_accuracy", "byzantine_selected_fraction")
+# A run on a proxy (train.proxy, metrics.json's "proxy"): what it trained on, and its validation accuracy
+# there; columns only when some run has them. Its epsilon is empty: it read no member.
+PROXY = ("proxy", "validation_accuracy")
 # The white-box implementation audit's bound per setting (audit.json's "implementation").
 WHITEBOX = ("implementation.all_iterates.eps_lb", "implementation.final_model.eps_lb")
 TRAILING = ("canary.eps_lb", *WHITEBOX, "aia.advantage", "aia.leakage", "train_seconds", "audit_seconds")
@@ -67,10 +70,13 @@ def threat_columns(audit: AuditReport) -> dict[str, float | None]:
     return {".".join(path): value for path, value in audit.threat_headlines().items()}
 
 
-def _results(run: RunRecord, attacks: list[str], federated: list[str], per_budget: list[str]) -> dict:
+def _results(
+    run: RunRecord, attacks: list[str], federated: list[str], per_budget: list[str], proxied: bool
+) -> dict:
     metrics, audit = run.metrics or {}, run.audit
     columns = [
-        *LEADING, *federated, *AUDIT_COLUMNS, *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS),
+        *LEADING, *(PROXY if proxied else ()), *federated, *AUDIT_COLUMNS,
+        *(attack_column(a, m) for a in attacks for m in ATTACK_COLUMNS),
         *per_budget, *TRAILING,
     ]  # fmt: skip
     row = dict.fromkeys(columns)
@@ -85,6 +91,8 @@ def _results(run: RunRecord, attacks: list[str], federated: list[str], per_budge
             noise_multiplier=metrics["noise_multiplier"],
             train_seconds=metrics["train_seconds"],
         )
+    if metrics.get("proxy"):
+        row.update(proxy=metrics["proxy"]["data"], validation_accuracy=metrics["proxy"]["validation_accuracy"])
     if audit is None:
         return row
     for attack, result in audit.mia.items():
@@ -111,7 +119,8 @@ def build_table(runs: list[RunRecord]) -> Table:
     overrides, test accuracy, epsilon, delta, noise multiplier, which audit the audit numbers come from
     (level and history file of the latest), per membership attack AUC / TPR at 1% FPR /
     empirical epsilon lower bound, the threat audits' headline numbers (``threat_columns``), the canary
-    bound, attribute-inference advantage and leakage, seconds; poisoned
+    bound, attribute-inference advantage and leakage, seconds; runs on a proxy add what they trained on
+    and their validation accuracy (``PROXY``), with no epsilon; poisoned
     runs add the members poisoned, the backdoor's success rate and a targeted flip's poisoned-class
     accuracy, federated runs the share of Byzantine updates selected."""
     override_keys = differing_overrides(runs)
@@ -122,6 +131,7 @@ def build_table(runs: list[RunRecord]) -> Table:
         federated = [key for key in federated if key != "poisoned"]
     # The threat audits' columns, the evasion and extraction ones named for the budget they were read at.
     per_budget = list(dict.fromkeys(column for run in runs if run.audit for column in threat_columns(run.audit)))
+    proxied = any(run.metrics and run.metrics.get("proxy") for run in runs)
     rows = []
     for run in runs:
         given = dict(map(_split, run.overrides))
@@ -131,7 +141,7 @@ def build_table(runs: list[RunRecord]) -> Table:
                 "status": "complete" if run.complete else "incomplete",
                 "missing": ", ".join(run.missing),
                 **{key: given.get(key, "") for key in override_keys},
-                **_results(run, attacks, federated, per_budget),
+                **_results(run, attacks, federated, per_budget, proxied),
             }
         )
     columns = list(rows[0]) if rows else []

@@ -42,6 +42,7 @@ from dptrain.training.poisoning import (
     targets_class,
 )
 from dptrain.training.pretrain import pretrain_record
+from dptrain.training.proxy import proxy_plan, train_proxy_target
 from dptrain.training.recipe import resolve_device, train_model
 from dptrain.training.sanitization import record_sanitized, recorded_sanitized, sanitized_positions
 from dptrain.training.target import (
@@ -72,8 +73,11 @@ def plan(cfg: Config, sizes: SplitSizes) -> PrivacyPlan:
     Under robust data parallelism it is each rank's plan: its equal shard of the
     members at its share of the batch. The canaries an honest rank holds besides
     (``canary_ranks``) are sampled at the same rate, so the plan, and with it the
-    mechanism each canary's coin toggles, does not depend on the coins.
+    mechanism each canary's coin toggles, does not depend on the coins. A run on a proxy
+    (``train.proxy``) has the proxy's plan, which imitates the members' (``proxy_plan``).
     """
+    if cfg.train.proxy != "none":
+        return proxy_plan(cfg, sizes)
     records = training_size(cfg, sizes.members)
     batch_size = cfg.train.batch_size
     if parallel_mode(cfg) == "robust":
@@ -196,9 +200,12 @@ def train_target(
     With a ``checkpoint`` the run continues on the split recorded in
     ``run_dir``. Reported accuracies are on members and test records only:
     canaries are mislabelled on purpose and would distort them. Members count with their
-    clean labels, poisoned or not: the accuracies are the main task's.
+    clean labels, poisoned or not: the accuracies are the main task's. A run on a proxy trains on it
+    instead (``train_proxy_target``).
     """
     data, canaries, fingerprint = load_data(cfg, run_dir, reuse_split=checkpoint is not None)
+    if cfg.train.proxy != "none":
+        return train_proxy_target(cfg, run_dir, plan, tb, data, fingerprint)
     edits = MemberEdits.of(cfg, data, recorded=None if checkpoint is None else run_dir)
     poisoned, sanitized = edits.poisoned, edits.sanitized
     if poisoned is not None and ranks.is_main():

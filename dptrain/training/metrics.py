@@ -20,7 +20,8 @@ class CentralizedMetrics:
     (``dptrain.training.poisoning``), what a backdoor achieved, and the members sanitization removed
     (``dptrain.training.sanitization``) with its precision and recall against the poisoned ones, and
     the trigger-set watermark's ``{"keys", "accuracy", "p_value"}`` (``dptrain.watermark``), and under
-    public pretraining which data were public and which private (``dptrain.training.pretrain.pretrain_record``).
+    public pretraining which data were public and which private (``dptrain.training.pretrain.pretrain_record``), and
+    for a run on a proxy what it trained on and imitated (``dptrain.training.proxy.proxy_record``).
 
     ``backdoor_success_rate`` is None (and absent from the JSON) unless a backdoor was planted,
     ``poisoned_class_accuracy`` (test accuracy on the source class) unless a targeted label flip was;
@@ -39,6 +40,7 @@ class CentralizedMetrics:
     sanitize_recall: float | None = None
     watermark: dict | None = None
     pretrain: dict | None = None
+    proxy: dict | None = None
 
 
 # Fields absent from metrics.json when None (the measurement did not apply).
@@ -49,6 +51,7 @@ ABSENT_WHEN_NONE = (
     "sanitize_recall",
     "watermark",
     "pretrain",
+    "proxy",
 )
 
 

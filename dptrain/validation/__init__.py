@@ -33,6 +33,7 @@ from dptrain.training.augmult import check_augmult
 from dptrain.training.averaging import check_averaging
 from dptrain.training.distributed import parallel_mode
 from dptrain.training.pretrain import check_pretrain
+from dptrain.training.proxy import check_proxy
 from dptrain.training.poisoning import POISONING_ATTACKS, poisoned_count, poisons_members
 from dptrain.training.representations import has_hidden_layer, output_layer
 from dptrain.training.sanitization import CLUSTER_RULES, REPRESENTATIONS, SANITIZERS
@@ -134,6 +135,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
     check_pretrain(cfg, _world_size(cfg), info.input_shape, info.num_classes)
     check_averaging(cfg)
     check_augmult(cfg, info.modality, info.input_shape, _world_size(cfg))
+    check_proxy(cfg, _world_size(cfg))
     if train.resume is not None and not (Path(train.resume) / "checkpoint.pt").is_file():
         raise UserError(
             f"train.resume={train.resume} holds no checkpoint.pt, so there is nothing to resume: the run stopped "

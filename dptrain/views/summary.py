@@ -18,6 +18,9 @@ from dptrain.training.metrics import FederationMetrics, RunMetrics
 
 def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str | Path) -> str:
     """A few aligned lines a person reads at the end of ``dptrain train``: utility, privacy, audit, artifacts."""
+    federation, centralized = metrics.federation, metrics.centralized
+    if centralized is not None and centralized.proxy is not None:
+        return format_proxy(metrics, centralized.proxy, run_dir)
     if metrics.private:
         target = metrics.target_epsilon
         privacy = (
@@ -28,7 +31,6 @@ def format_summary(metrics: RunMetrics, report: AuditReport | None, run_dir: str
         )
     else:
         privacy = "none: non-private baseline (no clipping, no noise, epsilon = inf)"
-    federation, centralized = metrics.federation, metrics.centralized
     # A federated or poisoned run's train accuracy is measured on the members the audit uses.
     if federation is not None:
         records = f"{federation.honest_members} audited"
@@ -103,6 +105,26 @@ def format_training_time(metrics: RunMetrics) -> str:
     return (
         f"{metrics.train_seconds:.1f} s in {measured}, {metrics.wall_seconds:.1f} s wall incl. per-{unit}"
         " evaluation, accounting, TensorBoard, checkpoints"
+    )
+
+
+def format_proxy(metrics: RunMetrics, proxy: dict, run_dir: str | Path) -> str:
+    """A run on a proxy (``dptrain.training.proxy``): its validation accuracy first, what it read (public
+    records only) and the members' mechanism it imitates; nothing it reports is a guarantee."""
+    return "\n".join(
+        [
+            f"validation     {proxy['validation_accuracy']:.4f} on the proxy's {proxy['validation_records']} held-out"
+            f" population records (test accuracy {metrics.test_accuracy:.4f}, train {metrics.train_accuracy:.4f}"
+            f" on its {proxy['train_records']} records)",
+            f"training       {format_training_time(metrics)}",
+            f"proxy          trained on {proxy['train_records']} population records, ASSUMED PUBLIC: no member read,"
+            " nothing accounted (epsilon null)",
+            f"imitates       the members' run: {proxy['steps']} steps at sample rate {proxy['sample_rate']:.4f}, noise"
+            f" multiplier {proxy['members_noise_multiplier']:.3f} there, {metrics.noise_multiplier:.3f} here (same"
+            f" noise-to-batch ratio {proxy['noise_to_batch']:.4g}); that run would spend epsilon"
+            f" {proxy['members_epsilon']:.3f} at delta {metrics.delta:.0e}",
+            f"artifacts      {run_dir}  (metrics.json, proxy.json, model.pt, manifest.json, split.json, tb/)",
+        ]
     )
 
 

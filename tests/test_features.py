@@ -34,6 +34,7 @@ def test_the_head_reads_kymatios_scattering_of_every_channel_normalized_per_exam
     # Per input channel 1 + J L + L^2 J (J - 1) / 2 = 1 + 16 + 64 = 81 coefficients (Tramer & Boneh's 81
     # for J=2, L=8) on a 16/4 x 16/4 grid: the head's input width.
     head = model[-1][-1]
+    assert model[1].weight is None  # the linear head already scales and shifts each feature
     assert head.in_features == 2 * 81 * 4 * 4
     x = torch.rand(3, 2, 16, 16)
     seen = []

@@ -12,6 +12,7 @@ from opacus import GradSampleModule
 from torch.func import grad, vmap
 
 from conftest import TINY, make_config
+from dptrain import pipeline
 from dptrain.config import ModelConfig
 from dptrain.errors import UserError
 from dptrain.models import build_model
@@ -125,3 +126,21 @@ def test_scattering_without_kymatio_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kymatio" else real(name, *a))
     with pytest.raises(UserError, match=r'needs kymatio, which is not installed: pip install "dptrain\[scattering\]"'):
         validate(make_config(*TINY, "model.features=scattering"))
+
+
+@needs_kymatio
+@pytest.mark.slow
+def test_a_scattering_logreg_run_is_audited_end_to_end_without_the_linear_only_attack(tmp_path):
+    overrides = (
+        "train.progress=false", "train.epochs=2", "model.features=scattering", "audit=thorough",
+        "audit.mia.attacks=[loss,rmia]", "audit.mia.reference_models=2", "audit.canaries.count=0",
+        "audit.evasion.n=50", "audit.extraction.queries=[100]",
+    )  # fmt: skip
+    metrics, report = pipeline.train(make_config(*overrides), tmp_path / "run")
+    assert metrics.test_accuracy > 0.5
+    # RMIA's reference models were trained (one by one), the evasion audit crafted through the
+    # ScatterNet, the surrogate was fitted; equation solving, exact for softmax regression on the raw
+    # input only, was not run on a model whose log-probabilities are not affine in it.
+    assert "rmia" in report.mia and report.reference_models is not None
+    assert report.evasion and report.extraction.curves
+    assert report.extraction.equation_solving is None

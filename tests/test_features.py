@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from torch import nn
 from torch.func import grad, vmap
 
 from conftest import TINY, make_config
@@ -19,7 +21,9 @@ from dptrain.models import build_model
 from dptrain.models.features import StandardizedConv2d, check_features
 from dptrain.validation import validate
 
-needs_kymatio = pytest.mark.skipif(importlib.util.find_spec("kymatio") is None, reason='pip install "dptrain[scattering]"')
+needs_kymatio = pytest.mark.skipif(
+    importlib.util.find_spec("kymatio") is None, reason='pip install "dptrain[scattering]"'
+)
 
 
 def _scattering2d(j: int, shape):
@@ -44,7 +48,8 @@ def test_the_head_reads_kymatios_scattering_of_every_channel_normalized_per_exam
     expected = _scattering2d(2, (16, 16))(x).reshape(3, 2 * 81, 4, 4)
     # GroupNorm without affine parameters, one group per input channel (model.groups=2), example by example.
     groups = expected.reshape(3, 2, -1)
-    normalized = (groups - groups.mean(2, keepdim=True)) / torch.sqrt(groups.var(2, unbiased=False, keepdim=True) + 1e-5)
+    variance = groups.var(2, unbiased=False, keepdim=True)
+    normalized = (groups - groups.mean(2, keepdim=True)) / torch.sqrt(variance + 1e-5)
     torch.testing.assert_close(seen[0], normalized.reshape(3, -1), atol=1e-5, rtol=1e-4)
 
 
@@ -77,10 +82,12 @@ def test_a_standardized_kernel_has_zero_mean_and_unit_variance_per_output_channe
     torch.testing.assert_close(conv(x), F.conv2d(x, expected.view(2, 1, 2, 2)))
 
 
-@pytest.mark.parametrize("functorch", [False, True], ids=["hooks", "functorch"])
-def test_per_example_gradients_of_a_standardized_cnn_are_those_of_the_standardized_convolution(functorch):
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_per_example_gradients_of_a_standardized_cnn_are_those_of_the_standardized_convolution(mode):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="cnn", channels=[3], groups=1, activation="tanh", weight_standardization=True), (2, 6, 6), 4)
+    config = ModelConfig(name="cnn", channels=[3], groups=1, activation="tanh", weight_standardization=True)
+    model = build_model(config, (2, 6, 6), 4)
+    assert isinstance(model[0], StandardizedConv2d)
     inputs, labels = torch.rand(5, 2, 6, 6), torch.tensor([0, 1, 2, 3, 0])
 
     def loss(params, x, y):
@@ -94,11 +101,25 @@ def test_per_example_gradients_of_a_standardized_cnn_are_those_of_the_standardiz
 
     params = {name: p.detach() for name, p in model.named_parameters()}
     expected = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, labels)
-    private = GradSampleModule(model, loss_reduction="sum", force_functorch=functorch)
+    if mode == "ghost":
+        # Ghost clipping keeps each example's gradient norm, the input of its clipping factor.
+        private = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0, loss_reduction="sum")
+    else:
+        private = GradSampleModule(model, loss_reduction="sum", force_functorch=mode == "functorch")
     F.cross_entropy(private(inputs), labels, reduction="sum").backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad_sample, expected[name], atol=1e-5, rtol=1e-4)
-    assert isinstance(model[0], StandardizedConv2d)
+    if mode == "ghost":
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()], dim=1).norm(dim=1)
+        torch.testing.assert_close(private.get_norm_sample(), norms, atol=1e-5, rtol=1e-4)
+    else:
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad_sample, expected[name], atol=1e-5, rtol=1e-4)
+
+
+def test_weight_standardization_reaches_every_convolution_of_the_resnet():
+    model = build_model(ModelConfig(name="resnet", blocks=[1, 1], weight_standardization=True), (1, 8, 8), 10)
+    convolutions = [type(m) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # The stem, two per block and the second stage's projection.
+    assert convolutions == [StandardizedConv2d] * 6
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,12 @@ class ModelConfig:
     activation: str = "relu"
     # Start the output layer (the last nn.Linear) at zero, as De et al. 2022 do for DP-SGD.
     zero_head: bool = False
+    # scattering: a fixed ScatterNet in front of the model (Tramer & Boneh 2021) at scale scattering_j
+    # (null: 1 below 16 pixels, else 2); dptrain.models.features.
+    features: str = "none"
+    scattering_j: Optional[int] = None
+    # Standardize each convolution's kernel per output channel in the forward pass (Qiao et al. 2019).
+    weight_standardization: bool = False
 
 
 @dataclass

@@ -82,6 +82,7 @@ def test_settings_the_stack_does_not_train_fall_back_one_by_one():
         ("privacy", "clipping", "per_layer", "privacy.clipping=per_layer"),
         ("train", "adversarial", "pgd", "train.adversarial=pgd"),
         ("train", "pretrain", "population", "train.pretrain=population"), ("train", "ema", 0.9, "train.ema=0.9"),
+        ("model", "features", "scattering", "model.features=scattering"),
     ]:  # fmt: skip
         changed = copy.deepcopy(cfg)
         setattr(changed[group], key, value)

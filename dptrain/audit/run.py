@@ -381,7 +381,8 @@ def _extraction(target: AuditTarget) -> ExtractionAudit | None:
         seed,
     )
     solving = None
-    if target.cfg.model.name == "logreg" and "probabilities" in cfg.output:
+    # The solve needs log-probabilities affine in the input: a ScatterNet in front makes them not.
+    if target.cfg.model.name == "logreg" and target.cfg.model.features == "none" and "probabilities" in cfg.output:
         solving = equation_solving_audit(target.run.model, data.input_shape, seed)
     return ExtractionAudit(curves, solving)
 

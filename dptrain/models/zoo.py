@@ -9,6 +9,7 @@ from torch import nn
 
 from dptrain.config import ModelConfig
 from dptrain.errors import UserError
+from dptrain.models.features import Scattering, convolution, default_scattering_j, scattering_channels
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
 
@@ -22,10 +23,10 @@ def _activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
+def _group_norm(groups: int, channels: int, affine: bool = True) -> nn.GroupNorm:
     # GroupNorm needs groups | channels; fall back to the largest divisor not above `groups`.
     g = max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
-    return nn.GroupNorm(g, channels)
+    return nn.GroupNorm(g, channels, affine=affine)
 
 
 def logreg(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -51,10 +52,11 @@ def cnn(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Mo
     which breaks per-example gradients (Opacus rejects it).
     """
     in_channels, height, width = input_shape
+    conv = convolution(cfg.weight_standardization)
     layers: list[nn.Module] = []
     for channels in cfg.channels:
         layers += [
-            nn.Conv2d(in_channels, channels, kernel_size=3, padding=1),
+            conv(in_channels, channels, kernel_size=3, padding=1),
             _group_norm(cfg.groups, channels),
             _activation(cfg.activation),
         ]
@@ -69,16 +71,16 @@ def cnn(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Mo
 class _PreActBlock(nn.Module):
     """Pre-activation residual block (He et al. 2016) with GroupNorm."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int, groups: int, activation: str):
+    def __init__(self, in_channels: int, channels: int, stride: int, groups: int, activation: str, conv=nn.Conv2d):
         super().__init__()
         self.norm1 = _group_norm(groups, in_channels)
         self.act1 = _activation(activation)
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = conv(in_channels, channels, 3, stride=stride, padding=1, bias=False)
         self.norm2 = _group_norm(groups, channels)
         self.act2 = _activation(activation)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = conv(channels, channels, 3, padding=1, bias=False)
         self.projection = (
-            nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False)
+            conv(in_channels, channels, 1, stride=stride, bias=False)
             if stride != 1 or in_channels != channels
             else None
         )
@@ -94,13 +96,14 @@ class _PreActBlock(nn.Module):
 def resnet(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """A small pre-activation ResNet: stage i has ``cfg.blocks[i]`` blocks of width ``cfg.width * 2**i``."""
     in_channels = input_shape[0]
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, cfg.width, 3, padding=1, bias=False)]
+    conv = convolution(cfg.weight_standardization)
+    layers: list[nn.Module] = [conv(in_channels, cfg.width, 3, padding=1, bias=False)]
     channels = cfg.width
     for stage, count in enumerate(cfg.blocks):
         stage_channels = cfg.width * 2**stage
         for block in range(count):
             stride = 2 if stage > 0 and block == 0 else 1
-            layers.append(_PreActBlock(channels, stage_channels, stride, cfg.groups, cfg.activation))
+            layers.append(_PreActBlock(channels, stage_channels, stride, cfg.groups, cfg.activation, conv))
             channels = stage_channels
     layers += [
         _group_norm(cfg.groups, channels),
@@ -110,6 +113,26 @@ def resnet(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn
         nn.Linear(channels, num_classes),
     ]
     return nn.Sequential(*layers)
+
+
+def _on_scattering(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """ScatterNet -> GroupNorm -> the ``cfg.name`` model on the scattering channels (Tramer & Boneh 2021,
+    "Differentially Private Learning Needs Better Features (or Much More Data)": ScatterNet + linear / CNN).
+
+    The features are normalized per example, by a GroupNorm of ``cfg.groups`` groups over the scattering
+    channels, not by the training set's statistics: a per-example normalization reads no other record,
+    so it costs no privacy (their alternative, the data's mean and variance, would have to be estimated
+    with DP). It has no affine parameters before logistic regression, whose linear layer already scales
+    and shifts every feature, and has them before the other models, as in their CNN.
+    """
+    j = default_scattering_j(input_shape) if cfg.scattering_j is None else cfg.scattering_j
+    channels = scattering_channels(input_shape[0], j)
+    shape = (channels, input_shape[1] // 2**j, input_shape[2] // 2**j)
+    return nn.Sequential(
+        Scattering(input_shape, j),
+        _group_norm(cfg.groups, channels, affine=cfg.name != "logreg"),
+        MODELS[cfg.name](cfg, shape, num_classes),
+    )
 
 
 MODELS: dict[str, Callable[[ModelConfig, Sequence[int], int], nn.Module]] = {
@@ -124,12 +147,16 @@ def build_model(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) 
     """Return a freshly initialised ``cfg.name`` model for inputs of ``input_shape``.
 
     Precondition: image models (``IMAGE_ONLY``) get (C, H, W) inputs; config
-    validation checks this before any data is loaded. ``model.zero_head`` starts the last
+    validation checks this before any data is loaded, and ``dptrain.models.features.check_features``
+    that ``model.features=scattering`` can run. ``model.zero_head`` starts the last
     ``nn.Linear`` (every zoo model's output layer) at zero.
     """
     if cfg.name not in MODELS:
         raise UserError(f"model={cfg.name} is unknown: choose one of {', '.join(MODELS)}")
-    model = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+    if cfg.features == "scattering":
+        model = _on_scattering(cfg, tuple(input_shape), num_classes)
+    else:
+        model = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
     if cfg.zero_head:
         # De et al. 2022 ("Unlocking High-Accuracy Differentially Private Image Classification through
         # Scale", section 3.2): every class starts equally likely, so the first noisy steps do not have to

@@ -46,6 +46,9 @@ def unstackable(cfg: Config) -> str | None:
         return f"federation={cfg.federation.name}"
     if cfg.model.name not in STACKABLE_MODELS:
         return f"model={cfg.model.name}"
+    # kymatio's scattering writes its FFT buffers in place, which vmap cannot batch.
+    if cfg.model.features != "none":
+        return f"model.features={cfg.model.features}"
     if cfg.train.adversarial != "none":
         return f"train.adversarial={cfg.train.adversarial}"
     if cfg.privacy.clipping != "flat":

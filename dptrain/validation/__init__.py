@@ -23,6 +23,7 @@ from dptrain.config import AuditConfig, Config, DefenseConfig, LauncherConfig
 from dptrain.data import DatasetInfo, SplitSizes, describe, split_sizes
 from dptrain.errors import UserError
 from dptrain.models import ACTIVATIONS, IMAGE_ONLY, MODELS, build_model
+from dptrain.models.features import check_features
 from dptrain.privacy import ACCOUNTANTS
 from dptrain.privacy import crosscheck
 from dptrain.privacy.plan import is_private
@@ -76,6 +77,7 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
         raise UserError(
             f"model={model.name} needs image input but dataset={info.name} is tabular: use model=mlp or model=logreg"
         )
+    check_features(model, cfg.privacy.grad_sample_mode, info.modality, info.input_shape)
 
     privacy = cfg.privacy
     _choice("privacy", privacy.name, PRIVACY_NAMES)

@@ -58,6 +58,10 @@ class ModelConfig:
     scattering_j: Optional[int] = None
     # Standardize each convolution's kernel per output channel in the forward pass (Qiao et al. 2019).
     weight_standardization: bool = False
+    # cnn: average-pool the last block's output to pool_to x pool_to instead of a 2x2 max-pool per block
+    # (null: max-pool), and skip: the head also reads the flattened input (docs/guide/recipes.md).
+    pool_to: Optional[int] = None
+    skip: bool = False
 
 
 @dataclass

@@ -62,7 +62,7 @@ SETTINGS = {
     "digits": Setting(
         "digits (CNN, 30 epochs, lr 0.1, momentum 0.9; budgets in pixels in [0, 1])",
         ["dataset=digits", "model=cnn", "model.channels=[16,32]", "model.groups=4", "model.activation=tanh",
-         "model.zero_head=false", "train.lr=0.1", "train.momentum=0.9", "train.epochs=30", "train.adversarial_eps=0.1"],
+         "model.zero_head=false", "model.pool_to=null", "model.skip=false", "train.lr=0.1", "train.momentum=0.9", "train.epochs=30", "train.adversarial_eps=0.1"],
         [0.03, 0.1, 0.3],
         1.0,
     ),

@@ -98,6 +98,7 @@ def test_bookkeeping_step_equals_explicit_per_example_clipping_for_each_layer_ty
         ModelConfig(name="logreg"),
         ModelConfig(name="mlp", hidden=[7, 5], activation="tanh"),
         ModelConfig(name="cnn", channels=[4, 4], groups=2, activation="tanh"),
+        pytest.param(ModelConfig(name="cnn", channels=[2], pool_to=2, skip=True), id="cnn_skip"),
         ModelConfig(name="resnet", width=4, blocks=[1, 1], groups=2, activation="relu"),
     ],
     ids=lambda cfg: cfg.name,

@@ -65,6 +65,11 @@ def test_image_model_on_tabular_data_is_rejected(tiny_config):
     assert "needs image input" in _error(tiny_config("dataset=breast_cancer", "model=cnn"))
 
 
+@pytest.mark.parametrize("override", ["model.skip=true", "model.pool_to=2"])
+def test_the_cnn_head_options_on_another_model_are_refused_not_ignored(tiny_config, override):
+    assert "model=mlp would ignore them" in _error(tiny_config("model=mlp", override))
+
+
 def test_unknown_dataset_lists_the_choices(tiny_config):
     message = _error(tiny_config("dataset.name=imagenet"))
     assert "digits" in message and "csv" in message

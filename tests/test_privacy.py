@@ -55,13 +55,17 @@ def _one_noiseless_step(model_cfg: ModelConfig, mode: str, inputs, labels) -> li
     return [p.detach().clone() for p in training.standard_model().parameters()]
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_every_grad_sample_mode_takes_the_same_clipped_step(name):
+@pytest.mark.parametrize(
+    "cfg",
+    [ModelConfig(name="mlp", hidden=[8]), ModelConfig(name="cnn", channels=[4]),
+     ModelConfig(name="cnn", channels=[2], pool_to=2, skip=True)],
+    ids=["mlp", "cnn", "cnn_skip"],
+)  # fmt: skip
+def test_every_grad_sample_mode_takes_the_same_clipped_step(cfg):
     """With zero noise the update is the mean of per-example gradients clipped to C; all modes must agree."""
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(16, 1, 8, 8, generator=generator)
     labels = torch.randint(0, 3, (16,), generator=generator)
-    cfg = ModelConfig(name=name, hidden=[8], channels=[4])
     hooks, functorch, ghost = (_one_noiseless_step(cfg, mode, inputs, labels) for mode in ("hooks", "functorch", "ghost"))
     for a, b, c in zip(hooks, functorch, ghost):
         assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import torch
 from torch import nn
 
 from dptrain.config import ModelConfig
@@ -45,10 +46,26 @@ def mlp(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Mo
     return nn.Sequential(*layers)
 
 
-def cnn(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Conv(3x3) -> GroupNorm -> activation -> 2x2 max-pool per entry of ``cfg.channels``, then a linear head.
+class _LinearSkip(nn.Module):
+    """A linear head on the flattened input beside the convolutional features: logistic regression on the
+    pixels plus what the convolutions add. Under ``model.zero_head`` it starts as the zero logistic
+    regression, so DP-SGD's first steps move a linear model while the features are learned beside it."""
 
-    GroupNorm instead of BatchNorm because BatchNorm mixes examples of a batch,
+    def __init__(self, features: nn.Module, in_features: int, num_classes: int):
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(in_features, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.cat([x.flatten(1), self.features(x)], dim=1))
+
+
+def cnn(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Conv(3x3) -> GroupNorm -> activation per entry of ``cfg.channels``, then a linear head.
+
+    Each block ends in a 2x2 max-pool, or with ``cfg.pool_to`` set none does and the last block's output
+    is average-pooled to ``pool_to`` x ``pool_to``. With ``cfg.skip`` the head also reads the flattened
+    input (``_LinearSkip``). GroupNorm instead of BatchNorm because BatchNorm mixes examples of a batch,
     which breaks per-example gradients (Opacus rejects it).
     """
     in_channels, height, width = input_shape
@@ -60,12 +77,18 @@ def cnn(cfg: ModelConfig, input_shape: Sequence[int], num_classes: int) -> nn.Mo
             _group_norm(cfg.groups, channels),
             _activation(cfg.activation),
         ]
-        if min(height, width) >= 2:
+        if cfg.pool_to is None and min(height, width) >= 2:
             layers.append(nn.MaxPool2d(2))
             height, width = height // 2, width // 2
         in_channels = channels
-    layers += [nn.Flatten(), nn.Linear(in_channels * height * width, num_classes)]
-    return nn.Sequential(*layers)
+    if cfg.pool_to is not None:
+        layers.append(nn.AdaptiveAvgPool2d(cfg.pool_to))
+        height = width = cfg.pool_to
+    layers.append(nn.Flatten())
+    features = in_channels * height * width
+    if cfg.skip:
+        return _LinearSkip(nn.Sequential(*layers), math.prod(input_shape) + features, num_classes)
+    return nn.Sequential(*layers, nn.Linear(features, num_classes))
 
 
 class _PreActBlock(nn.Module):

@@ -77,6 +77,11 @@ def validate(cfg: Config) -> tuple[DatasetInfo, SplitSizes]:
         raise UserError(
             f"model={model.name} needs image input but dataset={info.name} is tabular: use model=mlp or model=logreg"
         )
+    if model.name != "cnn" and (model.skip or model.pool_to is not None):
+        raise UserError(
+            f"model.pool_to={model.pool_to} model.skip={model.skip} shape the cnn's head and model={model.name} would "
+            "ignore them: use model=cnn, or leave them at null and false"
+        )
     check_features(model, cfg.privacy.grad_sample_mode, info.modality, info.input_shape)
 
     privacy = cfg.privacy

@@ -97,6 +97,7 @@ RANGES: dict[str, Range] = {
     "model.blocks": at_least(1),
     "model.groups": at_least(1),
     "model.scattering_j": at_least(1, "or null for the default scale"),
+    "model.pool_to": at_least(1, "or null for a 2x2 max-pool per block"),
     "privacy.target_epsilon": positive("use a value like 1 or 8, or inf for the non-private baseline", infinite=True),
     "privacy.delta": within(0, 1, "()", "use e.g. 1e-5, below 1/n for n training records"),
     "privacy.noise_multiplier": positive("use privacy.target_epsilon=inf for no noise"),

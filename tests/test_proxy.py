@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -73,6 +74,15 @@ def test_the_proxy_trains_on_half_the_population_and_validates_on_the_other_half
     assert metrics["epsilon"] is None and metrics["audited_members"] == 144
     assert metrics["proxy"]["train_records"] == 144 and metrics["proxy"]["validation_records"] == 144
     assert 0.0 < metrics["proxy"]["validation_accuracy"] <= 1.0
+
+
+def test_the_proxy_run_logs_no_epsilon_curve_to_tensorboard(proxy_run):
+    # Its records are public and nothing is accounted: an epsilon curve would read as the members' spend.
+    events = EventAccumulator(str(proxy_run[0] / "tb"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "test/accuracy", "privacy/noise_multiplier"} <= scalars
+    assert "privacy/epsilon_rdp" not in scalars
 
 
 def test_the_proxy_split_is_the_same_for_every_training_seed(proxy_run):

@@ -332,7 +332,8 @@ def train_model(
         train_seconds += time.perf_counter() - started
         step = (epoch + 1) * plan.steps_per_epoch
         if tb is not None:
-            epsilon = training.epsilon(CURVE_ACCOUNTANT)
+            # A model nobody reports an epsilon for (a run on a proxy) gets no epsilon curve either.
+            epsilon = training.epsilon(CURVE_ACCOUNTANT) if accounted else None
             test_accuracy = evaluate(training.model, eval_set, device)[1] if eval_set is not None else None
             tb.scalars(
                 step,

@@ -1,6 +1,6 @@
 """Samples per second of DP-SGD data parallelism (Opacus DPDDP) on 1 and on several processes, side by side.
 
-    python scripts/bench_distributed.py [--records 4096] [--batch-per-process 256] [--epochs 2] [--model cnn]
+    python scripts/bench_distributed.py [--records 4096] [--batch-per-process 256] [--epochs 2] [--model convnet]
 
 Every setting trains the same model on the same generated CIFAR-shaped data
 (3 x 32 x 32, 10 classes) with DP-SGD at epsilon 3, ``batch-per-process``
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=4096)
     parser.add_argument("--batch-per-process", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed")
-    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--model", default="convnet")
     args = parser.parse_args()
     settings = [("cpu", 1), ("cpu", 2)]
     gpus = torch.cuda.device_count()

@@ -1,6 +1,6 @@
 """Rounds per second of the same federation on the builtin engine and on the Flower engine, and the ratio.
 
-    python scripts/bench_flower.py [--clients 20] [--rounds 5] [--model cnn] [--private]
+    python scripts/bench_flower.py [--clients 20] [--rounds 5] [--model convnet] [--private]
 
 Each engine runs ``dptrain train federation=fedavg federation.clients=<clients> dataset=digits`` (no
 audit, no checkpoints) in a fresh interpreter with the same seed, once for 1 round and once for
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--model", default="convnet")
     parser.add_argument("--private", action="store_true", help="DP-SGD per client (default: privacy=none)")
     args = parser.parse_args()
     print(f"{args.clients} clients, model={args.model}, {'DP-SGD' if args.private else 'non-private'}")

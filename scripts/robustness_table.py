@@ -54,15 +54,15 @@ class Setting:
     unbounded: float
 
 
-# Digits: the CNN of two convolutions (pinned: model=cnn's defaults are a smaller DP recipe) at lr 0.1 with
+# Digits: the CNN of two convolutions (model=convnet; model=cnn's defaults are a smaller DP recipe) at lr 0.1 with
 # momentum learns the 3 x 3 trigger (the default logistic regression reaches ASR ~0.6 only); adversarial
 # training at the middle budget. Breast cancer: budgets and the adversarial-training radius in standard
 # deviations of the standardized features.
 SETTINGS = {
     "digits": Setting(
         "digits (CNN, 30 epochs, lr 0.1, momentum 0.9; budgets in pixels in [0, 1])",
-        ["dataset=digits", "model=cnn", "model.channels=[16,32]", "model.groups=4", "model.activation=tanh",
-         "model.zero_head=false", "model.pool_to=null", "model.skip=false", "train.lr=0.1", "train.momentum=0.9", "train.epochs=30", "train.adversarial_eps=0.1"],
+        ["dataset=digits", "model=convnet", "train.lr=0.1", "train.momentum=0.9", "train.epochs=30",
+         "train.adversarial_eps=0.1"],
         [0.03, 0.1, 0.3],
         1.0,
     ),

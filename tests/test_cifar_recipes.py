@@ -28,6 +28,8 @@ from dptrain.validation.keys import check_known_keys
 def test_the_cifar10_recipes_compose_and_validate_without_the_data(
     tmp_path, experiment, epsilon, members_per_step, steps
 ):
+    if experiment == "cifar10_scatternet_cnn" and importlib.util.find_spec("kymatio") is None:
+        pytest.skip("ScatterNet+CNN needs dptrain[scattering]")
     cfg = make_config(
         f"experiment={experiment}", f"privacy.target_epsilon={epsilon}", "audit=none", "dataset.download=true",
         f"dataset.root={tmp_path / 'data'}",
@@ -38,3 +40,7 @@ def test_the_cifar10_recipes_compose_and_validate_without_the_data(
     assert -(-sizes.members // cfg.train.batch_size) == members_per_step
     assert members_per_step * cfg.train.epochs == steps
     assert not (tmp_path / "data").exists()
+    if experiment == "cifar10_wrn":  # De et al.'s 16 views: crops after 4-pixel padding, and flips
+        assert (cfg.train.augmult, cfg.train.augment_shift, cfg.train.augment_flip) == (16, 4, True)
+    else:  # Tramer & Boneh's CNN on the scattering features
+        assert cfg.model.features == "scattering" and list(cfg.model.channels) == [64, 64]

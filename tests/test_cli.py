@@ -200,7 +200,7 @@ def test_every_job_of_a_sweep_is_validated_before_the_first_one_runs(tmp_path, c
 @pytest.mark.parametrize(
     ("override", "line"),
     [
-        ("model=nope", "In 'config': Could not find 'model/nope': choose one of cnn, logreg, mlp, resnet"),
+        ("model=nope", "In 'config': Could not find 'model/nope': choose one of cnn, convnet, logreg, mlp, resnet"),
         ("privacy.target_epsilon=[1", "cannot parse the override 'privacy.target_epsilon=[1'"),
         ("train.epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
     ],

@@ -149,6 +149,21 @@ def same_weights(run_a, run_b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
+def interrupted_and_resumed(configure, overrides, tmp_path, monkeypatch, epoch: int) -> bool:
+    """Train ``configure(*overrides)`` into ``tmp_path / "a"``; train it again into ``tmp_path / "b"``,
+    interrupted when its ``epoch``-th epoch would start, and resume that run: whether the resumed run's
+    weights are the uninterrupted run's, bit for bit."""
+    from dptrain import pipeline
+
+    pipeline.train(configure(*overrides), tmp_path / "a")
+    interrupt_at_epoch(monkeypatch, epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(configure(*overrides), tmp_path / "b")
+    monkeypatch.undo()
+    pipeline.train(configure(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
+    return same_weights(tmp_path / "a", tmp_path / "b")
+
+
 def interrupt_at_round(monkeypatch, round_index: int) -> None:
     """Make this process's federated training raise KeyboardInterrupt when round ``round_index`` would
     start; ``monkeypatch.undo()`` lets the next run train again."""

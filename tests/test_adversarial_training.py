@@ -11,7 +11,7 @@ import torch
 from conftest import (
     full_batch_dp_training,
     hand_dp_step,
-    interrupt_at_epoch,
+    interrupted_and_resumed,
     interrupt_at_round,
     make_config,
     same_weights,
@@ -120,13 +120,7 @@ def test_adversarial_training_reports_the_epsilon_of_the_same_plan_without_it(tm
 
 def test_a_resumed_adversarial_run_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     overrides = ("train.epochs=3", "train.progress=false", "audit=none", "train.adversarial=pgd", "train.adversarial_steps=2")
-    pipeline.train(make_config(*overrides), tmp_path / "a")
-    interrupt_at_epoch(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.train(make_config(*overrides), tmp_path / "b")
-    monkeypatch.undo()
-    pipeline.train(make_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
-    assert same_weights(tmp_path / "a", tmp_path / "b")
+    assert interrupted_and_resumed(make_config, overrides, tmp_path, monkeypatch, epoch=2)
 
 
 @pytest.mark.parametrize("mode", [pytest.param("pgd", marks=pytest.mark.slow), "trades"])

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import TINY, full_batch_dp_training, interrupt_at_epoch, make_config, same_weights
+from conftest import TINY, full_batch_dp_training, interrupted_and_resumed, make_config
 from dptrain.errors import UserError
 from dptrain.training.augmult import ViewAveraging, check_augmult, random_translation
 from dptrain.training.loop import train_epoch
@@ -151,13 +151,5 @@ def test_validation_refuses_augmult_below_one_and_with_ghost_clipping(augmult_co
 
 @pytest.mark.slow
 def test_a_resumed_run_draws_the_views_the_uninterrupted_one_drew(tiny_config, tmp_path, monkeypatch):
-    from dptrain import pipeline
-
     overrides = ("train.epochs=3", "train.augmult=2", "train.threads=1")
-    pipeline.train(tiny_config(*overrides), tmp_path / "a")
-    interrupt_at_epoch(monkeypatch, 3)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.train(tiny_config(*overrides), tmp_path / "b")
-    monkeypatch.undo()
-    pipeline.train(tiny_config(*overrides, f"train.resume={tmp_path / 'b'}"), tmp_path / "b")
-    assert same_weights(tmp_path / "a", tmp_path / "b")
+    assert interrupted_and_resumed(tiny_config, overrides, tmp_path, monkeypatch, epoch=3)
